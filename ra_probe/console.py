@@ -1,0 +1,107 @@
+"""Console output (spec §7): rich tables rendered from the report dict, so everything printed is also
+in the JSON."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "not_applicable": "dim"}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def sites_table(sites: list[dict[str, Any]], skipped: list[dict[str, Any]], adapter: str) -> Table:
+    table = Table(title=f"Residual sites (adapter: {adapter})", title_justify="left")
+    for column in ("site", "kind", "post", "group", "input shape", "verify error"):
+        table.add_column(column)
+    for s in sites:
+        table.add_row(s["name"], s["kind"], _fmt(s["post"]), str(s["group"]),
+                      "×".join(map(str, s["input_shape"])), _fmt(s["verify_error"], 2))
+    for s in skipped:
+        table.add_row(s["name"], "[red]skipped[/red]", "", "", "", s["reason"])
+    return table
+
+
+def spectra_table(report: dict[str, Any]) -> Table:
+    ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
+    table = Table(title=f"Residual Jacobian spectra (mean over {report['data']['samples']} samples)",
+                  title_justify="left")
+    for column in ("site", "method", "σ₁", "σ₂", "σ₃", f"rank (τ={report['metrics']['ra3']['tau']:g})",
+                   "gap σ_C/σ_C+1", "max residual", "seconds"):
+        table.add_column(column, justify="right" if column != "site" else "left")
+    for s in report["sites"]:
+        sv = s["singular_values"] + [None] * 3
+        r = ra3[s["name"]]
+        rank = f"{r['rank_mean']:.1f}" + ("+" if r["rank_saturated"] else "")
+        table.add_row(s["name"], s["method"], _fmt(sv[0]), _fmt(sv[1]), _fmt(sv[2]), rank, _fmt(r["gap_mean"]),
+                      _fmt(s["max_residual"], 2), f"{s['timing']['seconds']:.2f}")
+    return table
+
+
+def ra_table(report: dict[str, Any]) -> Table:
+    metrics = report["metrics"]
+    ra1 = {g["group"]: g for g in metrics["ra1"]["groups"]}
+    table = Table(title="Residual Alignment by group", title_justify="left")
+    for column in ("group", "sites", "RA1 linearity", "LSS", "step CV", "step cos", "RA2 score a_ij"):
+        table.add_column(column)
+    for g in metrics["ra2"]["groups"]:
+        t = ra1[g["group"]]
+        names = g["sites"]
+        table.add_row(str(g["group"]), f"{names[0]} … {names[-1]} ({len(names)})", _fmt(t["linearity"]),
+                      _fmt(t["lss"]), _fmt(t["step_cv"]), _fmt(t["step_cos"]), _fmt(g["score"]))
+    ra4 = metrics["ra4"]
+    table.caption = f"RA4: L = {ra4['depth']}, L·mean σ₁ = {_fmt(ra4['L_times_mean_sigma1'])}"
+    return table
+
+
+def nc_table(nc: dict[str, Any]) -> Table:
+    table = Table(title=f"Neural Collapse ({nc['classes']} classes, {nc['samples']} samples, labels from "
+                        f"{nc['labels_from']})", title_justify="left")
+    for column in ("NC1", "NC2 equinorm μ", "NC2 equinorm w", "NC2 equiangular", "NC3", "NC4"):
+        table.add_column(column, justify="right")
+    table.add_row(*(_fmt(nc[k]) for k in ("nc1", "nc2_equinorm_means", "nc2_equinorm_weights", "nc2_equiangular",
+                                           "nc3", "nc4")))
+    return table
+
+
+def verdict_table(verdict: dict[str, Any]) -> Table:
+    table = Table(title="Verdict", title_justify="left")
+    for column in ("", "status", "evidence"):
+        table.add_column(column)
+    for key in ("ra", "nc"):
+        evidence = verdict["evidence"][key]
+        lines = [f"{'✓' if c['passed'] else '✗' if c['passed'] is not None else '·'} {c['name']}: "
+                 f"{_fmt(c['value'])} ({c['rule']})" for c in evidence["checks"]]
+        if evidence.get("reason"):
+            lines.append(evidence["reason"])
+        status = verdict[key]
+        table.add_row(key.upper(), f"[{STATUS_STYLE[status]}]{status}[/]", "\n".join(lines))
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(f"[bold]{report['model']['name']}[/bold] on {report['data']['name']} "
+                  f"({report['data']['samples']} samples, {report['environment']['device']}, "
+                  f"{report['environment']['dtype']})")
+    if report["sites"] or report["skipped"]:
+        console.print(sites_table(report["sites"], report["skipped"], report["model"]["adapter"]))
+    if report["sites"]:
+        console.print(spectra_table(report))
+    if report["metrics"]["ra2"]["groups"]:
+        console.print(ra_table(report))
+    if report["metrics"]["nc"] is not None:
+        console.print(nc_table(report["metrics"]["nc"]))
+    console.print(verdict_table(report["verdict"]))
+    for message in report["messages"]:
+        console.print(f"[yellow]note:[/yellow] {message}")

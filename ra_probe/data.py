@@ -1,0 +1,123 @@
+"""Sample data (spec §6): turn a `--data` reference into model inputs and optional labels.
+Validated here, once, at the door: deeper stages trust the shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ra_probe.errors import UserError
+from ra_probe.sources import LoadedModel
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass
+class Samples:
+    """`inputs` is a tensor (N, *input_shape) or a dict of such tensors (text models); `labels` (N,)
+    or None when the data has none."""
+
+    inputs: Inputs
+    labels: torch.Tensor | None
+    name: str
+
+    def __len__(self) -> int:
+        return len(first_tensor(self.inputs))
+
+
+def first_tensor(inputs: Inputs) -> torch.Tensor:
+    return inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
+
+
+def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
+    """The same rows of a tensor or of every tensor of a dict."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    return {key: value[index] for key, value in inputs.items()}
+
+
+def to(inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Move to `device`; floating tensors also take `dtype` (token ids stay integers)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    return move(inputs) if isinstance(inputs, torch.Tensor) else {k: move(v) for k, v in inputs.items()}
+
+
+def run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
+    return model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
+
+
+def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = None, seed: int = 0) -> Samples:
+    """Load `ref` (`bundled/digits`, a `.npz` with `x` and optional `y`, or `synthetic`) for `model`,
+    at most `limit` samples."""
+    ref = ref or model.default_data or "synthetic"
+    if ref == "synthetic":
+        samples = _synthetic(model, limit or 64, seed)
+    elif ref.startswith("bundled/"):
+        samples = _bundled(ref)
+    elif ref.endswith(".npz"):
+        samples = _npz(Path(ref))
+    else:
+        raise UserError(f"unknown data {ref!r}: expected bundled/digits, a .npz file, or synthetic")
+    if limit is not None:
+        samples = Samples(take(samples.inputs, slice(0, limit)),
+                          None if samples.labels is None else samples.labels[:limit], samples.name)
+    if len(samples) == 0:
+        raise UserError(f"data {ref!r} holds no samples")
+    _check_shape(samples, model)
+    return samples
+
+
+def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
+    generator = torch.Generator().manual_seed(seed)
+    if model.modality == "text":
+        vocab = getattr(model.module.config, "vocab_size", 1000)
+        ids = torch.randint(0, vocab, (n, 16), generator=generator)
+        return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic")
+    if model.input_shape is None:
+        raise UserError(f"synthetic data needs the model's input shape: pass --input-shape for {model.name}")
+    return Samples(torch.randn(n, *model.input_shape, generator=generator), None, "synthetic")
+
+
+def _bundled(ref: str) -> Samples:
+    from ra_probe.bundled import DATASETS
+    from ra_probe.bundled.digits import load_split
+
+    name = ref.removeprefix("bundled/")
+    if name not in DATASETS:
+        raise UserError(f"unknown bundled data {name!r}; bundled data: {', '.join(DATASETS)}")
+    _, _, x_test, y_test = load_split()
+    return Samples(torch.from_numpy(x_test), torch.from_numpy(y_test), ref)
+
+
+def _npz(path: Path) -> Samples:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as exc:
+        raise UserError(f"cannot read {path} as .npz: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    if "x" not in arrays:
+        raise UserError(f"{path} has no array named 'x' (found: {', '.join(arrays) or 'none'})")
+    x, y = arrays["x"], arrays.get("y")
+    if x.dtype.kind not in "fiub":
+        raise UserError(f"{path}: 'x' must be numeric, got dtype {x.dtype}")
+    if y is not None and (y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu"):
+        raise UserError(f"{path}: 'y' must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
+    labels = None if y is None else torch.from_numpy(y.astype(np.int64))
+    return Samples(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), labels, str(path))
+
+
+def _check_shape(samples: Samples, model: LoadedModel) -> None:
+    if not isinstance(samples.inputs, torch.Tensor) or model.input_shape is None:
+        return
+    shape = tuple(samples.inputs.shape[1:])
+    if shape != tuple(model.input_shape):
+        raise UserError(f"data {samples.name!r} has samples of shape {shape}, but {model.name} takes "
+                        f"{tuple(model.input_shape)}")
+    if not torch.isfinite(samples.inputs).all():
+        raise UserError(f"data {samples.name!r} holds NaN or Inf values")

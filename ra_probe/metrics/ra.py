@@ -1,0 +1,64 @@
+"""Residual Alignment measurements (spec §3), on plain tensors, per sample."""
+from __future__ import annotations
+
+import torch
+
+
+def trajectory_stats(H: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RA1 for trajectories H (B, m+1, d): the representations h_0..h_m of each sample across a group.
+
+    - linearity: σ₁²/Σσ² of the centered trajectory (1 = a line);
+    - lss: m / ‖x̃_m − x̃_0‖ for unit steps x̃_{l+1} = x̃_l + Δ_l/‖Δ_l‖ (≥ 1, 1 = a line);
+    - step_cv: std/mean of the step norms ‖Δ_l‖ (0 = equispaced);
+    - step_cos: mean cosine of consecutive steps.
+    Each (B,)."""
+    H = H.flatten(2).double()
+    steps = H[:, 1:] - H[:, :-1]
+    norms = steps.norm(dim=2)
+    tiny = torch.finfo(H.dtype).tiny
+    centered = H - H.mean(dim=1, keepdim=True)
+    sv = torch.linalg.svdvals(centered)
+    linearity = sv[:, 0] ** 2 / (sv ** 2).sum(dim=1).clamp_min(tiny)
+    unit = steps / norms.clamp_min(tiny)[..., None]
+    lss = steps.shape[1] / unit.sum(dim=1).norm(dim=1).clamp_min(tiny)
+    step_cv = norms.std(dim=1, unbiased=False) / norms.mean(dim=1).clamp_min(tiny)
+    if steps.shape[1] > 1:
+        step_cos = (unit[:, 1:] * unit[:, :-1]).sum(dim=2).mean(dim=1)
+    else:
+        step_cos = torch.ones(H.shape[0], dtype=H.dtype, device=H.device)
+    return {"linearity": linearity, "lss": lss, "step_cv": step_cv, "step_cos": step_cos}
+
+
+def alignment_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
+    """RA2: a_ij = Σ_k |M_ij[k,k]| / Σ_k σ_{i,k} for M_ij = U_{j,K}ᵀ J_i V_{j,K} (B, K, K) and J_i's top-K
+    singular values S_i (B, K): the share of J_i's top-K action that J_j's singular pairs capture. (B,)"""
+    diag = M.diagonal(dim1=1, dim2=2).abs().sum(dim=1)
+    return diag / S_i.sum(dim=1).clamp_min(torch.finfo(S_i.dtype).tiny)
+
+
+def singular_vector_overlap(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """|⟨u_k, v_k⟩| of a site's own singular pairs (input and output spaces equal): (B, k)."""
+    return (U * V).sum(dim=1).abs()
+
+
+def numerical_rank(S: torch.Tensor, tau: float) -> torch.Tensor:
+    """#{σ_k > τ σ_1} per sample (B,). With only the top k known it saturates at k."""
+    return (S > tau * S[:, :1]).sum(dim=1)
+
+
+def singular_gap(S: torch.Tensor, c: int) -> torch.Tensor | None:
+    """σ_C / σ_{C+1} per sample, when C+1 values are known."""
+    if S.shape[1] <= c:
+        return None
+    return S[:, c - 1] / S[:, c].clamp_min(torch.finfo(S.dtype).tiny)
+
+
+def depth_slope(depths: list[float], sigma1: list[float]) -> float | None:
+    """RA4 across models: least-squares slope of log σ₁ against log L (≈ −1 under RA4)."""
+    import numpy as np
+
+    pairs = [(d, s) for d, s in zip(depths, sigma1) if d > 0 and s > 0]
+    if len({d for d, _ in pairs}) < 2:
+        return None
+    x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
+    return float(np.polyfit(x, y, 1)[0])

@@ -1,0 +1,267 @@
+"""The probe (spec §1): sites → capture → engine → metrics, chunk by chunk over the samples, and the
+report as plain data. `probe()` is the library entry point; the CLI is a thin layer over it."""
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ra_probe.capture import capture, find_classifier
+from ra_probe.data import Samples, take, to
+from ra_probe.errors import UserError
+from ra_probe.engine import DenseOperator, JacobianOperator, solve
+from ra_probe.metrics import nc as nc_metrics
+from ra_probe.metrics import ra as ra_metrics
+from ra_probe.metrics.verdict import Thresholds, nc_verdict, ra_verdict
+from ra_probe.sites import Site, SiteReport, find_sites, verify_sites
+from ra_probe.sources import LoadedModel
+
+Progress = Callable[[str, int, int], None]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Settings:
+    k: int = 16  # singular triplets per site and sample
+    align_k: int | None = None  # K of RA2 (default: k)
+    samples: int = 64
+    batch_size: int = 32
+    tol: float = 1e-3
+    solver: str = "auto"  # auto | dense | lanczos
+    dense_limit: int = 4096
+    tau: float = 1e-2
+    dtype: str = "float32"
+    device: str | None = None
+    seed: int = 0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["device"] = str(self.resolved_device())
+        out["align_k"] = self.align_k or self.k
+        return out
+
+
+def prepare(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+    """A frozen, eval-mode copy on the probe's device and dtype: the user's model is never touched."""
+    work = copy.deepcopy(model)
+    work.eval().requires_grad_(False)
+    torch.backends.cuda.matmul.allow_tf32 = False  # spectra in true float32 (spec §4)
+    torch.backends.cudnn.allow_tf32 = False
+    return work.to(settings.resolved_device(), DTYPES[settings.dtype])
+
+
+def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> SiteReport:
+    """Sites found by the adapters and verified on a real forward of the first samples."""
+    report = find_sites(model)
+    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
+    first = to(take(samples.inputs, slice(0, min(len(samples), 4))), device, dtype)
+    try:
+        captured = capture(model, first, report.sites, with_head=False)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"data {samples.name!r} does not fit the model: {str(exc).strip().splitlines()[0]}") from None
+    return verify_sites(report, captured)
+
+
+def probe(loaded: LoadedModel, samples: Samples, settings: Settings | None = None,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Probe `loaded` on `samples`: the full report as a JSON-ready dict (see report.build_report)."""
+    from ra_probe.report import build_report
+
+    settings = settings or Settings()
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    model = prepare(loaded.module, settings)
+    site_report = discover(model, samples, settings)
+    measured = measure(model, site_report.sites, samples, settings, progress)
+    metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
+    verdict = {"ra": ra_verdict(metrics, settings.thresholds), "nc": nc_verdict(metrics["nc"], settings.thresholds)}
+    return build_report(loaded, samples, settings, site_report, measured, metrics, verdict,
+                        seconds=time.perf_counter() - started)
+
+
+@dataclass
+class Measured:
+    """Per-sample measurements gathered over all chunks (tensors on the CPU, float64)."""
+
+    S: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    residual: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    overlap: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    alignment: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    heatmap: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    trajectory: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
+    timing: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: {"seconds": 0.0, "products": 0, "iterations": 0}))
+    method: dict[str, str] = field(default_factory=dict)
+    features: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def groups_of(sites: list[Site]) -> dict[int, list[Site]]:
+    groups: dict[int, list[Site]] = defaultdict(list)
+    for site in sites:
+        groups[site.group].append(site)
+    return dict(groups)
+
+
+def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
+            progress: Progress | None = None) -> Measured:
+    """Spectra, alignment and trajectories of every site, chunk of samples by chunk."""
+    out = Measured()
+    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
+    n = len(samples)
+    total, done = len(sites) * -(-n // settings.batch_size), 0
+    for start in range(0, n, settings.batch_size):
+        chunk = to(take(samples.inputs, slice(start, start + settings.batch_size)), device, dtype)
+        captured = capture(model, chunk, sites)
+        if captured.features is not None:
+            out.features.append(captured.features.double().cpu())
+        if captured.logits is not None:
+            out.logits.append(captured.logits.double().cpu())
+        for members in groups_of(sites).values():
+            svds, dense_ops = {}, {}
+            for site in members:
+                if progress:
+                    progress(site.name, done, total)
+                record = captured.sites[site.name]
+                tick = time.perf_counter()
+                op = JacobianOperator(_branch_fn(site, record.ctx), record.x)
+                result = solve(op, settings.k, method=settings.solver, tol=settings.tol,
+                               dense_limit=settings.dense_limit, seed=settings.seed)
+                if result.method == "dense":
+                    dense_ops[site.name] = DenseOperator(op.dense())
+                svds[site.name] = result
+                timing = out.timing[site.name]
+                timing["seconds"] += time.perf_counter() - tick
+                timing["products"] += op.products * op.shape[0]
+                timing["iterations"] = max(timing["iterations"], result.iterations)
+                out.method[site.name] = result.method
+                out.S[site.name].append(result.S.double().cpu())
+                out.residual[site.name].append(torch.maximum(result.res_left, result.res_right).double().cpu())
+                if op.shape[1] == op.shape[2]:
+                    out.overlap[site.name].append(ra_metrics.singular_vector_overlap(result.U, result.V).double().cpu())
+                done += 1
+            _measure_alignment(members, captured, svds, dense_ops, settings, out)
+            if len(members) >= 2:
+                H = torch.stack([captured.sites[members[0].name].x] +
+                                [captured.sites[s.name].y for s in members], dim=1)
+                out.trajectory[members[0].group].append(
+                    {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()})
+    if progress:
+        progress("done", total, total)
+    return out
+
+
+def _branch_fn(site: Site, ctx):
+    return lambda x: site.branch(x, ctx)
+
+
+def _measure_alignment(members: list[Site], captured, svds, dense_ops, settings: Settings, out: Measured) -> None:
+    """RA2 within a group: M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j (K products per pair)."""
+    if len(members) < 2:
+        return
+    K = min(settings.align_k or settings.k, *(svds[s.name].S.shape[1] for s in members))
+    for site_i in members:
+        op = dense_ops.get(site_i.name)
+        if op is None:
+            record = captured.sites[site_i.name]
+            op = JacobianOperator(_branch_fn(site_i, record.ctx), record.x)
+        S_i = svds[site_i.name].S[:, :K]
+        partners = [s for s in members if s is not site_i]
+        V = torch.cat([svds[s.name].V[:, :, :K] for s in partners], dim=2)
+        JV = op.matmat(V)
+        for index, site_j in enumerate(partners):
+            M = svds[site_j.name].U[:, :, :K].transpose(1, 2) @ JV[:, :, index * K:(index + 1) * K]
+            key = (site_i.name, site_j.name)
+            out.alignment[key].append(ra_metrics.alignment_score(M, S_i).double().cpu())
+            out.heatmap[key].append(M.abs().sum(dim=0).double().cpu())
+
+
+def _mean_std(values: torch.Tensor) -> tuple[float, float]:
+    return values.mean().item(), (values.std(unbiased=False).item() if values.numel() > 1 else 0.0)
+
+
+def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settings: Settings,
+              labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Per-site spectra and RA1–RA4 over samples, NC on the classifier features."""
+    logits = torch.cat(measured.logits) if measured.logits else None
+    num_classes = loaded.num_classes or (logits.shape[1] if logits is not None and logits.ndim == 2 else None)
+    fully_connected = bool(sites) and all(len(s.in_shape) == 1 for s in sites)
+    per_site, ra3_sites, ra4_sites = {}, [], []
+    for site in sites:
+        S = torch.cat(measured.S[site.name])
+        rank = ra_metrics.numerical_rank(S, settings.tau).double()
+        gap = ra_metrics.singular_gap(S, num_classes) if num_classes else None
+        overlap = torch.cat(measured.overlap[site.name]).mean(dim=0).tolist() if measured.overlap[site.name] else None
+        per_site[site.name] = {
+            "singular_values": S.mean(dim=0).tolist(), "singular_values_std": S.std(dim=0, unbiased=False).tolist(),
+            "max_residual": torch.cat(measured.residual[site.name]).max().item(),
+            "method": measured.method[site.name], "uv_overlap": overlap, "timing": dict(measured.timing[site.name]),
+        }
+        rank_mean, rank_std = _mean_std(rank)
+        ra3_sites.append({"site": site.name, "rank_mean": rank_mean, "rank_std": rank_std,
+                          "rank_median": rank.median().item(), "rank_saturated": bool((rank >= S.shape[1]).any()),
+                          "gap_mean": None if gap is None else gap.mean().item(),
+                          "rank_le_classes": None if num_classes is None else bool(rank.median().item() <= num_classes)})
+        s1_mean, s1_std = _mean_std(S[:, 0])
+        ra4_sites.append({"site": site.name, "depth": len(ra4_sites) + 1, "sigma1_mean": s1_mean, "sigma1_std": s1_std})
+
+    ra1_groups, ra2_groups = [], []
+    for group, members in groups_of(sites).items():
+        if len(members) < 2:
+            continue
+        stats = {k: torch.cat([t[k] for t in measured.trajectory[group]]) for k in measured.trajectory[group][0]}
+        entry = {"group": group, "sites": [s.name for s in members]}
+        for key, values in stats.items():
+            entry[key], entry[f"{key}_std"] = _mean_std(values)
+        ra1_groups.append(entry)
+        names = [s.name for s in members]
+        matrix = [[1.0 if i == j else torch.cat(measured.alignment[(i, j)]).mean().item() for j in names] for i in names]
+        pairs = [matrix[a][b] for a in range(len(names)) for b in range(len(names)) if a != b]
+        count = sum(len(t) for t in measured.S[names[0]])
+        heatmaps = {f"{i}|{j}": (sum(measured.heatmap[(i, j)]) / count).tolist()
+                    for i in names for j in names if i != j}
+        ra2_groups.append({"group": group, "sites": names, "score": sum(pairs) / len(pairs), "matrix": matrix,
+                           "heatmaps": heatmaps})
+
+    judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
+    sigma1 = [s["sigma1_mean"] for s in ra4_sites]
+    L = len(sites)
+    return {
+        "site_details": per_site,
+        "ra1": {"groups": ra1_groups, "mean_linearity": _mean_or_none([g["linearity"] for g in ra1_groups])},
+        "ra2": {"groups": ra2_groups, "mean_score": _mean_or_none([g["score"] for g in ra2_groups]),
+                "K": settings.align_k or settings.k},
+        "ra3": {"sites": ra3_sites, "tau": settings.tau, "classes": num_classes, "fully_connected": fully_connected,
+                "judged": fully_connected and bool(judged),
+                "share_rank_le_classes": sum(judged) / len(judged) if judged else None},
+        "ra4": {"sites": ra4_sites, "depth": L, "L_times_mean_sigma1": sum(sigma1) if L else None,
+                "zero_sites": [s["site"] for s in ra4_sites if s["sigma1_mean"] == 0.0]},
+        "nc": _neural_collapse(loaded.module, measured, logits, labels),
+    }
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.Tensor | None,
+                     labels: torch.Tensor | None) -> dict | None:
+    head = find_classifier(module)
+    if head is None or not measured.features or logits is None or logits.ndim != 2:
+        return None
+    features = torch.cat(measured.features)
+    if features.shape[1] != head.in_features or logits.shape[1] != head.out_features:
+        return None
+    predictions = logits.argmax(dim=1)
+    source = "data" if labels is not None else "predictions"
+    result = nc_metrics.neural_collapse(features, predictions if labels is None else labels,
+                                        head.weight.detach().cpu(), predictions)
+    result["labels_from"] = source
+    return result

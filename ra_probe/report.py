@@ -1,0 +1,78 @@
+"""The report as plain, JSON-ready data (spec §7): built once from what the probe measured; the
+console, the JSON file and the HTML report all read this one structure."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ra_probe import __version__
+from ra_probe.data import Samples
+from ra_probe.sites import SiteReport
+from ra_probe.sources import LoadedModel
+
+SCHEMA_VERSION = "1.0"
+NO_RESIDUAL = "no residual connections found"
+
+
+def environment(settings) -> dict[str, Any]:
+    device = settings.resolved_device()
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "dtype": settings.dtype, "seed": settings.seed,
+            "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+
+
+def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: SiteReport, measured,
+                 metrics: dict[str, Any], verdict: dict[str, Any], *, seconds: float) -> dict[str, Any]:
+    details = metrics.pop("site_details")
+    sites = []
+    for site in site_report.sites:
+        entry = site.describe()
+        entry.update(details[site.name])
+        sites.append(entry)
+    messages = []
+    if not site_report.sites:
+        messages.append(NO_RESIDUAL)
+    zero = metrics["ra4"]["zero_sites"]
+    if zero:
+        messages.append(f"σ₁ = 0 at {len(zero)} site(s) ({', '.join(zero[:4])}{'…' if len(zero) > 4 else ''}): "
+                        "branches that are exactly zero (random init with zero_init_last?)")
+    if metrics["nc"] is not None and metrics["nc"]["labels_from"] == "predictions":
+        messages.append("the data has no labels: NC metrics use the model's own predictions")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "ra-probe", "version": __version__},
+        "model": {"name": loaded.name, "source": loaded.source, "pretrained": loaded.pretrained,
+                  "weights_sha256": loaded.weights_sha256, "num_classes": loaded.num_classes,
+                  "parameters": sum(p.numel() for p in loaded.module.parameters()), "adapter": site_report.adapter},
+        "data": {"name": samples.name, "samples": len(samples), "labelled": samples.labels is not None},
+        "settings": settings.as_dict(),
+        "environment": environment(settings),
+        "sites": sites,
+        "skipped": [{"name": s.name, "reason": s.reason} for s in site_report.skipped],
+        "metrics": metrics,
+        "verdict": {"ra": verdict["ra"]["status"], "nc": verdict["nc"]["status"],
+                    "evidence": {"ra": verdict["ra"], "nc": verdict["nc"]},
+                    "thresholds": settings.thresholds.as_dict()},
+        "messages": messages,
+        "timings": {"total_seconds": seconds,
+                    "sites_seconds": sum(s["timing"]["seconds"] for s in sites)},
+    }
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=_plain))
+    tmp.replace(path)  # never a half-written report
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")

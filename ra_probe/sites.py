@@ -1,0 +1,150 @@
+"""Residual sites (spec §2, §5): the `Site` record adapters return, the adapter registry (entry-point
+group `ra_probe.adapters`), grouping into stages, and numerical verification of every site."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+ENTRY_POINT_GROUP = "ra_probe.adapters"
+VERIFY_RTOL = 1e-3
+
+Context = dict[str, Any]  # side inputs of a branch: {"args": tuple, "kwargs": dict}
+Branch = Callable[[torch.Tensor, Context], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a tensor is read during a forward: the first positional input or the output of a module."""
+
+    module: str  # dotted path, "" for the model itself
+    where: str = "output"  # "input" | "output"
+
+
+@dataclass
+class Site:
+    """One `out = post(skip(x) + F(x))`. `branch(x, ctx)` recomputes F on a batch of captured site
+    inputs x; `skip`/`post` are None for the identity. `ctx_module` names the module whose extra call
+    arguments (attention masks, rotary embeddings...) the branch needs as `ctx`."""
+
+    name: str
+    module_path: str
+    branch: Branch
+    input_tap: Tap
+    output_tap: Tap
+    kind: str = "identity"  # identity | projection | scaled
+    skip: Callable[[torch.Tensor], torch.Tensor] | None = None
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None
+    post_name: str | None = None
+    ctx_module: str | None = None
+    adapter: str = ""
+    group: int = -1
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    verify_error: float | None = None
+
+    def output_from(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """post(skip(x) + F(x)): what the block should output."""
+        skip = x if self.skip is None else self.skip(x)
+        out = skip + self.branch(x, ctx)
+        return out if self.post is None else self.post(out)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "module": self.module_path, "kind": self.kind, "post": self.post_name,
+                "group": self.group, "adapter": self.adapter, "input_shape": list(self.in_shape),
+                "output_shape": list(self.out_shape), "verify_error": self.verify_error}
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+class Adapter(Protocol):
+    """An architecture family. `find(model)` returns its sites, or None when the model is not of the
+    family. `fallback` adapters are tried only when no other adapter claims the model."""
+
+    name: str
+    description: str
+    fallback: bool
+
+    def find(self, model: nn.Module) -> list[Site] | None: ...
+
+
+@dataclass
+class SiteReport:
+    adapter: str
+    sites: list[Site]
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def registered_adapters() -> list[Adapter]:
+    """Adapters from the entry-point group, specific ones first, fallbacks last."""
+    adapters, seen = [], set()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in seen:
+            continue
+        seen.add(ep.name)
+        adapters.append(ep.load())
+    return sorted(adapters, key=lambda a: (bool(getattr(a, "fallback", False)), a.name))
+
+
+def find_sites(model: nn.Module, adapters: list[Adapter] | None = None) -> SiteReport:
+    """The sites of `model` from the first adapter that claims it (unverified; see `verify_sites`)."""
+    for adapter in adapters if adapters is not None else registered_adapters():
+        sites = adapter.find(model)
+        if sites is not None:
+            for site in sites:
+                site.adapter = adapter.name
+            return SiteReport(adapter.name, sites)
+    return SiteReport("none", [])
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)).item()
+
+
+def verify_sites(report: SiteReport, captured: "Captured") -> SiteReport:  # noqa: F821
+    """Keep the sites whose `post(skip(x) + F(x))` reproduces the captured block output; report the
+    others as skipped with the reason. Then fill shapes and groups."""
+    kept, skipped = [], list(report.skipped)
+    for site in report.sites:
+        record = captured.sites.get(site.name)
+        if record is None:
+            skipped.append(Skipped(site.name, "not reached by the forward pass"))
+            continue
+        try:
+            with torch.no_grad():
+                rebuilt = site.output_from(record.x, record.ctx)
+            site.verify_error = relative_error(rebuilt, record.y)
+        except Exception as exc:  # an adapter's branch that cannot run is a skipped site, not a crash
+            skipped.append(Skipped(site.name, f"branch failed: {type(exc).__name__}: {exc}".splitlines()[0]))
+            continue
+        if not site.verify_error <= VERIFY_RTOL:
+            skipped.append(Skipped(site.name, f"post(skip(x)+F(x)) differs from the block output "
+                                              f"(relative error {site.verify_error:.2e})"))
+            continue
+        site.in_shape, site.out_shape = tuple(record.x.shape[1:]), tuple(record.y.shape[1:])
+        kept.append(site)
+    assign_groups(kept)
+    return SiteReport(report.adapter, kept, skipped)
+
+
+def assign_groups(sites: list[Site]) -> None:
+    """Consecutive sites with equal input and output shapes form a group (a stage); a projection site,
+    or a change of shape, starts a new one."""
+    group, previous = -1, None
+    for site in sites:
+        same_stage = (previous is not None and "projection" not in (site.kind, previous.kind)
+                      and site.in_shape == site.out_shape == previous.in_shape == previous.out_shape)
+        if not same_stage:
+            group += 1
+        site.group, previous = group, site

@@ -1,0 +1,258 @@
+"""Model sources (spec §6): turn a model reference string into an eval-mode `nn.Module` with what is
+known about its inputs. This is the first stage of the flow; it knows nothing of sites or spectra."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ra_probe.errors import UserError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to probe. `input_shape` is per sample (None when unknown); `modality` is
+    "vector", "image" or "text"; `default_data` names the data used when the user gives none."""
+
+    module: nn.Module
+    name: str
+    source: str
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    modality: str = "vector"
+    default_data: str | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)
+    preprocessor: Any = None  # HF tokenizer or image processor
+    weights_sha256: str | None = None
+    pretrained: bool | None = None
+
+
+def load_model(ref: str, *, pretrained: bool = True, weights: str | None = None,
+               arch: str | None = None, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """Load `ref`: `bundled/<name>`, `timm/<name>`, `hf/<org>/<name>`, a local HF or timm folder, a
+    checkpoint file with `arch`, or a factory `file.py:fn` / `package.module:fn`. Eval mode, parameters
+    frozen. Raises UserError for anything the user can fix."""
+    if ref.startswith("bundled/"):
+        loaded = _load_bundled(ref.removeprefix("bundled/"))
+    elif ref.startswith("timm/"):
+        loaded = _load_timm(ref.removeprefix("timm/"), pretrained=pretrained)
+    elif ref.startswith("hf/"):
+        loaded = _load_hf(ref.removeprefix("hf/"), display=ref)
+    elif Path(ref).is_dir():
+        loaded = _load_folder(Path(ref))
+    elif ref.endswith(CHECKPOINT_SUFFIXES):
+        if arch is None:
+            raise UserError(f"checkpoint {ref!r} needs --arch to say which architecture it holds")
+        loaded = load_model(arch, pretrained=False, input_shape=input_shape)
+        weights = ref
+    elif ":" in ref:
+        loaded = _load_factory(ref)
+    else:
+        raise UserError(f"unknown model {ref!r}: expected bundled/<name>, timm/<name>, hf/<org>/<name>, "
+                        "a folder, a checkpoint file with --arch, or a factory file.py:fn")
+    if weights is not None:
+        loaded.weights_sha256 = load_weights(loaded.module, weights)
+    if input_shape is not None:
+        loaded.input_shape = tuple(input_shape)
+    freeze(loaded.module)
+    return loaded
+
+
+def freeze(module: nn.Module) -> None:
+    """Eval mode (BatchNorm frozen, dropout off) and no parameter gradients: a probe never trains."""
+    module.eval()
+    module.requires_grad_(False)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch file (plain, or under "state_dict"/"model")."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated files raise many different types
+        raise UserError(f"cannot read weights {path}: {_first_line(exc)}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(module: nn.Module, path: str | Path) -> str:
+    """Load a state dict strictly; a checkpoint that does not fit is a UserError. Returns its sha256."""
+    state = read_state_dict(path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        own = module.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        misshaped = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+        detail = "; ".join(f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys)
+        raise UserError(f"weights {path} do not fit the architecture: {detail or _first_line(exc)}") from None
+    return sha256_of(Path(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_bundled(name: str) -> LoadedModel:
+    from ra_probe.bundled import MODELS
+    from ra_probe.bundled.fcresnet import FCResNet
+
+    if name not in MODELS:
+        raise UserError(f"unknown bundled model {name!r}; bundled models: {', '.join(MODELS)}")
+    spec = MODELS[name]
+    module = FCResNet(skip=spec.skip)
+    digest = load_weights(module, spec.weights)
+    return LoadedModel(module, f"bundled/{name}", "bundled", input_shape=(64,), num_classes=10,
+                       default_data="bundled/digits", weights_sha256=digest, pretrained=True)
+
+
+def _load_timm(name: str, *, pretrained: bool, **kwargs: Any) -> LoadedModel:
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
+    try:
+        # exportable=True: non-fused attention, which forward-mode AD needs (spec §4)
+        module = timm.create_model(name, pretrained=pretrained, exportable=True, **kwargs)
+    except Exception as exc:
+        if pretrained:
+            raise UserError(f"cannot download pretrained weights for timm/{name} (offline? use --no-pretrained "
+                            f"for random init): {_first_line(exc)}") from None
+        raise UserError(f"cannot build timm/{name}: {_first_line(exc)}") from None
+    config = timm.data.resolve_data_config({}, model=module)
+    return LoadedModel(module, f"timm/{name}", "timm", input_shape=tuple(config["input_size"]),
+                       num_classes=getattr(module, "num_classes", None) or None, modality="image",
+                       default_data="synthetic", data_config=config, pretrained=pretrained)
+
+
+def _load_folder(folder: Path) -> LoadedModel:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"folder {folder} has no config.json (expected a Hugging Face or timm model folder)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {config_file}: {_first_line(exc)}") from None
+    if "architecture" in config and "model_type" not in config:  # timm layout
+        weights = folder / "model.safetensors"
+        loaded = _load_timm(config["architecture"], pretrained=False,
+                            num_classes=config.get("num_classes", 1000))
+        loaded.weights_sha256 = load_weights(loaded.module, weights)
+        loaded.name, loaded.source = str(folder), "folder"
+        return loaded
+    return _load_hf(str(folder), display=str(folder))
+
+
+def _load_hf(repo: str, *, display: str) -> LoadedModel:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(repo)
+    except Exception as exc:
+        raise UserError(f"cannot load Hugging Face config for {display} (offline or unknown repo?): "
+                        f"{_first_line(exc)}") from None
+    archs = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, archs[0], None) if archs else None
+    try:
+        if model_cls is None:
+            module = transformers.AutoModel.from_pretrained(repo, attn_implementation="eager")
+        else:
+            module = model_cls.from_pretrained(repo, attn_implementation="eager")
+    except Exception as exc:
+        raise UserError(f"cannot load Hugging Face model {display}: {_first_line(exc)}") from None
+    image_size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", 3)
+    if image_size is not None:
+        size = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+        modality, input_shape = "image", (channels, *size)
+    elif getattr(config, "vocab_size", None):
+        modality, input_shape = "text", None
+    else:
+        modality, input_shape = "image", (channels, 224, 224)
+    num_labels = getattr(config, "num_labels", None) if model_cls is not None and "For" in archs[0] else None
+    preprocessor = _hf_preprocessor(repo, modality)
+    return LoadedModel(module, display, "hf", input_shape=input_shape, num_classes=num_labels,
+                       modality=modality, default_data="synthetic", preprocessor=preprocessor, pretrained=True)
+
+
+def _hf_preprocessor(repo: str, modality: str) -> Any:
+    import transformers
+
+    auto = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
+    try:
+        return auto.from_pretrained(repo)
+    except Exception:  # a model folder without a tokenizer/processor: synthetic data still works
+        return None
+
+
+def _load_factory(ref: str) -> LoadedModel:
+    target, _, fn_name = ref.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"factory file not found: {path}")
+        spec = importlib.util.spec_from_file_location(f"ra_probe_factory_{path.stem}", path)
+        module_obj = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module_obj
+        try:
+            spec.loader.exec_module(module_obj)
+        except Exception as exc:
+            raise UserError(f"cannot import {path}: {_first_line(exc)}") from None
+    else:
+        try:
+            module_obj = importlib.import_module(target)
+        except Exception as exc:
+            raise UserError(f"cannot import module {target!r}: {_first_line(exc)}") from None
+    fn = getattr(module_obj, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"{target} has no callable {fn_name!r}")
+    try:
+        model = fn()
+    except Exception as exc:
+        raise UserError(f"factory {ref} failed: {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"factory {ref} returned {type(model).__name__}, not a torch.nn.Module")
+    input_shape = getattr(model, "input_shape", None) or _first_linear_input(model)
+    return LoadedModel(model, ref, "factory", input_shape=tuple(input_shape) if input_shape else None,
+                       num_classes=getattr(model, "num_classes", None))
+
+
+def _first_linear_input(model: nn.Module) -> tuple[int, ...] | None:
+    """A model whose first parametric layer is a Linear takes vectors of its in_features."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+        if any(True for _ in module.parameters(recurse=False)):
+            return None
+    return None
