@@ -6,12 +6,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ra_probe.errors import UserError
+
+try:  # recent Typer releases vendor click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older Typer on plain click
+    from click.exceptions import ClickException
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Residual Alignment and Neural Collapse diagnostics for residual networks.\n\n"
@@ -152,8 +156,8 @@ def adapters() -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        args = ["probe", DEFAULT_MODEL]  # the embedded default: the bundled trained ResNet
+    if not args or (args[0].startswith("-") and args[0] not in ("--help", "-h")):
+        args = ["probe", DEFAULT_MODEL, *args]  # the embedded default: the bundled trained ResNet
     elif args[0] not in COMMANDS and not args[0].startswith("-"):
         args.insert(0, "probe")  # `ra-probe MODEL` is `ra-probe probe MODEL`
     command = typer.main.get_command(app)
@@ -162,11 +166,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except ClickException as exc:
         err.print(f"error: {exc.format_message()}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted", markup=False)
         sys.exit(130)

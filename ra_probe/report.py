@@ -3,6 +3,7 @@ console, the JSON file and the HTML report all read this one structure."""
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
                         "branches that are exactly zero (random init with zero_init_last?)")
     if metrics["nc"] is not None and metrics["nc"]["labels_from"] == "predictions":
         messages.append("the data has no labels: NC metrics use the model's own predictions")
-    return {
+    return finite({
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "ra-probe", "version": __version__},
         "model": {"name": loaded.name, "source": loaded.source, "pretrained": loaded.pretrained,
@@ -62,7 +63,19 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
         "messages": messages,
         "timings": {"total_seconds": seconds,
                     "sites_seconds": sum(s["timing"]["seconds"] for s in sites)},
-    }
+    })
+
+
+def finite(value: Any) -> Any:
+    """The same structure with NaN and ±Inf replaced by None: JSON has no such numbers, and an undefined
+    metric (a constant trajectory, a single class) is reported as missing, not as a number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -137,18 +137,38 @@ def _load_bundled(name: str) -> LoadedModel:
                        default_data="bundled/digits", weights_sha256=digest, pretrained=True)
 
 
+def hub_offline_if_unreachable() -> bool:
+    """When the Hub cannot be reached, switch huggingface-hub to offline mode so that cached weights
+    still load and missing ones fail at once instead of after minutes of retries. True if offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.getaddrinfo(urlparse(hub.ENDPOINT).hostname, 443)
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+        return True
+    return False
+
+
 def _load_timm(name: str, *, pretrained: bool, **kwargs: Any) -> LoadedModel:
     import timm
 
     if not timm.is_model(name):
         raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
+    offline = pretrained and hub_offline_if_unreachable()
     try:
         # exportable=True: non-fused attention, which forward-mode AD needs (spec §4)
         module = timm.create_model(name, pretrained=pretrained, exportable=True, **kwargs)
     except Exception as exc:
         if pretrained:
-            raise UserError(f"cannot download pretrained weights for timm/{name} (offline? use --no-pretrained "
-                            f"for random init): {_first_line(exc)}") from None
+            why = "no network and not in the local cache" if offline else _first_line(exc)
+            raise UserError(f"cannot download pretrained weights for timm/{name} ({why}); "
+                            "use --no-pretrained for random init") from None
         raise UserError(f"cannot build timm/{name}: {_first_line(exc)}") from None
     config = timm.data.resolve_data_config({}, model=module)
     return LoadedModel(module, f"timm/{name}", "timm", input_shape=tuple(config["input_size"]),
@@ -177,11 +197,12 @@ def _load_folder(folder: Path) -> LoadedModel:
 def _load_hf(repo: str, *, display: str) -> LoadedModel:
     import transformers
 
+    offline = not Path(repo).is_dir() and hub_offline_if_unreachable()
     try:
         config = transformers.AutoConfig.from_pretrained(repo)
     except Exception as exc:
-        raise UserError(f"cannot load Hugging Face config for {display} (offline or unknown repo?): "
-                        f"{_first_line(exc)}") from None
+        why = "no network and not in the local cache" if offline else _first_line(exc)
+        raise UserError(f"cannot load the Hugging Face model {display} ({why})") from None
     archs = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
     try:
