@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ra_probe.capture import capture, find_classifier
+from ra_probe.capture import Captured, capture, find_classifier
 from ra_probe.data import Samples, take, to
 from ra_probe.errors import UserError
 from ra_probe.engine import DenseOperator, JacobianOperator, solve
@@ -88,19 +88,43 @@ def probe(loaded: LoadedModel, samples: Samples, settings: Settings | None = Non
 
 
 @dataclass
-class Measured:
-    """Per-sample measurements gathered over all chunks (tensors on the CPU, float64)."""
+class GroupMeasurement:
+    """What one chunk of B samples gives for one group of sites; per-sample tensors on the CPU (float64).
+    Small by design (no singular vectors), so it can be stored and merged."""
 
-    S: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    residual: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    overlap: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    alignment: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    heatmap: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    trajectory: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
-    timing: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: {"seconds": 0.0, "products": 0, "iterations": 0}))
+    group: int
+    S: dict[str, torch.Tensor] = field(default_factory=dict)  # site → (B, k)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # site → (B, k), max of both sides
+    overlap: dict[str, torch.Tensor] = field(default_factory=dict)  # site → (B, k) |⟨u_k, v_k⟩|
     method: dict[str, str] = field(default_factory=dict)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds, products, iterations
+    alignment: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (B,) a_ij
+    heatmap: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (K, K) Σ_b |M_ij|
+    trajectory: dict[str, torch.Tensor] | None = None  # RA1 statistic → (B,)
+
+
+@dataclass
+class Measured:
+    """Everything measured, chunk by chunk: group measurements in order, classifier features, logits."""
+
+    groups: list[GroupMeasurement] = field(default_factory=list)
     features: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+
+    def site_values(self, attribute: str, key) -> list[torch.Tensor]:
+        """The chunks' tensors of one site (or pair) for `attribute` ("S", "residual", "alignment"...)."""
+        return [getattr(g, attribute)[key] for g in self.groups if key in getattr(g, attribute)]
+
+    def trajectories(self, group: int) -> list[dict[str, torch.Tensor]]:
+        return [g.trajectory for g in self.groups if g.group == group and g.trajectory is not None]
+
+    def timing(self, site: str) -> dict[str, float]:
+        chunks = self.site_values("timing", site)
+        return {"seconds": sum(t["seconds"] for t in chunks), "products": sum(t["products"] for t in chunks),
+                "iterations": max(t["iterations"] for t in chunks)}
+
+    def method(self, site: str) -> str:
+        return self.site_values("method", site)[0]
 
 
 def groups_of(sites: list[Site]) -> dict[int, list[Site]]:
@@ -124,37 +148,40 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
             out.features.append(captured.features.double().cpu())
         if captured.logits is not None:
             out.logits.append(captured.logits.double().cpu())
-        for members in groups_of(sites).values():
-            svds, dense_ops = {}, {}
-            for site in members:
-                if progress:
-                    progress(site.name, done, total)
-                record = captured.sites[site.name]
-                tick = time.perf_counter()
-                op = JacobianOperator(_branch_fn(site, record.ctx), record.x)
-                result = solve(op, settings.k, method=settings.solver, tol=settings.tol,
-                               dense_limit=settings.dense_limit, seed=settings.seed)
-                if result.method == "dense":
-                    dense_ops[site.name] = DenseOperator(op.dense())
-                svds[site.name] = result
-                timing = out.timing[site.name]
-                timing["seconds"] += time.perf_counter() - tick
-                timing["products"] += op.products * op.shape[0]
-                timing["iterations"] = max(timing["iterations"], result.iterations)
-                out.method[site.name] = result.method
-                out.S[site.name].append(result.S.double().cpu())
-                out.residual[site.name].append(torch.maximum(result.res_left, result.res_right).double().cpu())
-                if op.shape[1] == op.shape[2]:
-                    out.overlap[site.name].append(ra_metrics.singular_vector_overlap(result.U, result.V).double().cpu())
-                done += 1
-            _measure_alignment(members, captured, svds, dense_ops, settings, out)
-            if len(members) >= 2:
-                H = torch.stack([captured.sites[members[0].name].x] +
-                                [captured.sites[s.name].y for s in members], dim=1)
-                out.trajectory[members[0].group].append(
-                    {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()})
+        for group, members in groups_of(sites).items():
+            if progress:
+                progress(members[0].name, done, total)
+            out.groups.append(measure_group(group, members, captured, settings))
+            done += len(members)
     if progress:
         progress("done", total, total)
+    return out
+
+
+def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings) -> GroupMeasurement:
+    """Top-k SVD of every site of a group on one chunk, then RA2 alignment and RA1 trajectories."""
+    out = GroupMeasurement(group)
+    svds, ops = {}, {}
+    for site in members:
+        record = captured.sites[site.name]
+        tick = time.perf_counter()
+        op = JacobianOperator(_branch_fn(site, record.ctx), record.x)
+        result = solve(op, settings.k, method=settings.solver, tol=settings.tol,
+                       dense_limit=settings.dense_limit, seed=settings.seed)
+        if result.method == "dense":
+            ops[site.name] = DenseOperator(op.dense())  # reused by the alignment products
+        svds[site.name] = result
+        out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": op.products * op.shape[0],
+                                 "iterations": result.iterations}
+        out.method[site.name] = result.method
+        out.S[site.name] = result.S.double().cpu()
+        out.residual[site.name] = torch.maximum(result.res_left, result.res_right).double().cpu()
+        if op.shape[1] == op.shape[2]:
+            out.overlap[site.name] = ra_metrics.singular_vector_overlap(result.U, result.V).double().cpu()
+    if len(members) >= 2:
+        _measure_alignment(members, captured, svds, ops, settings, out)
+        H = torch.stack([captured.sites[members[0].name].x] + [captured.sites[s.name].y for s in members], dim=1)
+        out.trajectory = {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()}
     return out
 
 
@@ -162,13 +189,12 @@ def _branch_fn(site: Site, ctx):
     return lambda x: site.branch(x, ctx)
 
 
-def _measure_alignment(members: list[Site], captured, svds, dense_ops, settings: Settings, out: Measured) -> None:
+def _measure_alignment(members: list[Site], captured: Captured, svds, ops, settings: Settings,
+                       out: GroupMeasurement) -> None:
     """RA2 within a group: M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j (K products per pair)."""
-    if len(members) < 2:
-        return
     K = min(settings.align_k or settings.k, *(svds[s.name].S.shape[1] for s in members))
     for site_i in members:
-        op = dense_ops.get(site_i.name)
+        op = ops.get(site_i.name)
         if op is None:
             record = captured.sites[site_i.name]
             op = JacobianOperator(_branch_fn(site_i, record.ctx), record.x)
@@ -179,8 +205,8 @@ def _measure_alignment(members: list[Site], captured, svds, dense_ops, settings:
         for index, site_j in enumerate(partners):
             M = svds[site_j.name].U[:, :, :K].transpose(1, 2) @ JV[:, :, index * K:(index + 1) * K]
             key = (site_i.name, site_j.name)
-            out.alignment[key].append(ra_metrics.alignment_score(M, S_i).double().cpu())
-            out.heatmap[key].append(M.abs().sum(dim=0).double().cpu())
+            out.alignment[key] = ra_metrics.alignment_score(M, S_i).double().cpu()
+            out.heatmap[key] = M.abs().sum(dim=0).double().cpu()
 
 
 def _mean_std(values: torch.Tensor) -> tuple[float, float]:
@@ -195,14 +221,15 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     fully_connected = bool(sites) and all(len(s.in_shape) == 1 for s in sites)
     per_site, ra3_sites, ra4_sites = {}, [], []
     for site in sites:
-        S = torch.cat(measured.S[site.name])
+        S = torch.cat(measured.site_values("S", site.name))
         rank = ra_metrics.numerical_rank(S, settings.tau).double()
         gap = ra_metrics.singular_gap(S, num_classes) if num_classes else None
-        overlap = torch.cat(measured.overlap[site.name]).mean(dim=0).tolist() if measured.overlap[site.name] else None
+        overlaps = measured.site_values("overlap", site.name)
+        overlap = torch.cat(overlaps).mean(dim=0).tolist() if overlaps else None
         per_site[site.name] = {
             "singular_values": S.mean(dim=0).tolist(), "singular_values_std": S.std(dim=0, unbiased=False).tolist(),
-            "max_residual": torch.cat(measured.residual[site.name]).max().item(),
-            "method": measured.method[site.name], "uv_overlap": overlap, "timing": dict(measured.timing[site.name]),
+            "max_residual": torch.cat(measured.site_values("residual", site.name)).max().item(),
+            "method": measured.method(site.name), "uv_overlap": overlap, "timing": measured.timing(site.name),
         }
         rank_mean, rank_std = _mean_std(rank)
         ra3_sites.append({"site": site.name, "rank_mean": rank_mean, "rank_std": rank_std,
@@ -216,16 +243,18 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     for group, members in groups_of(sites).items():
         if len(members) < 2:
             continue
-        stats = {k: torch.cat([t[k] for t in measured.trajectory[group]]) for k in measured.trajectory[group][0]}
+        chunks = measured.trajectories(group)
+        stats = {k: torch.cat([t[k] for t in chunks]) for k in chunks[0]}
         entry = {"group": group, "sites": [s.name for s in members]}
         for key, values in stats.items():
             entry[key], entry[f"{key}_std"] = _mean_std(values)
         ra1_groups.append(entry)
         names = [s.name for s in members]
-        matrix = [[1.0 if i == j else torch.cat(measured.alignment[(i, j)]).mean().item() for j in names] for i in names]
+        matrix = [[1.0 if i == j else torch.cat(measured.site_values("alignment", (i, j))).mean().item()
+                   for j in names] for i in names]
         pairs = [matrix[a][b] for a in range(len(names)) for b in range(len(names)) if a != b]
-        count = sum(len(t) for t in measured.S[names[0]])
-        heatmaps = {f"{i}|{j}": (sum(measured.heatmap[(i, j)]) / count).tolist()
+        count = sum(len(t) for t in measured.site_values("S", names[0]))
+        heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
                     for i in names for j in names if i != j}
         ra2_groups.append({"group": group, "sites": names, "score": sum(pairs) / len(pairs), "matrix": matrix,
                            "heatmaps": heatmaps})
