@@ -62,9 +62,10 @@ def probe(
     k: int = typer.Option(16, min=1, help="singular triplets per site and sample"),
     align_k: Optional[int] = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)"),
     tol: float = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver"),
-    solver: str = typer.Option("auto", help="auto | dense | lanczos"),
+    solver: str = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block | lanczos"),
     tau: float = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁"),
-    batch_size: int = typer.Option(32, min=1, help="samples per chunk (memory)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="samples per chunk (default: the most that fit "
+                                                                "in the device's free memory)"),
     dtype: str = typer.Option("float32", help="float32 | float64"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)"),
     seed: int = typer.Option(0),
@@ -77,12 +78,13 @@ def probe(
     """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
     from ra_probe.console import print_report
     from ra_probe.data import load_samples
+    from ra_probe.engine import SOLVERS
     from ra_probe.probe import DTYPES, Settings
     from ra_probe.probe import probe as run_probe
     from ra_probe.report import write_json
 
-    if solver not in ("auto", "dense", "lanczos"):
-        raise UserError(f"--solver must be auto, dense or lanczos, got {solver!r}")
+    if solver not in SOLVERS:
+        raise UserError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if json_path is not None and json_path.exists() and not force:

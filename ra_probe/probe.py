@@ -3,6 +3,7 @@ report as plain data. `probe()` is the library entry point; the CLI is a thin la
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ import torch
 from ra_probe.capture import Captured, capture, find_classifier
 from ra_probe.data import Samples, take, to
 from ra_probe.errors import UserError
-from ra_probe.engine import DenseOperator, JacobianOperator, solve
+from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.metrics.verdict import Thresholds, nc_verdict, ra_verdict
@@ -29,9 +30,10 @@ class Settings:
     k: int = 16  # singular triplets per site and sample
     align_k: int | None = None  # K of RA2 (default: k)
     samples: int = 64
-    batch_size: int = 32
+    batch_size: int | None = None  # samples per chunk; None: the most that fit the device's free memory
     tol: float = 1e-3
-    solver: str = "auto"  # auto | dense | lanczos
+    solver: str = "auto"  # auto | dense | block | lanczos
+    chunk: int = 16  # vectors per vmapped Jacobian product call
     dense_limit: int = 4096
     tau: float = 1e-2
     dtype: str = "float32"
@@ -108,6 +110,7 @@ class Measured:
     """Everything measured, chunk by chunk: group measurements in order, classifier features, logits."""
 
     groups: list[GroupMeasurement] = field(default_factory=list)
+    batch_size: int = 0  # samples per chunk
     features: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
 
@@ -119,9 +122,11 @@ class Measured:
         return [g.trajectory for g in self.groups if g.group == group and g.trajectory is not None]
 
     def timing(self, site: str) -> dict[str, float]:
+        """Seconds and products (SVD and RA2 alignment) and converged samples summed over chunks; the
+        most iterations of any chunk."""
         chunks = self.site_values("timing", site)
-        return {"seconds": sum(t["seconds"] for t in chunks), "products": sum(t["products"] for t in chunks),
-                "iterations": max(t["iterations"] for t in chunks)}
+        total = {key: sum(t.get(key, 0) for t in chunks) for key in chunks[0] if key != "iterations"}
+        return {**total, "iterations": max(t["iterations"] for t in chunks)}
 
     def method(self, site: str) -> str:
         return self.site_values("method", site)[0]
@@ -140,9 +145,11 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     out = Measured()
     device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
     n = len(samples)
-    total, done = len(sites) * -(-n // settings.batch_size), 0
-    for start in range(0, n, settings.batch_size):
-        chunk = to(take(samples.inputs, slice(start, start + settings.batch_size)), device, dtype)
+    batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
+    out.batch_size = batch_size
+    total, done = len(sites) * -(-n // batch_size), 0
+    for start in range(0, n, batch_size):
+        chunk = to(take(samples.inputs, slice(start, start + batch_size)), device, dtype)
         captured = capture(model, chunk, sites)
         if captured.features is not None:
             out.features.append(captured.features.double().cpu())
@@ -158,6 +165,14 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     return out
 
 
+def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
+    """Samples per chunk from the device's free memory and the sites' sizes (engine.memory)."""
+    dims = [[(math.prod(s.in_shape), math.prod(s.out_shape)) for s in members] for members in groups_of(sites).values()]
+    return auto_batch_size(dims, samples, settings.resolved_device(), k=settings.k, align_k=settings.align_k or settings.k,
+                           block=default_block(settings.k), chunk=settings.chunk,
+                           itemsize=DTYPES[settings.dtype].itemsize)
+
+
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings) -> GroupMeasurement:
     """Top-k SVD of every site of a group on one chunk, then RA2 alignment and RA1 trajectories."""
     out = GroupMeasurement(group)
@@ -165,14 +180,16 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     for site in members:
         record = captured.sites[site.name]
         tick = time.perf_counter()
-        op = JacobianOperator(_branch_fn(site, record.ctx), record.x)
-        result = solve(op, settings.k, method=settings.solver, tol=settings.tol,
-                       dense_limit=settings.dense_limit, seed=settings.seed)
-        if result.method == "dense":
-            ops[site.name] = DenseOperator(op.dense())  # reused by the alignment products
+        jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
+        method = choose_method(jacobian.shape, settings.solver, settings.dense_limit)
+        op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
+        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed)
+        ops[site.name] = op
         svds[site.name] = result
-        out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": op.products * op.shape[0],
-                                 "iterations": result.iterations}
+        formed = jacobian.products if op is not jacobian else 0
+        out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": formed + result.products,
+                                 "iterations": result.iterations,
+                                 "converged": int(result.converged.sum()), "samples": op.shape[0]}
         out.method[site.name] = result.method
         out.S[site.name] = result.S.double().cpu()
         out.residual[site.name] = torch.maximum(result.res_left, result.res_right).double().cpu()
@@ -185,19 +202,14 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     return out
 
 
-def _branch_fn(site: Site, ctx):
-    return lambda x: site.branch(x, ctx)
-
-
 def _measure_alignment(members: list[Site], captured: Captured, svds, ops, settings: Settings,
                        out: GroupMeasurement) -> None:
-    """RA2 within a group: M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j (K products per pair)."""
+    """RA2 within a group: M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: K·(m−1) products per site
+    and sample, in one chunked block product J_i [V_j …] (a dense site's J_i is already formed)."""
     K = min(settings.align_k or settings.k, *(svds[s.name].S.shape[1] for s in members))
     for site_i in members:
-        op = ops.get(site_i.name)
-        if op is None:
-            record = captured.sites[site_i.name]
-            op = JacobianOperator(_branch_fn(site_i, record.ctx), record.x)
+        tick = time.perf_counter()
+        op, before = ops[site_i.name], ops[site_i.name].products
         S_i = svds[site_i.name].S[:, :K]
         partners = [s for s in members if s is not site_i]
         V = torch.cat([svds[s.name].V[:, :, :K] for s in partners], dim=2)
@@ -207,6 +219,7 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
             key = (site_i.name, site_j.name)
             out.alignment[key] = ra_metrics.alignment_score(M, S_i).double().cpu()
             out.heatmap[key] = M.abs().sum(dim=0).double().cpu()
+        out.timing[site_i.name].update(align_seconds=time.perf_counter() - tick, align_products=op.products - before)
 
 
 def _mean_std(values: torch.Tensor) -> tuple[float, float]:

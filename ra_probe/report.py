@@ -62,7 +62,10 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
                     "thresholds": settings.thresholds.as_dict()},
         "messages": messages,
         "timings": {"total_seconds": seconds,
-                    "sites_seconds": sum(s["timing"]["seconds"] for s in sites)},
+                    "sites_seconds": sum(s["timing"]["seconds"] for s in sites),
+                    "alignment_seconds": sum(s["timing"].get("align_seconds", 0.0) for s in sites),
+                    "products": sum(s["timing"]["products"] + s["timing"].get("align_products", 0) for s in sites),
+                    "samples_per_chunk": measured.batch_size},
     })
 
 

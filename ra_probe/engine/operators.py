@@ -1,10 +1,10 @@
 """Matrix-free Jacobian operators (spec §4). An operator stands for a batch of B matrices J_b (m × n),
-one per sample, and applies them to one vector per sample or to a block of k vectors per sample.
-It knows nothing of solvers; solvers know nothing of networks."""
+one per sample, and applies them to a block of k vectors per sample in one call. It knows nothing of
+solvers; solvers know nothing of networks."""
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -12,11 +12,14 @@ from torch.func import jvp, vjp, vmap
 # torch's first forward-mode product loads decompositions through torch.jit.script, which warns
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
+Context = dict[str, Any]
+
 
 class BatchedOperator:
-    """Interface: `shape = (B, m, n)`; `matvec` (B, n) → (B, m); `rmatvec` (B, m) → (B, n);
-    `matmat` (B, n, k) → (B, m, k); `rmatmat` (B, m, k) → (B, n, k). `products` counts applications
-    of J or Jᵀ to one vector per sample."""
+    """Interface: `shape = (B, m, n)`; `matmat` (B, n, k) → (B, m, k); `rmatmat` (B, m, k) → (B, n, k).
+    `products` counts applications of J or Jᵀ to one vector of one sample (a call on B samples and k
+    vectors adds B·k). `select(rows)` is the same operator on a subset of the samples, or None when
+    the operator cannot be split."""
 
     shape: tuple[int, int, int]
     dtype: torch.dtype
@@ -35,6 +38,9 @@ class BatchedOperator:
     def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def select(self, rows: torch.Tensor) -> BatchedOperator | None:
+        return None
+
     def dense(self, chunk: int = 256) -> torch.Tensor:
         """The matrices themselves, (B, m, n), column block by column block: J·I."""
         batch, _, n = self.shape
@@ -50,63 +56,81 @@ class DenseOperator(BatchedOperator):
         self.matrices = matrices
         self.shape = tuple(matrices.shape)
         self.dtype, self.device = matrices.dtype, matrices.device
+        self.products = 0
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += v.shape[-1]
+        self.products += v.shape[0] * v.shape[-1]
         return self.matrices @ v
 
     def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
-        self.products += u.shape[-1]
-        return self.matrices.transpose(1, 2) @ u
+        self.products += u.shape[0] * u.shape[-1]
+        return self.matrices.mT @ u
+
+    def select(self, rows: torch.Tensor) -> DenseOperator:
+        return DenseOperator(self.matrices[rows])
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
         return self.matrices
 
 
 class JacobianOperator(BatchedOperator):
-    """J_b = ∂f/∂x at x_b for a batched function f: (B, *in) → (B, *out) whose samples do not interact
-    (eval mode). J·V is a forward-mode product (`jvp`) of the whole batch, one vector per sample, under
-    `vmap` over the k vectors of a block; Jᵀ·U reuses one saved `vjp` function, also under `vmap`.
-    `chunk` caps how many vectors go through one vmapped call (memory)."""
+    """J_b = ∂f/∂x at x_b for f(x, ctx): (B, *in) → (B, *out) whose samples do not interact (eval mode).
 
-    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 16):
-        self.f, self.x, self.chunk = f, x, chunk
-        self.in_shape = tuple(x.shape[1:])
+    J·V is a forward-mode product (`jvp`) of the whole batch, one vector per sample; Jᵀ·U reuses one
+    saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `chunk` vectors
+    per call (memory: a call holds about `chunk` times the branch's activations of the B samples).
+    (`torch.func.linearize` saves the primal work but costs a trace per site that small and medium
+    sites never earn back.)"""
+
+    def __init__(self, f: Callable[[torch.Tensor, Context], torch.Tensor], x: torch.Tensor,
+                 ctx: Context | None = None, chunk: int = 16):
+        self.f, self.x, self.ctx, self.chunk = f, x, ctx if ctx is not None else {}, chunk
+        self.products = 0
+        self._fx = lambda x_: f(x_, self.ctx)
         with torch.no_grad():
-            out = f(x)
-        self.out_shape = tuple(out.shape[1:])
-        batch = x.shape[0]
-        self.shape = (batch, out[0].numel(), x[0].numel())
+            self.out = self._fx(x)
+        out = self.out
+        self.shape = (x.shape[0], out[0].numel(), x[0].numel())
         self.dtype, self.device = x.dtype, x.device
         self._vjp_fn = None
-        self._jv = vmap(self._jvp_one, in_dims=-1, out_dims=-1, randomness="same")
-        self._jtu = vmap(self._vjp_one, in_dims=-1, out_dims=-1, randomness="same")
+        self._jv = vmap(self._jvp_flat, in_dims=-1, out_dims=-1, randomness="same")
+        self._jtu = vmap(self._vjp_flat, in_dims=-1, out_dims=-1, randomness="same")
 
-    def _jvp_one(self, v: torch.Tensor) -> torch.Tensor:
-        tangent = v.reshape(self.x.shape)
-        return jvp(self.f, (self.x,), (tangent,))[1].reshape(self.shape[0], -1)
+    def _jvp_flat(self, v: torch.Tensor) -> torch.Tensor:
+        return jvp(self._fx, (self.x,), (v.reshape(self.x.shape),))[1].reshape(self.shape[0], -1)
 
-    def _vjp_one(self, u: torch.Tensor) -> torch.Tensor:
-        if self._vjp_fn is None:
-            _, self._vjp_fn = vjp(self.f, self.x)
-        return self._vjp_fn(u.reshape(self.shape[0], *self.out_shape))[0].reshape(self.shape[0], -1)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += 1
-        return self._jvp_one(v)
-
-    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        self.products += 1
-        return self._vjp_one(u)
+    def _vjp_flat(self, u: torch.Tensor) -> torch.Tensor:
+        return self._vjp_fn(u.reshape(self.out.shape))[0].reshape(self.shape[0], -1)
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += v.shape[-1]
+        self.products += v.shape[0] * v.shape[-1]
         return torch.cat([self._jv(v[..., i:i + self.chunk].contiguous())
                           for i in range(0, v.shape[-1], self.chunk)], dim=-1)
 
     def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
-        if self._vjp_fn is None:  # build the saved vjp outside vmap
-            _, self._vjp_fn = vjp(self.f, self.x)
-        self.products += u.shape[-1]
+        if self._vjp_fn is None:  # built once, outside vmap, on first use
+            _, self._vjp_fn = vjp(self._fx, self.x)
+        self.products += u.shape[0] * u.shape[-1]
         return torch.cat([self._jtu(u[..., i:i + self.chunk].contiguous())
                           for i in range(0, u.shape[-1], self.chunk)], dim=-1)
+
+    def select(self, rows: torch.Tensor) -> JacobianOperator | None:
+        """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
+        whose side inputs do not slice that way (its output rows change) cannot be split: None."""
+        batch = self.shape[0]
+
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value[rows]
+            if isinstance(value, (tuple, list)):
+                return type(value)(take(v) for v in value)
+            if isinstance(value, dict):
+                return {key: take(v) for key, v in value.items()}
+            return value
+
+        sub = JacobianOperator(self.f, self.x[rows], take(self.ctx), self.chunk)
+        expected = self.out[rows]
+        if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
+                                                                 atol=1e-5 * expected.abs().max().item()):
+            return None
+        return sub

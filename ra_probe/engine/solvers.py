@@ -2,17 +2,22 @@
 lock-step: every step is one batched product. Solvers see only `BatchedOperator`s."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ra_probe.engine.operators import BatchedOperator
 
+SOLVERS = ("auto", "dense", "block", "lanczos")
+
 
 @dataclass
 class SVDResult:
-    """Per sample b: `S[b]` (k,) best first, `U[b]` (m, k), `V[b]` (n, k), and the residual norms
-    ‖J v − σ u‖ (`res_left`) and ‖Jᵀ u − σ v‖ (`res_right`) of each triplet, (B, k)."""
+    """Per sample b: `S[b]` (k,) best first, `U[b]` (m, k), `V[b]` (n, k), and bounds on the residual
+    norms ‖J v − σ u‖ (`res_left`) and ‖Jᵀ u − σ v‖ (`res_right`) of each triplet, (B, k). `products`
+    counts products of J or Jᵀ with one vector of one sample; `iterations` the most Krylov steps any
+    sample took."""
 
     S: torch.Tensor
     U: torch.Tensor
@@ -31,106 +36,177 @@ def dense_svd(op: BatchedOperator, k: int) -> SVDResult:
     matrices = op.dense()
     U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
     k = min(k, S.shape[1])
-    U, S, V = U[..., :k], S[:, :k], Vh[:, :k].transpose(1, 2)
+    U, S, V = U[..., :k], S[:, :k], Vh[:, :k].mT
     res_left = (matrices @ V - U * S[:, None]).norm(dim=1)
-    res_right = (matrices.transpose(1, 2) @ U - V * S[:, None]).norm(dim=1)
+    res_right = (matrices.mT @ U - V * S[:, None]).norm(dim=1)
     return SVDResult(S, U, V, res_left, res_right, op.products - before, 1, "dense",
                      torch.ones(S.shape[0], dtype=torch.bool, device=S.device))
 
 
-def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """w − Q Qᵀ w, twice (classical Gram–Schmidt with re-orthogonalization), batched: w (B, n), Q (B, n, j)."""
-    for _ in range(2):
-        w = w - (basis @ (basis.transpose(1, 2) @ w.unsqueeze(-1))).squeeze(-1)
-    return w
+def default_block(k: int) -> int:
+    """Block size of the block Krylov solver: k vectors, at most 16 (a cluster of up to b equal singular
+    values is resolved; one vmapped call of 16 vectors already runs near the device's throughput)."""
+    return min(k, 16)
 
 
-def _random_unit_orthogonal(basis: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    batch, n, _ = basis.shape
-    w = torch.randn(batch, n, dtype=basis.dtype, device=basis.device, generator=generator)
-    w = _orthogonalize(w, basis)
-    return w / w.norm(dim=1, keepdim=True)
+def basis_size(k: int, block: int, dim: int) -> int:
+    """Krylov basis columns a solve may use: enough for slowly decaying spectra, capped by the dimension."""
+    return min(dim, max(8 * k, 6 * block, 64))
 
 
-def lanczos_svd(op: BatchedOperator, k: int, *, tol: float = 1e-3, max_iter: int | None = None,
-                seed: int = 0) -> SVDResult:
-    """Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization, lock-step over the batch.
+def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor,
+                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Y (B, d, b) = basisᵀ C + Q R with Q (B, d, b) orthonormal and orthogonal to the rows of `basis`
+    (B, j, d): classical Gram–Schmidt twice, then QR. Directions Y lacks (|R_ii| at rounding level
+    against `scale` (B,), a breakdown: an invariant subspace was found) are filled with random ones,
+    so the basis keeps growing; their rows of R are zero. Returns Q, C (B, j, b), R (B, b, b)."""
+    C = basis @ Y
+    Y = Y - basis.mT @ C
+    C2 = basis @ Y
+    Y = Y - basis.mT @ C2
+    Q, R = torch.linalg.qr(Y)
+    eps = torch.finfo(Y.dtype).eps
+    lacking = R.diagonal(dim1=1, dim2=2).abs() <= 100 * eps * scale[:, None]
+    if bool(lacking.any()):
+        fresh = torch.randn(Q.shape, dtype=Q.dtype, device=Q.device, generator=generator)
+        Q = torch.where(lacking[:, None, :], fresh, Q)
+        R = R.masked_fill(lacking[:, :, None], 0.0)
+        for _ in range(2):
+            Q = Q - basis.mT @ (basis @ Q)
+        Q, R2 = torch.linalg.qr(Q)
+        R = R2 @ R  # Y − basisᵀC = Q_old R = Q R2 R, exactly
+    return Q, C + C2, R
 
-    After j steps J V_j = U_j B_j and Jᵀ U_j = V_j B_jᵀ + β_j v_{j+1} e_jᵀ with B_j upper bidiagonal.
-    For B_j = P Σ Qᵀ the Ritz triplets (σ_i, U_j p_i, V_j q_i) satisfy J v = σ u exactly and
-    ‖Jᵀ u − σ v‖ = β_j |p_i[j]|. A sample has converged when that bound is ≤ tol·σ_1 for its top k;
-    the iteration stops when every sample has converged (or the Krylov space is exhausted). A breakdown
-    (α or β ≈ 0: an invariant subspace) restarts with a random vector orthogonal to the basis."""
+
+def krylov_svd(op: BatchedOperator, k: int, *, block: int = 1, tol: float = 1e-3, max_basis: int | None = None,
+               seed: int = 0) -> SVDResult:
+    """Top-k triplets by block Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization
+    (block = 1: classical GKL; block > 1: randomized block Krylov), lock-step over the samples.
+
+    From a random orthonormal block V_1 (n × b), each step applies J to one block and Jᵀ to one block
+    per sample: J V_i = U_{≤i} T[:, i] and Jᵀ U_i = V_{≤i}(…) + V_{i+1} R_i. After j steps J V = U T
+    with T = Uᵀ J V (jb × jb, block upper bidiagonal), and for the SVD T = P Σ Qᵀ each Ritz triplet
+    (σ, u = U p, v = V q) satisfies J v = σ u and ‖Jᵀ u − σ v‖ = ‖R_j p_j‖ (p_j: p's last block), up
+    to rounding, bounded by eps·(√(m+n) + basis size)·σ₁ and added to both sides. A sample has converged when the
+    bound of each of its top-k triplets is ≤ tol·σ₁; it stops when all have (or the basis is full).
+    Converged samples leave the batch once they are half of it, when the operator can be split."""
     batch, m, n = op.shape
-    dim = min(m, n)
-    k = min(k, dim)
-    max_iter = min(dim, max_iter or max(3 * k + 20, 60))
+    k = min(k, m, n)
+    block = max(1, min(block, k))
+    cols = max(basis_size(k, block, min(m, n)) // block, -(-k // block)) * block
+    steps_cap = cols // block
+    if cols + block > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
+        return dense_svd(op, k)
     dtype, device = op.dtype, op.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    before = op.products
     eps = torch.finfo(dtype).eps
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rounding = eps * (math.sqrt(m + n) + cols)  # products' and Ritz vectors' rounding, relative to σ₁
 
-    Vb = torch.zeros(batch, n, max_iter + 1, dtype=dtype, device=device)
-    Ub = torch.zeros(batch, m, max_iter, dtype=dtype, device=device)
-    alpha = torch.zeros(batch, max_iter, dtype=dtype, device=device)
-    beta = torch.zeros(batch, max_iter, dtype=dtype, device=device)
-    Vb[:, :, 0] = _random_unit_orthogonal(Vb[:, :, :0], generator)
-    scale = torch.zeros(batch, dtype=dtype, device=device)  # running estimate of ‖J‖ for breakdown tests
-    converged = torch.zeros(batch, dtype=torch.bool, device=device)
-    j = 0
-    for j in range(max_iter):
-        v = Vb[:, :, j]
-        u = op.matvec(v)
-        if j > 0:
-            u = u - beta[:, j - 1, None] * Ub[:, :, j - 1]
-        u = _orthogonalize(u, Ub[:, :, :j])
-        a = u.norm(dim=1)
-        scale = torch.maximum(scale, a)
-        broke = a <= 10 * eps * scale.clamp_min(eps) * max(m, n) ** 0.5
-        u = torch.where(broke[:, None], _random_unit_orthogonal(Ub[:, :, :j], generator), u / a.clamp_min(eps)[:, None])
-        alpha[:, j] = torch.where(broke, torch.zeros_like(a), a)
-        Ub[:, :, j] = u
+    out_S = torch.zeros(batch, k, dtype=dtype, device=device)
+    out_U = torch.zeros(batch, m, k, dtype=dtype, device=device)
+    out_V = torch.zeros(batch, n, k, dtype=dtype, device=device)
+    out_res = torch.zeros(batch, k, dtype=dtype, device=device)
+    out_conv = torch.zeros(batch, dtype=torch.bool, device=device)
+    products, iterations = -op.products, 0
 
-        w = op.rmatvec(u) - alpha[:, j, None] * v
-        w = _orthogonalize(w, Vb[:, :, :j + 1])
-        b = w.norm(dim=1)
-        scale = torch.maximum(scale, b)
-        broke = b <= 10 * eps * scale.clamp_min(eps) * max(m, n) ** 0.5
-        if j + 1 < n:
-            fresh = _random_unit_orthogonal(Vb[:, :, :j + 1], generator)
-            Vb[:, :, j + 1] = torch.where(broke[:, None], fresh, w / b.clamp_min(eps)[:, None])
-        beta[:, j] = torch.where(broke, torch.zeros_like(b), b)
+    rows = torch.arange(batch, device=device)  # the samples still in the working batch
+    Vb = torch.zeros(batch, cols + block, n, dtype=dtype, device=device)
+    Ub = torch.zeros(batch, cols, m, dtype=dtype, device=device)
+    T = torch.zeros(batch, cols, cols, dtype=torch.float64)  # the projected matrix, on the CPU
+    scale = torch.zeros(batch, dtype=dtype, device=device)
+    start = torch.randn(batch, n, block, dtype=dtype, device=device, generator=generator)
+    Vb[:, :block] = torch.linalg.qr(start)[0].mT
+    splittable = True
 
-        if j + 1 >= k:
-            S, P, Q, bound = _ritz(alpha[:, :j + 1], beta[:, :j + 1], k)
-            converged = (bound <= tol * S[:, :1].clamp_min(eps)).all(dim=1) | (S[:, 0] <= eps)
-            if bool(converged.all()):
-                break
-    steps = j + 1
-    S, P, Q, bound = _ritz(alpha[:, :steps], beta[:, :steps], k)
-    U = Ub[:, :, :steps] @ P
-    V = Vb[:, :, :steps] @ Q
-    return SVDResult(S, U, V, torch.zeros_like(bound), bound, op.products - before, steps, "lanczos",
-                     converged)
+    def finish(which: torch.Tensor, width: int, ritz) -> None:
+        S, P, Q, bound = ritz
+        sel = which.cpu()
+        S, P, Q, bound = (t[sel].to(device, dtype) for t in (S, P, Q, bound))
+        target = rows[which]
+        out_S[target] = S
+        out_U[target] = Ub[which, :width].mT @ P
+        out_V[target] = Vb[which, :width].mT @ Q
+        out_res[target] = bound
+        out_conv[target] = converged[which]
+
+    step = 0
+    while True:
+        lo, hi = step * block, (step + 1) * block
+        Y = op.matmat(Vb[:, lo:hi].mT)
+        Q, C, R = _orthonormal_extension(Y, Ub[:, :lo], scale, generator)
+        scale = torch.maximum(scale, R.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
+        Ub[:, lo:hi] = Q.mT
+        T[:, :lo, lo:hi] = C.cpu().double()
+        T[:, lo:hi, lo:hi] = R.cpu().double()
+        Z = op.rmatmat(Q)
+        Qv, _, Rv = _orthonormal_extension(Z, Vb[:, :hi], scale, generator)
+        scale = torch.maximum(scale, Rv.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
+        Vb[:, hi:hi + block] = Qv.mT
+        step += 1
+        iterations = step
+
+        ritz = _ritz(T[:, :hi, :hi], Rv.cpu().double(), k)
+        S, bound = ritz[0], ritz[3]
+        converged = ((bound <= tol * S[:, :1]) | (S[:, :1] <= 0)).all(dim=1).to(device) & (hi >= k)
+        if bool(converged.all()) or step >= steps_cap:
+            finish(torch.ones_like(converged), hi, ritz)
+            break
+        done = int(converged.sum())
+        if splittable and done and 2 * done >= len(rows):
+            keep = (~converged).nonzero().squeeze(1)
+            smaller = op.select(keep)
+            if smaller is None:
+                splittable = False
+                continue
+            products += op.products
+            finish(converged, hi, ritz)
+            op, rows = smaller, rows[keep]
+            keep_cpu = keep.cpu()
+            Vb, Ub, T, scale = Vb[keep], Ub[keep], T[keep_cpu], scale[keep]
+    products += op.products
+    floor = rounding * out_S[:, :1].expand_as(out_S)
+    return SVDResult(out_S, out_U, out_V, floor, out_res + floor, products, iterations,
+                     "lanczos" if block == 1 else "block", out_conv)
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, k: int):
-    """SVD of the j × j upper bidiagonal B (diag α, super-diagonal β_1..β_{j−1}) and the residual
-    bounds β_j |P[j−1, i]| of the top-k Ritz triplets."""
-    steps = alpha.shape[1]
-    B = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :steps - 1], offset=1)
-    P, S, Qh = torch.linalg.svd(B)
-    k = min(k, steps)
-    bound = beta[:, steps - 1, None].abs() * P[:, steps - 1, :k].abs()
-    return S[:, :k], P[:, :, :k], Qh[:, :k].transpose(1, 2), bound
+def _ritz(T: torch.Tensor, R: torch.Tensor, k: int):
+    """SVD of the projected matrix T (B, jb, jb) = P Σ Qᵀ and the residual bounds ‖R p_last‖ of the
+    top-k Ritz triplets, R (B, b, b) the last Jᵀ-side QR factor. Returns S (B, k), P, Q (B, jb, k), bound."""
+    P, S, Qh = torch.linalg.svd(T)
+    k = min(k, S.shape[1])
+    block = R.shape[1]
+    bound = (R @ P[:, -block:, :k]).norm(dim=1)
+    return S[:, :k], P[:, :, :k], Qh[:, :k].mT, bound
+
+
+def lanczos_svd(op: BatchedOperator, k: int, *, tol: float = 1e-3, seed: int = 0) -> SVDResult:
+    """Single-vector Golub–Kahan–Lanczos (`krylov_svd` with block 1)."""
+    return krylov_svd(op, k, block=1, tol=tol, seed=seed)
+
+
+def block_krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3,
+                     seed: int = 0) -> SVDResult:
+    """Randomized block Krylov (`krylov_svd` with a block of `default_block(k)` vectors): more products
+    than single-vector Lanczos, but each block product is several times cheaper per vector."""
+    return krylov_svd(op, k, block=block or default_block(k), tol=tol, seed=seed)
+
+
+def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit: int = 4096) -> str:
+    """`auto` is exact (`dense`) when both sides of J are at most `dense_limit`, else `block`."""
+    if method not in SOLVERS:
+        raise ValueError(f"unknown solver {method!r}")
+    if method == "auto":
+        return "dense" if max(shape[1:]) <= dense_limit else "block"
+    return method
 
 
 def solve(op: BatchedOperator, k: int, *, method: str = "auto", tol: float = 1e-3,
           dense_limit: int = 4096, seed: int = 0) -> SVDResult:
-    """Top-k triplets: exact (`dense`) when both sides of J are at most `dense_limit`, else Lanczos."""
-    _, m, n = op.shape
-    if method == "dense" or (method == "auto" and max(m, n) <= dense_limit):
+    """Top-k triplets of every sample's J: exact (`dense`), randomized block Krylov (`block`) or
+    single-vector Lanczos (`lanczos`); `auto` picks by size (`choose_method`)."""
+    method = choose_method(op.shape, method, dense_limit)
+    if method == "dense":
         return dense_svd(op, k)
-    if method in ("auto", "lanczos"):
-        return lanczos_svd(op, k, tol=tol, seed=seed)
-    raise ValueError(f"unknown solver {method!r}")
+    if method == "block":
+        return block_krylov_svd(op, k, tol=tol, seed=seed)
+    return lanczos_svd(op, k, tol=tol, seed=seed)

@@ -1,0 +1,202 @@
+"""The engine against operators with known spectra, against dense Jacobians of real sites, and the
+promise that probing never changes the model."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.func import jacrev
+
+from ra_probe.data import Samples
+from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, dense_svd,
+                             lanczos_svd)
+from ra_probe.probe import Settings, discover, measure, prepare, probe
+from ra_probe.sources import LoadedModel, load_model
+
+SOLVERS = {"lanczos": lanczos_svd, "block": block_krylov_svd}
+SPECTRA = {
+    "decaying": 0.8 ** torch.arange(150.0),
+    # a flat top of k nearly equal values, then a tail: the top-k subspace is well defined, its vectors barely
+    "flat": torch.cat([torch.linspace(1.0, 0.97, 10), 0.3 * torch.linspace(1.0, 0.5, 140)]),
+}
+
+
+def known_operator(singular_values: torch.Tensor, *, batch: int = 2, m: int = 180, n: int = 200,
+                   dtype=torch.float64, seed: int = 0):
+    """B matrices U diag(s) Vᵀ with random orthonormal U (m × r), V (n × r): prescribed singular values."""
+    generator = torch.Generator().manual_seed(seed)
+    r = len(singular_values)
+    U = torch.linalg.qr(torch.randn(batch, m, r, generator=generator, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(batch, n, r, generator=generator, dtype=torch.float64))[0]
+    matrices = (U * singular_values.double()) @ V.mT
+    return DenseOperator(matrices.to(dtype)), matrices, V
+
+
+def true_residuals(matrices: torch.Tensor, result):
+    """‖J v − σ u‖ and ‖Jᵀ u − σ v‖ measured explicitly, in float64."""
+    U, V, S = result.U.double(), result.V.double(), result.S.double()
+    return (matrices @ V - U * S[:, None]).norm(dim=1), (matrices.mT @ U - V * S[:, None]).norm(dim=1)
+
+
+def sin_subspace_angle(V: torch.Tensor, V_true: torch.Tensor) -> torch.Tensor:
+    """Sine of the largest principal angle between span(V) and span(V_true), per sample."""
+    outside = V - V_true @ (V_true.mT @ V)
+    return torch.linalg.matrix_norm(outside, ord=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_known_spectrum_within_tolerance(solver, spectrum, dtype):
+    k, tol, s = 10, 1e-3, SPECTRA[spectrum]
+    op, matrices, V_true = known_operator(s, dtype=dtype)
+    result = SOLVERS[solver](op, k, tol=tol)
+    assert result.converged.all()
+    assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all()
+    assert (sin_subspace_angle(result.V.double(), V_true[:, :, :k]) <= 10 * tol).all()
+    left, right = true_residuals(matrices, result)
+    assert (result.res_left >= left).all() and (result.res_right >= right).all()
+    assert (result.res_right <= tol * result.S[:, :1] * 1.01).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_bound_is_honest_when_not_converged(solver):
+    """A slowly decaying spectrum that the basis cannot resolve: reported as unconverged, and the
+    reported residuals still bound the true ones."""
+    s = torch.linspace(1.0, 0.5, 150)
+    op, matrices, _ = known_operator(s, m=160, n=170, dtype=torch.float32)
+    result = SOLVERS[solver](op, 8, tol=1e-6)
+    assert not result.converged.any()
+    left, right = true_residuals(matrices, result)
+    assert (result.res_left >= left).all() and (result.res_right >= right).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_rank_deficient_and_zero_operators(solver):
+    """Breakdowns (the Krylov space exhausts the range) restart with fresh directions: a rank-3 operator
+    gives its 3 values and then exact zeros; a zero branch gives σ = 0, converged, no NaN."""
+    s = torch.tensor([3.0, 2.0, 1.0])
+    op, matrices, _ = known_operator(s)
+    result = SOLVERS[solver](op, 6, tol=1e-6)
+    assert torch.allclose(result.S[:, :3], s.double().expand(2, 3), rtol=1e-6)
+    assert (result.S[:, 3:].abs() <= 1e-6).all() and result.converged.all()
+    zero = SOLVERS[solver](DenseOperator(torch.zeros(2, 200, 210)), 4)
+    assert torch.equal(zero.S, torch.zeros(2, 4)) and zero.converged.all() and not zero.res_right.isnan().any()
+
+
+def test_converged_samples_stop_spending_products():
+    """Two samples of rank 1 converge in k steps, two decaying ones take many more: once half the batch
+    has converged it leaves, so the rest runs on two samples (fewer products than lock-step), and every
+    sample's values stay right."""
+    decaying = 0.9 ** torch.arange(150.0)
+    easy, m_easy, _ = known_operator(torch.tensor([1.0]), batch=2, seed=1)
+    hard, m_hard, _ = known_operator(decaying, batch=2, seed=2)
+    op = DenseOperator(torch.cat([m_easy, m_hard]))
+    result = lanczos_svd(op, 4, tol=1e-4)
+    assert result.converged.all()
+    assert result.products < 4 * 2 * result.iterations
+    expected = torch.cat([torch.tensor([[1.0, 0, 0, 0]] * 2), decaying[:4].double().expand(2, 4)])
+    assert torch.allclose(result.S, expected, atol=1e-4)
+
+
+def conv_branch(x: torch.Tensor, ctx) -> torch.Tensor:
+    return CONV(x)
+
+
+torch.manual_seed(0)
+CONV = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
+CONV.eval().requires_grad_(False).double()
+with torch.no_grad():
+    CONV[1].running_mean.normal_()
+    CONV[1].running_var.uniform_(0.5, 2.0)
+
+
+def test_jacobian_operator_matches_jacrev_and_is_adjoint():
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    op = JacobianOperator(conv_branch, x, chunk=7)
+    dense = op.dense()
+    expected = torch.stack([jacrev(lambda xi: CONV(xi[None])[0])(xi).reshape(100, 100) for xi in x])
+    assert torch.allclose(dense, expected, atol=1e-12)
+    V, U = torch.randn(3, 100, 9, dtype=torch.float64), torch.randn(3, 100, 9, dtype=torch.float64)
+    assert torch.allclose((U * op.matmat(V)).sum(dim=1), (op.rmatmat(U) * V).sum(dim=1), rtol=1e-10)
+    sub = op.select(torch.tensor([2, 0]))
+    assert sub is not None and torch.allclose(sub.dense(), dense[[2, 0]], atol=1e-12)
+
+
+def per_sample_spectra(loaded: LoadedModel, samples: Samples, **settings) -> dict[str, torch.Tensor]:
+    settings = Settings(dtype="float64", **settings)
+    model = prepare(loaded.module, settings)
+    sites = discover(model, samples, settings).sites
+    measured = measure(model, sites, samples, settings)
+    return {s.name: torch.cat(measured.site_values("S", s.name)) for s in sites}
+
+
+def assert_spectra_agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name][:, :1]
+        assert ((a[name] - b[name]).abs() <= rtol * scale).all(), name
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_matrix_free_agrees_with_dense_on_the_bundled_model(solver):
+    loaded = load_model("bundled/fc-digits")
+    from ra_probe.data import load_samples
+
+    samples = load_samples(None, loaded, limit=3)
+    dense = per_sample_spectra(loaded, samples, solver="dense", k=8)
+    free = per_sample_spectra(loaded, samples, solver=solver, k=8, tol=1e-5)
+    assert_spectra_agree(dense, free, 1e-4)
+
+
+def tiny_conv_resnet() -> LoadedModel:
+    """timm resnet18 at 16×16 pixels (1,024-dim layer1 sites) with trained-like branch spectra: the last
+    BatchNorm of each block scales its channels by 0.7^c (random init gives flat spectra)."""
+    module = timm.create_model("resnet18", pretrained=False, num_classes=5, zero_init_last=False)
+    with torch.no_grad():
+        for block in (*module.layer1, *module.layer2, *module.layer3, *module.layer4):
+            block.bn2.weight.copy_(0.7 ** torch.arange(float(block.bn2.num_features)))
+    return LoadedModel(module, "resnet18-tiny", "test", input_shape=(3, 16, 16), num_classes=5, modality="image")
+
+
+def test_matrix_free_agrees_with_dense_on_a_conv_resnet():
+    loaded = tiny_conv_resnet()
+    samples = Samples(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), None, "synthetic")
+    dense = per_sample_spectra(loaded, samples, solver="dense", k=6)
+    free = per_sample_spectra(loaded, samples, solver="block", k=6, tol=1e-5)
+    assert_spectra_agree(dense, free, 1e-4)
+    assert all(S[:, 0].min() > 0 for S in dense.values())  # nonzero branches: a real comparison
+
+
+def test_probe_never_changes_the_model():
+    loaded = tiny_conv_resnet()
+    module = loaded.module.train()
+    module.layer1[0].conv1.weight.requires_grad_(False)  # a mix of flags, to see them all kept
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    modes = {name: m.training for name, m in module.named_modules()}
+    samples = Samples(torch.randn(3, 3, 16, 16), None, "synthetic")
+    report = probe(loaded, samples, Settings(k=4, solver="block", batch_size=2))
+    assert len(report["sites"]) == 8
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+    assert flags == {name: p.requires_grad for name, p in module.named_parameters()}
+    assert modes == {name: m.training for name, m in module.named_modules()}
+
+
+def test_auto_batch_size_follows_free_memory():
+    groups = [[(802_816, 802_816)] * 3, [(401_408, 401_408)] * 4]
+    args = dict(k=8, align_k=8, block=8, chunk=16, itemsize=4, device=torch.device("cpu"))
+    large = auto_batch_size(groups, 64, free=64 * 2**30, **args)
+    small = auto_batch_size(groups, 64, free=8 * 2**30, **args)
+    assert 1 <= small < large <= 64
+    assert auto_batch_size(groups, 64, free=1, **args) == 1
+    assert auto_batch_size([[(128, 128)]], 64, free=8 * 2**30, **args) == 64
+
+
+def test_dense_svd_measures_its_residuals():
+    op, matrices, _ = known_operator(SPECTRA["decaying"][:40], batch=2, m=60, n=50)
+    result = dense_svd(op, 5)
+    left, right = true_residuals(matrices, result)
+    assert torch.allclose(result.res_left, left) and torch.allclose(result.res_right, right)
