@@ -43,6 +43,11 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
     if zero:
         messages.append(f"σ₁ = 0 at {len(zero)} site(s) ({', '.join(zero[:4])}{'…' if len(zero) > 4 else ''}): "
                         "branches that are exactly zero (random init with zero_init_last?)")
+    unconverged = [s["name"] for s in sites if s["timing"].get("converged", s["timing"].get("samples")) != s["timing"].get("samples")]
+    if unconverged:
+        messages.append(f"the iterative solver did not reach --tol at {len(unconverged)} site(s) "
+                        f"({', '.join(unconverged[:4])}{'…' if len(unconverged) > 4 else ''}) within its Krylov basis: "
+                        "their singular values are approximate; each triplet's residual bound is in the report")
     if metrics["nc"] is not None and metrics["nc"]["labels_from"] == "predictions":
         messages.append("the data has no labels: NC metrics use the model's own predictions")
     return finite({

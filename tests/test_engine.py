@@ -200,3 +200,12 @@ def test_dense_svd_measures_its_residuals():
     result = dense_svd(op, 5)
     left, right = true_residuals(matrices, result)
     assert torch.allclose(result.res_left, left) and torch.allclose(result.res_right, right)
+
+
+def test_cli_rejects_an_unknown_solver(capsys):
+    from ra_probe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bundled/fc-digits", "--solver", "arnoldi"])
+    assert exit_info.value.code == 2
+    assert "--solver must be one of auto, dense, block, lanczos" in capsys.readouterr().err

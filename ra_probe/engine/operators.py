@@ -104,15 +104,21 @@ class JacobianOperator(BatchedOperator):
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         self.products += v.shape[0] * v.shape[-1]
-        return torch.cat([self._jv(v[..., i:i + self.chunk].contiguous())
-                          for i in range(0, v.shape[-1], self.chunk)], dim=-1)
+        return self._blocks(self._jv, self._jvp_flat, v)
 
     def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
         if self._vjp_fn is None:  # built once, outside vmap, on first use
             _, self._vjp_fn = vjp(self._fx, self.x)
         self.products += u.shape[0] * u.shape[-1]
-        return torch.cat([self._jtu(u[..., i:i + self.chunk].contiguous())
-                          for i in range(0, u.shape[-1], self.chunk)], dim=-1)
+        return self._blocks(self._jtu, self._vjp_flat, u)
+
+    def _blocks(self, batched, single, w: torch.Tensor) -> torch.Tensor:
+        """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call; a single
+        column skips vmap (its batching rules cost more than they save for one vector)."""
+        if w.shape[-1] == 1:
+            return single(w[..., 0].contiguous()).unsqueeze(-1)
+        return torch.cat([batched(w[..., i:i + self.chunk].contiguous()) for i in range(0, w.shape[-1], self.chunk)],
+                         dim=-1)
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
