@@ -51,8 +51,8 @@ def run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
 
 
 def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = None, seed: int = 0) -> Samples:
-    """Load `ref` (`bundled/digits`, a `.npz` with `x` and optional `y`, or `synthetic`) for `model`,
-    at most `limit` samples."""
+    """Load `ref` (`bundled/digits`, a `.npz` with `x` and optional `y`, an image folder, or `synthetic`)
+    for `model`, at most `limit` samples."""
     ref = ref or model.default_data or "synthetic"
     if ref == "synthetic":
         samples = _synthetic(model, limit or 64, seed)
@@ -60,8 +60,13 @@ def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = Non
         samples = _bundled(ref)
     elif ref.endswith(".npz"):
         samples = _npz(Path(ref))
+    elif Path(ref).is_dir():
+        from ra_probe.images import load_image_folder
+
+        samples = load_image_folder(Path(ref), model, limit=limit, seed=seed)
     else:
-        raise UserError(f"unknown data {ref!r}: expected bundled/digits, a .npz file, or synthetic")
+        raise UserError(f"unknown data {ref!r}: expected bundled/digits, a .npz file, an image folder, "
+                        "or synthetic")
     if limit is not None:
         samples = Samples(take(samples.inputs, slice(0, limit)),
                           None if samples.labels is None else samples.labels[:limit], samples.name)
