@@ -81,7 +81,7 @@ def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
     for what in rules.require:
         status = report["verdict"][what]
         evidence = report["verdict"]["evidence"][what]
-        why = [f"{c['name']} {_fmt(c['value'])}, needs {c['rule'].rsplit(' ', 2)[-2]} {c['threshold']:g}"
+        why = [f"{c['name']} {_fmt(c['value'])}, needs {c['rule']}"
                for c in evidence["checks"] if c["passed"] is False] or [evidence.get("reason", "")]
         checks.append({"name": f"require {what}", "passed": status == "present",
                        "detail": f"{what.upper()} {status}" if status == "present" else

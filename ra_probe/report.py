@@ -43,6 +43,8 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
     if zero:
         messages.append(f"σ₁ = 0 at {len(zero)} site(s) ({', '.join(zero[:4])}{'…' if len(zero) > 4 else ''}): "
                         "branches that are exactly zero (random init with zero_init_last?)")
+    if not all(torch.isfinite(logits).all() for logits in measured.logits):
+        messages.append("the model's outputs hold NaN or Inf values (non-finite weights?): NC metrics are unreliable")
     if metrics["nc"] is not None and metrics["nc"]["labels_from"] == "predictions":
         messages.append("the data has no labels: NC metrics use the model's own predictions")
     return finite({

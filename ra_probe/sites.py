@@ -121,6 +121,9 @@ def verify_sites(report: SiteReport, captured: "Captured") -> SiteReport:  # noq
         if record is None:
             skipped.append(Skipped(site.name, "not reached by the forward pass"))
             continue
+        if not (torch.isfinite(record.x).all() and torch.isfinite(record.y).all()):
+            skipped.append(Skipped(site.name, "NaN or Inf in the block's input or output (non-finite weights?)"))
+            continue
         try:
             with torch.no_grad():
                 rebuilt = site.output_from(record.x, record.ctx)
