@@ -278,7 +278,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.insert(0, "probe")  # `ra-probe MODEL` is `ra-probe probe MODEL`
     command = typer.main.get_command(app)
     try:
-        command.main(args, prog_name="ra-probe", standalone_mode=False)
+        code = command.main(args, prog_name="ra-probe", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) is returned, not raised, in this mode
+            if code == 130:  # typer's code for KeyboardInterrupt
+                err.print("interrupted", markup=False)
+            sys.exit(code)
     except UserError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
