@@ -139,11 +139,11 @@ def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
     [tool.ra-probe] table of ./pyproject.toml is used when present."""
     from ra_probe.config import find_config, read_config
 
-    path = path or find_config(Path.cwd())
+    path = path or find_config(Path())
     if path is None:
         return None
     by_key = {opt.lstrip("-").replace("-", "_"): param for param in ctx.command.params if param.name != "config"
-              for opt in param.opts}
+              for opt in param.opts if not (opt.startswith("-") and not opt.startswith("--"))}
     defaults = {}
     for key, value in read_config(path).items():
         param = by_key.get(key)
