@@ -77,3 +77,28 @@ def test_probe_on_an_image_folder_reports_labels_from_the_folders(cli, tmp_path)
     assert report["data"] == {"name": "images", "samples": 12, "labelled": True}
     assert report["metrics"]["nc"]["labels_from"] == "data" and report["metrics"]["nc"]["classes"] == 4
     assert len(report["sites"]) == 2
+
+
+def test_timm_models_use_their_own_data_config(tmp_path):
+    model = load_model("timm/resnet18", pretrained=False)
+    write_images(tmp_path / "a", 2, seed=0)
+    write_images(tmp_path / "b", 1, seed=1)
+    samples = load_samples(str(tmp_path), model)
+    assert samples.inputs.shape == (3, *model.data_config["input_size"]) and sorted(samples.labels.tolist()) == [0, 0, 1]
+
+
+def test_hf_models_use_their_image_processor_and_label_names(tmp_path):
+    import transformers
+
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=3,
+                                    id2label={0: "ants", 1: "bees", 2: "cats"},
+                                    label2id={"ants": 0, "bees": 1, "cats": 2})
+    transformers.ResNetForImageClassification(cfg).save_pretrained(tmp_path / "model")
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, image_mean=[0, 0, 0],
+                                        image_std=[1, 1, 1]).save_pretrained(tmp_path / "model")
+    write_images(tmp_path / "images" / "bees", 2, seed=0)
+    write_images(tmp_path / "images" / "cats", 1, seed=1)
+    samples = load_samples(str(tmp_path / "images"), load_model(str(tmp_path / "model")))
+    assert samples.inputs.shape == (3, 3, 224, 224)
+    assert 0 <= samples.inputs.min() and samples.inputs.max() <= 1  # the processor's normalization, not timm's
+    assert sorted(samples.labels.tolist()) == [1, 1, 2]  # rows of the classifier, by name
