@@ -130,20 +130,24 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 
 
 def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """A baseline report, validated at the door: readable JSON with verdicts and metrics, measured
-    with the same comparable settings as this run."""
+    """A baseline report, validated at the door: readable JSON with verdicts and numeric metrics,
+    measured with the same comparable settings as this run."""
     if not path.is_file():
         raise UserError(f"baseline not found: {path}")
     try:
         report = json.loads(path.read_text())
-        VERDICT_ORDER[report["verdict"]["ra"]], VERDICT_ORDER[report["verdict"]["nc"]]
-        for value_of in (v for _, v in METRICS.values()):
-            value_of(report)
-        baseline_settings = report["settings"]
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"cannot read baseline {path}: {str(exc).splitlines()[0]}") from None
-    except (KeyError, TypeError, AttributeError, IndexError):
-        raise UserError(f"baseline {path} is not an ra-probe report (no verdicts or metrics)") from None
+    try:
+        verdicts = [report["verdict"][what] for what in ("ra", "nc")]
+        values = [value_of(report) for _, value_of in METRICS.values()]
+        baseline_settings = dict(report["settings"])
+        valid = all(v in VERDICT_ORDER for v in verdicts) and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        valid = False
+    if not valid:
+        raise UserError(f"baseline {path} is not an ra-probe report (no verdicts or metrics)")
     differ = [f"{k} {baseline_settings.get(k)} vs {settings.get(k)}" for k in COMPARABLE_SETTINGS
               if baseline_settings.get(k) != settings.get(k)]
     if differ:

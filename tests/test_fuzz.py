@@ -98,6 +98,15 @@ def baseline_not_a_report(folder: Path) -> list[str]:
     return ["check", "bundled/fc-digits", "--baseline", "base.json"]
 
 
+def baseline_with_text_metrics(folder: Path) -> list[str]:
+    report = {"verdict": {"ra": "present", "nc": "present"}, "settings": {"k": 16, "align_k": 16, "tau": 0.01},
+              "metrics": {"ra1": {"mean_linearity": "high"}, "ra2": {"mean_score": 1.0},
+                          "ra3": {"share_rank_le_classes": 1.0, "sites": []},
+                          "ra4": {"L_times_mean_sigma1": 1.0}, "nc": None}}
+    (folder / "base.json").write_text(json.dumps(report))
+    return ["check", "bundled/fc-digits", "--baseline", "base.json"]
+
+
 def baseline_other_settings(folder: Path) -> list[str]:
     report = {"verdict": {"ra": "present", "nc": "present"}, "settings": {"k": 4, "align_k": 4, "tau": 0.01},
               "metrics": {"ra1": {"mean_linearity": 1.0}, "ra2": {"mean_score": 1.0},
@@ -136,7 +145,7 @@ def no_rule(folder: Path) -> list[str]:
 
 CASES = [truncated_safetensors, random_bytes, random_torch_file, wrong_shapes, other_architecture,
          missing_model_file, empty_npz, npz_with_nan, npz_wrong_shape, npz_random_bytes, missing_data,
-         empty_image_folder, corrupt_image, baseline_random_bytes, baseline_not_a_report,
+         empty_image_folder, corrupt_image, baseline_random_bytes, baseline_not_a_report, baseline_with_text_metrics,
          baseline_other_settings, missing_baseline, broken_config, config_unknown_key, config_wrong_type,
          bad_require, no_rule]
 
