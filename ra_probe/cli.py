@@ -169,8 +169,8 @@ def check(
     max_nc1: Optional[float] = typer.Option(None, help="fail if NC1 is higher"),
     max_nc4: Optional[float] = typer.Option(None, help="fail if NC4 is higher"),
     config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_apply_config,
-                                          help="settings file (default: ./ra-probe.toml or [tool.ra-probe] in "
-                                               "./pyproject.toml)"),
+                                          help="settings file (default: ./ra-probe.toml, or the tool.ra-probe "
+                                               "table of ./pyproject.toml)"),
     data: Optional[str] = Data, samples: int = Samples,
     k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver, tau: float = Tau,
     batch_size: int = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
