@@ -40,11 +40,17 @@ def chain(block: nn.Module, names: Iterable[str]) -> Branch:
     return branch
 
 
+# a key/value cache grows at every call: a branch, a pure function of x, is recomputed without it
+CACHE_ARGUMENTS = {"past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position"}
+
+
 def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
-    """`module(x, *side inputs)`: the call captured in `ctx` with its main input replaced by `x`
-    (a captured keyword for the first parameter, as in `attn(hidden_states=h, ...)`, is dropped)."""
+    """`module(x, *side inputs)`: the call captured in `ctx` with its main input replaced by `x` (a
+    captured keyword for the first parameter, as in `attn(hidden_states=h, ...)`, is dropped) and
+    without a key/value cache."""
     first = next(iter(inspect.signature(module.forward).parameters))
-    kwargs = {key: value for key, value in ctx.get("kwargs", {}).items() if key != first}
+    kwargs = {key: value for key, value in ctx.get("kwargs", {}).items()
+              if key != first and key not in CACHE_ARGUMENTS}
     return module(x, *ctx.get("args", ()), **kwargs)
 
 

@@ -53,13 +53,15 @@ def _trace(module: nn.Module) -> fx.GraphModule | None:
     return None
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
+    """The values `node` is computed from, not looking past `stop`."""
     seen, stack = set(), [node]
     while stack:
         for parent in stack.pop().all_input_nodes:
             if parent not in seen:
                 seen.add(parent)
-                stack.append(parent)
+                if parent is not stop:
+                    stack.append(parent)
     return seen
 
 
@@ -113,12 +115,12 @@ class _Graph:
     def extract(self, start: fx.Node, end: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
         """A GraphModule computing `end` from `start` and the module's side inputs it needs, which it
         takes as further arguments (returned in order)."""
-        graph, env, side = fx.Graph(), {start: None}, []
-        env[start] = graph.placeholder("x")
-        needed = _ancestors(end) | {end}
+        graph, side = fx.Graph(), []
+        env = {start: graph.placeholder("x")}
+        needed = _ancestors(end, stop=start) | {end}  # values before `start` reach `end` only through it
         for node in self.nodes:
-            if node is start or node not in needed or (node in self.dom and start not in self.dom[node]):
-                continue  # values before the start are reached only through it (dominance)
+            if node is start or node not in needed:
+                continue
             if node.op == "placeholder":
                 side.append(node)
             env[node] = graph.node_copy(node, lambda n: env[n])
