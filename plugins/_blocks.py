@@ -130,3 +130,17 @@ def hf_layout(*paths: str) -> Callable[[nn.Module], bool]:
     def claims(model: nn.Module) -> bool:
         return hasattr(model, "config") and any(has_layout(m, *paths) for m in model.modules())
     return claims
+
+
+def pre_norm_sites(path: str, layer: nn.Module, norm1: str, attn: str, norm2: str, mlp: str) -> list[Site]:
+    """The two sites of a pre-norm decoder layer named by its children, `x₁ = x + attn(norm1(x))` and
+    `y = x₁ + mlp(norm2(x₁))`; the attention's side inputs come from its captured call."""
+    norm_1, attention, norm_2, feed_forward = (getattr(layer, name) for name in (norm1, attn, norm2, mlp))
+
+    def attn_branch(x, ctx):
+        return first_output(call_with(attention, norm_1(x), ctx))
+
+    def mlp_branch(x, ctx):
+        return feed_forward(norm_2(x))
+    return transformer_sites(path, attn_branch, mlp_branch, Tap(f"{path}.{norm2}", "input"),
+                             ctx_module=f"{path}.{attn}")

@@ -6,24 +6,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from ra_probe.plugins._blocks import (FamilyAdapter, call_with, first_output, has_layout, hf_layout,
-                                      transformer_sites)
-from ra_probe.sites import Site, Tap
+from ra_probe.plugins._blocks import FamilyAdapter, has_layout, hf_layout, pre_norm_sites
+from ra_probe.sites import Site
 
 LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
 def sites_of(path: str, layer: nn.Module) -> list[Site] | None:
-    if not has_layout(layer, *LAYOUT):
-        return None
-
-    def attn(x, ctx):
-        return first_output(call_with(layer.self_attn, layer.input_layernorm(x), ctx))
-
-    def mlp(x, ctx):
-        return layer.mlp(layer.post_attention_layernorm(x))
-    return transformer_sites(path, attn, mlp, Tap(f"{path}.post_attention_layernorm", "input"),
-                             ctx_module=f"{path}.self_attn")
+    return pre_norm_sites(path, layer, *LAYOUT) if has_layout(layer, *LAYOUT) else None
 
 
 ADAPTER = FamilyAdapter("hf-llama", "Hugging Face Llama-style decoders (attention and MLP sites per layer; "
