@@ -107,7 +107,7 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if x is None or y is None:
             continue
         args, kwargs = calls.get(site.ctx_module, ((), {}))
-        records[site.name] = SiteRecord(x, y, {"args": args, "kwargs": kwargs})
+        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y), {"args": args, "kwargs": kwargs})
     logits = logits_of(output)
     # the head's input counts as classifier features only when the head's output is the model's output
     # (a model without a classifier still has Linear layers, e.g. inside its branches)
