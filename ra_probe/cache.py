@@ -1,14 +1,16 @@
 """Result cache (issue 6): one entry per measured (group of sites, chunk of samples), so a re-run, or
 a run interrupted by Ctrl-C, resumes without recomputing what was already measured.
 
-An entry's key hashes everything its result depends on: the tool version, the model (name, class and
-a hash of its state dict), the settings that change measurements, the group's site names and the
-chunk's inputs themselves (so a longer run over the same data reuses the first chunks). Thresholds,
+An entry's key hashes everything its result depends on: the tool's version and source code, the
+model (name, class and a hash of its state dict), the settings that change measurements, the group's
+site names and the chunk's inputs themselves (so a longer run over the same data reuses the first
+chunks). Thresholds,
 τ and the sample count are applied after measuring and are not part of it. Entries are written to a
 temporary file and renamed into place: an interrupted write never leaves a corrupt entry, and an
 unreadable entry is a miss, never an error."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +33,21 @@ def default_dir() -> Path:
     if os.environ.get("RA_PROBE_CACHE"):
         return Path(os.environ["RA_PROBE_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ra-probe"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the source of ra-probe and its built-in adapters: entries measured by other code
+    (an upgrade, or an edit during development) are never served."""
+    import ra_probe
+    import ra_probe.plugins
+
+    digest = hashlib.sha256()
+    for package in (ra_probe, ra_probe.plugins):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def tensor_digest(*tensors: torch.Tensor | dict[str, torch.Tensor] | None) -> str:
@@ -57,7 +74,7 @@ class ResultCache:
         """The entries of one run: keyed by tool version, model identity and weights, and settings."""
         kept = {k: v for k, v in settings.as_dict().items() if k not in NOT_IN_KEY}
         kept["device"] = settings.resolved_device().type
-        identity = {"version": __version__, "model": name, "class": type(module).__qualname__,
+        identity = {"version": __version__, "code": code_digest(), "model": name, "class": type(module).__qualname__,
                     "weights": tensor_digest(module.state_dict()), "settings": kept}
         return RunCache(self, hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
 

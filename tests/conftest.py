@@ -27,10 +27,13 @@ def bundled_reports() -> dict[str, dict]:
     return {name: probe_bundled(name) for name in ("fc-digits", "fc-digits-lowwd", "fc-digits-noskip")}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def shared_cache(tmp_path_factory) -> Path:
-    """One result cache for the tests that probe the bundled models, so each is measured once."""
-    return tmp_path_factory.mktemp("cache")
+    """One result cache for the whole session (never the user's): each bundled model is measured once."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RA_PROBE_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -65,3 +65,12 @@ def test_nan_weights_flag_the_sites_instead_of_crashing(cli, tmp_path):
     assert {s["name"] for s in report["skipped"]} == {"blocks.5", "blocks.6", "blocks.7"}
     assert all("NaN or Inf" in s["reason"] for s in report["skipped"])
     assert any("NaN or Inf" in m for m in report["messages"])
+
+
+def test_keys_follow_the_source_code(tmp_path, monkeypatch):
+    import ra_probe.cache
+
+    cache, module = ResultCache(tmp_path), torch.nn.Linear(2, 2)
+    before = cache.for_run(module, "m", Settings()).run_key
+    monkeypatch.setattr(ra_probe.cache, "code_digest", lambda: "edited")
+    assert cache.for_run(module, "m", Settings()).run_key != before
