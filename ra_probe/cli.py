@@ -99,7 +99,12 @@ def _run_probe(loaded, data: Optional[str], settings, *, quiet: bool, no_cache: 
         def progress(name: str, done: int, total: int) -> None:
             bar.update(task, description=f"probing {name}", completed=done, total=total)
 
-        return run_probe(loaded, sample_set, settings, progress, cache=None if no_cache else ResultCache())
+        cache = None if no_cache else ResultCache()
+        report = run_probe(loaded, sample_set, settings, progress, cache=cache)
+    if cache is not None and cache.hits:  # timings of these entries are those of the run that measured them
+        report["messages"].append(f"{cache.hits} of {cache.hits + cache.misses} group measurements served from "
+                                  f"the cache in {cache.folder} (--no-cache measures anew)")
+    return report
 
 
 @app.command()
@@ -189,7 +194,7 @@ def check(
     from ra_probe.gate import GateRules, judge, read_baseline, summary_line
     from ra_probe.report import write_json
 
-    wanted = tuple(dict.fromkeys(require or ()))
+    wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
     if not set(wanted) <= {"ra", "nc"}:
         raise UserError(f"--require takes ra or nc, got {', '.join(wanted)}")
     settings = _settings(k, align_k, samples, batch_size, tol, solver, tau, dtype, device, seed)

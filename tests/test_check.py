@@ -75,8 +75,8 @@ def test_config_file_and_pyproject_table_set_the_gate(cli, tmp_path):
     assert code == 1 and "< 0.95" in out
 
     Path("gate.toml").write_text("max-nc4 = 0.5\nmin-alignment = 0.5\n")
-    code, out, _ = cli("check", "bundled/fc-digits", "--config", "gate.toml")
-    assert code == 0 and "2 checks passed" in out
+    code, out, _ = cli("check", "bundled/fc-digits", "--config", "gate.toml", "--require", "ra,nc")
+    assert code == 0 and "4 checks passed" in out
 
 
 def test_second_identical_run_is_served_from_the_cache(cli, count_measurements, tmp_path, monkeypatch):
@@ -88,6 +88,8 @@ def test_second_identical_run_is_served_from_the_cache(cli, count_measurements, 
     assert len(count_measurements) == 2  # nothing measured again
     first, second = (json.loads(Path(p).read_text()) for p in ("first.json", "second.json"))
     assert first["metrics"] == second["metrics"]
+    assert not any("from the cache" in m for m in first["messages"])
+    assert any(m.startswith("2 of 2 group measurements served from the cache") for m in second["messages"])
     # settings applied after measuring (τ, thresholds) reuse the entries; --no-cache measures anew
     assert cli(*args, "--tau", "0.05", "--json", "third.json")[0] == 0
     assert len(count_measurements) == 2
