@@ -159,3 +159,16 @@ def test_malformed_input_is_one_line_and_exit_2(cli, tmp_path, case):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err + out
     assert set(tmp_path.rglob("*")) == before  # no report (nor anything else) written
+
+
+def test_a_real_process_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(4096))
+    done = subprocess.run([sys.executable, "-c", "from ra_probe.cli import main; main()", "check",
+                           "random.safetensors", "--arch", "bundled/fc-digits", "--require", "ra"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: cannot read weights random.safetensors") and done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random.safetensors"]
