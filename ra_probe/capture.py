@@ -96,7 +96,7 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
             handle = module_at(model, path).register_forward_hook(post_hook(path), with_kwargs=True)
             stack.callback(handle.remove)
         if head is not None:
-            handle = head.register_forward_pre_hook(lambda m, args: features.append(args[0]) if not features else None)
+            handle = head.register_forward_hook(lambda m, args, out: features.append((args[0], out)) if not features else None)
             stack.callback(handle.remove)
         output = run_model(model, inputs)
 
@@ -107,6 +107,11 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if x is None or y is None:
             continue
         args, kwargs = calls.get(site.ctx_module, ((), {}))
-        records[site.name] = SiteRecord(x, y, {"args": args, "kwargs": kwargs})
-    feats = features[0].flatten(1) if features else None
-    return Captured(records, logits_of(output), feats)
+        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y), {"args": args, "kwargs": kwargs})
+    logits = logits_of(output)
+    # the head's input counts as classifier features only when the head's output is the model's output
+    # (a model without a classifier still has Linear layers, e.g. inside its branches)
+    head_out = features[0][1] if features else None
+    is_head = isinstance(head_out, torch.Tensor) and logits is not None and head_out.shape == logits.shape \
+        and torch.equal(head_out, logits)
+    return Captured(records, logits, features[0][0].flatten(1) if is_head else None)

@@ -2,6 +2,8 @@
 function per command. A user's mistake is one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,7 @@ except ImportError:  # pragma: no cover - older Typer on plain click
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Residual Alignment and Neural Collapse diagnostics for residual networks.\n\n"
                        "Usage: ra-probe [MODEL] [options] (default MODEL: bundled/fc-digits), or one of the commands below.")
-COMMANDS = {"probe", "sites", "adapters"}
+COMMANDS = {"probe", "check", "sites", "adapters"}
 DEFAULT_MODEL = "bundled/fc-digits"
 err = Console(stderr=True)
 
@@ -43,7 +45,9 @@ NoPretrained = typer.Option(False, "--no-pretrained", help="random init for timm
 Weights = typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the model")
 Arch = typer.Option(None, help="architecture of a checkpoint file, as a model reference")
 InputShape = typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, synthetic data)")
-Data = typer.Option(None, help="bundled/digits, a .npz with x (and y), or synthetic; default: the model's own")
+Data = typer.Option(None, help="bundled/digits, a .npz with x (and y), a .txt file (one example per line, text "
+                                "models), an image folder (class sub-folders give labels), or synthetic; default: "
+                                "the model's own")
 Samples = typer.Option(64, min=1, help="at most this many samples")
 
 
@@ -54,47 +58,41 @@ def _load(model: str, no_pretrained: bool, weights: Optional[Path], arch: Option
                       arch=arch, input_shape=_shape(input_shape))
 
 
-@app.command()
-def probe(
-    model: str = ModelArg,
-    data: Optional[str] = Data,
-    samples: int = Samples,
-    k: int = typer.Option(16, min=1, help="singular triplets per site and sample"),
-    align_k: Optional[int] = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)"),
-    tol: float = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver"),
-    solver: str = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block | lanczos"),
-    tau: float = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="samples per chunk (default: the most that fit "
-                                                                "in the device's free memory)"),
-    dtype: str = typer.Option("float32", help="float32 | float64"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)"),
-    seed: int = typer.Option(0),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the JSON report here"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing report file"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no tables or progress; the verdict line only"),
-    no_pretrained: bool = NoPretrained, weights: Optional[Path] = Weights, arch: Optional[str] = Arch,
-    input_shape: Optional[str] = InputShape,
-) -> None:
-    """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
-    from ra_probe.console import print_report
-    from ra_probe.data import load_samples
+K = typer.Option(16, min=1, help="singular triplets per site and sample")
+AlignK = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")
+Tol = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")
+Solver = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block | lanczos")
+Tau = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")
+BatchSize = typer.Option(None, min=1, help="samples per chunk (default: the most that fit in the device's free memory)")
+DType = typer.Option("float32", help="float32 | float64")
+Device = typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)")
+Seed = typer.Option(0)
+Force = typer.Option(False, "--force", help="overwrite an existing report file")
+NoCache = typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or ~/.cache/ra-probe)")
+
+
+def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional[int], tol: float, solver: str, tau: float,
+              dtype: str, device: Optional[str], seed: int):
     from ra_probe.engine import SOLVERS
     from ra_probe.probe import DTYPES, Settings
-    from ra_probe.probe import probe as run_probe
-    from ra_probe.report import write_json
 
     if solver not in SOLVERS:
         raise UserError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if json_path is not None and json_path.exists() and not force:
-        raise UserError(f"{json_path} exists; pass --force to overwrite it")
     settings = Settings(k=k, align_k=align_k, samples=samples, batch_size=batch_size, tol=tol, solver=solver,
                         tau=tau, dtype=dtype, device=device, seed=seed)
     _check_device(settings)
-    loaded = _load(model, no_pretrained, weights, arch, input_shape)
-    sample_set = load_samples(data, loaded, limit=samples, seed=seed)
-    console = Console(quiet=quiet)
+    return settings
+
+
+def _run_probe(loaded, data: Optional[str], settings, *, quiet: bool, no_cache: bool) -> dict:
+    """Samples for `loaded`, then the probe with a progress bar on stderr and the result cache."""
+    from ra_probe.cache import ResultCache
+    from ra_probe.data import load_samples
+    from ra_probe.probe import probe as run_probe
+
+    sample_set = load_samples(data, loaded, limit=settings.samples, seed=settings.seed)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True, quiet=quiet), transient=True) as bar:
         task = bar.add_task("probing", total=None)
@@ -102,13 +100,136 @@ def probe(
         def progress(name: str, done: int, total: int) -> None:
             bar.update(task, description=f"probing {name}", completed=done, total=total)
 
-        report = run_probe(loaded, sample_set, settings, progress)
+        cache = None if no_cache else ResultCache()
+        report = run_probe(loaded, sample_set, settings, progress, cache=cache)
+    if cache is not None and cache.hits:  # timings of these entries are those of the run that measured them
+        report["messages"].append(f"{cache.hits} of {cache.hits + cache.misses} group measurements served from "
+                                  f"the cache in {cache.folder} (--no-cache measures anew)")
+    return report
+
+
+@app.command()
+def probe(
+    model: str = ModelArg,
+    data: Optional[str] = Data,
+    samples: int = Samples,
+    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver, tau: float = Tau,
+    batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the JSON report here"),
+    force: bool = Force,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no tables or progress; the verdict line only"),
+    no_cache: bool = NoCache,
+    no_pretrained: bool = NoPretrained, weights: Optional[Path] = Weights, arch: Optional[str] = Arch,
+    input_shape: Optional[str] = InputShape,
+) -> None:
+    """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
+    from ra_probe.console import print_report
+    from ra_probe.report import write_json
+
+    if json_path is not None and json_path.exists() and not force:
+        raise UserError(f"{json_path} exists; pass --force to overwrite it")
+    settings = _settings(k, align_k, samples, batch_size, tol, solver, tau, dtype, device, seed)
+    loaded = _load(model, no_pretrained, weights, arch, input_shape)
+    report = _run_probe(loaded, data, settings, quiet=quiet, no_cache=no_cache)
+    console = Console(quiet=quiet)
     print_report(report, console)
     if json_path is not None:
         write_json(report, json_path)
         console.print(f"report written to {json_path}")
     if quiet:
         typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
+
+
+def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
+    """Eager `--config`: the file's keys become the command's defaults (click's `default_map`), so
+    options given on the command line still win. Without `--config`, ./ra-probe.toml or the
+    [tool.ra-probe] table of ./pyproject.toml is used when present."""
+    from ra_probe.config import find_config, read_config
+
+    path = path or find_config(Path())
+    if path is None:
+        return None
+    by_key = {opt.lstrip("-").replace("-", "_"): param for param in ctx.command.params if param.name != "config"
+              for opt in param.opts if not (opt.startswith("-") and not opt.startswith("--"))}
+    defaults = {}
+    for key, value in read_config(path).items():
+        param = by_key.get(key)
+        if param is None:
+            known = ", ".join(sorted(k.replace("_", "-") for k in by_key))
+            raise UserError(f"{path}: unknown setting {key.replace('_', '-')!r} (known: {known})")
+        defaults[param.name] = [value] if param.multiple and isinstance(value, str) else value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+@app.command()
+def check(
+    model: str = typer.Argument(DEFAULT_MODEL, help="the model to gate, as for probe"),
+    require: Optional[list[str]] = typer.Option(None, help="ra | nc: fail unless that verdict is present (repeatable)"),
+    baseline: Optional[Path] = typer.Option(None, help="a report JSON: fail if a verdict gets worse or a metric "
+                                                        "moves beyond --tolerance"),
+    tolerance: float = typer.Option(0.05, min=0.0, help="allowed move from the baseline: relative for values above "
+                                                        "1, absolute below"),
+    min_alignment: Optional[float] = typer.Option(None, help="fail if the RA2 mean alignment a_ij is lower"),
+    min_linearity: Optional[float] = typer.Option(None, help="fail if the RA1 mean linearity is lower"),
+    max_rank: Optional[float] = typer.Option(None, help="fail if the median over sites of the RA3 rank is higher"),
+    max_nc1: Optional[float] = typer.Option(None, help="fail if NC1 is higher"),
+    max_nc4: Optional[float] = typer.Option(None, help="fail if NC4 is higher"),
+    config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_apply_config,
+                                          help="settings file (default: ./ra-probe.toml, or the tool.ra-probe "
+                                               "table of ./pyproject.toml)"),
+    data: Optional[str] = Data, samples: int = Samples,
+    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver, tau: float = Tau,
+    batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here (default: "
+                                                                  "reports/<model>.check.json)"),
+    force: bool = Force,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also print the report's tables (on stderr)"),
+    no_cache: bool = NoCache,
+    no_pretrained: bool = NoPretrained, weights: Optional[Path] = Weights, arch: Optional[str] = Arch,
+    input_shape: Optional[str] = InputShape,
+) -> None:
+    """CI gate: probe MODEL and judge the report. Exit 0 pass, 1 fail, 2 usage or input error; one
+    summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
+    from ra_probe.console import print_report
+    from ra_probe.gate import GateRules, judge, read_baseline, summary_line
+    from ra_probe.report import write_json
+
+    wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
+    if not set(wanted) <= {"ra", "nc"}:
+        raise UserError(f"--require takes ra or nc, got {', '.join(wanted)}")
+    settings = _settings(k, align_k, samples, batch_size, tol, solver, tau, dtype, device, seed)
+    limits = {name: value for name, value in (("min_alignment", min_alignment), ("min_linearity", min_linearity),
+                                              ("max_rank", max_rank), ("max_nc1", max_nc1), ("max_nc4", max_nc4))
+              if value is not None}
+    rules = GateRules(require=wanted, limits=limits, tolerance=tolerance,
+                      baseline=None if baseline is None else read_baseline(baseline, settings.as_dict()))
+    if not rules.require and not rules.limits and rules.baseline is None:
+        raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
+                        "--min-alignment (or a config file that sets them)")
+    loaded = _load(model, no_pretrained, weights, arch, input_shape)
+    out = json_path or Path("reports") / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', loaded.name).strip('-.')}.check.json"
+    if out.exists() and not force and not (json_path is None and _is_report(out)):
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    report = _run_probe(loaded, data, settings, quiet=not verbose, no_cache=no_cache)
+    if verbose:
+        print_report(report, err)
+    result = judge(report, rules)
+    report["gate"] = {**result.as_dict(), "rules": {"require": list(rules.require), "limits": rules.limits,
+                                                    "baseline": None if baseline is None else str(baseline),
+                                                    "tolerance": rules.tolerance}}
+    write_json(report, out)
+    typer.echo(f"{summary_line(report, result)} [report: {out}]")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` holds an ra-probe report (a gate may overwrite its own earlier output)."""
+    try:
+        return json.loads(path.read_text()).get("tool", {}).get("name") == "ra-probe"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_device(settings) -> None:
@@ -164,7 +285,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.insert(0, "probe")  # `ra-probe MODEL` is `ra-probe probe MODEL`
     command = typer.main.get_command(app)
     try:
-        command.main(args, prog_name="ra-probe", standalone_mode=False)
+        code = command.main(args, prog_name="ra-probe", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) is returned, not raised, in this mode
+            if code == 130:  # typer's code for KeyboardInterrupt
+                err.print("interrupted", markup=False)
+            sys.exit(code)
     except UserError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)

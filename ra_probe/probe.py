@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from ra_probe.cache import ResultCache, RunCache
 from ra_probe.capture import Captured, capture, find_classifier
 from ra_probe.data import Samples, take, to
 from ra_probe.errors import UserError
@@ -73,8 +74,9 @@ def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> Si
 
 
 def probe(loaded: LoadedModel, samples: Samples, settings: Settings | None = None,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """Probe `loaded` on `samples`: the full report as a JSON-ready dict (see report.build_report)."""
+          progress: Progress | None = None, cache: ResultCache | None = None) -> dict[str, Any]:
+    """Probe `loaded` on `samples`: the full report as a JSON-ready dict (see report.build_report).
+    With a `cache`, group measurements already stored are reused and new ones are stored."""
     from ra_probe.report import build_report
 
     settings = settings or Settings()
@@ -82,7 +84,8 @@ def probe(loaded: LoadedModel, samples: Samples, settings: Settings | None = Non
     started = time.perf_counter()
     model = prepare(loaded.module, settings)
     site_report = discover(model, samples, settings)
-    measured = measure(model, site_report.sites, samples, settings, progress)
+    run_cache = cache.for_run(model, loaded.name, settings) if cache is not None else None
+    measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
     metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
     verdict = {"ra": ra_verdict(metrics, settings.thresholds), "nc": nc_verdict(metrics["nc"], settings.thresholds)}
     return build_report(loaded, samples, settings, site_report, measured, metrics, verdict,
@@ -140,8 +143,9 @@ def groups_of(sites: list[Site]) -> dict[int, list[Site]]:
 
 
 def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
-            progress: Progress | None = None) -> Measured:
-    """Spectra, alignment and trajectories of every site, chunk of samples by chunk."""
+            progress: Progress | None = None, cache: RunCache | None = None) -> Measured:
+    """Spectra, alignment and trajectories of every site, chunk of samples by chunk (each group and
+    chunk served from `cache` when it holds it)."""
     out = Measured()
     device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
     n = len(samples)
@@ -158,7 +162,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         for group, members in groups_of(sites).items():
             if progress:
                 progress(members[0].name, done, total)
-            out.groups.append(measure_group(group, members, captured, settings))
+            out.groups.append(_measure_group_cached(cache, group, members, captured, chunk, settings))
             done += len(members)
     if progress:
         progress("done", total, total)
@@ -171,6 +175,13 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
     return auto_batch_size(dims, samples, settings.resolved_device(), k=settings.k, align_k=settings.align_k or settings.k,
                            block=default_block(settings.k), chunk=settings.chunk,
                            itemsize=DTYPES[settings.dtype].itemsize)
+
+def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
+                          chunk, settings: Settings) -> GroupMeasurement:
+    if cache is None:
+        return measure_group(group, members, captured, settings)
+    return cache.get_or_compute([s.name for s in members], chunk,
+                                lambda: measure_group(group, members, captured, settings), GroupMeasurement)
 
 
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings) -> GroupMeasurement:

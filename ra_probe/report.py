@@ -48,6 +48,8 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
         messages.append(f"the iterative solver did not reach --tol at {len(unconverged)} site(s) "
                         f"({', '.join(unconverged[:4])}{'…' if len(unconverged) > 4 else ''}) within its Krylov basis: "
                         "their singular values are approximate; each triplet's residual bound is in the report")
+    if not all(torch.isfinite(logits).all() for logits in measured.logits):
+        messages.append("the model's outputs hold NaN or Inf values (non-finite weights?): NC metrics are unreliable")
     if metrics["nc"] is not None and metrics["nc"]["labels_from"] == "predictions":
         messages.append("the data has no labels: NC metrics use the model's own predictions")
     return finite({

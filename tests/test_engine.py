@@ -100,10 +100,6 @@ def test_converged_samples_stop_spending_products():
     assert torch.allclose(result.S, expected, atol=1e-4)
 
 
-def conv_branch(x: torch.Tensor, ctx) -> torch.Tensor:
-    return CONV(x)
-
-
 torch.manual_seed(0)
 CONV = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
 CONV.eval().requires_grad_(False).double()
@@ -114,7 +110,7 @@ with torch.no_grad():
 
 def test_jacobian_operator_matches_jacrev_and_is_adjoint():
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    op = JacobianOperator(conv_branch, x, chunk=7)
+    op = JacobianOperator(CONV, x, chunk=7)
     dense = op.dense()
     expected = torch.stack([jacrev(lambda xi: CONV(xi[None])[0])(xi).reshape(100, 100) for xi in x])
     assert torch.allclose(dense, expected, atol=1e-12)

@@ -74,7 +74,8 @@ class DenseOperator(BatchedOperator):
 
 
 class JacobianOperator(BatchedOperator):
-    """J_b = ∂f/∂x at x_b for f(x, ctx): (B, *in) → (B, *out) whose samples do not interact (eval mode).
+    """J_b = ∂f/∂x at x_b for f: (B, *in) → (B, *out) whose samples do not interact (eval mode), called
+    as f(x), or as f(x, ctx) when side inputs `ctx` are given (a site's branch; they are split with x).
 
     J·V is a forward-mode product (`jvp`) of the whole batch, one vector per sample; Jᵀ·U reuses one
     saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `chunk` vectors
@@ -82,11 +83,11 @@ class JacobianOperator(BatchedOperator):
     (`torch.func.linearize` saves the primal work but costs a trace per site that small and medium
     sites never earn back.)"""
 
-    def __init__(self, f: Callable[[torch.Tensor, Context], torch.Tensor], x: torch.Tensor,
-                 ctx: Context | None = None, chunk: int = 16):
-        self.f, self.x, self.ctx, self.chunk = f, x, ctx if ctx is not None else {}, chunk
+    def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Context | None = None,
+                 chunk: int = 16):
+        self.f, self.x, self.ctx, self.chunk = f, x, ctx, chunk
         self.products = 0
-        self._fx = lambda x_: f(x_, self.ctx)
+        self._fx = f if ctx is None else (lambda x_: f(x_, ctx))
         with torch.no_grad():
             self.out = self._fx(x)
         out = self.out

@@ -1,0 +1,130 @@
+"""Result cache (issue 6): one entry per measured (group of sites, chunk of samples), so a re-run, or
+a run interrupted by Ctrl-C, resumes without recomputing what was already measured.
+
+An entry's key hashes everything its result depends on: the tool's version and source code, the
+model (name, class and a hash of its state dict), the settings that change measurements, the group's
+site names and the chunk's inputs themselves (so a longer run over the same data reuses the first
+chunks). Thresholds,
+τ and the sample count are applied after measuring and are not part of it. Entries are written to a
+temporary file and renamed into place: an interrupted write never leaves a corrupt entry, and an
+unreadable entry is a miss, never an error."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from ra_probe import __version__
+
+T = TypeVar("T")
+# Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
+NOT_IN_KEY = frozenset({"samples", "batch_size", "tau", "thresholds"})
+
+
+def default_dir() -> Path:
+    """`$RA_PROBE_CACHE`, else `$XDG_CACHE_HOME/ra-probe`, else `~/.cache/ra-probe`."""
+    if os.environ.get("RA_PROBE_CACHE"):
+        return Path(os.environ["RA_PROBE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ra-probe"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the source of ra-probe and its built-in adapters: entries measured by other code
+    (an upgrade, or an edit during development) are never served."""
+    import ra_probe
+    import ra_probe.plugins
+
+    digest = hashlib.sha256()
+    for package in (ra_probe, ra_probe.plugins):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def tensor_digest(*tensors: torch.Tensor | dict[str, torch.Tensor] | None) -> str:
+    """sha256 over dtypes, shapes and bytes of tensors (or dicts of tensors, keys included)."""
+    digest = hashlib.sha256()
+    for item in tensors:
+        items = sorted(item.items()) if isinstance(item, dict) else [("", item)]
+        for key, tensor in items:
+            if tensor is None:
+                continue
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ResultCache:
+    """A folder of entries `<key[:2]>/<key>.pt`. `hits` and `misses` count lookups of this instance."""
+
+    def __init__(self, folder: Path | str | None = None):
+        self.folder = Path(folder) if folder is not None else default_dir()
+        self.hits = self.misses = 0
+
+    def for_run(self, module: torch.nn.Module, name: str, settings) -> "RunCache":
+        """The entries of one run: keyed by tool version, model identity and weights, and settings."""
+        kept = {k: v for k, v in settings.as_dict().items() if k not in NOT_IN_KEY}
+        kept["device"] = settings.resolved_device().type
+        identity = {"version": __version__, "code": code_digest(), "model": name, "class": type(module).__qualname__,
+                    "weights": tensor_digest(module.state_dict()), "settings": kept}
+        return RunCache(self, hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.pt"
+
+    def get_or_compute(self, key: str, compute: Callable[[], T], kind: type[T]) -> T:
+        """The stored `kind` dataclass for `key`, else `compute()`, stored before it is returned."""
+        stored = self._load(key, kind)
+        if stored is not None:
+            self.hits += 1
+            return stored
+        self.misses += 1
+        result = compute()
+        self._store(key, result)
+        return result
+
+    def _load(self, key: str, kind: type[T]) -> T | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:  # weights_only: an entry is plain data (tensors, dicts, tuples, strings), never code
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return kind(**{f.name: data[f.name] for f in fields(kind)})
+        except Exception:  # a damaged or outdated entry is recomputed and replaced
+            return None
+
+    def _store(self, key: str, result: Any) -> None:
+        path, tmp = self.path(key), None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
+            with os.fdopen(handle, "wb") as f:
+                torch.save({f.name: getattr(result, f.name) for f in fields(result)}, f)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError:  # a read-only or full cache disk slows runs down; it never fails them
+            pass
+        finally:
+            if tmp is not None:  # interrupted mid-write: leave no partial file behind
+                Path(tmp).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RunCache:
+    """A `ResultCache` bound to one run: entries keyed further by site names and chunk inputs."""
+
+    cache: ResultCache
+    run_key: str
+
+    def get_or_compute(self, sites: list[str], inputs, compute: Callable[[], T], kind: type[T]) -> T:
+        key = hashlib.sha256(json.dumps([self.run_key, sites, tensor_digest(inputs)]).encode()).hexdigest()
+        return self.cache.get_or_compute(key, compute, kind)

@@ -1,0 +1,165 @@
+"""The CI model-health gate (spec §7, `ra-probe check`): rules judged over a finished report, so the
+same gate runs from Python on any report dict. A rule is a required verdict, a limit on one metric,
+or agreement with a baseline report (verdicts no worse, metrics within a tolerance)."""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ra_probe.errors import UserError
+
+VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
+# Settings that must agree between a run and its baseline for metrics to be comparable.
+COMPARABLE_SETTINGS = ("k", "align_k", "tau")
+
+
+def _nc(key: str) -> Callable[[dict], float | None]:
+    return lambda r: (r["metrics"]["nc"] or {}).get(key)
+
+
+def _median_rank(report: dict) -> float | None:
+    ranks = [s["rank_median"] for s in report["metrics"]["ra3"]["sites"] if s["rank_median"] is not None]
+    return statistics.median(ranks) if ranks else None
+
+
+def _mean_rank(report: dict) -> float | None:
+    ranks = [s["rank_mean"] for s in report["metrics"]["ra3"]["sites"] if s["rank_mean"] is not None]
+    return sum(ranks) / len(ranks) if ranks else None
+
+
+# Scalar metrics of a report by name: what limits and baselines compare.
+METRICS: dict[str, tuple[str, Callable[[dict], float | None]]] = {
+    "linearity": ("RA1 mean linearity", lambda r: r["metrics"]["ra1"]["mean_linearity"]),
+    "alignment": ("RA2 mean alignment a_ij", lambda r: r["metrics"]["ra2"]["mean_score"]),
+    "rank_share": ("RA3 share of sites with rank ≤ C", lambda r: r["metrics"]["ra3"]["share_rank_le_classes"]),
+    "median_rank": ("RA3 median site rank", _median_rank),
+    "mean_rank": ("RA3 mean site rank", _mean_rank),
+    "l_sigma1": ("RA4 L·mean σ₁", lambda r: r["metrics"]["ra4"]["L_times_mean_sigma1"]),
+    "nc1": ("NC1", _nc("nc1")),
+    "nc2_equinorm": ("NC2 equinorm", _nc("nc2_equinorm_means")),
+    "nc2_equiangular": ("NC2 equiangularity", _nc("nc2_equiangular")),
+    "nc3": ("NC3", _nc("nc3")),
+    "nc4": ("NC4", _nc("nc4")),
+}
+# Metric limits of the gate: option name → (metric, True for a lower bound).
+LIMITS = {"min_linearity": ("linearity", True), "min_alignment": ("alignment", True),
+          "max_rank": ("median_rank", False), "max_nc1": ("nc1", False), "max_nc4": ("nc4", False)}
+
+
+@dataclass
+class GateRules:
+    """`require`: verdicts that must be "present" ("ra", "nc"); `limits`: LIMITS name → value;
+    `baseline`: a report dict; `tolerance`: |run − baseline| ≤ tolerance · max(|baseline|, 1), i.e.
+    relative for values above 1 and absolute below (scores, shares and NC metrics)."""
+
+    require: tuple[str, ...] = ()
+    limits: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, Any] | None = None
+    tolerance: float = 0.05
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    checks: list[dict[str, Any]]  # every rule judged: name, passed, detail
+
+    @property
+    def failures(self) -> list[str]:
+        return [c["detail"] for c in self.checks if not c["passed"]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": self.checks, "failures": self.failures}
+
+
+def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
+    """Every rule of `rules` judged on `report`. A metric the report does not have (no residual
+    sites, no classifier head) fails a limit on it: a gate never passes on missing evidence."""
+    checks = []
+    for what in rules.require:
+        status = report["verdict"][what]
+        evidence = report["verdict"]["evidence"][what]
+        why = [f"{c['name']} {_fmt(c['value'])}, needs {c['rule']}"
+               for c in evidence["checks"] if c["passed"] is False] or [evidence.get("reason", "")]
+        checks.append({"name": f"require {what}", "passed": status == "present",
+                       "detail": f"{what.upper()} {status}" if status == "present" else
+                       f"{what.upper()} {status}, required present ({', '.join(w for w in why if w)})"})
+    for option, limit in rules.limits.items():
+        metric, lower = LIMITS[option]
+        label, value_of = METRICS[metric]
+        value = value_of(report)
+        passed = value is not None and (value >= limit if lower else value <= limit)
+        sign = ("≥" if passed else "<") if lower else ("≤" if passed else ">")
+        checks.append({"name": option, "passed": passed, "value": value, "limit": limit,
+                       "detail": f"{label} {_fmt(value)} {sign} {limit:g}" if value is not None
+                       else f"{label} not measured ({option} {limit:g})"})
+    if rules.baseline is not None:
+        checks += _against_baseline(report, rules.baseline, rules.tolerance)
+    return GateResult(all(c["passed"] for c in checks), checks)
+
+
+def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[dict[str, Any]]:
+    checks = []
+    for what in ("ra", "nc"):
+        before, now = baseline["verdict"][what], report["verdict"][what]
+        passed = VERDICT_ORDER[now] >= VERDICT_ORDER[before]
+        checks.append({"name": f"baseline {what}", "passed": passed,
+                       "detail": f"{what.upper()} {before} → {now}" + ("" if passed else " (worse than baseline)")})
+    for metric, (label, value_of) in METRICS.items():
+        before, now = value_of(baseline), value_of(report)
+        if before is None and now is None:
+            continue
+        if before is None or now is None:
+            checks.append({"name": f"baseline {metric}", "passed": False, "baseline": before, "value": now,
+                           "detail": f"{label} {_fmt(before)} → {_fmt(now)} (measured in only one of the runs)"})
+            continue
+        allowed = tolerance * max(abs(before), 1.0)
+        passed = abs(now - before) <= allowed
+        checks.append({"name": f"baseline {metric}", "passed": passed, "baseline": before, "value": now,
+                       "detail": f"{label} {_fmt(before)} → {_fmt(now)}"
+                                 + ("" if passed else f" (moved {_fmt(now - before, signed=True)}, allowed ±{allowed:.3g})")})
+    return checks
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.3g}" if signed else f"{value:.3g}"
+
+
+def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """A baseline report, validated at the door: readable JSON with verdicts and numeric metrics,
+    measured with the same comparable settings as this run."""
+    if not path.is_file():
+        raise UserError(f"baseline not found: {path}")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot read baseline {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        verdicts = [report["verdict"][what] for what in ("ra", "nc")]
+        values = [value_of(report) for _, value_of in METRICS.values()]
+        baseline_settings = dict(report["settings"])
+        valid = all(v in VERDICT_ORDER for v in verdicts) and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        valid = False
+    if not valid:
+        raise UserError(f"baseline {path} is not an ra-probe report (no verdicts or metrics)")
+    differ = [f"{k} {baseline_settings.get(k)} vs {settings.get(k)}" for k in COMPARABLE_SETTINGS
+              if baseline_settings.get(k) != settings.get(k)]
+    if differ:
+        raise UserError(f"baseline {path} was measured with other settings ({', '.join(differ)}): "
+                        "run with the baseline's settings or make a new baseline")
+    return report
+
+
+def summary_line(report: dict[str, Any], result: GateResult) -> str:
+    """One line for a CI log: PASS/FAIL, the model, its verdicts and every failed rule."""
+    head = f"{'PASS' if result.passed else 'FAIL'} {report['model']['name']}: RA {report['verdict']['ra']}, " \
+           f"NC {report['verdict']['nc']}"
+    if result.passed:
+        return f"{head} ({len(result.checks)} check{'s' if len(result.checks) != 1 else ''} passed)"
+    return f"{head}; failed: {'; '.join(result.failures)}"

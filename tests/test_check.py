@@ -1,0 +1,136 @@
+"""`ra-probe check`: the CI gate on the bundled models and their controls, baselines, config files,
+the result cache and Ctrl-C."""
+import json
+from pathlib import Path
+
+import pytest
+
+import ra_probe.probe
+from conftest import TINY
+
+
+@pytest.fixture
+def count_measurements(monkeypatch):
+    """Count calls of the group measurement (the expensive part a cache must save)."""
+    calls = []
+    real = ra_probe.probe.measure_group
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ra_probe.probe, "measure_group", counted)
+    return calls
+
+
+def test_require_ra_passes_on_the_trained_model_and_fails_on_its_control(cli):
+    code, out, err = cli("check", "bundled/fc-digits", "--require", "ra")
+    assert code == 0, err
+    assert out.count("\n") == 1 and out.startswith("PASS bundled/fc-digits: RA present")
+    report = json.loads(Path("reports/bundled-fc-digits.check.json").read_text())
+    assert report["gate"]["passed"] and report["verdict"]["ra"] == "present"
+
+    code, out, err = cli("check", "bundled/fc-digits-lowwd", "--require", "ra")
+    assert code == 1
+    assert out.count("\n") == 1 and out.startswith("FAIL bundled/fc-digits-lowwd: RA absent")
+    assert "RA2" in out and "required present" in out  # the reason, with its evidence
+
+
+def test_baseline_from_the_same_model_passes_and_a_tighter_one_fails(cli, tmp_path):
+    assert cli("check", "bundled/fc-digits", "--require", "ra", "--json", "base.json")[0] == 0
+    code, out, _ = cli("check", "bundled/fc-digits", "--baseline", "base.json")
+    assert code == 0 and out.startswith("PASS")
+
+    tighter = json.loads(Path("base.json").read_text())
+    measured = tighter["metrics"]["ra2"]["mean_score"]
+    tighter["metrics"]["ra2"]["mean_score"] = measured + 0.2
+    Path("tighter.json").write_text(json.dumps(tighter))
+    code, out, _ = cli("check", "bundled/fc-digits", "--baseline", "tighter.json", "--tolerance", "0.05")
+    assert code == 1
+    assert "RA2 mean alignment" in out and "moved -0.2" in out
+    # the control against the trained model's baseline: verdict worse and metrics moved
+    code, out, _ = cli("check", "bundled/fc-digits-lowwd", "--baseline", "base.json")
+    assert code == 1 and "RA present → absent (worse than baseline)" in out
+
+
+def test_metric_limits(cli):
+    code, out, _ = cli("check", "bundled/fc-digits", "--min-alignment", "0.6", "--max-rank", "10",
+                       "--min-linearity", "0.99")
+    assert code == 0, out
+    code, out, _ = cli("check", "bundled/fc-digits", "--min-alignment", "0.9", "--max-rank", "5")
+    assert code == 1
+    assert "RA2 mean alignment a_ij" in out and "< 0.9" in out and "RA3 median site rank" in out and "> 5" in out
+
+
+def test_config_file_and_pyproject_table_set_the_gate(cli, tmp_path):
+    Path("ra-probe.toml").write_text('model = "bundled/fc-digits-lowwd"\nrequire = "ra"\n')
+    code, out, _ = cli("check")
+    assert code == 1 and out.startswith("FAIL bundled/fc-digits-lowwd")
+    code, out, _ = cli("check", "bundled/fc-digits")  # the command line wins over the file
+    assert code == 0 and out.startswith("PASS bundled/fc-digits:")
+
+    Path("ra-probe.toml").unlink()
+    Path("pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.ra-probe]\nmin-alignment = 0.95\n')
+    code, out, _ = cli("check", "bundled/fc-digits")
+    assert code == 1 and "< 0.95" in out
+
+    Path("gate.toml").write_text("max-nc4 = 0.5\nmin-alignment = 0.5\n")
+    code, out, _ = cli("check", "bundled/fc-digits", "--config", "gate.toml", "--require", "ra,nc")
+    assert code == 0 and "4 checks passed" in out
+
+
+def test_second_identical_run_is_served_from_the_cache(cli, count_measurements, tmp_path, monkeypatch):
+    monkeypatch.setenv("RA_PROBE_CACHE", str(tmp_path / "own-cache"))
+    args = ("check", "bundled/fc-digits", "--require", "ra", "--samples", "32", "--batch-size", "16")
+    assert cli(*args, "--json", "first.json")[0] == 0
+    assert len(count_measurements) == 2  # one group, two chunks
+    assert cli(*args, "--json", "second.json")[0] == 0
+    assert len(count_measurements) == 2  # nothing measured again
+    first, second = (json.loads(Path(p).read_text()) for p in ("first.json", "second.json"))
+    assert first["metrics"] == second["metrics"]
+    assert not any("from the cache" in m for m in first["messages"])
+    assert any(m.startswith("2 of 2 group measurements served from the cache") for m in second["messages"])
+    # settings applied after measuring (τ, thresholds) reuse the entries; --no-cache measures anew
+    assert cli(*args, "--tau", "0.05", "--json", "third.json")[0] == 0
+    assert len(count_measurements) == 2
+    assert cli(*args, "--no-cache", "--json", "fourth.json")[0] == 0
+    assert len(count_measurements) == 4
+    # a setting that changes measurements misses
+    assert cli(*args, "--k", "12", "--json", "fifth.json")[0] == 0
+    assert len(count_measurements) == 6
+
+
+def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("RA_PROBE_CACHE", str(tmp_path / "own-cache"))
+    real, calls = ra_probe.probe.measure_group, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ra_probe.probe, "measure_group", interrupted)
+    args = ("check", "bundled/fc-digits", "--require", "ra", "--samples", "32", "--batch-size", "16")
+    code, out, err = cli(*args, "--json", "report.json")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert not Path("report.json").exists() and not list(Path().glob("*.partial"))
+    assert len(list((tmp_path / "own-cache").rglob("*.pt"))) == 1
+    assert not list((tmp_path / "own-cache").rglob("*.partial"))
+
+    calls.clear()
+    code, out, _ = cli(*args, "--json", "report.json")
+    assert code == 0 and len(calls) == 1  # the first chunk came from the cache
+
+
+def test_model_without_classifier_head_has_no_nc(cli):
+    code, out, _ = cli("check", f"{TINY}:headless", "--require", "nc", "--samples", "8")
+    assert code == 1 and "NC not_applicable, required present (no linear classifier head found)" in out
+
+
+def test_default_report_is_not_written_over_a_foreign_file(cli):
+    Path("reports").mkdir()
+    Path("reports/bundled-fc-digits.check.json").write_text("my notes")
+    code, _, err = cli("check", "bundled/fc-digits", "--require", "ra")
+    assert code == 2 and "exists; pass --force" in err
+    assert Path("reports/bundled-fc-digits.check.json").read_text() == "my notes"

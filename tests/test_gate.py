@@ -1,0 +1,74 @@
+"""The gate's rules judged on constructed reports."""
+import json
+
+import pytest
+
+from ra_probe.errors import UserError
+from ra_probe.gate import GateRules, judge, read_baseline, summary_line
+
+
+def report(alignment=0.8, linearity=0.99, ranks=(12, 9, 9), nc1=0.05, ra="present", nc="present"):
+    return {
+        "model": {"name": "m"},
+        "settings": {"k": 16, "align_k": 16, "tau": 0.01},
+        "verdict": {"ra": ra, "nc": nc, "evidence": {
+            "ra": {"checks": [{"name": "RA2", "value": alignment, "passed": alignment >= 0.5,
+                               "rule": "mean alignment score a_ij ≥ 0.5", "threshold": 0.5}]},
+            "nc": {"checks": [], "reason": "no linear classifier head found"}}},
+        "metrics": {"ra1": {"mean_linearity": linearity}, "ra2": {"mean_score": alignment},
+                    "ra3": {"share_rank_le_classes": 0.5,
+                            "sites": [{"rank_median": r, "rank_mean": r} for r in ranks]},
+                    "ra4": {"L_times_mean_sigma1": 20.0},
+                    "nc": None if nc1 is None else {"nc1": nc1, "nc2_equinorm_means": 0.1, "nc2_equiangular": 0.1,
+                                                    "nc3": 0.2, "nc4": 0.0}},
+    }
+
+
+def test_required_verdicts():
+    assert judge(report(), GateRules(require=("ra", "nc"))).passed
+    result = judge(report(alignment=0.2, ra="absent"), GateRules(require=("ra",)))
+    assert not result.passed
+    assert result.failures == ["RA absent, required present (RA2 0.2, needs mean alignment score a_ij ≥ 0.5)"]
+    result = judge(report(nc1=None, nc="not_applicable"), GateRules(require=("nc",)))
+    assert result.failures == ["NC not_applicable, required present (no linear classifier head found)"]
+
+
+def test_metric_limits_and_missing_metrics():
+    rules = GateRules(limits={"min_alignment": 0.7, "max_rank": 9, "max_nc1": 0.1})
+    assert judge(report(), rules).passed  # median rank of (12, 9, 9) is 9
+    failed = judge(report(alignment=0.6, ranks=(12, 12, 9)), rules).failures
+    assert failed == ["RA2 mean alignment a_ij 0.6 < 0.7", "RA3 median site rank 12 > 9"]
+    assert judge(report(nc1=None), GateRules(limits={"max_nc1": 0.1})).failures == ["NC1 not measured (max_nc1 0.1)"]
+
+
+def test_baseline_tolerance_is_relative_above_one_and_absolute_below():
+    base = report()
+    assert judge(report(alignment=0.84), GateRules(baseline=base, tolerance=0.05)).passed
+    failed = judge(report(alignment=0.86), GateRules(baseline=base, tolerance=0.05)).failures
+    assert failed == ["RA2 mean alignment a_ij 0.8 → 0.86 (moved +0.06, allowed ±0.05)"]
+    # the mean rank moves from 10 to 11 (the median stays 9): allowed with tolerance 0.1, not 0.05
+    assert judge(report(ranks=(15, 9, 9)), GateRules(baseline=base, tolerance=0.1)).passed
+    assert not judge(report(ranks=(15, 9, 9)), GateRules(baseline=base, tolerance=0.05)).passed
+
+
+def test_baseline_verdicts_may_improve_but_not_worsen():
+    worse = judge(report(ra="partial"), GateRules(baseline=report())).failures
+    assert worse == ["RA present → partial (worse than baseline)"]
+    assert judge(report(), GateRules(baseline=report(ra="absent"))).passed
+    lost = judge(report(nc1=None, nc="not_applicable"), GateRules(baseline=report())).failures
+    assert lost[0] == "NC present → not_applicable (worse than baseline)" and "only one of the runs" in lost[1]
+
+
+def test_summary_line():
+    passed = judge(report(), GateRules(require=("ra",)))
+    assert summary_line(report(), passed) == "PASS m: RA present, NC present (1 check passed)"
+    failed = judge(report(), GateRules(limits={"min_linearity": 0.999}))
+    assert summary_line(report(), failed) == "FAIL m: RA present, NC present; failed: RA1 mean linearity 0.99 < 0.999"
+
+
+def test_read_baseline_checks_settings(tmp_path):
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(report()))
+    assert read_baseline(path, {"k": 16, "align_k": 16, "tau": 0.01})["model"]["name"] == "m"
+    with pytest.raises(UserError, match=r"other settings \(tau 0.01 vs 0.05\)"):
+        read_baseline(path, {"k": 16, "align_k": 16, "tau": 0.05})
