@@ -35,7 +35,7 @@ def trajectory_projection(H: torch.Tensor, components: int = 2) -> tuple[torch.T
     straight, equispaced trajectories stay so in the picture.
 
     Through the Gram matrix X Xᵀ = W Λ Wᵀ of the centered points X (N, d), the scores are W √Λ (N × N
-    work, never d × d). Each component's sign is fixed so that its largest score is positive.
+    work, never d × d). Signs are fixed so that the trajectories advance, on average, along +PC.
     Returns the points (P, m+1, c) and each component's share of the variance (c,)."""
     P, steps = H.shape[:2]
     X = H.flatten(2).reshape(P * steps, -1)
@@ -43,11 +43,11 @@ def trajectory_projection(H: torch.Tensor, components: int = 2) -> tuple[torch.T
     eigenvalues, W = torch.linalg.eigh((X @ X.T).double())
     eigenvalues, W = eigenvalues.flip(0).clamp_min(0.0), W.flip(1)
     c = min(components, W.shape[1])
-    scores = W[:, :c] * eigenvalues[:c].sqrt()
-    largest = scores.gather(0, scores.abs().argmax(dim=0, keepdim=True))
-    scores = scores * torch.where(largest < 0, -1.0, 1.0)
+    scores = (W[:, :c] * eigenvalues[:c].sqrt()).reshape(P, steps, c)
+    advance = (scores[:, -1] - scores[:, 0]).sum(dim=0)
+    scores = scores * torch.where(advance < 0, -1.0, 1.0)
     share = eigenvalues[:c] / eigenvalues.sum().clamp_min(torch.finfo(eigenvalues.dtype).tiny)
-    return scores.reshape(P, steps, c), share
+    return scores, share
 
 
 def alignment_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
