@@ -112,7 +112,7 @@ def compare_table(comparison: dict[str, Any]) -> Table:
     table = Table(title=f"Comparison of {len(comparison['reports'])} reports", title_justify="left")
     table.add_column("")
     for row in comparison["reports"]:
-        table.add_column(row["label"], justify="right")
+        table.add_column(row["label"], justify="right", overflow="fold")
     for row in comparison["table"]:
         if row["metric"].endswith("verdict"):
             key = "ra" if row["metric"].startswith("RA") else "nc"

@@ -10,18 +10,13 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from ra_probe import plots
-from ra_probe.report import write_text as write_html  # noqa: F401  (one atomic writer for every report file)
+from ra_probe.console import _fmt
+from ra_probe.report import write_text
 
 
 def number(value: Any, digits: int = 4) -> str:
-    """How the HTML prints a value: 4 significant digits, '–' for a missing one."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    """How the HTML prints a value: as the console does, with 4 significant digits."""
+    return _fmt(value, digits)
 
 
 def _environment() -> Environment:
@@ -66,3 +61,8 @@ def render_comparison(comparison: dict[str, Any]) -> str:
     figures = {"sigma1": Markup(plots.compare_sigma1(comparison["reports"])),
                "slopes": Markup(plots.depth_slopes(comparison["families"])) if comparison["families"] else None}
     return _environment().get_template("compare.html.j2").render(comparison=comparison, figures=figures)
+
+
+def write_html(page: str, path: Path) -> None:
+    """Write a page the way every report file is written: whole or not at all."""
+    write_text(page, path)

@@ -99,6 +99,7 @@ def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:
             else:
                 image = ax.imshow(np.array(group["heatmaps"][f"{site_i}|{site_j}"], dtype=float) / scale,
                                   norm=PowerNorm(0.5, vmin=0, vmax=1), cmap="magma")
+                image.set_gid(f"heatmap-{group['group']}-{i}-{j}")  # the SVG element's id
             if i == 0:
                 ax.set_title(site_j, fontsize=7)
             if j == 0:
