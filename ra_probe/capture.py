@@ -107,6 +107,6 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if x is None or y is None:
             continue
         args, kwargs = calls.get(site.ctx_module, ((), {}))
-        records[site.name] = SiteRecord(x, y, {"args": args, "kwargs": kwargs})
+        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y), {"args": args, "kwargs": kwargs})
     feats = features[0].flatten(1) if features else None
     return Captured(records, logits_of(output), feats)

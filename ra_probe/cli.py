@@ -44,7 +44,8 @@ NoPretrained = typer.Option(False, "--no-pretrained", help="random init for timm
 Weights = typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the model")
 Arch = typer.Option(None, help="architecture of a checkpoint file, as a model reference")
 InputShape = typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, synthetic data)")
-Data = typer.Option(None, help="bundled/digits, a .npz with x (and y), or synthetic; default: the model's own")
+Data = typer.Option(None, help="bundled/digits, a .npz with x (and y), a .txt file (one example per line, text "
+                                "models), or synthetic; default: the model's own")
 Samples = typer.Option(64, min=1, help="at most this many samples")
 
 

@@ -60,8 +60,11 @@ def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = Non
         samples = _bundled(ref)
     elif ref.endswith(".npz"):
         samples = _npz(Path(ref))
+    elif ref.endswith(".txt"):
+        samples = _text(Path(ref), model, limit)
     else:
-        raise UserError(f"unknown data {ref!r}: expected bundled/digits, a .npz file, or synthetic")
+        raise UserError(f"unknown data {ref!r}: expected bundled/digits, a .npz file, a .txt file (text models), "
+                        "or synthetic")
     if limit is not None:
         samples = Samples(take(samples.inputs, slice(0, limit)),
                           None if samples.labels is None else samples.labels[:limit], samples.name)
@@ -75,7 +78,8 @@ def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
     generator = torch.Generator().manual_seed(seed)
     if model.modality == "text":
         vocab = getattr(model.module.config, "vocab_size", 1000)
-        ids = torch.randint(0, vocab, (n, 16), generator=generator)
+        length = min(16, getattr(model.module.config, "max_position_embeddings", None) or 16)
+        ids = torch.randint(0, vocab, (n, length), generator=generator)
         return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic")
     if model.input_shape is None:
         raise UserError(f"synthetic data needs the model's input shape: pass --input-shape for {model.name}")
@@ -110,6 +114,27 @@ def _npz(path: Path) -> Samples:
         raise UserError(f"{path}: 'y' must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
     labels = None if y is None else torch.from_numpy(y.astype(np.int64))
     return Samples(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), labels, str(path))
+
+
+def _text(path: Path, model: LoadedModel, limit: int | None) -> Samples:
+    """One example per non-empty line, through the model's tokenizer, padded to the longest line and
+    cut at the model's maximum length (inputs: input_ids, attention_mask...)."""
+    if model.modality != "text":
+        raise UserError(f"data {path} is text, but {model.name} takes {model.modality} inputs")
+    if model.preprocessor is None:
+        raise UserError(f"{model.name} has no tokenizer to read {path}; use --data synthetic")
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} as UTF-8 text: {exc}") from None
+    tokenizer = model.preprocessor
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers pad with their end-of-text token
+        tokenizer.pad_token = tokenizer.eos_token
+    max_length = getattr(model.module.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    encoded = tokenizer(lines[:limit], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return Samples(dict(encoded), None, str(path))
 
 
 def _check_shape(samples: Samples, model: LoadedModel) -> None:

@@ -18,10 +18,15 @@ Branch = Callable[[torch.Tensor, Context], torch.Tensor]
 
 @dataclass(frozen=True)
 class Tap:
-    """Where a tensor is read during a forward: the first positional input or the output of a module."""
+    """Where a tensor is read during a forward: the first positional input or the output of a module,
+    optionally passed through `fn` (a reshape, say, when a block flattens its tokens between sites)."""
 
     module: str  # dotted path, "" for the model itself
     where: str = "output"  # "input" | "output"
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.fn is None else self.fn(tensor)
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Adapter(Protocol):
     description: str
     fallback: bool
 
-    def find(self, model: nn.Module) -> list[Site] | None: ...
+    def find(self, model: nn.Module) -> list[Site] | SiteReport | None: ...
 
 
 @dataclass
@@ -94,13 +99,16 @@ def registered_adapters() -> list[Adapter]:
 
 
 def find_sites(model: nn.Module, adapters: list[Adapter] | None = None) -> SiteReport:
-    """The sites of `model` from the first adapter that claims it (unverified; see `verify_sites`)."""
+    """The sites of `model` from the first adapter that claims it (unverified; see `verify_sites`). An
+    adapter returns its sites, or a SiteReport when it also found residual adds it cannot use."""
     for adapter in adapters if adapters is not None else registered_adapters():
-        sites = adapter.find(model)
-        if sites is not None:
-            for site in sites:
+        found = adapter.find(model)
+        if found is not None:
+            report = found if isinstance(found, SiteReport) else SiteReport(adapter.name, found)
+            report.adapter = adapter.name
+            for site in report.sites:
                 site.adapter = adapter.name
-            return SiteReport(adapter.name, sites)
+            return report
     return SiteReport("none", [])
 
 

@@ -1,0 +1,28 @@
+"""Hugging Face ViT (pre-LN): two identity sites per layer, `x₁ = x + dropout(attn(LN_before(x)))` and
+`y = x₁ + dropout(mlp(LN_after(x₁)))`; x₁ is read at the input of `layernorm_after`."""
+from __future__ import annotations
+
+from torch import nn
+
+from ra_probe.plugins._blocks import (FamilyAdapter, call_with, first_output, has_layout, hf_layout,
+                                      transformer_sites)
+from ra_probe.sites import Site, Tap
+
+LAYOUT = ("layernorm_before", "attention", "layernorm_after", "mlp", "dropout")
+
+
+def sites_of(path: str, layer: nn.Module) -> list[Site] | None:
+    if not has_layout(layer, *LAYOUT):
+        return None
+
+    def attn(x, ctx):
+        return layer.dropout(first_output(call_with(layer.attention, layer.layernorm_before(x), ctx)))
+
+    def mlp(x, ctx):
+        return layer.dropout(layer.mlp(layer.layernorm_after(x)))
+    return transformer_sites(path, attn, mlp, Tap(f"{path}.layernorm_after", "input"),
+                             ctx_module=f"{path}.attention")
+
+
+ADAPTER = FamilyAdapter("hf-vit", "Hugging Face ViT (pre-LN attention and MLP sites per layer)",
+                        hf_layout(*LAYOUT), sites_of)

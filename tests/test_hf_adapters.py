@@ -1,0 +1,84 @@
+"""Tiny Hugging Face models built from configs, saved to a temporary folder and loaded back through
+the local-folder source: every site found, verified and measured; text data through a tokenizer."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers as tf
+
+from ra_probe.cli import main
+from ra_probe.data import Samples, load_samples
+from ra_probe.probe import Settings, probe
+from ra_probe.sources import load_model
+
+TEXT = {"vocab_size": 40, "max_position_embeddings": 8}
+LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+SHAPES = {"resnet": (1, 32, 32)}  # HF ResNet configs name no image size (224 by default): keep it small
+CONFIGS = {  # config, sites, adapter
+    "bert": (tf.BertConfig(**TEXT, **LAYERS, architectures=["BertForSequenceClassification"]), 4, "hf-bert"),
+    "gpt2": (tf.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                           eos_token_id=0, architectures=["GPT2LMHeadModel"]), 4, "hf-gpt2"),
+    "llama": (tf.LlamaConfig(**TEXT, **LAYERS, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                             architectures=["LlamaForCausalLM"]), 4, "hf-llama"),
+    "vit": (tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, **LAYERS, num_labels=3,
+                         architectures=["ViTForImageClassification"]), 4, "hf-vit"),
+    "resnet": (tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1],
+                               layer_type="basic", num_labels=3, architectures=["ResNetForImageClassification"]),
+               2, "hf-resnet"),
+}
+
+
+def saved(config, folder) -> str:
+    torch.manual_seed(0)
+    getattr(tf, config.architectures[0])(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_tiny_hf_model_from_a_folder_all_sites_found_verified_and_measured(family, tmp_path):
+    config, count, adapter = CONFIGS[family]
+    loaded = load_model(saved(config, tmp_path), input_shape=SHAPES.get(family))
+    samples = load_samples(None, loaded, limit=2)
+    report = probe(loaded, samples, Settings(k=3, samples=2, batch_size=2))
+    assert report["model"]["adapter"] == adapter
+    assert report["skipped"] == []
+    assert len(report["sites"]) == count
+    for site in report["sites"]:
+        assert site["verify_error"] < 1e-5
+        assert site["singular_values"][0] > 0 and all(math.isfinite(s) for s in site["singular_values"])
+        assert site["max_residual"] < 1e-3
+
+
+def test_text_file_goes_through_the_model_tokenizer(tmp_path):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "residual", "branch", "aligns", "sites"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    config = CONFIGS["bert"][0]
+    folder = saved(config, tmp_path / "model")
+    tf.BertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    data = tmp_path / "lines.txt"
+    data.write_text("the residual branch\n\nthe sites aligns\nresidual\n")
+    samples = load_samples(str(data), load_model(folder))
+    assert isinstance(samples, Samples) and len(samples) == 3  # the empty line is not an example
+    ids = samples.inputs["input_ids"]
+    assert ids.shape == (3, 5) and ids[:, 0].tolist() == [2, 2, 2]  # [CLS] first, padded to the longest
+    assert samples.inputs["attention_mask"].tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0]]
+
+
+def test_sites_command_names_the_adapter_and_every_site(tmp_path, capsys):
+    main(["sites", saved(CONFIGS["gpt2"][0], tmp_path)])
+    out = capsys.readouterr().out
+    assert "hf-gpt2" in out
+    assert all(f"transformer.h.{i}.{part}" in out for i in (0, 1) for part in ("attn", "mlp"))
+
+
+def test_sites_command_says_when_there_is_no_residual_connection(capsys):
+    main(["sites", "bundled/fc-digits-noskip"])
+    assert "no residual connections found" in capsys.readouterr().out
+
+
+def test_adapters_command_lists_the_families(capsys):
+    main(["adapters"])
+    out = capsys.readouterr().out
+    assert "hf-llama" in out and "timm-swin" in out and "generic" in out

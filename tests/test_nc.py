@@ -1,0 +1,71 @@
+"""NC1–NC4 against hand-computed values on constructed feature sets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ra_probe.metrics.nc import neural_collapse
+
+
+def simplex_etf(classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """C unit vectors in R^dim with pairwise cosine −1/(C−1): the centered standard basis, rotated."""
+    etf = np.eye(classes) - 1.0 / classes
+    etf /= np.linalg.norm(etf, axis=1, keepdims=True)
+    rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, classes)))
+    return torch.from_numpy(etf @ rotation.T)  # (C, dim)
+
+
+def test_exact_simplex_etf_is_fully_collapsed():
+    C, per_class = 5, 7
+    means = 3.0 * simplex_etf(C, 12)
+    labels = torch.arange(C).repeat_interleave(per_class)
+    features = means[labels]
+    nc = neural_collapse(features, labels, weight=means.clone(), predictions=labels)
+    assert nc["nc1"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc2_equinorm_means"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc2_equinorm_weights"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc2_equiangular"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc3"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc4"] == 0.0
+
+
+def test_noisy_features_match_hand_computation():
+    rng = np.random.default_rng(1)
+    C, per_class, d = 3, 20, 4
+    labels = np.repeat(np.arange(C), per_class)
+    centers = rng.standard_normal((C, d)) * 2
+    H = centers[labels] + rng.standard_normal((C * per_class, d))
+    W = rng.standard_normal((C, d))
+    predictions = (H @ W.T).argmax(1)
+    nc = neural_collapse(torch.from_numpy(H), torch.from_numpy(labels), torch.from_numpy(W),
+                         torch.from_numpy(predictions))
+
+    mu = np.stack([H[labels == c].mean(0) for c in range(C)])
+    mu_g = mu.mean(0)
+    sw = sum(np.outer(h - mu[y], h - mu[y]) for h, y in zip(H, labels)) / len(H)
+    sb = sum(np.outer(m - mu_g, m - mu_g) for m in mu) / C
+    assert nc["nc1"] == pytest.approx(np.trace(sw @ np.linalg.pinv(sb)) / C, rel=1e-9)
+    norms = np.linalg.norm(mu - mu_g, axis=1)
+    assert nc["nc2_equinorm_means"] == pytest.approx(norms.std() / norms.mean(), rel=1e-9)
+    unit = (mu - mu_g) / norms[:, None]
+    cos = unit @ unit.T
+    off = ~np.eye(C, dtype=bool)
+    assert nc["nc2_equiangular"] == pytest.approx(np.abs(cos[off] + 1 / (C - 1)).mean(), rel=1e-9)
+    M = mu - mu_g
+    assert nc["nc3"] == pytest.approx(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2), rel=1e-9)
+    ncc = np.linalg.norm(H[:, None] - mu[None], axis=2).argmin(1)
+    assert nc["nc4"] == pytest.approx(np.mean(ncc != predictions))
+    assert nc["nc1"] > 0.01 and nc["nc2_equiangular"] > 0.01
+
+
+def test_collapse_degrades_with_noise():
+    C, per_class = 4, 30
+    means = simplex_etf(C, 8)
+    labels = torch.arange(C).repeat_interleave(per_class)
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for noise in (0.01, 0.1, 0.5):
+        features = means[labels] + noise * torch.randn(len(labels), 8, generator=gen, dtype=torch.float64)
+        values.append(neural_collapse(features, labels, means, labels)["nc1"])
+    assert values[0] < values[1] < values[2]
