@@ -8,8 +8,11 @@ k and K, not on the weights. Prints the JSON and HTML sizes, the share of each f
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
+
+import torch
 
 from ra_probe.data import load_samples
 from ra_probe.html import render_report
@@ -26,14 +29,15 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     loaded = load_model("timm/resnet50", pretrained=False)
+    for module in loaded.module.modules():  # undo zero_init_last: nonzero branches, as in a trained net
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
     settings = Settings(k=args.k, samples=args.samples, batch_size=args.samples, device=args.device)
     started = time.perf_counter()
     report = probe(loaded, load_samples("synthetic", loaded, limit=args.samples), settings)
     probed = time.perf_counter() - started
     page = render_report(report)
     size = len(page.encode())
-    import json
-
     print(f"resnet50: {len(report['sites'])} sites, {len(report['metrics']['ra2']['groups'])} groups with ≥ 2 sites, "
           f"k = {args.k}, {args.samples} samples, probe {probed:.0f} s")
     print(f"JSON {len(json.dumps(report).encode()) / 1e6:.2f} MB, HTML {size / 1e6:.2f} MB")

@@ -32,6 +32,15 @@ def _positive(values: list[float | None]) -> np.ndarray:
     return np.array([v if v is not None and v > 0 else np.nan for v in values], dtype=float)
 
 
+def _log_y(ax, values: np.ndarray) -> None:
+    """A log y axis where there is something positive to show; otherwise say why the panel is empty."""
+    if np.isfinite(values).any():
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "all zero (branches exactly zero?)", transform=ax.transAxes, ha="center", va="center",
+                color="0.4", fontsize=8)
+
+
 def _grid(count: int, columns: int, size: tuple[float, float]) -> tuple[Figure, list]:
     cols = min(columns, count)
     rows = math.ceil(count / cols)
@@ -49,14 +58,16 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
         groups.setdefault(site["group"], []).append(site)
     fig, axes = _grid(len(groups), 3, (4.2, 3.2))
     for ax, (group, members) in zip(axes, groups.items()):
+        shown = []
         for site in members:
-            sv = site["singular_values"]
-            ax.plot(range(1, len(sv) + 1), _positive(sv), marker=".", label=site["name"])
+            sv = _positive(site["singular_values"])
+            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=site["name"])
+            shown.append(sv)
         if classes:
             ax.axvline(classes, color="0.4", linestyle="--", linewidth=1)
             ax.annotate(f"C = {classes}", (classes, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
                         textcoords="offset points", fontsize=8, color="0.3")
-        ax.set_yscale("log")
+        _log_y(ax, np.concatenate(shown))
         ax.set(title=f"group {group}", xlabel="k", ylabel="σ_k")
         ax.legend(fontsize=7, ncol=2 if len(members) > 6 else 1)
     return _svg(fig, "spectra")
@@ -139,7 +150,7 @@ def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int]) -> str
     std = np.array([s["sigma1_std"] or 0.0 for s in ra4_sites], dtype=float)
     ax.errorbar(depth, mean, yerr=std, color="0.6", linewidth=1, capsize=2, zorder=1)
     ax.scatter(depth, mean, c=[groups.get(s["site"], 0) for s in ra4_sites], cmap="tab10", zorder=2, s=18)
-    ax.set_yscale("log")
+    _log_y(ax, mean)
     ax.set_xticks(depth, [s["site"] for s in ra4_sites], rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="σ₁", title="σ₁ against depth (colour: group)")
     return _svg(fig, "sigma1")
@@ -175,12 +186,13 @@ def compare_sigma1(rows: list[dict[str, Any]]) -> str:
     """σ₁ against relative depth l/L for several reports, one line each (log scale)."""
     fig = Figure(figsize=(6.0, 3.6), layout="constrained")
     ax = fig.subplots()
+    shown = [np.full(1, np.nan)]
     for row in rows:
-        sigma = row["sigma1"]
-        if sigma:
-            L = len(sigma)
-            ax.plot([(l + 1) / L for l in range(L)], _positive(sigma), marker=".", label=row["label"])
-    ax.set_yscale("log")
+        sigma = _positive(row["sigma1"])
+        if len(sigma):
+            ax.plot((np.arange(len(sigma)) + 1) / len(sigma), sigma, marker=".", label=row["label"])
+            shown.append(sigma)
+    _log_y(ax, np.concatenate(shown))
     ax.set(xlabel="relative depth l / L", ylabel="σ₁", title="σ₁ against depth")
     ax.legend(fontsize=7)
     return _svg(fig, "compare-sigma1")

@@ -248,6 +248,20 @@ def test_html_of_a_model_without_residual_sites(fresh):
                                                "verify error"]]
 
 
+def test_html_of_branches_that_are_exactly_zero(fresh):
+    # timm's random init zeroes the last BatchNorm of every ResNet block: nothing to put on a log axis
+    report = copy.deepcopy(fresh["fc-digits"])
+    for site in report["sites"]:
+        site["singular_values"] = [0.0] * len(site["singular_values"])
+    for site in report["metrics"]["ra4"]["sites"]:
+        site["sigma1_mean"] = 0.0
+    figures = _figures(render_report(report))
+    for fid in ("fig-spectra", "fig-sigma1"):
+        assert "all zero (branches exactly zero?)" in _texts(_svg(figures[fid][1]))
+    rows = compare([("a.json", report), ("b.json", fresh["fc-digits-noskip"])])["reports"]
+    assert "<svg" in render_comparison({"reports": rows, "files": [], "table": [], "families": []})
+
+
 def test_html_renders_in_headless_chromium(tmp_path, page):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
