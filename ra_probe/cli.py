@@ -22,8 +22,9 @@ except ImportError:  # pragma: no cover - older Typer on plain click
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Residual Alignment and Neural Collapse diagnostics for residual networks.\n\n"
                        "Usage: ra-probe [MODEL] [options] (default MODEL: bundled/fc-digits), or one of the commands below.")
-COMMANDS = {"probe", "check", "sites", "adapters"}
+COMMANDS = {"probe", "check", "sites", "adapters", "compare"}
 DEFAULT_MODEL = "bundled/fc-digits"
+DEFAULT_OUT = "reports"
 err = Console(stderr=True)
 
 
@@ -116,6 +117,9 @@ def probe(
     k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver, tau: float = Tau,
     batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the JSON report here"),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="write the HTML report here"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for <model>-<timestamp>.json and .html "
+                                       "(default reports/, used when --json and --html are not given)"),
     force: bool = Force,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no tables or progress; the verdict line only"),
     no_cache: bool = NoCache,
@@ -124,18 +128,22 @@ def probe(
 ) -> None:
     """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
     from ra_probe.console import print_report
+    from ra_probe.html import render_report, write_html
     from ra_probe.report import write_json
 
-    if json_path is not None and json_path.exists() and not force:
-        raise UserError(f"{json_path} exists; pass --force to overwrite it")
+    paths = _report_paths(model, json_path, html_path, out)
+    _refuse_overwrite(paths.values(), force)
     settings = _settings(k, align_k, samples, batch_size, tol, solver, tau, dtype, device, seed)
     loaded = _load(model, no_pretrained, weights, arch, input_shape)
     report = _run_probe(loaded, data, settings, quiet=quiet, no_cache=no_cache)
     console = Console(quiet=quiet)
     print_report(report, console)
-    if json_path is not None:
-        write_json(report, json_path)
-        console.print(f"report written to {json_path}")
+    if ".json" in paths:
+        write_json(report, paths[".json"])
+    if ".html" in paths:
+        write_html(render_report(report), paths[".html"])
+    for path in paths.values():
+        console.print(f"report written to {path}")
     if quiet:
         typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
 
@@ -232,6 +240,28 @@ def _is_report(path: Path) -> bool:
         return False
 
 
+def _report_paths(model: str, json_path: Optional[Path], html_path: Optional[Path],
+                  out: Optional[Path]) -> dict[str, Path]:
+    """Report files by suffix: the paths given, and `<out>/<model>-<timestamp>.{json,html}` for the
+    formats not given a path when --out is given or no path at all (out defaults to reports/)."""
+    from datetime import datetime
+
+    from ra_probe.report import default_report_path
+
+    paths = {suffix: path for suffix, path in ((".json", json_path), (".html", html_path)) if path is not None}
+    if out is not None or not paths:
+        now = datetime.now()
+        for suffix in (".json", ".html"):
+            paths.setdefault(suffix, default_report_path(model, out or Path(DEFAULT_OUT), suffix, now))
+    return paths
+
+
+def _refuse_overwrite(paths, force: bool) -> None:
+    for path in paths:
+        if path.exists() and not force:
+            raise UserError(f"{path} exists; pass --force to overwrite it")
+
+
 def _check_device(settings) -> None:
     import torch
 
@@ -275,6 +305,30 @@ def adapters() -> None:
     for adapter in registered_adapters():
         table.add_row(adapter.name, "fallback" if adapter.fallback else "family", adapter.description)
     Console().print(table)
+
+
+@app.command()
+def compare(
+    reports: list[Path] = typer.Argument(..., help="JSON reports written by ra-probe"),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="write the comparison as HTML here"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing HTML file"),
+) -> None:
+    """Reports side by side: verdicts, RA1–RA4, NC; RA4 slope across depths within a model family."""
+    from ra_probe.compare import compare as compare_reports
+    from ra_probe.console import print_comparison
+    from ra_probe.html import render_comparison, write_html
+    from ra_probe.report import load_report
+
+    if len(reports) < 2:
+        raise UserError("compare needs at least two reports")
+    if html_path is not None:
+        _refuse_overwrite([html_path], force)
+    comparison = compare_reports([(str(path), load_report(path)) for path in reports])
+    console = Console()
+    print_comparison(comparison, console)
+    if html_path is not None:
+        write_html(render_comparison(comparison), html_path)
+        console.print(f"comparison written to {html_path}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

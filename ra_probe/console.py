@@ -105,3 +105,30 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console.print(verdict_table(report["verdict"]))
     for message in report["messages"]:
         console.print(f"[yellow]note:[/yellow] {message}")
+
+
+def compare_table(comparison: dict[str, Any]) -> Table:
+    """`compare`: one column per report, one row per measurement."""
+    table = Table(title=f"Comparison of {len(comparison['reports'])} reports", title_justify="left")
+    table.add_column("")
+    for row in comparison["reports"]:
+        table.add_column(row["label"], justify="right", overflow="fold")
+    for row in comparison["table"]:
+        if row["metric"].endswith("verdict"):
+            key = "ra" if row["metric"].startswith("RA") else "nc"
+            cells = [f"[{STATUS_STYLE[r[key]]}]{value}[/]" for r, value in zip(comparison["reports"], row["values"])]
+        else:
+            cells = [_fmt(value) for value in row["values"]]
+        table.add_row(row["metric"], *cells)
+    return table
+
+
+def print_comparison(comparison: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(compare_table(comparison))
+    if not comparison["families"]:
+        console.print("RA4 across models: no family of models at two or more depths (model names that differ "
+                      "only in their digits)", style="dim")
+    for family in comparison["families"]:
+        console.print(f"RA4 across models, {family['family']}: slope of log mean σ₁ against log L = "
+                      f"{family['slope']:.3f} (≈ −1 under RA4; L = {', '.join(map(str, family['depths']))})")

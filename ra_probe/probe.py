@@ -24,6 +24,7 @@ from ra_probe.sources import LoadedModel
 
 Progress = Callable[[str, int, int], None]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PROJECTED_SAMPLES = 16  # RA1 trajectories kept per group for the report's picture
 
 
 @dataclass
@@ -106,6 +107,7 @@ class GroupMeasurement:
     alignment: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (B,) a_ij
     heatmap: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (K, K) Σ_b |M_ij|
     trajectory: dict[str, torch.Tensor] | None = None  # RA1 statistic → (B,)
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None  # RA1 picture: (P, m+1, 2) points, (2,) shares
 
 
 @dataclass
@@ -123,6 +125,14 @@ class Measured:
 
     def trajectories(self, group: int) -> list[dict[str, torch.Tensor]]:
         return [g.trajectory for g in self.groups if g.group == group and g.trajectory is not None]
+
+    def projection(self, group: int) -> dict[str, Any] | None:
+        """The first chunk's RA1 projection of a group, as report data."""
+        first = next((g.projection for g in self.groups if g.group == group and g.projection is not None), None)
+        if first is None:
+            return None
+        points, share = first
+        return {"samples": points.shape[0], "explained_variance": share.tolist(), "points": points.tolist()}
 
     def timing(self, site: str) -> dict[str, float]:
         """Seconds and products (SVD and RA2 alignment) and converged samples summed over chunks; the
@@ -210,6 +220,8 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         _measure_alignment(members, captured, svds, ops, settings, out)
         H = torch.stack([captured.sites[members[0].name].x] + [captured.sites[s.name].y for s in members], dim=1)
         out.trajectory = {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()}
+        points, share = ra_metrics.trajectory_projection(H[:PROJECTED_SAMPLES])
+        out.projection = points.double().cpu(), share.double().cpu()
     return out
 
 
@@ -272,6 +284,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         entry = {"group": group, "sites": [s.name for s in members]}
         for key, values in stats.items():
             entry[key], entry[f"{key}_std"] = _mean_std(values)
+        entry["projection"] = measured.projection(group)
         ra1_groups.append(entry)
         names = [s.name for s in members]
         matrix = [[1.0 if i == j else torch.cat(measured.site_values("alignment", (i, j))).mean().item()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,12 @@ import torch
 
 from ra_probe import __version__
 from ra_probe.data import Samples
+from ra_probe.errors import UserError
 from ra_probe.sites import SiteReport
 from ra_probe.sources import LoadedModel
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.2"  # also in report.schema.json; MINOR for added fields, MAJOR for changed ones
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 NO_RESIDUAL = "no residual connections found"
 
 
@@ -89,9 +93,13 @@ def finite(value: Any) -> Any:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
+    write_text(json.dumps(report, indent=1, allow_nan=False, default=_plain), path)
+
+
+def write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=_plain))
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # never a half-written report
 
 
@@ -99,3 +107,48 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), shipped in the package."""
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def schema_errors(report: dict[str, Any]) -> list[str]:
+    """Where `report` departs from the schema, one line per error ("path: message"); empty when valid."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {_shorten(e.message)}"
+            for e in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """A report read back from JSON for `compare` and the HTML report. Reports of this MAJOR schema
+    version are read (older MINOR versions lack only added fields); the current version is validated."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such report file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a JSON report ({exc})") from None
+    version = str(report.get("schema_version", "")) if isinstance(report, dict) else ""
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise UserError(f"{path}: not an ra-probe report of schema version {SCHEMA_VERSION.split('.')[0]}.x "
+                        f"(schema_version {version or 'missing'})")
+    if version == SCHEMA_VERSION:
+        errors = schema_errors(report)
+        if errors:
+            raise UserError(f"{path}: invalid report ({len(errors)} schema errors; first: {errors[0]})")
+    return report
+
+
+def default_report_path(model: str, folder: Path, suffix: str, when: datetime | None = None) -> Path:
+    """`folder/<model>-<YYYYmmdd-HHMMSS><suffix>`, the model name made file-safe ("timm/resnet50" →
+    "timm-resnet50")."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
+    return Path(folder) / f"{slug}-{(when or datetime.now()).strftime('%Y%m%d-%H%M%S')}{suffix}"

@@ -7,6 +7,7 @@ import pytest
 
 import ra_probe.probe
 from conftest import TINY
+from ra_probe.report import schema_errors
 
 
 @pytest.fixture
@@ -29,6 +30,7 @@ def test_require_ra_passes_on_the_trained_model_and_fails_on_its_control(cli):
     assert out.count("\n") == 1 and out.startswith("PASS bundled/fc-digits: RA present")
     report = json.loads(Path("reports/bundled-fc-digits.check.json").read_text())
     assert report["gate"]["passed"] and report["verdict"]["ra"] == "present"
+    assert schema_errors(report) == []
 
     code, out, err = cli("check", "bundled/fc-digits-lowwd", "--require", "ra")
     assert code == 1

@@ -29,6 +29,27 @@ def trajectory_stats(H: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"linearity": linearity, "lss": lss, "step_cv": step_cv, "step_cos": step_cos}
 
 
+def trajectory_projection(H: torch.Tensor, components: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """RA1 picture: the trajectories H (P, m+1, d) of P samples projected on the top principal components
+    of all their P·(m+1) representations (centered at their mean). A linear map keeps lines straight, so
+    straight, equispaced trajectories stay so in the picture.
+
+    Through the Gram matrix X Xᵀ = W Λ Wᵀ of the centered points X (N, d), the scores are W √Λ (N × N
+    work, never d × d). Signs are fixed so that the trajectories advance, on average, along +PC.
+    Returns the points (P, m+1, c) and each component's share of the variance (c,)."""
+    P, steps = H.shape[:2]
+    X = H.flatten(2).reshape(P * steps, -1)
+    X = X - X.mean(dim=0, keepdim=True)
+    eigenvalues, W = torch.linalg.eigh((X @ X.T).double())
+    eigenvalues, W = eigenvalues.flip(0).clamp_min(0.0), W.flip(1)
+    c = min(components, W.shape[1])
+    scores = (W[:, :c] * eigenvalues[:c].sqrt()).reshape(P, steps, c)
+    advance = (scores[:, -1] - scores[:, 0]).sum(dim=0)
+    scores = scores * torch.where(advance < 0, -1.0, 1.0)
+    share = eigenvalues[:c] / eigenvalues.sum().clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+    return scores, share
+
+
 def alignment_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
     """RA2: a_ij = Σ_k |M_ij[k,k]| / Σ_k σ_{i,k} for M_ij = U_{j,K}ᵀ J_i V_{j,K} (B, K, K) and J_i's top-K
     singular values S_i (B, K): the share of J_i's top-K action that J_j's singular pairs capture. (B,)"""

@@ -1,0 +1,50 @@
+"""Reference reports of the bundled models, committed under reports/reference/ so a reader sees what
+the diagnosis looks like with RA (fc-digits) and without (the two controls), and so tests can check
+that the numbers still come out the same. Regenerate them from the repository root with
+`python -m ra_probe.bundled.reference` (about a minute on one core)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+MODELS = ("fc-digits", "fc-digits-lowwd", "fc-digits-noskip")
+FOLDER = Path("reports/reference")
+
+
+def reference_settings():
+    """The default settings, pinned to the CPU so the numbers do not depend on the machine's GPU."""
+    from ra_probe.probe import Settings
+
+    return Settings(device="cpu")
+
+
+def reference_report(name: str) -> dict[str, Any]:
+    """The report of `bundled/<name>` on its own data, exactly as `ra-probe bundled/<name> --device cpu` makes it."""
+    from ra_probe.data import load_samples
+    from ra_probe.probe import probe
+    from ra_probe.sources import load_model
+
+    settings = reference_settings()
+    loaded = load_model(f"bundled/{name}")
+    return probe(loaded, load_samples(None, loaded, limit=settings.samples, seed=settings.seed), settings)
+
+
+def main(folder: Path = FOLDER) -> None:
+    """Write <name>.json and <name>.html for every bundled model, and compare.html of the three."""
+    from ra_probe.compare import compare
+    from ra_probe.html import render_comparison, render_report, write_html
+    from ra_probe.report import write_json
+
+    reports = []
+    for name in MODELS:
+        report = reference_report(name)
+        write_json(report, folder / f"{name}.json")
+        write_html(render_report(report), folder / f"{name}.html")
+        reports.append((f"{name}.json", report))
+        print(f"{folder / name}.{{json,html}}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
+    write_html(render_comparison(compare(reports)), folder / "compare.html")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else FOLDER)

@@ -1,0 +1,68 @@
+"""The HTML reports (spec §7): one self-contained file per report or comparison — jinja2 templates,
+the figures of `plots` inline as SVG, the style inline; nothing is fetched when the page opens."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+
+from ra_probe import plots
+from ra_probe.console import _fmt
+from ra_probe.report import write_text
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """How the HTML prints a value: as the console does, with 4 significant digits."""
+    return _fmt(value, digits)
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("ra_probe", "templates"), autoescape=select_autoescape(["j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = number
+    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False)
+    return env
+
+
+def report_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of one report as inline SVG, keyed by where the template puts it."""
+    metrics = report["metrics"]
+    sites = report["sites"]
+    sigma1 = {s["site"]: s["sigma1_mean"] for s in metrics["ra4"]["sites"]}
+    figures: dict[str, Any] = {"spectra": None, "sigma1": None, "nc": None, "alignment": {}, "heatmaps": {},
+                               "trajectories": {}}
+    if sites:
+        figures["spectra"] = Markup(plots.spectra(sites, metrics["ra3"]["classes"]))
+        figures["sigma1"] = Markup(plots.sigma1_depth(metrics["ra4"]["sites"], {s["name"]: s["group"] for s in sites}))
+    for group in metrics["ra2"]["groups"]:
+        figures["alignment"][group["group"]] = Markup(plots.alignment_matrix(group))
+        figures["heatmaps"][group["group"]] = Markup(plots.heatmaps(group, sigma1))
+    for group in metrics["ra1"]["groups"]:
+        if group.get("projection"):
+            figures["trajectories"][group["group"]] = Markup(plots.trajectories(group))
+    if metrics["nc"] is not None:
+        figures["nc"] = Markup(plots.nc_bars(metrics["nc"], report["verdict"]["thresholds"]))
+    return figures
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The HTML page of one report: verdict and evidence first, then the evidence's figures and tables."""
+    ra1 = {g["group"]: g for g in report["metrics"]["ra1"]["groups"]}
+    ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
+    return _environment().get_template("report.html.j2").render(
+        report=report, ra1=ra1, ra3=ra3, figures=report_figures(report))
+
+
+def render_comparison(comparison: dict[str, Any]) -> str:
+    """The HTML page of `compare`: the side-by-side table, σ₁ against depth, RA4 slopes by family."""
+    figures = {"sigma1": Markup(plots.compare_sigma1(comparison["reports"])),
+               "slopes": Markup(plots.depth_slopes(comparison["families"])) if comparison["families"] else None}
+    return _environment().get_template("compare.html.j2").render(comparison=comparison, figures=figures)
+
+
+def write_html(page: str, path: Path) -> None:
+    """Write a page the way every report file is written: whole or not at all."""
+    write_text(page, path)

@@ -1,0 +1,217 @@
+"""Figures of the HTML reports (spec §7), drawn from the report dict with matplotlib (no pyplot state,
+Agg-free SVG canvas) and returned as inline SVG: text stays text (searchable, small), and nothing is
+fetched when the page opens. Each function takes plain report data and returns one SVG string."""
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+
+NO_VALUE_FLOOR = 1e-4  # where a zero or missing value sits on a log axis
+
+
+def _svg(fig: Figure, name: str) -> str:
+    """The figure as an <svg> element: no XML prolog or metadata, ids salted with `name` so several
+    figures can share one page without clashing clip paths."""
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": name}):
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buffer.getvalue()
+    text = text[text.index("<svg"):]
+    return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
+
+
+def _positive(values: list[float | None]) -> np.ndarray:
+    """Values for a log axis: missing or non-positive ones become NaN (a gap, not a fake point)."""
+    return np.array([v if v is not None and v > 0 else np.nan for v in values], dtype=float)
+
+
+def _log_y(ax, values: np.ndarray) -> None:
+    """A log y axis where there is something positive to show; otherwise say why the panel is empty."""
+    if np.isfinite(values).any():
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "all zero (branches exactly zero?)", transform=ax.transAxes, ha="center", va="center",
+                color="0.4", fontsize=8)
+
+
+def _grid(count: int, columns: int, size: tuple[float, float]) -> tuple[Figure, list]:
+    cols = min(columns, count)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
+    """Mean singular values σ_k (log scale) of every site against k, one panel per group, C marked."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for site in sites:
+        groups.setdefault(site["group"], []).append(site)
+    fig, axes = _grid(len(groups), 3, (4.2, 3.2))
+    for ax, (group, members) in zip(axes, groups.items()):
+        shown = []
+        for site in members:
+            sv = _positive(site["singular_values"])
+            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=site["name"])
+            shown.append(sv)
+        if classes:
+            ax.axvline(classes, color="0.4", linestyle="--", linewidth=1)
+            ax.annotate(f"C = {classes}", (classes, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="0.3")
+        _log_y(ax, np.concatenate(shown))
+        ax.set(title=f"group {group}", xlabel="k", ylabel="σ_k")
+        ax.legend(fontsize=7, ncol=2 if len(members) > 6 else 1)
+    return _svg(fig, "spectra")
+
+
+def alignment_matrix(group: dict[str, Any]) -> str:
+    """RA2 scores a_ij of one group: row i (the Jacobian J_i), column j (the singular pairs of J_j)."""
+    names, matrix = group["sites"], np.array(group["matrix"], dtype=float)
+    m = len(names)
+    fig = Figure(figsize=(1.2 + 0.55 * m, 0.9 + 0.5 * m), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    for i in range(m):
+        for j in range(m):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if matrix[i, j] > 0.6 else "white")
+    ax.set_xticks(range(m), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(m), names, fontsize=8)
+    ax.set(xlabel="j (singular pairs of J_j)", ylabel="i (Jacobian J_i)", title=f"group {group['group']}: a_ij")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return _svg(fig, f"alignment-{group['group']}")
+
+
+def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:
+    """The K×K maps |U_jᵀ J_i V_j| of one group, row i and column j, each divided by σ₁(J_i) so rows
+    share a scale: a bright diagonal means J_j's singular pairs also diagonalize J_i (RA2)."""
+    names = group["sites"]
+    m = len(names)
+    fig = Figure(figsize=(1.0 + 1.25 * m, 0.8 + 1.25 * m), layout="constrained")
+    axes = fig.subplots(m, m, squeeze=False)
+    image = None
+    for i, site_i in enumerate(names):
+        scale = sigma1.get(site_i) or 1.0
+        for j, site_j in enumerate(names):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == j:
+                ax.set_facecolor("0.93")
+            else:
+                image = ax.imshow(np.array(group["heatmaps"][f"{site_i}|{site_j}"], dtype=float) / scale,
+                                  norm=PowerNorm(0.5, vmin=0, vmax=1), cmap="magma")
+                image.set_gid(f"heatmap-{group['group']}-{i}-{j}")  # the SVG element's id
+            if i == 0:
+                ax.set_title(site_j, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(site_i, fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="|U_jᵀ J_i V_j| / σ₁(J_i)  (square-root scale)")
+    fig.suptitle(f"group {group['group']}: rows J_i, columns (U_j, V_j)", fontsize=9)
+    return _svg(fig, f"heatmaps-{group['group']}")
+
+
+def trajectories(group: dict[str, Any]) -> str:
+    """RA1: each sample's h_0 … h_m on the group's top two principal components (circle: h_0)."""
+    projection = group["projection"]
+    points = np.array(projection["points"], dtype=float)
+    if points.shape[2] < 2:  # a single component: plot it against the step index
+        points = np.concatenate([np.broadcast_to(np.arange(points.shape[1])[None, :, None], points.shape), points], 2)
+    share = projection["explained_variance"] + [0.0]
+    fig = Figure(figsize=(4.6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    colors = matplotlib.colormaps["tab20"](np.linspace(0, 1, max(len(points), 2)))
+    for color, trajectory in zip(colors, points):
+        ax.plot(trajectory[:, 0], trajectory[:, 1], marker=".", markersize=4, linewidth=1, color=color)
+        ax.plot(trajectory[0, 0], trajectory[0, 1], marker="o", markersize=6, fillstyle="none", color=color)
+    names = group["sites"]
+    ax.set(xlabel=f"PC1 ({100 * (share[0] or 0):.1f}%)", ylabel=f"PC2 ({100 * (share[1] or 0):.1f}%)",
+           title=f"group {group['group']}: {names[0]} → {names[-1]}")
+    ax.title.set_fontsize(9)
+    return _svg(fig, f"trajectories-{group['group']}")
+
+
+def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int]) -> str:
+    """RA4 within a model: σ₁ (mean ± std over samples, log scale) of each site against its depth."""
+    fig = Figure(figsize=(max(4.5, 0.32 * len(ra4_sites) + 2), 3.4), layout="constrained")
+    ax = fig.subplots()
+    depth = [s["depth"] for s in ra4_sites]
+    mean = _positive([s["sigma1_mean"] for s in ra4_sites])
+    std = np.array([s["sigma1_std"] or 0.0 for s in ra4_sites], dtype=float)
+    ax.errorbar(depth, mean, yerr=std, color="0.6", linewidth=1, capsize=2, zorder=1)
+    ax.scatter(depth, mean, c=[groups.get(s["site"], 0) for s in ra4_sites], cmap="tab10", zorder=2, s=18)
+    _log_y(ax, mean)
+    ax.set_xticks(depth, [s["site"] for s in ra4_sites], rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="σ₁", title="σ₁ against depth (colour: group)")
+    return _svg(fig, "sigma1")
+
+
+NC_BARS = (("NC1", "nc1", "max_nc1"), ("NC2 equinorm μ", "nc2_equinorm_means", "max_nc2"),
+           ("NC2 equinorm w", "nc2_equinorm_weights", None), ("NC2 equiangular", "nc2_equiangular", "max_nc2"),
+           ("NC3", "nc3", "max_nc3"), ("NC4", "nc4", "max_nc4"))
+
+
+def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
+    """NC1–NC4 as bars on a log scale (smaller is more collapsed), the verdict's limits as red ticks."""
+    fig = Figure(figsize=(5.6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(NC_BARS))
+    values = [nc[key] for _, key, _ in NC_BARS]
+    heights = [max(v, NO_VALUE_FLOOR) if v is not None else NO_VALUE_FLOOR for v in values]
+    ax.bar(x, heights, color="#4c72b0", bottom=0)
+    for xi, (_, _, limit) in zip(x, NC_BARS):
+        if limit in thresholds:
+            ax.hlines(thresholds[limit], xi - 0.4, xi + 0.4, colors="#c44e52", linewidth=2)
+    for xi, value, height in zip(x, values, heights):
+        ax.annotate("–" if value is None else f"{value:.3g}", (xi, height), xytext=(0, 2),
+                    textcoords="offset points", ha="center", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(NO_VALUE_FLOOR / 2, max(heights + [thresholds.get("max_nc1", 1.0)]) * 4)
+    ax.set_xticks(x, [label for label, _, _ in NC_BARS], rotation=20, ha="right", fontsize=8)
+    ax.set(title="Neural Collapse (red: verdict limits)")
+    return _svg(fig, "nc")
+
+
+def compare_sigma1(rows: list[dict[str, Any]]) -> str:
+    """σ₁ against relative depth l/L for several reports, one line each (log scale)."""
+    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    shown = [np.full(1, np.nan)]
+    for row in rows:
+        sigma = _positive(row["sigma1"])
+        if len(sigma):
+            ax.plot((np.arange(len(sigma)) + 1) / len(sigma), sigma, marker=".", label=row["label"])
+            shown.append(sigma)
+    _log_y(ax, np.concatenate(shown))
+    ax.set(xlabel="relative depth l / L", ylabel="σ₁", title="σ₁ against depth")
+    ax.legend(fontsize=7)
+    return _svg(fig, "compare-sigma1")
+
+
+def depth_slopes(families: list[dict[str, Any]]) -> str:
+    """RA4 across models: mean σ₁ against depth L (log–log) per family, with the fitted slope."""
+    fig = Figure(figsize=(5.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for family in families:
+        L, sigma = np.array(family["depths"], float), _positive(family["mean_sigma1"])
+        line = ax.plot(L, sigma, marker="o", linestyle="none", label=f"{family['family']}: slope {family['slope']:.2f}")
+        keep = np.isfinite(sigma)
+        x, y = np.log(L[keep]), np.log(sigma[keep])
+        grid = np.linspace(x.min(), x.max(), 20)  # the least-squares line through the mean point
+        ax.plot(np.exp(grid), np.exp(y.mean() + family["slope"] * (grid - x.mean())),
+                color=line[0].get_color(), linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="depth L (sites)", ylabel="mean σ₁", title="RA4 across models (≈ −1 under RA4)")
+    ax.legend(fontsize=7)
+    return _svg(fig, "compare-slopes")
