@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.errors import UserError
 
 try:  # recent Typer releases vendor click
@@ -63,6 +64,8 @@ K = typer.Option(16, min=1, help="singular triplets per site and sample")
 AlignK = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")
 Tol = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")
 Solver = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block | lanczos")
+DenseLimit = typer.Option(DENSE_LIMIT, min=0, help="auto solver: sites of at most this many dimensions get "
+                                                  "an exact dense SVD")
 Tau = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")
 BatchSize = typer.Option(None, min=1, help="samples per chunk (default: the most that fit in the device's free memory)")
 DType = typer.Option("float32", help="float32 | float64")
@@ -72,8 +75,8 @@ Force = typer.Option(False, "--force", help="overwrite an existing report file")
 NoCache = typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or ~/.cache/ra-probe)")
 
 
-def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional[int], tol: float, solver: str, tau: float,
-              dtype: str, device: Optional[str], seed: int):
+def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional[int], tol: float, solver: str,
+              dense_limit: int, tau: float, dtype: str, device: Optional[str], seed: int):
     from ra_probe.engine import SOLVERS
     from ra_probe.probe import DTYPES, Settings
 
@@ -82,7 +85,7 @@ def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     settings = Settings(k=k, align_k=align_k, samples=samples, batch_size=batch_size, tol=tol, solver=solver,
-                        tau=tau, dtype=dtype, device=device, seed=seed)
+                        dense_limit=dense_limit, tau=tau, dtype=dtype, device=device, seed=seed)
     _check_device(settings)
     return settings
 
@@ -114,7 +117,8 @@ def probe(
     model: str = ModelArg,
     data: Optional[str] = Data,
     samples: int = Samples,
-    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver, tau: float = Tau,
+    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver,
+    dense_limit: int = DenseLimit, tau: float = Tau,
     batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the JSON report here"),
     html_path: Optional[Path] = typer.Option(None, "--html", help="write the HTML report here"),
@@ -133,7 +137,7 @@ def probe(
 
     paths = _report_paths(model, json_path, html_path, out)
     _refuse_overwrite(paths.values(), force)
-    settings = _settings(k, align_k, samples, batch_size, tol, solver, tau, dtype, device, seed)
+    settings = _settings(k, align_k, samples, batch_size, tol, solver, dense_limit, tau, dtype, device, seed)
     loaded = _load(model, no_pretrained, weights, arch, input_shape)
     report = _run_probe(loaded, data, settings, quiet=quiet, no_cache=no_cache)
     console = Console(quiet=quiet)
@@ -187,7 +191,8 @@ def check(
                                           help="settings file (default: ./ra-probe.toml, or the tool.ra-probe "
                                                "table of ./pyproject.toml)"),
     data: Optional[str] = Data, samples: int = Samples,
-    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver, tau: float = Tau,
+    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver,
+    dense_limit: int = DenseLimit, tau: float = Tau,
     batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here (default: "
                                                                   "reports/<model>.check.json)"),
@@ -206,7 +211,7 @@ def check(
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
     if not set(wanted) <= {"ra", "nc"}:
         raise UserError(f"--require takes ra or nc, got {', '.join(wanted)}")
-    settings = _settings(k, align_k, samples, batch_size, tol, solver, tau, dtype, device, seed)
+    settings = _settings(k, align_k, samples, batch_size, tol, solver, dense_limit, tau, dtype, device, seed)
     limits = {name: value for name, value in (("min_alignment", min_alignment), ("min_linearity", min_linearity),
                                               ("max_rank", max_rank), ("max_nc1", max_nc1), ("max_nc4", max_nc4))
               if value is not None}

@@ -15,6 +15,7 @@ from ra_probe.cache import ResultCache, RunCache
 from ra_probe.capture import Captured, capture, find_classifier
 from ra_probe.data import Samples, take, to
 from ra_probe.errors import UserError
+from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
@@ -36,7 +37,7 @@ class Settings:
     tol: float = 1e-3
     solver: str = "auto"  # auto | dense | block | lanczos
     chunk: int = 16  # vectors per vmapped Jacobian product call
-    dense_limit: int = 4096
+    dense_limit: int = DENSE_LIMIT  # largest site dimension whose Jacobian is formed exactly
     tau: float = 1e-2
     dtype: str = "float32"
     device: str | None = None

@@ -3,6 +3,7 @@ matrix-free spectra agree; every site is verified; bad input is one line and exi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,16 @@ def test_factory_with_weights(tmp_path, capsys):
                           "--data", "synthetic", "--samples", "8", "--json", str(out)], capsys)
     report = json.loads(out.read_text())
     assert code == 0 and len(report["sites"]) == 3 and report["model"]["weights_sha256"]
+
+
+def test_branches_that_are_exactly_zero_give_no_verdict(cli):
+    """timm's random init zeroes each ResNet block's last BatchNorm: σ₁ = 0 everywhere, which is no
+    evidence of RA either way."""
+    code, _, err = cli("timm/resnet18", "--no-pretrained", "--data", "synthetic", "--input-shape", "3,32,32",
+                       "--samples", "2", "--k", "4", "--json", "r.json")
+    assert code == 0, err
+    report = json.loads(Path("r.json").read_text())
+    assert report["verdict"]["ra"] == "not_applicable"
+    assert "exactly zero" in report["verdict"]["evidence"]["ra"]["reason"]
+    assert report["metrics"]["ra1"]["mean_linearity"] is None and report["metrics"]["ra2"]["mean_score"] is None
+    assert any("σ₁ = 0" in message for message in report["messages"])

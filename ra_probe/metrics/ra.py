@@ -11,7 +11,8 @@ def trajectory_stats(H: torch.Tensor) -> dict[str, torch.Tensor]:
     - lss: m / ‖x̃_m − x̃_0‖ for unit steps x̃_{l+1} = x̃_l + Δ_l/‖Δ_l‖ (≥ 1, 1 = a line);
     - step_cv: std/mean of the step norms ‖Δ_l‖ (0 = equispaced);
     - step_cos: mean cosine of consecutive steps.
-    Each (B,)."""
+    Each (B,); NaN for a sample whose trajectory does not move (every branch exactly zero): a point
+    is no line, and no evidence either way."""
     H = H.flatten(2).double()
     steps = H[:, 1:] - H[:, :-1]
     norms = steps.norm(dim=2)
@@ -26,7 +27,9 @@ def trajectory_stats(H: torch.Tensor) -> dict[str, torch.Tensor]:
         step_cos = (unit[:, 1:] * unit[:, :-1]).sum(dim=2).mean(dim=1)
     else:
         step_cos = torch.ones(H.shape[0], dtype=H.dtype, device=H.device)
-    return {"linearity": linearity, "lss": lss, "step_cv": step_cv, "step_cos": step_cos}
+    still = (norms == 0).all(dim=1)
+    stats = {"linearity": linearity, "lss": lss, "step_cv": step_cv, "step_cos": step_cos}
+    return {name: value.masked_fill(still, float("nan")) for name, value in stats.items()}
 
 
 def trajectory_projection(H: torch.Tensor, components: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +55,11 @@ def trajectory_projection(H: torch.Tensor, components: int = 2) -> tuple[torch.T
 
 def alignment_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
     """RA2: a_ij = Σ_k |M_ij[k,k]| / Σ_k σ_{i,k} for M_ij = U_{j,K}ᵀ J_i V_{j,K} (B, K, K) and J_i's top-K
-    singular values S_i (B, K): the share of J_i's top-K action that J_j's singular pairs capture. (B,)"""
+    singular values S_i (B, K): the share of J_i's top-K action that J_j's singular pairs capture. (B,)
+    NaN where J_i is exactly zero (nothing to align)."""
     diag = M.diagonal(dim1=1, dim2=2).abs().sum(dim=1)
-    return diag / S_i.sum(dim=1).clamp_min(torch.finfo(S_i.dtype).tiny)
+    total = S_i.sum(dim=1)
+    return (diag / total.clamp_min(torch.finfo(S_i.dtype).tiny)).masked_fill(total == 0, float("nan"))
 
 
 def singular_vector_overlap(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 the thresholds used. All thresholds are settings."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ class Thresholds:
 
 
 def _check(name: str, value: float | None, limit: float, at_least: bool, what: str) -> dict[str, Any]:
+    if value is not None and not math.isfinite(value):
+        value = None  # undefined (e.g. every branch exactly zero): no evidence either way
     passed = None if value is None else (value >= limit if at_least else value <= limit)
     sign = "≥" if at_least else "≤"
     return {"name": name, "value": value, "threshold": limit, "passed": passed,
@@ -47,6 +50,9 @@ def ra_verdict(metrics: dict[str, Any], t: Thresholds) -> dict[str, Any]:
     if ra3["judged"]:
         checks.append(_check("RA3", ra3["share_rank_le_classes"], t.rank_share, True,
                              "share of sites with rank ≤ C"))
+    if all(s["sigma1_mean"] == 0 for s in metrics["ra4"]["sites"]):
+        return {"status": "not_applicable", "checks": checks,
+                "reason": "every residual branch is exactly zero (σ₁ = 0): nothing to align"}
     return {"status": _overall(checks), "checks": checks}
 
 
