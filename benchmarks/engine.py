@@ -55,6 +55,34 @@ def trained_like(module: torch.nn.Module, decay: float) -> None:
                 last.weight.mul_(decay ** torch.arange(float(last.num_features)))
 
 
+def digits_trained(name: str, size: int, epochs: int, samples: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """`name` trained on the bundled digits split (8×8 pixels upsampled to size×size, three channels) with
+    SGD for `epochs` epochs on the CPU, and `samples` held-out test images."""
+    import torch.nn.functional as F
+
+    from ra_probe.bundled.digits import load_split
+
+    def images(a):
+        x = torch.from_numpy(a).reshape(-1, 1, 8, 8)
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+
+    x_train, y_train, x_test, y_test = load_split()
+    x_train, x_test, y_train = images(x_train), images(x_test), torch.from_numpy(y_train)
+    module = timm.create_model(name, pretrained=False, num_classes=10, exportable=True)
+    opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(epochs):
+        module.train()
+        for idx in torch.randperm(len(x_train)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(module(x_train[idx].contiguous()), y_train[idx]).backward()
+            opt.step()
+    module.eval()
+    with torch.no_grad():
+        accuracy = (module(x_test.contiguous()).argmax(1).numpy() == y_test).mean()
+    print(f"trained {name} on digits at {size}px for {epochs} epochs: test accuracy {accuracy:.3f}")
+    return module, x_test[:samples].contiguous()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -66,17 +94,24 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--site", default="layer1.1", help="the site of the per-product and solver comparisons")
     parser.add_argument("--decay", type=float, default=0.7, help="channel decay of the last BatchNorms (1: off)")
+    parser.add_argument("--train-digits", type=int, default=0, metavar="EPOCHS",
+                        help="instead of the decaying proxy, train the model on scikit-learn's digits (upsampled to "
+                             "--image-size) for EPOCHS epochs and probe held-out digits: real trained spectra")
     parser.add_argument("--dense-limit", type=int, default=8192, help="largest dimension formed densely")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    module = timm.create_model(args.model, pretrained=False, zero_init_last=False, exportable=True)
-    trained_like(module, args.decay)
+    if args.train_digits:
+        module, x = digits_trained(args.model, args.image_size, args.train_digits, args.samples)
+        x = x.to(device)
+    else:
+        module = timm.create_model(args.model, pretrained=False, zero_init_last=False, exportable=True)
+        trained_like(module, args.decay)
+        x = torch.randn(args.samples, 3, args.image_size, args.image_size, device=device)
     settings = Settings(k=args.k, tol=args.tol, device=str(device), batch_size=args.batch_size, solver="auto",
                         dense_limit=0)
     model = prepare(module, settings)
-    x = torch.randn(args.samples, 3, args.image_size, args.image_size, device=device)
     samples = Samples(x.cpu(), None, "synthetic")
     sites = discover(model, samples, settings).sites
     captured = capture(model, x, sites)

@@ -3,7 +3,6 @@ function per command. A user's mistake is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -206,7 +205,7 @@ def check(
     summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
     from ra_probe.console import print_report
     from ra_probe.gate import GateRules, judge, read_baseline, summary_line
-    from ra_probe.report import write_json
+    from ra_probe.report import file_safe, write_json
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
     if not set(wanted) <= {"ra", "nc"}:
@@ -221,7 +220,7 @@ def check(
         raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
                         "--min-alignment (or a config file that sets them)")
     loaded = _load(model, no_pretrained, weights, arch, input_shape)
-    out = json_path or Path("reports") / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', loaded.name).strip('-.')}.check.json"
+    out = json_path or Path(DEFAULT_OUT) / f"{file_safe(loaded.name)}.check.json"
     if out.exists() and not force and not (json_path is None and _is_report(out)):
         raise UserError(f"{out} exists; pass --force to overwrite it")
     report = _run_probe(loaded, data, settings, quiet=not verbose, no_cache=no_cache)

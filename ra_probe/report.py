@@ -147,8 +147,11 @@ def load_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def file_safe(model: str) -> str:
+    """A model name as part of a file name: "timm/resnet50" → "timm-resnet50"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
+
+
 def default_report_path(model: str, folder: Path, suffix: str, when: datetime | None = None) -> Path:
-    """`folder/<model>-<YYYYmmdd-HHMMSS><suffix>`, the model name made file-safe ("timm/resnet50" →
-    "timm-resnet50")."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
-    return Path(folder) / f"{slug}-{(when or datetime.now()).strftime('%Y%m%d-%H%M%S')}{suffix}"
+    """`folder/<model>-<YYYYmmdd-HHMMSS><suffix>`, the model name made file-safe."""
+    return Path(folder) / f"{file_safe(model)}-{(when or datetime.now()).strftime('%Y%m%d-%H%M%S')}{suffix}"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # capture builds on sites: the type only, no import cycle
+    from ra_probe.capture import Captured
 
 ENTRY_POINT_GROUP = "ra_probe.adapters"
 VERIFY_RTOL = 1e-3
@@ -120,7 +123,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny)).item()
 
 
-def verify_sites(report: SiteReport, captured: "Captured") -> SiteReport:  # noqa: F821
+def verify_sites(report: SiteReport, captured: Captured) -> SiteReport:
     """Keep the sites whose `post(skip(x) + F(x))` reproduces the captured block output; report the
     others as skipped with the reason. Then fill shapes and groups."""
     kept, skipped = [], list(report.skipped)

@@ -8,7 +8,6 @@ from safetensors.torch import load_file, save_file
 from ra_probe.bundled import MODELS
 from ra_probe.cache import ResultCache, tensor_digest
 from ra_probe.probe import GroupMeasurement, Settings
-from ra_probe.sources import load_model
 
 
 def measurement() -> GroupMeasurement:
