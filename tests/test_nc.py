@@ -69,3 +69,13 @@ def test_collapse_degrades_with_noise():
         features = means[labels] + noise * torch.randn(len(labels), 8, generator=gen, dtype=torch.float64)
         values.append(neural_collapse(features, labels, means, labels)["nc1"])
     assert values[0] < values[1] < values[2]
+
+
+def test_a_single_class_gives_no_nc_verdict():
+    from ra_probe.metrics.verdict import Thresholds, nc_verdict
+
+    features = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.zeros(6, dtype=torch.long)
+    nc = neural_collapse(features, labels, torch.randn(3, 4, dtype=torch.float64), labels)
+    verdict = nc_verdict(nc, Thresholds())
+    assert verdict["status"] == "not_applicable" and "at least 2" in verdict["reason"]

@@ -59,6 +59,9 @@ def ra_verdict(metrics: dict[str, Any], t: Thresholds) -> dict[str, Any]:
 def nc_verdict(nc: dict[str, Any] | None, t: Thresholds) -> dict[str, Any]:
     if nc is None:
         return {"status": "not_applicable", "checks": [], "reason": "no linear classifier head found"}
+    if nc["classes"] < 2:  # one class has no between-class structure: NC1–NC4 say nothing
+        return {"status": "not_applicable", "checks": [],
+                "reason": f"the samples fall in {nc['classes']} class: NC needs at least 2"}
     equinorm = nc["nc2_equinorm_means"]
     angle = nc["nc2_equiangular"]
     nc2 = None if angle is None else max(equinorm, angle)
