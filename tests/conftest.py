@@ -6,10 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ra_probe.bundled.reference import MODELS, reference_report
 from ra_probe.cli import main
-from ra_probe.data import load_samples
-from ra_probe.probe import Settings, probe
-from ra_probe.sources import load_model
 
 # The tests' models are tiny: one thread is faster than several, by far on a loaded CI machine.
 torch.set_num_threads(1)
@@ -17,14 +15,10 @@ torch.set_num_threads(1)
 TINY = Path(__file__).parent / "tiny_models.py"
 
 
-def probe_bundled(name: str, **settings) -> dict:
-    loaded = load_model(f"bundled/{name}")
-    return probe(loaded, load_samples(None, loaded, limit=64), Settings(**settings))
-
-
 @pytest.fixture(scope="session")
 def bundled_reports() -> dict[str, dict]:
-    return {name: probe_bundled(name) for name in ("fc-digits", "fc-digits-lowwd", "fc-digits-noskip")}
+    """The three bundled models probed once for the whole session, with the reference reports' settings."""
+    return {name: reference_report(name) for name in MODELS}
 
 
 @pytest.fixture(scope="session", autouse=True)

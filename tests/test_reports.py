@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ra_probe.bundled.reference import FOLDER, MODELS, reference_report
+from ra_probe.bundled.reference import FOLDER, MODELS
 from ra_probe.cli import main
 from ra_probe.compare import compare, family_of
 from ra_probe.errors import UserError
@@ -30,9 +30,9 @@ SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3
 
 
 @pytest.fixture(scope="module")
-def fresh() -> dict[str, dict]:
-    """The three bundled models probed now, with the reference settings (one probe each for the module)."""
-    return {name: reference_report(name) for name in MODELS}
+def fresh(bundled_reports) -> dict[str, dict]:
+    """The three bundled models probed in this session, with the reference settings."""
+    return bundled_reports
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from ra_probe.capture import capture
-from ra_probe.cli import main
 from ra_probe.engine import JacobianOperator, dense_svd, lanczos_svd
 from ra_probe.sites import find_sites, verify_sites
 from ra_probe.sources import load_model
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
-
-
-def test_cli_writes_report_with_ra_present(tmp_path, capsys):
+def test_cli_writes_report_with_ra_present(tmp_path, cli):
     out = tmp_path / "out.json"
-    code, stdout, _ = run_cli(["bundled/fc-digits", "--json", str(out)], capsys)
+    code, stdout, _ = cli("bundled/fc-digits", "--json", str(out))
     assert code == 0
     report = json.loads(out.read_text())
     for key in ("schema_version", "tool", "model", "data", "settings", "environment", "sites", "metrics", "verdict"):
@@ -56,11 +46,11 @@ def test_trained_model_is_low_rank_and_aligned_controls_are_not(bundled_reports)
     assert lowwd["verdict"]["ra"] != "present"
 
 
-def test_model_without_skips_reports_no_residual_connections(tmp_path, capsys, bundled_reports):
+def test_model_without_skips_reports_no_residual_connections(tmp_path, cli, bundled_reports):
     report = bundled_reports["fc-digits-noskip"]
     assert report["sites"] == [] and report["verdict"]["ra"] == "not_applicable"
     assert "no residual connections found" in report["messages"]
-    code, stdout, _ = run_cli(["bundled/fc-digits-noskip", "--json", str(tmp_path / "r.json")], capsys)
+    code, stdout, _ = cli("bundled/fc-digits-noskip", "--json", str(tmp_path / "r.json"))
     assert code == 0 and "no residual connections found" in stdout
 
 
@@ -115,34 +105,34 @@ def _one_line_error(code: int, stdout: str, stderr: str) -> str:
     return lines[0]
 
 
-def test_unknown_model_is_one_line_exit_2(capsys):
-    assert "unknown" in _one_line_error(*run_cli(["bundled/no-such-model"], capsys))
-    assert "unknown" in _one_line_error(*run_cli(["timm/no_such_net_v9"], capsys))
-    assert "unknown model" in _one_line_error(*run_cli(["not-a-model"], capsys))
+def test_unknown_model_is_one_line_exit_2(cli):
+    assert "unknown" in _one_line_error(*cli("bundled/no-such-model"))
+    assert "unknown" in _one_line_error(*cli("timm/no_such_net_v9"))
+    assert "unknown model" in _one_line_error(*cli("not-a-model"))
 
 
-def test_checkpoint_that_does_not_fit_is_one_line_exit_2(tmp_path, capsys):
+def test_checkpoint_that_does_not_fit_is_one_line_exit_2(tmp_path, cli):
     weights = tmp_path / "wrong.safetensors"
     save_file({"head.weight": torch.zeros(3, 3)}, str(weights))
-    line = _one_line_error(*run_cli(["bundled/fc-digits", "--weights", str(weights)], capsys))
+    line = _one_line_error(*cli("bundled/fc-digits", "--weights", str(weights)))
     assert "do not fit" in line and "missing" in line
 
 
-def test_data_of_the_wrong_shape_is_one_line_exit_2(tmp_path, capsys):
+def test_data_of_the_wrong_shape_is_one_line_exit_2(tmp_path, cli):
     data = tmp_path / "x.npz"
     np.savez(data, x=np.zeros((4, 32), dtype=np.float32))
-    line = _one_line_error(*run_cli(["bundled/fc-digits", "--data", str(data)], capsys))
+    line = _one_line_error(*cli("bundled/fc-digits", "--data", str(data)))
     assert "(32,)" in line and "(64,)" in line
 
 
-def test_existing_report_is_not_overwritten(tmp_path, capsys):
+def test_existing_report_is_not_overwritten(tmp_path, cli):
     out = tmp_path / "keep.json"
     out.write_text("mine")
-    _one_line_error(*run_cli(["bundled/fc-digits", "--json", str(out)], capsys))
+    _one_line_error(*cli("bundled/fc-digits", "--json", str(out)))
     assert out.read_text() == "mine"
 
 
-def test_factory_with_weights(tmp_path, capsys):
+def test_factory_with_weights(tmp_path, cli):
     factory = tmp_path / "nets.py"
     factory.write_text(
         "from ra_probe.bundled.fcresnet import FCResNet\n"
@@ -150,8 +140,8 @@ def test_factory_with_weights(tmp_path, capsys):
     model = load_model(f"{factory}:small")
     save_file({k: v.contiguous() for k, v in model.module.state_dict().items()}, str(tmp_path / "w.safetensors"))
     out = tmp_path / "f.json"
-    code, _, _ = run_cli([f"{factory}:small", "--weights", str(tmp_path / "w.safetensors"),
-                          "--data", "synthetic", "--samples", "8", "--json", str(out)], capsys)
+    code, _, _ = cli(f"{factory}:small", "--weights", str(tmp_path / "w.safetensors"),
+                          "--data", "synthetic", "--samples", "8", "--json", str(out))
     report = json.loads(out.read_text())
     assert code == 0 and len(report["sites"]) == 3 and report["model"]["weights_sha256"]
 
