@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
+from timm.layers import freeze_batch_norm_2d
 
 from ra_probe.cache import ResultCache, RunCache
 from ra_probe.capture import Captured, capture, find_classifier
@@ -56,7 +57,9 @@ class Settings:
 
 def prepare(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     """A frozen, eval-mode copy on the probe's device and dtype: the user's model is never touched."""
-    work = copy.deepcopy(model)
+    # eval-mode BatchNorm2d as the fixed per-channel affine map it is: the same outputs, and its
+    # forward-mode product is one multiply instead of batch_norm's formula (~15% of a conv J·v on CPU)
+    work = freeze_batch_norm_2d(copy.deepcopy(model))
     work.eval().requires_grad_(False)
     torch.backends.cuda.matmul.allow_tf32 = False  # spectra in true float32 (spec §4)
     torch.backends.cudnn.allow_tf32 = False
@@ -183,8 +186,9 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
 def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
     """Samples per chunk from the device's free memory and the sites' sizes (engine.memory)."""
     dims = [[(math.prod(s.in_shape), math.prod(s.out_shape)) for s in members] for members in groups_of(sites).values()]
-    return auto_batch_size(dims, samples, settings.resolved_device(), k=settings.k, align_k=settings.align_k or settings.k,
-                           block=default_block(settings.k), chunk=settings.chunk,
+    device = settings.resolved_device()
+    return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
+                           block=default_block(settings.k, 1, device), chunk=settings.chunk,
                            itemsize=DTYPES[settings.dtype].itemsize)
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
