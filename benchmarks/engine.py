@@ -99,6 +99,7 @@ def main() -> None:
                              "--image-size) for EPOCHS epochs and probe held-out digits: real trained spectra")
     parser.add_argument("--dense-limit", type=int, default=8192, help="largest dimension formed densely")
     args = parser.parse_args()
+    torch.set_flush_denormal(True)  # as the CLI does, before torch's CPU threads start (engine.solvers)
     device = torch.device(args.device)
     torch.manual_seed(0)
 

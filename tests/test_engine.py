@@ -90,6 +90,22 @@ def test_restarts_keep_the_answer(spectrum, block):
     assert (small.res_left >= left).all() and (small.res_right >= right).all()
 
 
+def test_solver_restores_the_denormal_mode():
+    """Solves flush subnormal floats to zero for speed, and leave the process's mode as they found it."""
+    subnormal_survives = lambda: (torch.tensor(1e-40) * 1.0).item() != 0.0  # noqa: E731
+    op = known_operator(SPECTRA["decaying"])[0]
+    torch.set_flush_denormal(False)  # the CLI, run in this process by other tests, turns it on
+    block_krylov_svd(op, 4)
+    assert subnormal_survives()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    try:
+        block_krylov_svd(op, 4)
+        assert not subnormal_survives()
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_rank_deficient_and_zero_operators(solver):
     """Breakdowns (the Krylov space exhausts the range) restart with fresh directions: a rank-3 operator

