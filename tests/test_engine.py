@@ -11,6 +11,7 @@ from torch.func import jacrev
 from ra_probe.data import Samples
 from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, dense_svd,
                              krylov_svd, lanczos_svd)
+from ra_probe.engine.solvers import flushing_denormals
 from ra_probe.probe import Settings, discover, measure, prepare, probe
 from ra_probe.sources import LoadedModel, load_model
 
@@ -92,16 +93,15 @@ def test_restarts_keep_the_answer(spectrum, block):
 
 def test_solver_restores_the_denormal_mode():
     """Solves flush subnormal floats to zero for speed, and leave the process's mode as they found it."""
-    subnormal_survives = lambda: (torch.tensor(1e-40) * 1.0).item() != 0.0  # noqa: E731
     op = known_operator(SPECTRA["decaying"])[0]
     torch.set_flush_denormal(False)  # the CLI, run in this process by other tests, turns it on
     block_krylov_svd(op, 4)
-    assert subnormal_survives()
+    assert not flushing_denormals()
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormal floats")
     try:
         block_krylov_svd(op, 4)
-        assert not subnormal_survives()
+        assert flushing_denormals()
     finally:
         torch.set_flush_denormal(False)
 

@@ -94,6 +94,11 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
     return Q, C + C2, R
 
 
+def flushing_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero (torch has a setter for the mode, no getter)."""
+    return (torch.tensor(1e-40) * 1.0).item() == 0.0
+
+
 def _flushing_denormals(solve):
     """Run `solve` with subnormal floats flushed to zero, then restore the previous mode. Krylov
     vectors fill with subnormals (components that every product shrinks) and x86 CPUs compute on them
@@ -102,7 +107,7 @@ def _flushing_denormals(solve):
     take it from the main thread when they start: the CLI sets it first thing, for the process."""
     @functools.wraps(solve)
     def wrapper(*args, **kwargs):
-        was_flushing = (torch.tensor(1e-40) * 1.0).item() == 0.0  # torch has no getter for the mode
+        was_flushing = flushing_denormals()
         torch.set_flush_denormal(True)
         try:
             return solve(*args, **kwargs)
@@ -208,7 +213,7 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int = 1, tol: float = 1e-3
                 Vb, Ub, T, scale = Vb[keep_rows], Ub[keep_rows], T[keep_cpu], scale[keep_rows]
                 ritz = tuple(t[keep_cpu] for t in ritz)
         if hi + block > cols:  # full: restart from the leading Ritz vectors and the next block
-            _, P, Q, _ = (t.to(device, dtype) for t in ritz)
+            P, Q = (t.to(device, dtype) for t in ritz[1:3])
             Ub[:, :keep] = (Ub[:, :hi].mT @ P[..., :keep]).mT
             Vb[:, :keep] = (Vb[:, :hi].mT @ Q[..., :keep]).mT
             Vb[:, keep:keep + block] = Vb[:, hi:hi + block].clone()
