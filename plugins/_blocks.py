@@ -41,7 +41,12 @@ def chain(block: nn.Module, names: Iterable[str]) -> Branch:
 
 
 # a key/value cache grows at every call: a branch, a pure function of x, is recomputed without it
-CACHE_ARGUMENTS = {"past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position"}
+CACHE_ARGUMENTS = {"past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position", "cache"}
+
+
+def _is_cache(value) -> bool:
+    """A transformers key/value cache object, whatever the keyword it is passed under."""
+    return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
 def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
@@ -50,7 +55,7 @@ def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
     without a key/value cache."""
     first = next(iter(inspect.signature(module.forward).parameters))
     kwargs = {key: value for key, value in ctx.get("kwargs", {}).items()
-              if key != first and key not in CACHE_ARGUMENTS}
+              if key != first and key not in CACHE_ARGUMENTS and not _is_cache(value)}
     return module(x, *ctx.get("args", ()), **kwargs)
 
 
