@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from contextlib import ExitStack
 
 import timm
 import torch
@@ -26,7 +27,7 @@ import torch
 from ra_probe.capture import capture
 from ra_probe.data import Samples
 from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, lanczos_svd
-from ra_probe.probe import Settings, discover, measure, prepare
+from ra_probe.probe import Settings, discover, measure, prepared
 
 
 def timed(fn, device: torch.device, repeat: int = 3) -> float:
@@ -112,7 +113,7 @@ def main() -> None:
         x = torch.randn(args.samples, 3, args.image_size, args.image_size, device=device)
     settings = Settings(k=args.k, tol=args.tol, device=str(device), batch_size=args.batch_size, solver="auto",
                         dense_limit=0)
-    model = prepare(module, settings)
+    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
     samples = Samples(x.cpu(), None, "synthetic")
     sites = discover(model, samples, settings).sites
     captured = capture(model, x, sites)

@@ -1,11 +1,12 @@
 """Result cache (issue 6): one entry per measured (group of sites, chunk of samples), so a re-run, or
 a run interrupted by Ctrl-C, resumes without recomputing what was already measured.
 
-An entry's key hashes everything its result depends on: the tool's version and source code, the
-model (name, class and a hash of its state dict), the settings that change measurements, the group's
-site names and the chunk's inputs themselves (so a longer run over the same data reuses the first
-chunks). Thresholds,
-τ and the sample count are applied after measuring and are not part of it. Entries are written to a
+An entry's key hashes everything its result depends on, behaviour rather than names: the group's
+captured site inputs and outputs (a model whose code changed computes other values, so it misses
+even with the same name and weights), the tool's version and source code, the versions of the
+libraries that compute the model (torch, timm, transformers), the adapter and its code, the model's
+name, class and weights, and the settings that change measurements. Thresholds, τ and the sample
+count are applied after measuring and are not part of it. Entries are written to a
 temporary file and renamed into place: an interrupted write never leaves a corrupt entry, and an
 unreadable entry is a miss, never an error."""
 from __future__ import annotations
@@ -50,6 +51,35 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries whose code computes the model: an upgrade may change its numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {name: installed(name) for name in ("torch", "timm", "transformers")}
+
+
+@functools.cache
+def adapter_digest(name: str) -> str | None:
+    """sha256 of the source of the module that defines adapter `name` (third-party adapters too)."""
+    import inspect
+    import sys
+
+    from ra_probe.sites import registered_adapters
+
+    for adapter in registered_adapters():
+        if adapter.name == name:
+            try:
+                return hashlib.sha256(inspect.getsource(sys.modules[type(adapter).__module__]).encode()).hexdigest()
+            except (OSError, TypeError, KeyError):
+                return None
+    return None
+
+
 def tensor_digest(*tensors: torch.Tensor | dict[str, torch.Tensor] | None) -> str:
     """sha256 over dtypes, shapes and bytes of tensors (or dicts of tensors, keys included)."""
     digest = hashlib.sha256()
@@ -70,12 +100,15 @@ class ResultCache:
         self.folder = Path(folder) if folder is not None else default_dir()
         self.hits = self.misses = 0
 
-    def for_run(self, module: torch.nn.Module, name: str, settings) -> "RunCache":
-        """The entries of one run: keyed by tool version, model identity and weights, and settings."""
+    def for_run(self, module: torch.nn.Module, name: str, settings, adapter: str = "") -> "RunCache":
+        """The entries of one run: keyed by tool and library versions, the adapter, the model's identity
+        and weights, and the settings."""
         kept = {k: v for k, v in settings.as_dict().items() if k not in NOT_IN_KEY}
         kept["device"] = settings.resolved_device().type
-        identity = {"version": __version__, "code": code_digest(), "model": name, "class": type(module).__qualname__,
-                    "weights": tensor_digest(module.state_dict()), "settings": kept}
+        identity = {"version": __version__, "code": code_digest(), "libraries": library_versions(),
+                    "adapter": adapter, "adapter_code": adapter_digest(adapter), "model": name,
+                    "class": type(module).__qualname__, "weights": tensor_digest(module.state_dict()),
+                    "settings": kept}
         return RunCache(self, hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
 
     def path(self, key: str) -> Path:
@@ -125,6 +158,8 @@ class RunCache:
     cache: ResultCache
     run_key: str
 
-    def get_or_compute(self, sites: list[str], inputs, compute: Callable[[], T], kind: type[T]) -> T:
-        key = hashlib.sha256(json.dumps([self.run_key, sites, tensor_digest(inputs)]).encode()).hexdigest()
+    def get_or_compute(self, sites: list[str], values: list[torch.Tensor], compute: Callable[[], T],
+                       kind: type[T]) -> T:
+        """The entry of a group of `sites` measured on captured `values` (its sites' inputs and outputs)."""
+        key = hashlib.sha256(json.dumps([self.run_key, sites, tensor_digest(*values)]).encode()).hexdigest()
         return self.cache.get_or_compute(key, compute, kind)

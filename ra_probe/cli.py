@@ -90,13 +90,17 @@ def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional
     return settings
 
 
-def _run_probe(loaded, data: Optional[str], settings, *, quiet: bool, no_cache: bool) -> dict:
-    """Samples for `loaded`, then the probe with a progress bar on stderr and the result cache."""
-    from ra_probe.cache import ResultCache
+def _samples(loaded, data: Optional[str], settings):
     from ra_probe.data import load_samples
+
+    return load_samples(data, loaded, limit=settings.samples, seed=settings.seed)
+
+
+def _run_probe(loaded, sample_set, settings, *, quiet: bool, no_cache: bool) -> dict:
+    """The probe with a progress bar on stderr and the result cache."""
+    from ra_probe.cache import ResultCache
     from ra_probe.probe import probe as run_probe
 
-    sample_set = load_samples(data, loaded, limit=settings.samples, seed=settings.seed)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True, quiet=quiet), transient=True) as bar:
         task = bar.add_task("probing", total=None)
@@ -139,7 +143,7 @@ def probe(
     _refuse_overwrite(paths.values(), force)
     settings = _settings(k, align_k, samples, batch_size, tol, solver, dense_limit, tau, dtype, device, seed)
     loaded = _load(model, no_pretrained, weights, arch, input_shape)
-    report = _run_probe(loaded, data, settings, quiet=quiet, no_cache=no_cache)
+    report = _run_probe(loaded, _samples(loaded, data, settings), settings, quiet=quiet, no_cache=no_cache)
     console = Console(quiet=quiet)
     print_report(report, console)
     if ".json" in paths:
@@ -205,7 +209,8 @@ def check(
     """CI gate: probe MODEL and judge the report. Exit 0 pass, 1 fail, 2 usage or input error; one
     summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
     from ra_probe.console import print_report
-    from ra_probe.gate import GateRules, judge, read_baseline, summary_line
+    from ra_probe.cache import tensor_digest
+    from ra_probe.gate import GateRules, check_baseline_data, check_rules, judge, read_baseline, summary_line
     from ra_probe.report import file_safe, write_json
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
@@ -217,6 +222,7 @@ def check(
               if value is not None}
     rules = GateRules(require=wanted, limits=limits, tolerance=tolerance,
                       baseline=None if baseline is None else read_baseline(baseline, settings.as_dict()))
+    check_rules(rules, settings.k)
     if not rules.require and not rules.limits and rules.baseline is None:
         raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
                         "--min-alignment (or a config file that sets them)")
@@ -224,7 +230,10 @@ def check(
     out = json_path or Path(DEFAULT_OUT) / f"{file_safe(loaded.name)}.check.json"
     if out.exists() and not force and not (json_path is None and _is_report(out)):
         raise UserError(f"{out} exists; pass --force to overwrite it")
-    report = _run_probe(loaded, data, settings, quiet=not verbose, no_cache=no_cache)
+    sample_set = _samples(loaded, data, settings)
+    if rules.baseline is not None:
+        check_baseline_data(rules.baseline, tensor_digest(sample_set.inputs, sample_set.labels), baseline)
+    report = _run_probe(loaded, sample_set, settings, quiet=not verbose, no_cache=no_cache)
     if verbose:
         print_report(report, err)
     result = judge(report, rules)
@@ -284,12 +293,13 @@ def sites(
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.console import sites_table
     from ra_probe.data import load_samples
-    from ra_probe.probe import Settings, discover, prepare
+    from ra_probe.probe import Settings, discover, prepared
 
     loaded = _load(model, no_pretrained, weights, arch, input_shape)
     settings = Settings()
     sample_set = load_samples(data, loaded, limit=4)
-    report = discover(prepare(loaded.module, settings), sample_set, settings)
+    with prepared(loaded.module, settings) as model:
+        report = discover(model, sample_set, settings)
     console = Console()
     console.print(sites_table([s.describe() for s in report.sites],
                               [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter))

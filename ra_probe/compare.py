@@ -48,7 +48,9 @@ def summary(report: dict[str, Any], label: str) -> dict[str, Any]:
         "linearity": metrics["ra1"]["mean_linearity"], "alignment": metrics["ra2"]["mean_score"],
         "group_scores": ", ".join(f"{g['group']}: {g['score']:.3f}" for g in metrics["ra2"]["groups"]
                                   if g["score"] is not None) or None,
-        "rank_median": statistics.median(ranks) if ranks else None, "rank_max": max(ranks) if ranks else None,
+        # a site whose rank reaches k has no known rank: no median or maximum over sites then
+        "rank_median": statistics.median(ranks) if ranks and None not in ranks else None,
+        "rank_max": max(ranks) if ranks and None not in ranks else None,
         "classes": metrics["ra3"]["classes"], "rank_share": metrics["ra3"]["share_rank_le_classes"],
         "sigma1": sigma1, "sigma1_first": sigma1[0] if sigma1 else None, "sigma1_last": sigma1[-1] if sigma1 else None,
         "mean_sigma1": _positive_mean(sigma1), "L_times_mean_sigma1": metrics["ra4"]["L_times_mean_sigma1"],

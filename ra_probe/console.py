@@ -36,13 +36,13 @@ def spectra_table(report: dict[str, Any]) -> Table:
     ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
     table = Table(title=f"Residual Jacobian spectra (mean over {report['data']['samples']} samples)",
                   title_justify="left")
-    for column in ("site", "method", "σ₁", "σ₂", "σ₃", f"rank (τ={report['metrics']['ra3']['tau']:g})",
+    for column in ("site", "method", "σ₁", "σ₂", "σ₃", f"median rank (τ={report['metrics']['ra3']['tau']:g})",
                    "gap σ_C/σ_C+1", "max residual", "seconds"):
         table.add_column(column, justify="right" if column != "site" else "left")
     for s in report["sites"]:
         sv = s["singular_values"] + [None] * 3
         r = ra3[s["name"]]
-        rank = f"{r['rank_mean']:.1f}" + ("+" if r["rank_saturated"] else "")
+        rank = f"{r['rank_median']:g}" if r["rank_median"] is not None else f"≥{r['rank_at_least']}"
         table.add_row(s["name"], s["method"], _fmt(sv[0]), _fmt(sv[1]), _fmt(sv[2]), rank, _fmt(r["gap_mean"]),
                       _fmt(s["max_residual"], 2), f"{s['timing']['seconds']:.2f}")
     return table

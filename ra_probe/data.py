@@ -46,6 +46,41 @@ def to(inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
     return move(inputs) if isinstance(inputs, torch.Tensor) else {k: move(v) for k, v in inputs.items()}
 
 
+def real_tokens(inputs: Inputs) -> torch.Tensor | None:
+    """Tokens per sample (N,) from a text batch's attention mask; None for other inputs."""
+    if isinstance(inputs, dict) and "attention_mask" in inputs:
+        return inputs["attention_mask"].bool().sum(dim=1)
+    return None
+
+
+def chunks(inputs: Inputs, batch_size: int) -> list[torch.Tensor]:
+    """Sample indices in chunks of at most `batch_size`. Text samples are grouped by their number of
+    real tokens, so that every chunk can drop its padding (see `unpadded`): a sentence is then
+    measured alone, whatever the other sentences of the data or the tokenizer's padding side."""
+    tokens = real_tokens(inputs)
+    n = len(first_tensor(inputs))
+    if tokens is None:
+        groups = [torch.arange(n)]
+    else:
+        groups = [(tokens == length).nonzero().squeeze(1) for length in tokens.unique()]
+    return [group[start:start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
+
+
+def unpadded(inputs: Inputs) -> Inputs:
+    """The real tokens of a text batch whose samples have equal numbers of them: every per-token
+    tensor (input ids, mask, token types...) keeps only the attention mask's positions, wherever the
+    padding was (left or right). Other inputs are returned as they are."""
+    tokens = real_tokens(inputs)
+    if tokens is None:
+        return inputs
+    mask = inputs["attention_mask"].bool()
+    length = int(tokens[0])
+    if not bool((tokens == length).all()):
+        raise ValueError("unpadded() needs samples with equal numbers of real tokens (see chunks())")
+    return {key: value[mask].reshape(len(value), length, *value.shape[2:])
+            if value.shape[:2] == mask.shape else value for key, value in inputs.items()}
+
+
 def run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
     return model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
 
@@ -139,6 +174,20 @@ def _text(path: Path, model: LoadedModel, limit: int | None) -> Samples:
     max_length = getattr(model.module.config, "max_position_embeddings", None) or tokenizer.model_max_length
     encoded = tokenizer(lines[:limit], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return Samples(dict(encoded), None, str(path))
+
+
+def check_labels(samples: Samples, classes: int | None) -> None:
+    """Labels must name rows of the classifier: integers in [0, classes). Checked before any
+    measurement, so a bad label costs nothing and writes nothing."""
+    if samples.labels is None:
+        return
+    labels = samples.labels
+    bad = labels[(labels < 0) | (labels >= classes)] if classes is not None else labels[labels < 0]
+    if len(bad):
+        values = ", ".join(str(v) for v in sorted(set(bad.tolist()))[:5])
+        rows = f"[0, {classes})" if classes is not None else "≥ 0"
+        raise UserError(f"data {samples.name!r} has labels outside the classifier's rows {rows}: {values} "
+                        f"({len(bad)} of {len(labels)} samples)")
 
 
 def _check_shape(samples: Samples, model: LoadedModel) -> None:

@@ -13,7 +13,7 @@ from ra_probe.errors import UserError
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
-COMPARABLE_SETTINGS = ("k", "align_k", "tau")
+COMPARABLE_SETTINGS = ("k", "align_k", "tau", "samples", "dtype", "tol", "solver")
 
 
 def _nc(key: str) -> Callable[[dict], float | None]:
@@ -21,13 +21,17 @@ def _nc(key: str) -> Callable[[dict], float | None]:
 
 
 def _median_rank(report: dict) -> float | None:
-    ranks = [s["rank_median"] for s in report["metrics"]["ra3"]["sites"] if s["rank_median"] is not None]
-    return statistics.median(ranks) if ranks else None
+    """Median over sites of the median rank. A site whose rank reaches k counts as k, a lower bound: the
+    gate refuses --max-rank ≥ k, so against any allowed limit the bound decides as the rank would."""
+    ranks = [s["rank_median"] if s["rank_median"] is not None else s.get("rank_at_least")
+             for s in report["metrics"]["ra3"]["sites"]]
+    return statistics.median(ranks) if ranks and None not in ranks else None
 
 
 def _mean_rank(report: dict) -> float | None:
-    ranks = [s["rank_mean"] for s in report["metrics"]["ra3"]["sites"] if s["rank_mean"] is not None]
-    return sum(ranks) / len(ranks) if ranks else None
+    """Mean over sites of the mean rank; undefined when any site's rank reaches k."""
+    ranks = [s["rank_mean"] for s in report["metrics"]["ra3"]["sites"]]
+    return sum(ranks) / len(ranks) if ranks and None not in ranks else None
 
 
 # Scalar metrics of a report by name: what limits and baselines compare.
@@ -74,6 +78,15 @@ class GateResult:
         return {"passed": self.passed, "checks": self.checks, "failures": self.failures}
 
 
+def check_rules(rules: GateRules, k: int) -> None:
+    """Refuse rules that could never fail: ranks are counted among the top k values, so a rank limit
+    of k or more passes whatever the model."""
+    limit = rules.limits.get("max_rank")
+    if limit is not None and limit >= k:
+        raise UserError(f"--max-rank {limit:g} can never fail with --k {k} (ranks are counted among the top k "
+                        f"singular values): raise --k above {limit:g}")
+
+
 def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
     """Every rule of `rules` judged on `report`. A metric the report does not have (no residual
     sites, no classifier head) fails a limit on it: a gate never passes on missing evidence."""
@@ -101,7 +114,7 @@ def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
 
 
 def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[dict[str, Any]]:
-    checks = []
+    checks = _sites_against_baseline(report, baseline)
     for what in ("ra", "nc"):
         before, now = baseline["verdict"][what], report["verdict"][what]
         passed = VERDICT_ORDER[now] >= VERDICT_ORDER[before]
@@ -121,6 +134,30 @@ def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[di
                        "detail": f"{label} {_fmt(before)} → {_fmt(now)}"
                                  + ("" if passed else f" (moved {_fmt(now - before, signed=True)}, allowed ±{allowed:.3g})")})
     return checks
+
+
+def _sites_against_baseline(report: dict, baseline: dict) -> list[dict[str, Any]]:
+    """The baseline's sites must all be measured again: none missing, none newly skipped."""
+    now = {s["name"] for s in report["sites"]}
+    missing = [s["name"] for s in baseline["sites"] if s["name"] not in now]
+    skipped_before = {s["name"] for s in baseline["skipped"]}
+    newly_skipped = [s for s in report["skipped"] if s["name"] not in skipped_before]
+    problems = ([f"{len(missing)} baseline site(s) missing ({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''})"]
+                if missing else [])
+    problems += [f"{s['name']} newly skipped ({s['reason']})" for s in newly_skipped[:3]]
+    detail = f"sites: {len(baseline['sites'])} → {len(report['sites'])}"
+    return [{"name": "baseline sites", "passed": not problems,
+             "detail": detail + (f" ({'; '.join(problems)})" if problems else "")}]
+
+
+def check_baseline_data(baseline: dict[str, Any], digest: str, path: Path | str) -> None:
+    """A baseline measured on other samples is not comparable: refuse it at the door."""
+    made_on = baseline.get("data", {}).get("digest")
+    if made_on is None:
+        raise UserError(f"baseline {path} has no fingerprint of its data (an older report): make a new baseline")
+    if made_on != digest:
+        raise UserError(f"baseline {path} was measured on other data ({baseline['data'].get('name')!r}, "
+                        "different samples): run on the baseline's data or make a new baseline")
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -143,6 +180,7 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         values = [value_of(report) for _, value_of in METRICS.values()]
         baseline_settings = dict(report["settings"])
         valid = all(v in VERDICT_ORDER for v in verdicts) and all(
+            isinstance(s["name"], str) for s in report["sites"] + report["skipped"]) and all(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         valid = False

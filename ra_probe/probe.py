@@ -2,19 +2,18 @@
 report as plain data. `probe()` is the library entry point; the CLI is a thin layer over it."""
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from timm.layers import freeze_batch_norm_2d
 
 from ra_probe.cache import ResultCache, RunCache
-from ra_probe.capture import Captured, capture, find_classifier
-from ra_probe.data import Samples, take, to
+from ra_probe.capture import Captured, capture, find_classifier, logits_of
+from ra_probe.data import Samples, check_labels, chunks, run_model, take, to, unpadded
 from ra_probe.errors import UserError
 from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
@@ -55,27 +54,107 @@ class Settings:
         return out
 
 
-def prepare(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
-    """A frozen, eval-mode copy on the probe's device and dtype: the user's model is never touched."""
-    # eval-mode BatchNorm2d as the fixed per-channel affine map it is: the same outputs, and its
-    # forward-mode product is one multiply instead of batch_norm's formula (~15% of a conv J·v on CPU)
-    work = freeze_batch_norm_2d(copy.deepcopy(model))
-    work.eval().requires_grad_(False)
-    torch.backends.cuda.matmul.allow_tf32 = False  # spectra in true float32 (spec §4)
-    torch.backends.cudnn.allow_tf32 = False
-    return work.to(settings.resolved_device(), DTYPES[settings.dtype])
+@contextmanager
+def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Module]:
+    """`model` itself, never a copy, made ready to probe for the duration of the block: eval mode,
+    parameters frozen, on the probe's device and dtype, eval-mode BatchNorm2d as the per-channel affine
+    map it computes, TF32 off (spectra in true float32). On exit every module's mode, every parameter's
+    grad flag, device and dtype, the swapped BatchNorms and the TF32 flags are as they were."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    data = {p: p.data for p in model.parameters()}
+    buffers = {m: dict(m._buffers) for m in model.modules()}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    model.eval().requires_grad_(False)
+    swapped = _affine_batch_norms(model)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for parent, name, original in swapped:
+            setattr(parent, name, original)
+        for parameter, tensor in data.items():
+            parameter.data = tensor
+        for module, kept in buffers.items():
+            module._buffers.update(kept)
+        for parameter, flag in grads.items():
+            parameter.requires_grad_(flag)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+class _ChannelAffine(torch.nn.Module):
+    """An eval-mode BatchNorm2d as what it computes, x·scale + shift per channel: the same outputs, and
+    a forward-mode product of one multiply instead of batch_norm's formula (~15% of a conv J·v on CPU)."""
+
+    def __init__(self, norm: torch.nn.BatchNorm2d):
+        super().__init__()
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0.0)
+        self.register_buffer("scale", scale.detach().reshape(1, -1, 1, 1))
+        self.register_buffer("shift", shift.detach().reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _affine_batch_norms(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Swap every BatchNorm2d that has running statistics for its `_ChannelAffine` (one without them
+    normalizes with its batch's statistics, which the independence check reports); returns what to
+    put back, as (parent, name, original)."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.BatchNorm2d and child.running_mean is not None:
+                setattr(parent, name, _ChannelAffine(child))
+                swapped.append((parent, name, child))
+    return swapped
 
 
 def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> SiteReport:
-    """Sites found by the adapters and verified on a real forward of the first samples."""
+    """Sites found by the adapters and verified on a real forward of the first samples, after checking
+    that the model treats samples independently (each sample's Jacobian is its own)."""
     report = find_sites(model)
     device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
-    first = to(take(samples.inputs, slice(0, min(len(samples), 4))), device, dtype)
+    first = to(unpadded(take(samples.inputs, chunks(samples.inputs, 4)[0])), device, dtype)
     try:
         captured = capture(model, first, report.sites, with_head=False)
+        alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise UserError(f"data {samples.name!r} does not fit the model: {str(exc).strip().splitlines()[0]}") from None
+    _check_independent(captured, alone)
     return verify_sites(report, captured)
+
+
+def _check_independent(batch: Captured, alone: Captured) -> None:
+    """The first sample's output and site values must not depend on the other samples of its batch:
+    batch statistics (BatchNorm in training mode or without running statistics) or any other layer
+    that mixes samples would make every Jacobian wrong."""
+    pairs = [(batch.logits, alone.logits)] + [(batch.sites[name].y, record.y) for name, record in alone.sites.items()
+                                              if name in batch.sites]
+    for together, single in pairs:
+        if not isinstance(together, torch.Tensor) or len(together) < 2 or together.shape[1:] != single.shape[1:]:
+            continue
+        finite = torch.isfinite(single) & torch.isfinite(together[:1])  # NaN weights are flagged elsewhere
+        gap = (together[:1] - single)[finite].abs()
+        scale = single[finite].abs().max() if gap.numel() else None
+        if gap.numel() and not bool(gap.max() <= 1e-4 * scale.clamp_min(torch.finfo(single.dtype).tiny)):
+            raise UserError("the model's samples interact: a sample's output changes with the other samples of its "
+                            "batch (BatchNorm in training mode or without running statistics, or another "
+                            "batch-dependent layer); per-sample Jacobians need a model that treats samples "
+                            "independently")
+
+
+def output_classes(model: torch.nn.Module, samples: Samples, settings: Settings) -> int | None:
+    """How many classes the model's output scores: the width of its 2-D logits for one sample."""
+    one = to(unpadded(take(samples.inputs, chunks(samples.inputs, 1)[0])), settings.resolved_device(),
+             DTYPES[settings.dtype])
+    with torch.no_grad():
+        logits = logits_of(run_model(model, one))
+    return logits.shape[1] if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
 
 
 def probe(loaded: LoadedModel, samples: Samples, settings: Settings | None = None,
@@ -85,13 +164,16 @@ def probe(loaded: LoadedModel, samples: Samples, settings: Settings | None = Non
     from ra_probe.report import build_report
 
     settings = settings or Settings()
-    torch.manual_seed(settings.seed)
     started = time.perf_counter()
-    model = prepare(loaded.module, settings)
-    site_report = discover(model, samples, settings)
-    run_cache = cache.for_run(model, loaded.name, settings) if cache is not None else None
-    measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
-    metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
+    device = settings.resolved_device()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
+            prepared(loaded.module, settings) as model:
+        torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
+        check_labels(samples, loaded.num_classes or output_classes(model, samples, settings))
+        site_report = discover(model, samples, settings)
+        run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
+        measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
+        metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
     verdict = {"ra": ra_verdict(metrics, settings.thresholds), "nc": nc_verdict(metrics["nc"], settings.thresholds)}
     return build_report(loaded, samples, settings, site_report, measured, metrics, verdict,
                         seconds=time.perf_counter() - started)
@@ -122,6 +204,12 @@ class Measured:
     batch_size: int = 0  # samples per chunk
     features: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
+    finite_outputs: bool = True
+
+    def sample_order(self) -> torch.Tensor:
+        """Sample indices in the order of the concatenated per-sample results."""
+        return torch.cat(self.order)
 
     def site_values(self, attribute: str, key) -> list[torch.Tensor]:
         """The chunks' tensors of one site (or pair) for `attribute` ("S", "residual", "alignment"...)."""
@@ -165,18 +253,22 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     n = len(samples)
     batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
     out.batch_size = batch_size
-    total, done = len(sites) * -(-n // batch_size), 0
-    for start in range(0, n, batch_size):
-        chunk = to(take(samples.inputs, slice(start, start + batch_size)), device, dtype)
+    indices = chunks(samples.inputs, batch_size)
+    total, done = len(sites) * len(indices), 0
+    for index in indices:
+        chunk = to(unpadded(take(samples.inputs, index)), device, dtype)
         captured = capture(model, chunk, sites)
+        out.order.append(index)
         if captured.features is not None:
             out.features.append(captured.features.double().cpu())
         if captured.logits is not None:
-            out.logits.append(captured.logits.double().cpu())
+            out.finite_outputs &= bool(torch.isfinite(captured.logits).all())
+            if captured.logits.ndim == 2:  # class scores; per-token outputs differ in length across chunks
+                out.logits.append(captured.logits.double().cpu())
         for group, members in groups_of(sites).items():
             if progress:
                 progress(members[0].name, done, total)
-            out.groups.append(_measure_group_cached(cache, group, members, captured, chunk, settings))
+            out.groups.append(_measure_group_cached(cache, group, members, captured, settings))
             done += len(members)
     if progress:
         progress("done", total, total)
@@ -192,10 +284,13 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
                            itemsize=DTYPES[settings.dtype].itemsize)
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
-                          chunk, settings: Settings) -> GroupMeasurement:
+                          settings: Settings) -> GroupMeasurement:
+    """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
+    captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
     if cache is None:
         return measure_group(group, members, captured, settings)
-    return cache.get_or_compute([s.name for s in members], chunk,
+    values = [t for s in members for t in (captured.sites[s.name].x, captured.sites[s.name].y)]
+    return cache.get_or_compute([s.name for s in members], values,
                                 lambda: measure_group(group, members, captured, settings), GroupMeasurement)
 
 
@@ -251,7 +346,12 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
 
 
 def _mean_std(values: torch.Tensor) -> tuple[float, float]:
-    return values.mean().item(), (values.std(unbiased=False).item() if values.numel() > 1 else 0.0)
+    """Mean and (biased) standard deviation over the defined values (NaN marks an undefined sample,
+    e.g. one whose branches are exactly zero); NaN when none is defined."""
+    defined = values[~values.isnan()]
+    if not defined.numel():
+        return math.nan, math.nan
+    return defined.mean().item(), (defined.std(unbiased=False).item() if defined.numel() > 1 else 0.0)
 
 
 def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settings: Settings,
@@ -263,7 +363,6 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     per_site, ra3_sites, ra4_sites = {}, [], []
     for site in sites:
         S = torch.cat(measured.site_values("S", site.name))
-        rank = ra_metrics.numerical_rank(S, settings.tau).double()
         gap = ra_metrics.singular_gap(S, num_classes) if num_classes else None
         overlaps = measured.site_values("overlap", site.name)
         overlap = torch.cat(overlaps).mean(dim=0).tolist() if overlaps else None
@@ -272,11 +371,8 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
             "max_residual": torch.cat(measured.site_values("residual", site.name)).max().item(),
             "method": measured.method(site.name), "uv_overlap": overlap, "timing": measured.timing(site.name),
         }
-        rank_mean, rank_std = _mean_std(rank)
-        ra3_sites.append({"site": site.name, "rank_mean": rank_mean, "rank_std": rank_std,
-                          "rank_median": rank.median().item(), "rank_saturated": bool((rank >= S.shape[1]).any()),
-                          "gap_mean": None if gap is None else gap.mean().item(),
-                          "rank_le_classes": None if num_classes is None else bool(rank.median().item() <= num_classes)})
+        ra3_sites.append({"site": site.name, **ra_metrics.rank_summary(S, settings.tau, num_classes),
+                          "gap_mean": None if gap is None else gap.mean().item()})
         s1_mean, s1_std = _mean_std(S[:, 0])
         ra4_sites.append({"site": site.name, "depth": len(ra4_sites) + 1, "sigma1_mean": s1_mean, "sigma1_std": s1_std})
 
@@ -286,20 +382,23 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
             continue
         chunks = measured.trajectories(group)
         stats = {k: torch.cat([t[k] for t in chunks]) for k in chunks[0]}
-        entry = {"group": group, "sites": [s.name for s in members]}
+        entry = {"group": group, "sites": [s.name for s in members],
+                 "undefined_samples": int(stats["linearity"].isnan().sum())}
         for key, values in stats.items():
             entry[key], entry[f"{key}_std"] = _mean_std(values)
         entry["projection"] = measured.projection(group)
         ra1_groups.append(entry)
         names = [s.name for s in members]
-        matrix = [[1.0 if i == j else torch.cat(measured.site_values("alignment", (i, j))).mean().item()
-                   for j in names] for i in names]
+        alignment = {(i, j): torch.cat(measured.site_values("alignment", (i, j)))
+                     for i in names for j in names if i != j}
+        matrix = [[1.0 if i == j else _mean_std(alignment[i, j])[0] for j in names] for i in names]
         pairs = [matrix[a][b] for a in range(len(names)) for b in range(len(names)) if a != b]
+        undefined = torch.stack(list(alignment.values())).isnan().any(dim=0)
         count = sum(len(t) for t in measured.site_values("S", names[0]))
         heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
                     for i in names for j in names if i != j}
         ra2_groups.append({"group": group, "sites": names, "score": sum(pairs) / len(pairs), "matrix": matrix,
-                           "heatmaps": heatmaps})
+                           "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())})
 
     judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
     sigma1 = [s["sigma1_mean"] for s in ra4_sites]
@@ -311,6 +410,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
                 "K": settings.align_k or settings.k},
         "ra3": {"sites": ra3_sites, "tau": settings.tau, "classes": num_classes, "fully_connected": fully_connected,
                 "judged": fully_connected and bool(judged),
+                "undetermined": sorted({s["undetermined"] for s in ra3_sites if s["undetermined"]}),
                 "share_rank_le_classes": sum(judged) / len(judged) if judged else None},
         "ra4": {"sites": ra4_sites, "depth": L, "L_times_mean_sigma1": sum(sigma1) if L else None,
                 "zero_sites": [s["site"] for s in ra4_sites if s["sigma1_mean"] == 0.0]},
@@ -332,6 +432,7 @@ def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.
         return None
     predictions = logits.argmax(dim=1)
     source = "data" if labels is not None else "predictions"
+    labels = None if labels is None else labels[measured.sample_order()]
     result = nc_metrics.neural_collapse(features, predictions if labels is None else labels,
                                         head.weight.detach().cpu(), predictions)
     result["labels_from"] = source

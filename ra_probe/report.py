@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from ra_probe import __version__
-from ra_probe.data import Samples
+from ra_probe.cache import tensor_digest
+from ra_probe.data import Samples, real_tokens
 from ra_probe.errors import UserError
 from ra_probe.sites import SiteReport
 from ra_probe.sources import LoadedModel
 
-SCHEMA_VERSION = "1.2"  # also in report.schema.json; MINOR for added fields, MAJOR for changed ones
+SCHEMA_VERSION = "1.3"  # also in report.schema.json; MINOR for added fields, MAJOR for changed ones
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 NO_RESIDUAL = "no residual connections found"
 
@@ -35,6 +36,7 @@ def environment(settings) -> dict[str, Any]:
 def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: SiteReport, measured,
                  metrics: dict[str, Any], verdict: dict[str, Any], *, seconds: float) -> dict[str, Any]:
     details = metrics.pop("site_details")
+    tokens = real_tokens(samples.inputs)
     sites = []
     for site in site_report.sites:
         entry = site.describe()
@@ -52,7 +54,7 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
         messages.append(f"the iterative solver did not reach --tol at {len(unconverged)} site(s) "
                         f"({', '.join(unconverged[:4])}{'…' if len(unconverged) > 4 else ''}) within its Krylov basis: "
                         "their singular values are approximate; each triplet's residual bound is in the report")
-    if not all(torch.isfinite(logits).all() for logits in measured.logits):
+    if not measured.finite_outputs:
         messages.append("the model's outputs hold NaN or Inf values (non-finite weights?): NC metrics are unreliable")
     if metrics["nc"] is not None and metrics["nc"]["labels_from"] == "predictions":
         messages.append("the data has no labels: NC metrics use the model's own predictions")
@@ -62,7 +64,9 @@ def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: S
         "model": {"name": loaded.name, "source": loaded.source, "pretrained": loaded.pretrained,
                   "weights_sha256": loaded.weights_sha256, "num_classes": loaded.num_classes,
                   "parameters": sum(p.numel() for p in loaded.module.parameters()), "adapter": site_report.adapter},
-        "data": {"name": samples.name, "samples": len(samples), "labelled": samples.labels is not None},
+        "data": {"name": samples.name, "samples": len(samples), "labelled": samples.labels is not None,
+                 "tokens": None if tokens is None else tokens.tolist(),
+                 "digest": tensor_digest(samples.inputs, samples.labels)},
         "settings": settings.as_dict(),
         "environment": environment(settings),
         "sites": sites,

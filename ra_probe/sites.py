@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # capture builds on sites: the type only, no import cycle
 
 ENTRY_POINT_GROUP = "ra_probe.adapters"
 VERIFY_RTOL = 1e-3
+CHAIN_RTOL = 1e-5  # a site's input "is" the previous site's output up to float32 rounding of a copy
 
 Context = dict[str, Any]  # side inputs of a branch: {"args": tuple, "kwargs": dict}
 Branch = Callable[[torch.Tensor, Context], torch.Tensor]
@@ -50,6 +51,7 @@ class Site:
     ctx_module: str | None = None
     adapter: str = ""
     group: int = -1
+    group_start: str | None = None  # why this site starts a new group (None: it continues one)
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
     verify_error: float | None = None
@@ -62,7 +64,7 @@ class Site:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.module_path, "kind": self.kind, "post": self.post_name,
-                "group": self.group, "adapter": self.adapter, "input_shape": list(self.in_shape),
+                "group": self.group, "group_start": self.group_start, "adapter": self.adapter, "input_shape": list(self.in_shape),
                 "output_shape": list(self.out_shape), "verify_error": self.verify_error}
 
 
@@ -148,17 +150,31 @@ def verify_sites(report: SiteReport, captured: Captured) -> SiteReport:
             continue
         site.in_shape, site.out_shape = tuple(record.x.shape[1:]), tuple(record.y.shape[1:])
         kept.append(site)
-    assign_groups(kept)
+    assign_groups(kept, captured)
     return SiteReport(report.adapter, kept, skipped)
 
 
-def assign_groups(sites: list[Site]) -> None:
-    """Consecutive sites with equal input and output shapes form a group (a stage); a projection site,
-    or a change of shape, starts a new one."""
+def assign_groups(sites: list[Site], captured: Captured) -> None:
+    """Consecutive sites form a group (a stage) while they chain: each site's input is, numerically on
+    the captured forward, the previous site's output, with equal shapes and no projection. Each site
+    that starts a group says why in `group_start`."""
     group, previous = -1, None
     for site in sites:
-        same_stage = (previous is not None and "projection" not in (site.kind, previous.kind)
-                      and site.in_shape == site.out_shape == previous.in_shape == previous.out_shape)
-        if not same_stage:
+        why = _group_break(previous, site, captured)
+        if why is not None:
             group += 1
-        site.group, previous = group, site
+        site.group, site.group_start, previous = group, why, site
+
+
+def _group_break(previous: Site | None, site: Site, captured: Captured) -> str | None:
+    """Why `site` cannot continue the group of `previous` (None when it can)."""
+    if previous is None:
+        return "first site"
+    if "projection" in (site.kind, previous.kind):
+        return "projection skip"
+    if not site.in_shape == site.out_shape == previous.in_shape == previous.out_shape:
+        return "shape changes"
+    before, now = captured.sites[previous.name].y, captured.sites[site.name].x
+    if before.shape != now.shape or relative_error(now, before) > CHAIN_RTOL:
+        return "its input is not the previous site's output (layers in between)"
+    return None

@@ -21,17 +21,17 @@ def test_entries_round_trip_and_damaged_ones_are_recomputed(tmp_path):
     cache = ResultCache(tmp_path)
     run = cache.for_run(torch.nn.Linear(2, 2), "m", Settings())
     inputs = torch.arange(6.0).reshape(3, 2)
-    stored = run.get_or_compute(["a", "b"], inputs, measurement, GroupMeasurement)
-    loaded = run.get_or_compute(["a", "b"], inputs, lambda: 1 / 0, GroupMeasurement)
+    stored = run.get_or_compute(["a", "b"], [inputs], measurement, GroupMeasurement)
+    loaded = run.get_or_compute(["a", "b"], [inputs], lambda: 1 / 0, GroupMeasurement)
     assert (cache.hits, cache.misses) == (1, 1)
     assert torch.equal(loaded.S["a"], stored.S["a"]) and torch.equal(loaded.alignment[("a", "b")], torch.tensor([0.9], dtype=torch.float64))
     assert loaded.method == {"a": "dense"} and loaded.trajectory["linearity"].item() == 0.99
 
     entry, = tmp_path.rglob("*.pt")
     entry.write_bytes(entry.read_bytes()[:40])  # a damaged entry is a miss, then replaced
-    again = run.get_or_compute(["a", "b"], inputs, measurement, GroupMeasurement)
+    again = run.get_or_compute(["a", "b"], [inputs], measurement, GroupMeasurement)
     assert cache.misses == 2 and again.group == 1
-    assert run.get_or_compute(["a", "b"], inputs, lambda: 1 / 0, GroupMeasurement).group == 1
+    assert run.get_or_compute(["a", "b"], [inputs], lambda: 1 / 0, GroupMeasurement).group == 1
 
 
 def test_keys_follow_weights_inputs_sites_and_measuring_settings(tmp_path):

@@ -12,7 +12,7 @@ from ra_probe.data import Samples
 from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, dense_svd,
                              krylov_svd, lanczos_svd)
 from ra_probe.engine.solvers import flushing_denormals
-from ra_probe.probe import Settings, discover, measure, prepare, probe
+from ra_probe.probe import Settings, discover, measure, prepared, probe
 from ra_probe.sources import LoadedModel, load_model
 
 SOLVERS = {"lanczos": lanczos_svd, "block": block_krylov_svd}
@@ -156,9 +156,9 @@ def test_jacobian_operator_matches_jacrev_and_is_adjoint():
 
 def per_sample_spectra(loaded: LoadedModel, samples: Samples, **settings) -> dict[str, torch.Tensor]:
     settings = Settings(dtype="float64", **settings)
-    model = prepare(loaded.module, settings)
-    sites = discover(model, samples, settings).sites
-    measured = measure(model, sites, samples, settings)
+    with prepared(loaded.module, settings) as model:
+        sites = discover(model, samples, settings).sites
+        measured = measure(model, sites, samples, settings)
     return {s.name: torch.cat(measured.site_values("S", s.name)) for s in sites}
 
 

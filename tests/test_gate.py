@@ -4,13 +4,19 @@ import json
 import pytest
 
 from ra_probe.errors import UserError
-from ra_probe.gate import GateRules, judge, read_baseline, summary_line
+from ra_probe.gate import GateRules, check_baseline_data, judge, read_baseline, summary_line
 
 
-def report(alignment=0.8, linearity=0.99, ranks=(12, 9, 9), nc1=0.05, ra="present", nc="present"):
+SETTINGS = {"k": 16, "align_k": 16, "tau": 0.01, "samples": 64, "dtype": "float32", "tol": 1e-3, "solver": "auto"}
+
+
+def report(alignment=0.8, linearity=0.99, ranks=(12, 9, 9), nc1=0.05, ra="present", nc="present",
+           sites=("a", "b", "c"), skipped=()):
     return {
         "model": {"name": "m"},
-        "settings": {"k": 16, "align_k": 16, "tau": 0.01},
+        "settings": SETTINGS,
+        "data": {"name": "d", "digest": "abc"},
+        "sites": [{"name": name} for name in sites], "skipped": [{"name": name, "reason": "why"} for name in skipped],
         "verdict": {"ra": ra, "nc": nc, "evidence": {
             "ra": {"checks": [{"name": "RA2", "value": alignment, "passed": alignment >= 0.5,
                                "rule": "mean alignment score a_ij ≥ 0.5", "threshold": 0.5}]},
@@ -69,6 +75,24 @@ def test_summary_line():
 def test_read_baseline_checks_settings(tmp_path):
     path = tmp_path / "base.json"
     path.write_text(json.dumps(report()))
-    assert read_baseline(path, {"k": 16, "align_k": 16, "tau": 0.01})["model"]["name"] == "m"
+    assert read_baseline(path, SETTINGS)["model"]["name"] == "m"
     with pytest.raises(UserError, match=r"other settings \(tau 0.01 vs 0.05\)"):
-        read_baseline(path, {"k": 16, "align_k": 16, "tau": 0.05})
+        read_baseline(path, {**SETTINGS, "tau": 0.05})
+    for key, value in (("samples", 32), ("dtype", "float64"), ("tol", 1e-4), ("solver", "block")):
+        with pytest.raises(UserError, match=f"other settings \\({key} "):
+            read_baseline(path, {**SETTINGS, key: value})
+
+
+def test_baseline_made_on_other_data_is_refused():
+    check_baseline_data(report(), "abc", "base.json")
+    with pytest.raises(UserError, match="measured on other data"):
+        check_baseline_data(report(), "abd", "base.json")
+    with pytest.raises(UserError, match="no fingerprint"):
+        check_baseline_data({"data": {"name": "d"}}, "abc", "base.json")
+
+
+def test_missing_or_newly_skipped_sites_fail_against_the_baseline():
+    base = report()
+    assert judge(report(), GateRules(baseline=base)).passed
+    failures = judge(report(sites=("a", "b"), skipped=("c",)), GateRules(baseline=base)).failures
+    assert failures == ["sites: 3 → 2 (1 baseline site(s) missing (c); c newly skipped (why))"]

@@ -74,7 +74,8 @@ def test_probe_on_an_image_folder_reports_labels_from_the_folders(cli, tmp_path)
                          "--json", "report.json", "--no-cache")
     assert code == 0, err
     report = json.loads(Path("report.json").read_text())
-    assert report["data"] == {"name": "images", "samples": 12, "labelled": True}
+    assert {k: report["data"][k] for k in ("name", "samples", "labelled", "tokens")} == {
+        "name": "images", "samples": 12, "labelled": True, "tokens": None}
     assert report["metrics"]["nc"]["labels_from"] == "data" and report["metrics"]["nc"]["classes"] == 4
     assert len(report["sites"]) == 2
 

@@ -39,7 +39,9 @@ def test_trained_model_is_low_rank_and_aligned_controls_are_not(bundled_reports)
     assert classes == 10
     last_four = trained["metrics"]["ra3"]["sites"][-4:]
     assert all(site["rank_median"] <= classes for site in last_four)
-    assert all(site["rank_median"] > classes for site in lowwd["metrics"]["ra3"]["sites"][-4:])
+    # the control's rank reaches k = 16 > C: undetermined as a number, but known to exceed C
+    for site in lowwd["metrics"]["ra3"]["sites"][-4:]:
+        assert site["rank_median"] is None and site["rank_at_least"] == 16 and site["rank_le_classes"] is False
     score, control = trained["metrics"]["ra2"]["mean_score"], lowwd["metrics"]["ra2"]["mean_score"]
     assert score > 0.6 and control < 0.2 and score > 4 * control
     assert trained["metrics"]["ra1"]["mean_linearity"] > 0.99

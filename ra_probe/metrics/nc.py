@@ -4,6 +4,18 @@ from __future__ import annotations
 import torch
 
 
+# NC codes in use differ in their conventions; these are the ones followed here, recorded in every report.
+CONVENTIONS = {
+    "global_mean": "unweighted mean of the class means (each class counts once, whatever its size)",
+    "nc1": "Tr(Σ_W Σ_B⁺)/C with Σ_W = (1/N) Σ_i (h_i − μ_y)(h_i − μ_y)ᵀ, Σ_B = (1/C) Σ_c (μ_c − μ_G)(μ_c − μ_G)ᵀ "
+           "and ⁺ the Moore–Penrose pseudo-inverse (all C − 1 directions of Σ_B)",
+    "nc2": "equinorm: std/mean of the norms, std with 1/n (biased); equiangularity: mean over c ≠ c′ of "
+           "|cos(μ_c − μ_G, μ_c′ − μ_G) + 1/(C − 1)|",
+    "nc3": "squared Frobenius distance ‖W/‖W‖_F − M̃/‖M̃‖_F‖²_F, rows of W for the classes present",
+    "nc4": "share of samples whose prediction differs from the nearest class mean (Euclidean)",
+}
+
+
 def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
                     predictions: torch.Tensor | None) -> dict[str, float | int | None]:
     """NC1–NC4 for features H (N, d), labels (N,), classifier weight W (C_total, d) and the model's
@@ -28,7 +40,7 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     result: dict[str, float | int | None] = {
         "classes": C, "samples": len(H), "nc1": nc1,
         "nc2_equinorm_means": _cv(mean_norms), "nc2_equinorm_weights": None, "nc2_equiangular": None,
-        "nc3": None, "nc4": None,
+        "nc3": None, "nc4": None, "conventions": CONVENTIONS,
     }
     if C >= 2:
         unit = centered_means / mean_norms.clamp_min(1e-300)[:, None]

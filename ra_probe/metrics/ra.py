@@ -72,6 +72,33 @@ def numerical_rank(S: torch.Tensor, tau: float) -> torch.Tensor:
     return (S > tau * S[:, :1]).sum(dim=1)
 
 
+def rank_summary(S: torch.Tensor, tau: float, classes: int | None) -> dict:
+    """RA3 for one site from its top-k values per sample S (B, k): the numerical rank #{σ > τσ₁} is
+    only known below k; a sample whose rank reaches k has rank ≥ k. The median over samples is exact
+    when it is below k (saturated samples sort last whatever their true rank), else it is undetermined
+    (None, with `rank_at_least` = k). Whether rank ≤ C is then known only when k > C (rank ≥ k > C);
+    with k ≤ C it is undetermined and `undetermined` says how to settle it."""
+    k = S.shape[1]
+    rank = numerical_rank(S, tau).double()
+    saturated = bool((rank >= k).any())
+    median = rank.median().item()
+    exact = median < k
+    out = {"rank_mean": None if saturated else rank.mean().item(),
+           "rank_std": None if saturated else (rank.std(unbiased=False).item() if len(rank) > 1 else 0.0),
+           "rank_median": median if exact else None, "rank_at_least": None if exact else k,
+           "rank_saturated": saturated, "rank_le_classes": None, "undetermined": None}
+    if classes is not None:
+        if exact:
+            out["rank_le_classes"] = median <= classes
+        elif k > classes:
+            out["rank_le_classes"] = False
+        else:
+            out["undetermined"] = f"the rank reaches k = {k} ≤ C = {classes}: raise --k above C"
+    elif not exact:
+        out["undetermined"] = f"the rank reaches k = {k}: raise --k"
+    return out
+
+
 def singular_gap(S: torch.Tensor, c: int) -> torch.Tensor | None:
     """σ_C / σ_{C+1} per sample, when C+1 values are known."""
     if S.shape[1] <= c:

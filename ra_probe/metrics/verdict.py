@@ -47,9 +47,10 @@ def ra_verdict(metrics: dict[str, Any], t: Thresholds) -> dict[str, Any]:
         _check("RA2", metrics["ra2"]["mean_score"], t.min_alignment, True, "mean alignment score a_ij"),
     ]
     ra3 = metrics["ra3"]
-    if ra3["judged"]:
-        checks.append(_check("RA3", ra3["share_rank_le_classes"], t.rank_share, True,
-                             "share of sites with rank ≤ C"))
+    if ra3["judged"] or (ra3["fully_connected"] and ra3["undetermined"]):
+        # sites whose rank is undetermined (it reaches k ≤ C) do not count; none judged: no evidence
+        rule = "share of sites with rank ≤ C" + (f" ({'; '.join(ra3['undetermined'])})" if ra3["undetermined"] else "")
+        checks.append(_check("RA3", ra3["share_rank_le_classes"], t.rank_share, True, rule))
     if all(s["sigma1_mean"] == 0 for s in metrics["ra4"]["sites"]):
         return {"status": "not_applicable", "checks": checks,
                 "reason": "every residual branch is exactly zero (σ₁ = 0): nothing to align"}

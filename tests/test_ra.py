@@ -1,0 +1,68 @@
+"""RA1 and RA2 on constructed trajectories and operators whose values are known by hand."""
+import math
+
+import pytest
+import torch
+
+from ra_probe.metrics.ra import alignment_score, trajectory_projection, trajectory_stats
+
+
+def _embed(points_2d: torch.Tensor, d: int, seed: int = 0) -> torch.Tensor:
+    """(P, m+1, 2) points placed in a random 2-plane of R^d, plus an offset."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))
+    return points_2d @ basis.T + torch.randn(d, generator=gen, dtype=torch.float64)
+
+
+def test_planar_trajectories_keep_their_geometry():
+    # two trajectories in a plane of R^300: the projection is an isometry of the plane (up to rotation/sign)
+    t = torch.arange(6, dtype=torch.float64)
+    planar = torch.stack([torch.stack([t, t ** 1.5 / 3], 1), torch.stack([-t, 0.5 * t], 1)])  # (2, 6, 2)
+    points, share = trajectory_projection(_embed(planar, 300))
+    assert points.shape == (2, 6, 2)
+    torch.testing.assert_close(torch.cdist(points.flatten(0, 1), points.flatten(0, 1)),
+                               torch.cdist(planar.flatten(0, 1), planar.flatten(0, 1)))
+    torch.testing.assert_close(share.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert share[0] >= share[1] > 0
+
+
+def test_equispaced_line_is_one_component():
+    step = torch.zeros(1, 1, 2, dtype=torch.float64)
+    step[..., 0] = 2.0
+    line = torch.arange(9, dtype=torch.float64)[None, :, None] * step  # (1, 9, 2) along x
+    points, share = trajectory_projection(_embed(line, 50, seed=3))
+    torch.testing.assert_close(share, torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(points[0, 1:, 0] - points[0, :-1, 0], torch.full((8,), 2.0, dtype=torch.float64))  # advancing along +PC1
+    torch.testing.assert_close(points[..., 1], torch.zeros(1, 9, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_straight_equispaced_line_by_hand():
+    H = (torch.arange(5.0)[:, None] * torch.tensor([1.0, 2.0, -1.0]))[None]  # (1, 5, 3)
+    stats = trajectory_stats(H)
+    assert stats["linearity"].item() == pytest.approx(1.0, abs=1e-12)
+    assert stats["lss"].item() == pytest.approx(1.0, abs=1e-12)
+    assert stats["step_cv"].item() == pytest.approx(0.0, abs=1e-12)
+    assert stats["step_cos"].item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_right_angle_zigzag_by_hand():
+    H = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [2.0, 1.0], [2.0, 2.0]]], dtype=torch.float64)
+    stats = trajectory_stats(H)  # unit steps e1, e2, e1, e2: m = 4 over ‖(2, 2)‖ = 2√2
+    assert stats["lss"].item() == pytest.approx(math.sqrt(2), abs=1e-12)
+    assert stats["step_cos"].item() == pytest.approx(0.0, abs=1e-12)
+    assert stats["step_cv"].item() == pytest.approx(0.0, abs=1e-12)
+    # centered points (−1.2, −0.8) … : the best line holds σ₁²/Σσ² of the variance, here < 1
+    centered = H[0] - H[0].mean(dim=0)
+    s = torch.linalg.svdvals(centered)
+    expected = (s[0] ** 2 / (s ** 2).sum()).item()
+    assert stats["linearity"].item() == pytest.approx(expected, abs=1e-12) and expected < 1
+
+
+def test_alignment_by_hand():
+    J_i, S_i = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)), torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    assert alignment_score((eye.T @ J_i @ eye)[None], S_i).item() == pytest.approx(1.0)  # a_ii = 1
+    theta = math.pi / 3  # J_j's left singular vectors turned by 60°, right ones the standard basis
+    U_j = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+    M = U_j.T @ J_i @ eye  # diagonal (3 cos θ, cos θ): a_ij = 4 cos θ / 4 = 1/2
+    assert alignment_score(M[None], S_i).item() == pytest.approx(0.5)
