@@ -25,9 +25,12 @@ import timm
 import torch
 
 from ra_probe.capture import capture
-from ra_probe.data import Samples
+from ra_probe.load.data import Samples
 from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, lanczos_svd
-from ra_probe.probe import Settings, discover, measure, prepared
+from ra_probe import Settings
+from ra_probe.pipeline.discover import discover
+from ra_probe.pipeline.measure import measure
+from ra_probe.pipeline.prepare import prepared
 
 
 def timed(fn, device: torch.device, repeat: int = 3) -> float:
@@ -61,7 +64,7 @@ def digits_trained(name: str, size: int, epochs: int, samples: int) -> tuple[tor
     SGD for `epochs` epochs on the CPU, and `samples` held-out test images."""
     import torch.nn.functional as F
 
-    from ra_probe.bundled.digits import load_split
+    from ra_probe.load.bundled.digits import load_split
 
     def images(a):
         x = torch.from_numpy(a).reshape(-1, 1, 8, 8)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ra_probe.data import Inputs, run_model
+from ra_probe.load.data import Inputs, run_model
 from ra_probe.sites import Context, Site, module_at
 
 

@@ -1,4 +1,4 @@
-"""The `ra-probe` command (spec §7): a thin Typer layer that parses options and calls one library
+"""The `ra-probe` command: a thin Typer layer that parses options and calls one library
 function per command. A user's mistake is one line on stderr and exit code 2."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.errors import UserError
@@ -54,7 +53,7 @@ Samples = typer.Option(64, min=1, help="at most this many samples")
 
 
 def _load(model: str, no_pretrained: bool, weights: Optional[Path], arch: Optional[str], input_shape: Optional[str]):
-    from ra_probe.sources import load_model
+    from ra_probe.load.models import load_model
 
     return load_model(model, pretrained=not no_pretrained, weights=None if weights is None else str(weights),
                       arch=arch, input_shape=_shape(input_shape))
@@ -77,43 +76,25 @@ NoCache = typer.Option(False, "--no-cache", help="measure everything anew (cache
 
 def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional[int], tol: float, solver: str,
               dense_limit: int, tau: float, dtype: str, device: Optional[str], seed: int):
-    from ra_probe.engine import SOLVERS
-    from ra_probe.probe import DTYPES, Settings
+    from ra_probe.pipeline.settings import Settings
 
-    if solver not in SOLVERS:
-        raise UserError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     settings = Settings(k=k, align_k=align_k, samples=samples, batch_size=batch_size, tol=tol, solver=solver,
                         dense_limit=dense_limit, tau=tau, dtype=dtype, device=device, seed=seed)
-    _check_device(settings)
+    settings.validate()
     return settings
 
 
 def _samples(loaded, data: Optional[str], settings):
-    from ra_probe.data import load_samples
+    from ra_probe.load.data import load_samples
 
     return load_samples(data, loaded, limit=settings.samples, seed=settings.seed)
 
 
 def _run_probe(loaded, sample_set, settings, *, quiet: bool, no_cache: bool) -> dict:
-    """The probe with a progress bar on stderr and the result cache."""
-    from ra_probe.cache import ResultCache
-    from ra_probe.probe import probe as run_probe
+    """The library's probe with a progress bar on stderr (none with --quiet) and the result cache."""
+    from ra_probe.api import probe as run_probe
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True, quiet=quiet), transient=True) as bar:
-        task = bar.add_task("probing", total=None)
-
-        def progress(name: str, done: int, total: int) -> None:
-            bar.update(task, description=f"probing {name}", completed=done, total=total)
-
-        cache = None if no_cache else ResultCache()
-        report = run_probe(loaded, sample_set, settings, progress, cache=cache)
-    if cache is not None and cache.hits:  # timings of these entries are those of the run that measured them
-        report["messages"].append(f"{cache.hits} of {cache.hits + cache.misses} group measurements served from "
-                                  f"the cache in {cache.folder} (--no-cache measures anew)")
-    return report
+    return run_probe(loaded, sample_set, settings, progress=not quiet, cache=not no_cache).to_dict()
 
 
 @app.command()
@@ -135,9 +116,9 @@ def probe(
     input_shape: Optional[str] = InputShape,
 ) -> None:
     """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
-    from ra_probe.console import print_report
-    from ra_probe.html import render_report, write_html
-    from ra_probe.report import write_json
+    from ra_probe.report.console import print_report
+    from ra_probe.report.html import render_report, write_html
+    from ra_probe.report.files import write_json
 
     paths = _report_paths(model, json_path, html_path, out)
     _refuse_overwrite(paths.values(), force)
@@ -208,10 +189,10 @@ def check(
 ) -> None:
     """CI gate: probe MODEL and judge the report. Exit 0 pass, 1 fail, 2 usage or input error; one
     summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
-    from ra_probe.console import print_report
-    from ra_probe.cache import tensor_digest
+    from ra_probe.report.console import print_report
+    from ra_probe.pipeline.cache import tensor_digest
     from ra_probe.gate import GateRules, check_baseline_data, check_rules, judge, read_baseline, summary_line
-    from ra_probe.report import file_safe, write_json
+    from ra_probe.report.files import file_safe, write_json
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
     if not set(wanted) <= {"ra", "nc"}:
@@ -260,7 +241,7 @@ def _report_paths(model: str, json_path: Optional[Path], html_path: Optional[Pat
     formats not given a path when --out is given or no path at all (out defaults to reports/)."""
     from datetime import datetime
 
-    from ra_probe.report import default_report_path
+    from ra_probe.report.files import default_report_path
 
     paths = {suffix: path for suffix, path in ((".json", json_path), (".html", html_path)) if path is not None}
     if out is not None or not paths:
@@ -276,14 +257,6 @@ def _refuse_overwrite(paths, force: bool) -> None:
             raise UserError(f"{path} exists; pass --force to overwrite it")
 
 
-def _check_device(settings) -> None:
-    import torch
-
-    device = settings.resolved_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {settings.device}: CUDA is not available here")
-
-
 @app.command()
 def sites(
     model: str = ModelArg, data: Optional[str] = Data,
@@ -291,9 +264,11 @@ def sites(
     input_shape: Optional[str] = InputShape,
 ) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
-    from ra_probe.console import sites_table
-    from ra_probe.data import load_samples
-    from ra_probe.probe import Settings, discover, prepared
+    from ra_probe.report.console import sites_table
+    from ra_probe.load.data import load_samples
+    from ra_probe.pipeline.discover import discover
+    from ra_probe.pipeline.prepare import prepared
+    from ra_probe.pipeline.settings import Settings
 
     loaded = _load(model, no_pretrained, weights, arch, input_shape)
     settings = Settings()
@@ -329,10 +304,10 @@ def compare(
     force: bool = typer.Option(False, "--force", help="overwrite an existing HTML file"),
 ) -> None:
     """Reports side by side: verdicts, RA1–RA4, NC; RA4 slope across depths within a model family."""
-    from ra_probe.compare import compare as compare_reports
-    from ra_probe.console import print_comparison
-    from ra_probe.html import render_comparison, write_html
-    from ra_probe.report import load_report
+    from ra_probe.report.compare import compare as compare_reports
+    from ra_probe.report.console import print_comparison
+    from ra_probe.report.html import render_comparison, write_html
+    from ra_probe.report.files import load_report
 
     if len(reports) < 2:
         raise UserError("compare needs at least two reports")

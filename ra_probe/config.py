@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ra_probe.errors import UserError
+from ra_probe.errors import UserError, first_line
 
 try:
     import tomllib
@@ -45,4 +45,4 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read config {path}: {first_line(exc)}") from None

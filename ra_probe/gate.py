@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ra_probe.errors import UserError
+from ra_probe.errors import UserError, first_line
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
@@ -174,7 +174,7 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     try:
         report = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"cannot read baseline {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read baseline {path}: {first_line(exc)}") from None
     try:
         verdicts = [report["verdict"][what] for what in ("ra", "nc")]
         values = [value_of(report) for _, value_of in METRICS.values()]

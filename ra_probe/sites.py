@@ -92,15 +92,29 @@ class SiteReport:
     skipped: list[Skipped] = field(default_factory=list)
 
 
+_RUNTIME: list[Adapter] = []  # adapters added with register_adapter, in this process
+
+
+def register_adapter(adapter: Adapter) -> None:
+    """Add an adapter for this process (besides the entry-point group): it is tried before the
+    installed adapters of the same role. Registering an adapter of the same name again replaces it."""
+    for attribute in ("name", "description", "fallback", "find"):
+        if not hasattr(adapter, attribute):
+            raise TypeError(f"an adapter needs name, description, fallback and find(model); {adapter!r} has no "
+                            f"{attribute}")
+    _RUNTIME[:] = [a for a in _RUNTIME if a.name != adapter.name] + [adapter]
+
+
 def registered_adapters() -> list[Adapter]:
-    """Adapters from the entry-point group, specific ones first, fallbacks last."""
-    adapters, seen = [], set()
+    """Adapters registered at runtime and from the entry-point group: specific ones first, fallbacks
+    last; within each, runtime ones first, then by name."""
+    adapters, seen = list(_RUNTIME), {a.name for a in _RUNTIME}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in seen:
             continue
         seen.add(ep.name)
         adapters.append(ep.load())
-    return sorted(adapters, key=lambda a: (bool(getattr(a, "fallback", False)), a.name))
+    return sorted(adapters, key=lambda a: (bool(getattr(a, "fallback", False)), a not in _RUNTIME, a.name))
 
 
 def find_sites(model: nn.Module, adapters: list[Adapter] | None = None) -> SiteReport:

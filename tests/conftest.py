@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ra_probe.bundled.reference import MODELS, reference_report
+from ra_probe.scripts.reference_reports import MODELS, reference_report
 from ra_probe.cli import main
 
 # The tests' models are tiny: one thread is faster than several, by far on a loaded CI machine.

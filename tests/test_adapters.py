@@ -108,7 +108,7 @@ def test_generic_detector_finds_the_sites_of_an_unseen_module_with_side_inputs()
 
 
 def test_a_model_without_residual_connections_has_no_sites():
-    from ra_probe.bundled.fcresnet import FCResNet
+    from ra_probe.load.bundled.fcresnet import FCResNet
 
     report = discover(FCResNet(skip=False).eval(), torch.randn(4, 64))
     assert report.sites == [] and report.skipped == []

@@ -5,9 +5,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ra_probe.bundled import MODELS
-from ra_probe.cache import ResultCache, tensor_digest
-from ra_probe.probe import GroupMeasurement, Settings
+from ra_probe.load.bundled import MODELS
+from ra_probe.pipeline.cache import ResultCache, tensor_digest
+from ra_probe import Settings
+from ra_probe.pipeline.measure import GroupMeasurement
 
 
 def measurement() -> GroupMeasurement:
@@ -67,9 +68,9 @@ def test_nan_weights_flag_the_sites_instead_of_crashing(cli, tmp_path):
 
 
 def test_keys_follow_the_source_code(tmp_path, monkeypatch):
-    import ra_probe.cache
+    import ra_probe.pipeline.cache
 
     cache, module = ResultCache(tmp_path), torch.nn.Linear(2, 2)
     before = cache.for_run(module, "m", Settings()).run_key
-    monkeypatch.setattr(ra_probe.cache, "code_digest", lambda: "edited")
+    monkeypatch.setattr(ra_probe.pipeline.cache, "code_digest", lambda: "edited")
     assert cache.for_run(module, "m", Settings()).run_key != before

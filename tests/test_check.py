@@ -5,22 +5,22 @@ from pathlib import Path
 
 import pytest
 
-import ra_probe.probe
+import ra_probe.pipeline.measure
 from conftest import TINY
-from ra_probe.report import schema_errors
+from ra_probe.report.schema import schema_errors
 
 
 @pytest.fixture
 def count_measurements(monkeypatch):
     """Count calls of the group measurement (the expensive part a cache must save)."""
     calls = []
-    real = ra_probe.probe.measure_group
+    real = ra_probe.pipeline.measure.measure_group
 
     def counted(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ra_probe.probe, "measure_group", counted)
+    monkeypatch.setattr(ra_probe.pipeline.measure, "measure_group", counted)
     return calls
 
 
@@ -104,7 +104,7 @@ def test_second_identical_run_is_served_from_the_cache(cli, count_measurements, 
 
 def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("RA_PROBE_CACHE", str(tmp_path / "own-cache"))
-    real, calls = ra_probe.probe.measure_group, []
+    real, calls = ra_probe.pipeline.measure.measure_group, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -112,7 +112,7 @@ def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_p
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ra_probe.probe, "measure_group", interrupted)
+    monkeypatch.setattr(ra_probe.pipeline.measure, "measure_group", interrupted)
     args = ("check", "bundled/fc-digits", "--require", "ra", "--samples", "32", "--batch-size", "16")
     code, out, err = cli(*args, "--json", "report.json")
     assert code == 130 and "interrupted" in err and "Traceback" not in err

@@ -8,12 +8,15 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from ra_probe.data import Samples
+from ra_probe.load.data import Samples
 from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, dense_svd,
                              krylov_svd, lanczos_svd)
 from ra_probe.engine.solvers import flushing_denormals
-from ra_probe.probe import Settings, discover, measure, prepared, probe
-from ra_probe.sources import LoadedModel, load_model
+from ra_probe import Settings, probe
+from ra_probe.pipeline.discover import discover
+from ra_probe.pipeline.measure import measure
+from ra_probe.pipeline.prepare import prepared
+from ra_probe.load.models import LoadedModel, load_model
 
 SOLVERS = {"lanczos": lanczos_svd, "block": block_krylov_svd}
 SPECTRA = {
@@ -172,7 +175,7 @@ def assert_spectra_agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_matrix_free_agrees_with_dense_on_the_bundled_model(solver):
     loaded = load_model("bundled/fc-digits")
-    from ra_probe.data import load_samples
+    from ra_probe.load.data import load_samples
 
     samples = load_samples(None, loaded, limit=3)
     dense = per_sample_spectra(loaded, samples, solver="dense", k=8)
@@ -238,4 +241,4 @@ def test_cli_rejects_an_unknown_solver(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bundled/fc-digits", "--solver", "arnoldi"])
     assert exit_info.value.code == 2
-    assert "--solver must be one of auto, dense, block, lanczos" in capsys.readouterr().err
+    assert "solver must be one of auto, dense, block" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TINY
-from ra_probe.bundled import MODELS
+from ra_probe.load.bundled import MODELS
 
 BUNDLED_WEIGHTS = MODELS["fc-digits"].weights
 

@@ -9,9 +9,9 @@ import torch
 import transformers as tf
 
 from ra_probe.cli import main
-from ra_probe.data import Samples, load_samples
-from ra_probe.probe import Settings, probe
-from ra_probe.sources import load_model
+from ra_probe.load.data import Samples, load_samples
+from ra_probe import Settings, probe
+from ra_probe.load.models import load_model
 
 TEXT = {"vocab_size": 40, "max_position_embeddings": 8}
 LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)

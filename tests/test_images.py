@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import TINY
-from ra_probe.data import load_samples
+from ra_probe.load.data import load_samples
 from ra_probe.errors import UserError
-from ra_probe.sources import load_model
+from ra_probe.load.models import load_model
 
 MODES = ["RGB", "L", "RGBA", "P", "CMYK"]
 

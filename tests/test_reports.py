@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from ra_probe.bundled.reference import FOLDER, MODELS
+from ra_probe.scripts.reference_reports import FOLDER, MODELS
 from ra_probe.cli import main
-from ra_probe.compare import compare, family_of
+from ra_probe.report.compare import compare, family_of
 from ra_probe.errors import UserError
-from ra_probe.html import render_comparison, render_report
-from ra_probe.report import SCHEMA_VERSION, load_report, schema, schema_errors
+from ra_probe.report.html import render_comparison, render_report
+from ra_probe.report.files import load_report
+from ra_probe.report.schema import SCHEMA_VERSION, schema, schema_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / FOLDER

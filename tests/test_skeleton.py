@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from ra_probe.capture import capture
 from ra_probe.engine import JacobianOperator, dense_svd, lanczos_svd
 from ra_probe.sites import find_sites, verify_sites
-from ra_probe.sources import load_model
+from ra_probe.load.models import load_model
 
 
 def test_cli_writes_report_with_ra_present(tmp_path, cli):
@@ -137,7 +137,7 @@ def test_existing_report_is_not_overwritten(tmp_path, cli):
 def test_factory_with_weights(tmp_path, cli):
     factory = tmp_path / "nets.py"
     factory.write_text(
-        "from ra_probe.bundled.fcresnet import FCResNet\n"
+        "from ra_probe.load.bundled.fcresnet import FCResNet\n"
         "def small():\n    return FCResNet(depth=3)\n")
     model = load_model(f"{factory}:small")
     save_file({k: v.contiguous() for k, v in model.module.state_dict().items()}, str(tmp_path / "w.safetensors"))

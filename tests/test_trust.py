@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from ra_probe.bundled.fcresnet import FCResNet
-from ra_probe.data import Samples, load_samples
+from ra_probe.load.bundled.fcresnet import FCResNet
+from ra_probe.load.data import Samples, load_samples
 from ra_probe.errors import UserError
 from ra_probe.metrics.ra import rank_summary
-from ra_probe.probe import Settings, probe
-from ra_probe.sources import LoadedModel, load_model
+from ra_probe import Settings, probe
+from ra_probe.load.models import LoadedModel, load_model
 from test_hf_adapters import CONFIGS, saved
 
 

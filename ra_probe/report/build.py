@@ -1,40 +1,38 @@
-"""The report as plain, JSON-ready data (spec §7): built once from what the probe measured; the
-console, the JSON file and the HTML report all read this one structure."""
+"""The report as plain, JSON-ready data, built once from what a probe found: the console, the JSON
+file and the HTML report all read this one structure."""
 from __future__ import annotations
 
-import json
 import math
 import platform
-import re
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ra_probe import __version__
-from ra_probe.cache import tensor_digest
-from ra_probe.data import Samples, real_tokens
-from ra_probe.errors import UserError
-from ra_probe.sites import SiteReport
-from ra_probe.sources import LoadedModel
+from ra_probe.load.data import Samples, real_tokens
+from ra_probe.load.models import LoadedModel
+from ra_probe.pipeline.cache import tensor_digest
+from ra_probe.pipeline.run import Outcome
+from ra_probe.pipeline.settings import Settings
+from ra_probe.report.schema import SCHEMA_VERSION
 
-SCHEMA_VERSION = "1.3"  # also in report.schema.json; MINOR for added fields, MAJOR for changed ones
-SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 NO_RESIDUAL = "no residual connections found"
 
 
-def environment(settings) -> dict[str, Any]:
+def environment(settings: Settings) -> dict[str, Any]:
+    """Where and how the numbers were computed (a probe always runs with TF32 off)."""
     device = settings.resolved_device()
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": settings.dtype, "seed": settings.seed,
-            "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+            "tf32": False}
 
 
-def build_report(loaded: LoadedModel, samples: Samples, settings, site_report: SiteReport, measured,
-                 metrics: dict[str, Any], verdict: dict[str, Any], *, seconds: float) -> dict[str, Any]:
+def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outcome: Outcome) -> dict[str, Any]:
+    """The report of one probe as a JSON-ready dict (see report.schema.json)."""
+    site_report, measured, verdict, seconds = outcome.site_report, outcome.measured, outcome.verdict, outcome.seconds
+    metrics = dict(outcome.metrics)
     details = metrics.pop("site_details")
     tokens = real_tokens(samples.inputs)
     sites = []
@@ -96,66 +94,3 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
-    write_text(json.dumps(report, indent=1, allow_nan=False, default=_plain), path)
-
-
-def write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # never a half-written report
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
-
-
-def schema() -> dict[str, Any]:
-    """The report's JSON Schema (draft 2020-12), shipped in the package."""
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def schema_errors(report: dict[str, Any]) -> list[str]:
-    """Where `report` departs from the schema, one line per error ("path: message"); empty when valid."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema())
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {_shorten(e.message)}"
-            for e in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))]
-
-
-def _shorten(text: str, limit: int = 160) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def load_report(path: Path) -> dict[str, Any]:
-    """A report read back from JSON for `compare` and the HTML report. Reports of this MAJOR schema
-    version are read (older MINOR versions lack only added fields); the current version is validated."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such report file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a JSON report ({exc})") from None
-    version = str(report.get("schema_version", "")) if isinstance(report, dict) else ""
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise UserError(f"{path}: not an ra-probe report of schema version {SCHEMA_VERSION.split('.')[0]}.x "
-                        f"(schema_version {version or 'missing'})")
-    if version == SCHEMA_VERSION:
-        errors = schema_errors(report)
-        if errors:
-            raise UserError(f"{path}: invalid report ({len(errors)} schema errors; first: {errors[0]})")
-    return report
-
-
-def file_safe(model: str) -> str:
-    """A model name as part of a file name: "timm/resnet50" → "timm-resnet50"."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
-
-
-def default_report_path(model: str, folder: Path, suffix: str, when: datetime | None = None) -> Path:
-    """`folder/<model>-<YYYYmmdd-HHMMSS><suffix>`, the model name made file-safe."""
-    return Path(folder) / f"{file_safe(model)}-{(when or datetime.now()).strftime('%Y%m%d-%H%M%S')}{suffix}"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ra_probe.data import Samples
-from ra_probe.errors import UserError
-from ra_probe.sources import LoadedModel
+from ra_probe.load.data import Samples
+from ra_probe.errors import UserError, first_line
+from ra_probe.load.models import LoadedModel
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -72,7 +72,7 @@ def _preprocess(paths: list[Path], model: LoadedModel) -> torch.Tensor:
             with Image.open(path) as image:
                 images.append(image.convert("L" if channels == 1 else "RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise UserError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            raise UserError(f"cannot read image {path}: {first_line(exc)}") from None
     if model.preprocessor is not None and model.source == "hf":
         return model.preprocessor(images=images, return_tensors="pt")["pixel_values"].float()
     transform = _timm_transform(model)

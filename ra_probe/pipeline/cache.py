@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -23,6 +22,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ra_probe import __version__
+from ra_probe.files import atomic_write
 
 T = TypeVar("T")
 # Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
@@ -136,19 +136,11 @@ class ResultCache:
             return None
 
     def _store(self, key: str, result: Any) -> None:
-        path, tmp = self.path(key), None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
-            with os.fdopen(handle, "wb") as f:
-                torch.save({f.name: getattr(result, f.name) for f in fields(result)}, f)
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write(self.path(key), lambda f: torch.save({f_.name: getattr(result, f_.name)
+                                                               for f_ in fields(result)}, f))
         except OSError:  # a read-only or full cache disk slows runs down; it never fails them
             pass
-        finally:
-            if tmp is not None:  # interrupted mid-write: leave no partial file behind
-                Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Console output (spec §7): rich tables rendered from the report dict, so everything printed is also
-in the JSON."""
+"""Console output: rich tables rendered from the report dict, so everything printed is also in the
+JSON."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,17 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ra_probe.report.format import fmt
+
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "not_applicable": "dim"}
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def sites_table(sites: list[dict[str, Any]], skipped: list[dict[str, Any]], adapter: str) -> Table:
@@ -25,8 +17,8 @@ def sites_table(sites: list[dict[str, Any]], skipped: list[dict[str, Any]], adap
     for column in ("site", "kind", "post", "group", "input shape", "verify error"):
         table.add_column(column)
     for s in sites:
-        table.add_row(s["name"], s["kind"], _fmt(s["post"]), str(s["group"]),
-                      "×".join(map(str, s["input_shape"])), _fmt(s["verify_error"], 2))
+        table.add_row(s["name"], s["kind"], fmt(s["post"]), str(s["group"]),
+                      "×".join(map(str, s["input_shape"])), fmt(s["verify_error"], 2))
     for s in skipped:
         table.add_row(s["name"], "[red]skipped[/red]", "", "", "", s["reason"])
     return table
@@ -43,8 +35,8 @@ def spectra_table(report: dict[str, Any]) -> Table:
         sv = s["singular_values"] + [None] * 3
         r = ra3[s["name"]]
         rank = f"{r['rank_median']:g}" if r["rank_median"] is not None else f"≥{r['rank_at_least']}"
-        table.add_row(s["name"], s["method"], _fmt(sv[0]), _fmt(sv[1]), _fmt(sv[2]), rank, _fmt(r["gap_mean"]),
-                      _fmt(s["max_residual"], 2), f"{s['timing']['seconds']:.2f}")
+        table.add_row(s["name"], s["method"], fmt(sv[0]), fmt(sv[1]), fmt(sv[2]), rank, fmt(r["gap_mean"]),
+                      fmt(s["max_residual"], 2), f"{s['timing']['seconds']:.2f}")
     return table
 
 
@@ -57,10 +49,10 @@ def ra_table(report: dict[str, Any]) -> Table:
     for g in metrics["ra2"]["groups"]:
         t = ra1[g["group"]]
         names = g["sites"]
-        table.add_row(str(g["group"]), f"{names[0]} … {names[-1]} ({len(names)})", _fmt(t["linearity"]),
-                      _fmt(t["lss"]), _fmt(t["step_cv"]), _fmt(t["step_cos"]), _fmt(g["score"]))
+        table.add_row(str(g["group"]), f"{names[0]} … {names[-1]} ({len(names)})", fmt(t["linearity"]),
+                      fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"]), fmt(g["score"]))
     ra4 = metrics["ra4"]
-    table.caption = f"RA4: L = {ra4['depth']}, L·mean σ₁ = {_fmt(ra4['L_times_mean_sigma1'])}"
+    table.caption = f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}"
     return table
 
 
@@ -69,7 +61,7 @@ def nc_table(nc: dict[str, Any]) -> Table:
                         f"{nc['labels_from']})", title_justify="left")
     for column in ("NC1", "NC2 equinorm μ", "NC2 equinorm w", "NC2 equiangular", "NC3", "NC4"):
         table.add_column(column, justify="right")
-    table.add_row(*(_fmt(nc[k]) for k in ("nc1", "nc2_equinorm_means", "nc2_equinorm_weights", "nc2_equiangular",
+    table.add_row(*(fmt(nc[k]) for k in ("nc1", "nc2_equinorm_means", "nc2_equinorm_weights", "nc2_equiangular",
                                            "nc3", "nc4")))
     return table
 
@@ -81,7 +73,7 @@ def verdict_table(verdict: dict[str, Any]) -> Table:
     for key in ("ra", "nc"):
         evidence = verdict["evidence"][key]
         lines = [f"{'✓' if c['passed'] else '✗' if c['passed'] is not None else '·'} {c['name']}: "
-                 f"{_fmt(c['value'])} ({c['rule']})" for c in evidence["checks"]]
+                 f"{fmt(c['value'])} ({c['rule']})" for c in evidence["checks"]]
         if evidence.get("reason"):
             lines.append(evidence["reason"])
         status = verdict[key]
@@ -118,7 +110,7 @@ def compare_table(comparison: dict[str, Any]) -> Table:
             key = "ra" if row["metric"].startswith("RA") else "nc"
             cells = [f"[{STATUS_STYLE[r[key]]}]{value}[/]" for r, value in zip(comparison["reports"], row["values"])]
         else:
-            cells = [_fmt(value) for value in row["values"]]
+            cells = [fmt(value) for value in row["values"]]
         table.add_row(row["metric"], *cells)
     return table
 

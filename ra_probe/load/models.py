@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ra_probe.errors import UserError
+from ra_probe.errors import UserError, first_line
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -94,7 +94,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or truncated files raise many different types
-        raise UserError(f"cannot read weights {path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot read weights {path}: {first_line(exc)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -115,18 +115,14 @@ def load_weights(module: nn.Module, path: str | Path) -> str:
         misshaped = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
         detail = "; ".join(f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
                            (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys)
-        raise UserError(f"weights {path} do not fit the architecture: {detail or _first_line(exc)}") from None
+        raise UserError(f"weights {path} do not fit the architecture: {detail or first_line(exc)}") from None
     return sha256_of(Path(path))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
 
 def _load_bundled(name: str) -> LoadedModel:
-    from ra_probe.bundled import MODELS
-    from ra_probe.bundled.fcresnet import FCResNet
+    from ra_probe.load.bundled import MODELS
+    from ra_probe.load.bundled.fcresnet import FCResNet
 
     if name not in MODELS:
         raise UserError(f"unknown bundled model {name!r}; bundled models: {', '.join(MODELS)}")
@@ -166,10 +162,10 @@ def _load_timm(name: str, *, pretrained: bool, **kwargs: Any) -> LoadedModel:
         module = timm.create_model(name, pretrained=pretrained, exportable=True, **kwargs)
     except Exception as exc:
         if pretrained:
-            why = "no network and not in the local cache" if offline else _first_line(exc)
+            why = "no network and not in the local cache" if offline else first_line(exc)
             raise UserError(f"cannot download pretrained weights for timm/{name} ({why}); "
                             "use --no-pretrained for random init") from None
-        raise UserError(f"cannot build timm/{name}: {_first_line(exc)}") from None
+        raise UserError(f"cannot build timm/{name}: {first_line(exc)}") from None
     config = timm.data.resolve_data_config({}, model=module)
     return LoadedModel(module, f"timm/{name}", "timm", input_shape=tuple(config["input_size"]),
                        num_classes=getattr(module, "num_classes", None) or None, modality="image",
@@ -183,7 +179,7 @@ def _load_folder(folder: Path) -> LoadedModel:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {config_file}: {_first_line(exc)}") from None
+        raise UserError(f"cannot read {config_file}: {first_line(exc)}") from None
     if "architecture" in config and "model_type" not in config:  # timm layout
         weights = folder / "model.safetensors"
         loaded = _load_timm(config["architecture"], pretrained=False,
@@ -201,7 +197,7 @@ def _load_hf(repo: str, *, display: str) -> LoadedModel:
     try:
         config = transformers.AutoConfig.from_pretrained(repo)
     except Exception as exc:
-        why = "no network and not in the local cache" if offline else _first_line(exc)
+        why = "no network and not in the local cache" if offline else first_line(exc)
         raise UserError(f"cannot load the Hugging Face model {display} ({why})") from None
     archs = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
@@ -211,7 +207,7 @@ def _load_hf(repo: str, *, display: str) -> LoadedModel:
         else:
             module = model_cls.from_pretrained(repo, attn_implementation="eager")
     except Exception as exc:
-        raise UserError(f"cannot load Hugging Face model {display}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load Hugging Face model {display}: {first_line(exc)}") from None
     image_size = getattr(config, "image_size", None)
     channels = getattr(config, "num_channels", 3)
     if image_size is not None:
@@ -249,19 +245,19 @@ def _load_factory(ref: str) -> LoadedModel:
         try:
             spec.loader.exec_module(module_obj)
         except Exception as exc:
-            raise UserError(f"cannot import {path}: {_first_line(exc)}") from None
+            raise UserError(f"cannot import {path}: {first_line(exc)}") from None
     else:
         try:
             module_obj = importlib.import_module(target)
         except Exception as exc:
-            raise UserError(f"cannot import module {target!r}: {_first_line(exc)}") from None
+            raise UserError(f"cannot import module {target!r}: {first_line(exc)}") from None
     fn = getattr(module_obj, fn_name, None)
     if not callable(fn):
         raise UserError(f"{target} has no callable {fn_name!r}")
     try:
         model = fn()
     except Exception as exc:
-        raise UserError(f"factory {ref} failed: {_first_line(exc)}") from None
+        raise UserError(f"factory {ref} failed: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"factory {ref} returned {type(model).__name__}, not a torch.nn.Module")
     input_shape = getattr(model, "input_shape", None) or _first_linear_input(model)

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ra_probe.errors import UserError
-from ra_probe.sources import LoadedModel
+from ra_probe.errors import UserError, first_line
+from ra_probe.load.models import LoadedModel
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -98,7 +98,7 @@ def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = Non
     elif ref.endswith(".txt"):
         samples = _text(Path(ref), model, limit)
     elif Path(ref).is_dir():
-        from ra_probe.images import load_image_folder
+        from ra_probe.load.images import load_image_folder
 
         samples = load_image_folder(Path(ref), model, limit=limit, seed=seed)
     else:
@@ -126,8 +126,8 @@ def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
 
 
 def _bundled(ref: str) -> Samples:
-    from ra_probe.bundled import DATASETS
-    from ra_probe.bundled.digits import load_split
+    from ra_probe.load.bundled import DATASETS
+    from ra_probe.load.bundled.digits import load_split
 
     name = ref.removeprefix("bundled/")
     if name not in DATASETS:
@@ -143,7 +143,7 @@ def _npz(path: Path) -> Samples:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except Exception as exc:
-        raise UserError(f"cannot read {path} as .npz: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise UserError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     if "x" not in arrays:
         raise UserError(f"{path} has no array named 'x' (found: {', '.join(arrays) or 'none'})")
     x, y = arrays["x"], arrays.get("y")

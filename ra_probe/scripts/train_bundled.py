@@ -1,4 +1,4 @@
-"""Train the bundled models (spec §8): `python -m ra_probe.bundled.train [NAME ...]`.
+"""Train the bundled models (spec §8): `python -m ra_probe.scripts.train_bundled [NAME ...]`.
 
 SGD momentum 0.9, lr 0.05 with cosine decay, 500 epochs, batch 128, one CPU thread; about a minute each.
 """
@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ra_probe.bundled import MODELS, WEIGHTS_DIR
-from ra_probe.bundled.digits import load_split
-from ra_probe.bundled.fcresnet import FCResNet
+from ra_probe.load.bundled import MODELS, WEIGHTS_DIR
+from ra_probe.load.bundled.digits import load_split
+from ra_probe.load.bundled.fcresnet import FCResNet
 
 EPOCHS, BATCH, LR, SEED = 500, 128, 0.05, 0
 

@@ -1,4 +1,4 @@
-"""The HTML reports (spec §7): one self-contained file per report or comparison — jinja2 templates,
+"""The HTML reports: one self-contained file per report or comparison — jinja2 templates,
 the figures of `plots` inline as SVG, the style inline; nothing is fetched when the page opens."""
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from ra_probe import plots
-from ra_probe.console import _fmt
-from ra_probe.report import write_text
+from ra_probe.report import plots
+from ra_probe.report.files import write_text
+from ra_probe.report.format import fmt
 
 
 def number(value: Any, digits: int = 4) -> str:
     """How the HTML prints a value: as the console does, with 4 significant digits."""
-    return _fmt(value, digits)
+    return fmt(value, digits)
 
 
 def _environment() -> Environment:
-    env = Environment(loader=PackageLoader("ra_probe", "templates"), autoescape=select_autoescape(["j2"]),
+    env = Environment(loader=PackageLoader("ra_probe.report", "templates"), autoescape=select_autoescape(["j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = number
     env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False)

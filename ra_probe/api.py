@@ -1,0 +1,272 @@
+"""The library: `probe` a model on data and get a `Report`; `check` a report or a model against rules;
+`load_report` reads one back. Everything the command line does, from a notebook or a training script,
+with no global side effect: the caller's model, RNG, TF32 flags and grad mode are as they were."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ra_probe.errors import UserError
+from ra_probe.gate import GateResult, GateRules, check_baseline_data, check_rules, judge, read_baseline
+from ra_probe.load.data import Samples, load_samples
+from ra_probe.load.models import LoadedModel, load_model
+from ra_probe.metrics.verdict import Thresholds
+from ra_probe.pipeline.cache import ResultCache, tensor_digest
+from ra_probe.pipeline.run import run
+from ra_probe.pipeline.settings import Progress, Settings
+from ra_probe.report.build import build_report
+from ra_probe.report.files import load_report as _read_report
+from ra_probe.report.files import write_json
+
+Model = nn.Module | str | LoadedModel
+LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape")
+
+
+class Report(Mapping):
+    """A probe's report: read it as the JSON dict it is (`report["metrics"]["ra2"]`), or through
+    `.verdict`, `.sites`, `.metrics`; write it with `.to_json`/`.to_html`; in Jupyter it shows itself."""
+
+    def __init__(self, data: dict[str, Any]):
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"<Report {self._data['model']['name']}: RA {self.verdict['ra']}, NC {self.verdict['nc']}>"
+
+    @property
+    def verdict(self) -> dict[str, str]:
+        """{"ra": status, "nc": status}, each present / partial / absent / not_applicable."""
+        return {"ra": self._data["verdict"]["ra"], "nc": self._data["verdict"]["nc"]}
+
+    @property
+    def sites(self) -> list[dict[str, Any]]:
+        return self._data["sites"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self._data["metrics"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the report as plain JSON-ready data."""
+        return copy.deepcopy(self._data)
+
+    def to_json(self, path: str | Path | None = None, *, force: bool = False) -> str:
+        """The report as JSON text, also written to `path` when given (an existing file only with `force`)."""
+        import json
+
+        text = json.dumps(self._data, indent=1, allow_nan=False)
+        if path is not None:
+            _refuse_overwrite(Path(path), force)
+            write_json(self._data, Path(path))
+        return text
+
+    def to_html(self, path: str | Path | None = None, *, force: bool = False) -> str:
+        """The self-contained HTML page, also written to `path` when given (an existing file only with `force`)."""
+        from ra_probe.report.html import render_report, write_html
+
+        page = render_report(self._data)
+        if path is not None:
+            _refuse_overwrite(Path(path), force)
+            write_html(page, Path(path))
+        return page
+
+    def _repr_html_(self) -> str:
+        """The HTML page inline in Jupyter, in a frame so its style stays its own."""
+        from html import escape
+
+        return (f'<iframe srcdoc="{escape(self.to_html())}" style="width: 100%; height: 720px; border: 0" '
+                f'title="ra-probe report: {escape(self._data["model"]["name"])}"></iframe>')
+
+    def to_frame(self):
+        """One row per site: group, kind, σ₁…σ₃, median rank, max residual, method, seconds (pandas)."""
+        import pandas as pd
+
+        ranks = {s["site"]: s for s in self.metrics["ra3"]["sites"]}
+        rows = []
+        for site in self.sites:
+            values = site["singular_values"] + [None] * 3
+            rows.append({"site": site["name"], "group": site["group"], "kind": site["kind"],
+                         "sigma1": values[0], "sigma2": values[1], "sigma3": values[2],
+                         "rank_median": ranks[site["name"]]["rank_median"],
+                         "max_residual": site["max_residual"], "method": site["method"],
+                         "seconds": site["timing"]["seconds"]})
+        return pd.DataFrame(rows).set_index("site")
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass force=True to overwrite it")
+
+
+def settings_from(options: dict[str, Any], base: Settings | None = None) -> Settings:
+    """Settings from keyword options named like the CLI's (`k`, `samples`, `tol`, `device`...), and
+    thresholds by their names (`min_alignment`, `max_nc1`...). Unknown names are a UserError."""
+    known = {f.name for f in fields(Settings)} - {"thresholds"}
+    limits = {f.name for f in fields(Thresholds)}
+    unknown = sorted(set(options) - known - limits)
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known | limits))}")
+    settings = copy.deepcopy(base) if base is not None else Settings()
+    for name, value in options.items():
+        setattr(settings.thresholds if name in limits else settings, name, value)
+    settings.validate()
+    return settings
+
+
+def as_loaded(model: Model, **loading: Any) -> LoadedModel:
+    """A model reference (what the CLI takes), an `nn.Module` or an already loaded model, loaded."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model, pretrained=loading.get("pretrained", True), weights=loading.get("weights"),
+                          arch=loading.get("arch"), input_shape=loading.get("input_shape"))
+    if isinstance(model, nn.Module):
+        shape = loading.get("input_shape") or getattr(model, "input_shape", None)
+        return LoadedModel(model, type(model).__name__, "module", input_shape=tuple(shape) if shape else None,
+                           num_classes=getattr(model, "num_classes", None) or None)
+    raise UserError(f"model must be an nn.Module or a model reference string, got {type(model).__name__}")
+
+
+def as_samples(data: Any, loaded: LoadedModel, settings: Settings) -> Samples:
+    """Samples from a tensor (N, …), an (x, y) pair, a DataLoader or any iterable of such batches (taken
+    up to `settings.samples`), a `--data` reference string, or None (the model's own data)."""
+    if isinstance(data, Samples):
+        return data
+    if data is None or isinstance(data, (str, Path)):
+        return load_samples(None if data is None else str(data), loaded, limit=settings.samples, seed=settings.seed)
+    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and len(data) == 2
+                                          and isinstance(data[0], torch.Tensor)):
+        x, y = (data, None) if isinstance(data, torch.Tensor) else data
+        return _checked(x, y, settings)
+    if isinstance(data, Iterable):
+        xs, ys = [], []
+        for batch in data:
+            x, y = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1])
+            xs.append(x)
+            ys.append(y)
+            if sum(len(t) for t in xs) >= settings.samples:
+                break
+        if not xs:
+            raise UserError("data holds no batches")
+        labels = None if any(y is None for y in ys) else torch.cat([torch.as_tensor(y) for y in ys])
+        return _checked(torch.cat(xs), labels, settings)
+    raise UserError(f"data must be a tensor, an (x, y) pair, a DataLoader or a data reference, got "
+                    f"{type(data).__name__}")
+
+
+def _checked(x: torch.Tensor, y: Any, settings: Settings) -> Samples:
+    x = x[:settings.samples]
+    labels = None if y is None else torch.as_tensor(y)[:settings.samples].long()
+    if len(x) == 0:
+        raise UserError("data holds no samples")
+    if labels is not None and labels.shape != (len(x),):
+        raise UserError(f"labels must have shape ({len(x)},), got {tuple(labels.shape)}")
+    return Samples(x.detach().cpu(), labels, "tensor")
+
+
+def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
+          progress: Progress | bool | None = None, cache: bool | str | Path = False, **options: Any) -> Report:
+    """Probe `model` on `data` and return its Report.
+
+    `model`: an `nn.Module` (probed as it is, never copied, and left as it was), or a reference as the
+    CLI takes it ("timm/resnet50", "hf/org/name", a folder, "file.py:fn", "bundled/fc-digits"), with
+    `pretrained`, `weights`, `arch`, `input_shape` as loading options. `data`: a tensor (N, …), an
+    (x, y) pair, a DataLoader or iterable of batches, a data reference string, or None. Settings are the
+    CLI's options as keywords (`k=16, samples=64, tol=1e-3, device="cuda"`...) or a `Settings`.
+    `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the
+    user's cache folder, or a folder."""
+    loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
+    settings = settings_from(options, settings)
+    loaded = as_loaded(model, **loading)
+    samples = as_samples(data, loaded, settings)
+    store = None if cache is False else ResultCache(None if cache is True else cache)
+    if progress is True:
+        with _progress_bar() as bar:
+            outcome = run(loaded, samples, settings, bar, store)
+    else:
+        outcome = run(loaded, samples, settings, progress or None, store)
+    report = build_report(loaded, samples, settings, outcome)
+    if store is not None and store.hits:  # timings of these entries are those of the run that measured them
+        report["messages"].append(f"{store.hits} of {store.hits + store.misses} group measurements served from "
+                                  f"the cache in {store.folder} (--no-cache measures anew)")
+    return Report(report)
+
+
+class _progress_bar:
+    """A rich progress bar on stderr (it renders in terminals and notebooks alike), as a Progress callable."""
+
+    def __enter__(self) -> Callable[[str, int, int], None]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("probing", total=None)
+        return lambda name, done, total: self.bar.update(task, description=f"probing {name}", completed=done,
+                                                         total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+
+def load_report(path: str | Path) -> Report:
+    """A report written by `Report.to_json` or `ra-probe --json`, validated, as a Report."""
+    return Report(_read_report(Path(path)))
+
+
+def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[str] = (),
+          baseline: str | Path | Mapping | None = None, tolerance: float = 0.05, data: Any = None,
+          **options: Any) -> GateResult:
+    """The CI gate's rules on a report, or on a model probed first (`data` and settings as for `probe`).
+    `require`: "ra", "nc" or both; `baseline`: a report (or its path) whose verdicts must not get worse
+    and metrics not move beyond `tolerance`; limits by name: `min_alignment`, `min_linearity`,
+    `max_rank`, `max_nc1`, `max_nc4`. Returns a GateResult: `.passed`, `.checks`, `.failures`."""
+    from ra_probe.gate import LIMITS
+
+    limits = {name: options.pop(name) for name in list(options) if name in LIMITS}
+    wanted = (require,) if isinstance(require, str) else tuple(require)
+    if not set(wanted) <= {"ra", "nc"}:
+        raise UserError(f"require takes ra or nc, got {', '.join(wanted)}")
+    if isinstance(report_or_model, Mapping):
+        if options or data is not None:
+            raise UserError("data and settings apply to a model to probe, not to a finished report")
+        report, settings, made_with = report_or_model, None, report_or_model["settings"]
+    else:
+        report, settings = None, settings_from(options)
+        made_with = settings.as_dict()
+    base = read_baseline(Path(baseline), made_with) if isinstance(baseline, (str, Path)) else baseline
+    rules = GateRules(require=wanted, limits=limits, tolerance=tolerance, baseline=base)
+    check_rules(rules, made_with["k"])
+    if report is None:
+        loaded = as_loaded(report_or_model)
+        samples = as_samples(data, loaded, settings)
+        if base is not None:
+            check_baseline_data(base, tensor_digest(samples.inputs, samples.labels), baseline or "baseline")
+        report = probe(loaded, samples, settings)
+    return judge(dict(report), rules)
+
+
+def register_adapter(adapter: Any) -> None:
+    """Add an adapter at runtime (an object with `name`, `description`, `fallback` and `find(model)`),
+    tried before the registered ones of the same role: a notebook can teach ra-probe a new family."""
+    from ra_probe.sites import register_adapter as register
+
+    register(adapter)
+
+
+__all__ = ["Report", "check", "load_report", "probe", "register_adapter"]

@@ -1,0 +1,1 @@
+"""Loading: model references into modules, data references into samples, and the bundled models."""

@@ -1,0 +1,188 @@
+"""Measurement: the top-k SVD of every site's Residual Jacobian, the RA2 alignment products and the
+RA1 trajectories, group by group and chunk of samples by chunk (each served from the cache when it
+holds it)."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ra_probe.capture import Captured, capture
+from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
+from ra_probe.load.data import Samples, chunks, take, to, unpadded
+from ra_probe.metrics import ra as ra_metrics
+from ra_probe.pipeline.cache import RunCache
+from ra_probe.pipeline.settings import DTYPES, Progress, Settings
+from ra_probe.sites import Site
+
+PROJECTED_SAMPLES = 16  # RA1 trajectories kept per group for the report's picture
+
+
+@dataclass
+class GroupMeasurement:
+    """What one chunk of B samples gives for one group of sites; per-sample tensors on the CPU (float64).
+    Small by design (no singular vectors), so it can be stored and merged."""
+
+    group: int
+    S: dict[str, torch.Tensor] = field(default_factory=dict)  # site → (B, k)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # site → (B, k), max of both sides
+    overlap: dict[str, torch.Tensor] = field(default_factory=dict)  # site → (B, k) |⟨u_k, v_k⟩|
+    method: dict[str, str] = field(default_factory=dict)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds, products, iterations
+    alignment: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (B,) a_ij
+    heatmap: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (K, K) Σ_b |M_ij|
+    trajectory: dict[str, torch.Tensor] | None = None  # RA1 statistic → (B,)
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None  # RA1 picture: (P, m+1, 2) points, (2,) shares
+
+
+@dataclass
+class Measured:
+    """Everything measured, chunk by chunk: group measurements in order, classifier features, logits."""
+
+    groups: list[GroupMeasurement] = field(default_factory=list)
+    batch_size: int = 0  # samples per chunk
+    features: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
+    finite_outputs: bool = True
+
+    def sample_order(self) -> torch.Tensor:
+        """Sample indices in the order of the concatenated per-sample results."""
+        return torch.cat(self.order)
+
+    def site_values(self, attribute: str, key) -> list[torch.Tensor]:
+        """The chunks' tensors of one site (or pair) for `attribute` ("S", "residual", "alignment"...)."""
+        return [getattr(g, attribute)[key] for g in self.groups if key in getattr(g, attribute)]
+
+    def trajectories(self, group: int) -> list[dict[str, torch.Tensor]]:
+        return [g.trajectory for g in self.groups if g.group == group and g.trajectory is not None]
+
+    def projection(self, group: int) -> dict[str, Any] | None:
+        """The first chunk's RA1 projection of a group, as report data."""
+        first = next((g.projection for g in self.groups if g.group == group and g.projection is not None), None)
+        if first is None:
+            return None
+        points, share = first
+        return {"samples": points.shape[0], "explained_variance": share.tolist(), "points": points.tolist()}
+
+    def timing(self, site: str) -> dict[str, float]:
+        """Seconds and products (SVD and RA2 alignment) and converged samples summed over chunks; the
+        most iterations of any chunk."""
+        chunks = self.site_values("timing", site)
+        total = {key: sum(t.get(key, 0) for t in chunks) for key in chunks[0] if key != "iterations"}
+        return {**total, "iterations": max(t["iterations"] for t in chunks)}
+
+    def method(self, site: str) -> str:
+        return self.site_values("method", site)[0]
+
+
+def groups_of(sites: list[Site]) -> dict[int, list[Site]]:
+    groups: dict[int, list[Site]] = defaultdict(list)
+    for site in sites:
+        groups[site.group].append(site)
+    return dict(groups)
+
+
+def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
+            progress: Progress | None = None, cache: RunCache | None = None) -> Measured:
+    """Spectra, alignment and trajectories of every site, chunk of samples by chunk (each group and
+    chunk served from `cache` when it holds it)."""
+    out = Measured()
+    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
+    n = len(samples)
+    batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
+    out.batch_size = batch_size
+    indices = chunks(samples.inputs, batch_size)
+    total, done = len(sites) * len(indices), 0
+    for index in indices:
+        chunk = to(unpadded(take(samples.inputs, index)), device, dtype)
+        captured = capture(model, chunk, sites)
+        out.order.append(index)
+        if captured.features is not None:
+            out.features.append(captured.features.double().cpu())
+        if captured.logits is not None:
+            out.finite_outputs &= bool(torch.isfinite(captured.logits).all())
+            if captured.logits.ndim == 2:  # class scores; per-token outputs differ in length across chunks
+                out.logits.append(captured.logits.double().cpu())
+        for group, members in groups_of(sites).items():
+            if progress:
+                progress(members[0].name, done, total)
+            out.groups.append(_measure_group_cached(cache, group, members, captured, settings))
+            done += len(members)
+    if progress:
+        progress("done", total, total)
+    return out
+
+
+def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
+    """Samples per chunk from the device's free memory and the sites' sizes (engine.memory)."""
+    dims = [[(math.prod(s.in_shape), math.prod(s.out_shape)) for s in members] for members in groups_of(sites).values()]
+    device = settings.resolved_device()
+    return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
+                           block=default_block(settings.k, 1, device), chunk=settings.chunk,
+                           itemsize=DTYPES[settings.dtype].itemsize)
+
+def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
+                          settings: Settings) -> GroupMeasurement:
+    """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
+    captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
+    if cache is None:
+        return measure_group(group, members, captured, settings)
+    values = [t for s in members for t in (captured.sites[s.name].x, captured.sites[s.name].y)]
+    return cache.get_or_compute([s.name for s in members], values,
+                                lambda: measure_group(group, members, captured, settings), GroupMeasurement)
+
+
+def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings) -> GroupMeasurement:
+    """Top-k SVD of every site of a group on one chunk, then RA2 alignment and RA1 trajectories."""
+    out = GroupMeasurement(group)
+    svds, ops = {}, {}
+    for site in members:
+        record = captured.sites[site.name]
+        tick = time.perf_counter()
+        jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
+        method = choose_method(jacobian.shape, settings.solver, settings.dense_limit)
+        op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
+        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed)
+        ops[site.name] = op
+        svds[site.name] = result
+        formed = jacobian.products if op is not jacobian else 0
+        out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": formed + result.products,
+                                 "iterations": result.iterations,
+                                 "converged": int(result.converged.sum()), "samples": op.shape[0]}
+        out.method[site.name] = result.method
+        out.S[site.name] = result.S.double().cpu()
+        out.residual[site.name] = torch.maximum(result.res_left, result.res_right).double().cpu()
+        if op.shape[1] == op.shape[2]:
+            out.overlap[site.name] = ra_metrics.singular_vector_overlap(result.U, result.V).double().cpu()
+    if len(members) >= 2:
+        _measure_alignment(members, captured, svds, ops, settings, out)
+        H = torch.stack([captured.sites[members[0].name].x] + [captured.sites[s.name].y for s in members], dim=1)
+        out.trajectory = {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()}
+        points, share = ra_metrics.trajectory_projection(H[:PROJECTED_SAMPLES])
+        out.projection = points.double().cpu(), share.double().cpu()
+    return out
+
+
+def _measure_alignment(members: list[Site], captured: Captured, svds, ops, settings: Settings,
+                       out: GroupMeasurement) -> None:
+    """RA2 within a group: M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: K·(m−1) products per site
+    and sample, in one chunked block product J_i [V_j …] (a dense site's J_i is already formed)."""
+    K = min(settings.align_k or settings.k, *(svds[s.name].S.shape[1] for s in members))
+    for site_i in members:
+        tick = time.perf_counter()
+        op, before = ops[site_i.name], ops[site_i.name].products
+        S_i = svds[site_i.name].S[:, :K]
+        partners = [s for s in members if s is not site_i]
+        V = torch.cat([svds[s.name].V[:, :, :K] for s in partners], dim=2)
+        JV = op.matmat(V)
+        for index, site_j in enumerate(partners):
+            M = svds[site_j.name].U[:, :, :K].transpose(1, 2) @ JV[:, :, index * K:(index + 1) * K]
+            key = (site_i.name, site_j.name)
+            out.alignment[key] = ra_metrics.alignment_score(M, S_i).double().cpu()
+            out.heatmap[key] = M.abs().sum(dim=0).double().cpu()
+        out.timing[site_i.name].update(align_seconds=time.perf_counter() - tick, align_products=op.products - before)

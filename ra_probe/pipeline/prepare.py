@@ -1,0 +1,70 @@
+"""The model made ready to probe, in place and only for the duration of a probe: nothing of the
+caller's model or global torch state is left changed."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from ra_probe.pipeline.settings import DTYPES, Settings
+
+
+@contextmanager
+def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Module]:
+    """`model` itself, never a copy, made ready to probe for the duration of the block: eval mode,
+    parameters frozen, on the probe's device and dtype, eval-mode BatchNorm2d as the per-channel affine
+    map it computes, TF32 off (spectra in true float32). On exit every module's mode, every parameter's
+    grad flag, device and dtype, the swapped BatchNorms and the TF32 flags are as they were."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    data = {p: p.data for p in model.parameters()}
+    buffers = {m: dict(m._buffers) for m in model.modules()}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    model.eval().requires_grad_(False)
+    swapped = _affine_batch_norms(model)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for parent, name, original in swapped:
+            setattr(parent, name, original)
+        for parameter, tensor in data.items():
+            parameter.data = tensor
+        for module, kept in buffers.items():
+            module._buffers.update(kept)
+        for parameter, flag in grads.items():
+            parameter.requires_grad_(flag)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+class _ChannelAffine(torch.nn.Module):
+    """An eval-mode BatchNorm2d as what it computes, x·scale + shift per channel: the same outputs, and
+    a forward-mode product of one multiply instead of batch_norm's formula (~15% of a conv J·v on CPU)."""
+
+    def __init__(self, norm: torch.nn.BatchNorm2d):
+        super().__init__()
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0.0)
+        self.register_buffer("scale", scale.detach().reshape(1, -1, 1, 1))
+        self.register_buffer("shift", shift.detach().reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _affine_batch_norms(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Swap every BatchNorm2d that has running statistics for its `_ChannelAffine` (one without them
+    normalizes with its batch's statistics, which the independence check reports); returns what to
+    put back, as (parent, name, original)."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.BatchNorm2d and child.running_mean is not None:
+                setattr(parent, name, _ChannelAffine(child))
+                swapped.append((parent, name, child))
+    return swapped

@@ -1,0 +1,1 @@
+"""Scripts run with python -m: train the bundled models, regenerate the reference reports."""
