@@ -41,17 +41,16 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def _trace(module: nn.Module) -> fx.GraphModule | None:
+def _trace(module: nn.Module) -> fx.GraphModule:
     """The module's forward as a graph; optional arguments are fixed to their defaults when the
-    forward branches on them (`if mask is not None`)."""
+    forward branches on them (`if mask is not None`). Raises the tracer's error when neither traces
+    (control flow on values, unsupported ops...)."""
     defaults = {name: p.default for name, p in list(inspect.signature(module.forward).parameters.items())[1:]
                 if p.default is not inspect.Parameter.empty}
-    for concrete in (None, defaults):
-        try:
-            return fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=concrete))
-        except Exception:  # control flow on values, unsupported ops...: not traceable
-            continue
-    return None
+    try:
+        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module))
+    except Exception:
+        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=defaults))
 
 
 def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
@@ -218,8 +217,12 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
     not extractable."""
     if type(module).__module__.startswith("torch.nn"):
         return [], []  # torch's own layers, containers and activations hold no residual add
-    gm = _trace(module)
-    if gm is None or not any(n.op == "placeholder" for n in gm.graph.nodes):
+    try:
+        gm = _trace(module)
+    except Exception as exc:  # its adds cannot be seen: say so rather than report no residual connection
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return [], [Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds not looked for ({why})")]
+    if not any(n.op == "placeholder" for n in gm.graph.nodes):
         return [], []
     g = _Graph(path, gm)
     sites, skipped = [], []

@@ -142,6 +142,13 @@ def test_generic_detector_finds_residual_adds_written_in_the_models_own_forward(
         torch.testing.assert_close(records[after.name].x, records[before.name].y, rtol=0, atol=0)
 
 
+def test_a_forward_the_generic_detector_cannot_trace_is_reported_as_skipped():
+    report = discover(tiny_models.FlatGuarded().eval(), torch.randn(5, 8))
+    assert report.adapter == "generic" and report.sites == []
+    assert [s.name for s in report.skipped] == ["model"]
+    assert report.skipped[0].reason.startswith("forward not traceable by torch.fx")
+
+
 def shared_timm_basic_block() -> nn.Module:
     from timm.models.resnet import BasicBlock
 

@@ -112,6 +112,17 @@ class FlatFunctionalNorm(FlatMLP):
         return self.head(h)
 
 
+class FlatGuarded(FlatMLP):
+    """A test on values in the forward (as T5's clamp of float16 overflows): not traceable by torch.fx."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.f2(self.act(self.f1(h)))
+        if torch.isinf(h).any():
+            h = h.clamp(-1e4, 1e4)
+        return self.head(h)
+
+
 class SharedBlockNet(nn.Module):
     """One residual block applied three times (shared weights, as in ALBERT)."""
 
