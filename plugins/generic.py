@@ -75,8 +75,11 @@ class _Graph:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.x = placeholders[0]
         self.output = next(n for n in self.nodes if n.op == "output")
-        calls = [n for n in self.nodes if n.op == "call_module"]
-        self.call_index = {n: [c.target for c in calls[:i]].count(n.target) for i, n in enumerate(calls)}
+        self.call_index: dict[fx.Node, int] = {}  # a child's call: its first, second... in the forward
+        calls = Counter()
+        for node in self.nodes:
+            if node.op == "call_module":
+                self.call_index[node], calls[node.target] = calls[node.target], calls[node.target] + 1
         self.dom: dict[fx.Node, set[fx.Node]] = {self.x: {self.x}}
         for node in self.nodes:  # topological order: dom(n) = {n} ∪ ⋂ dom(inputs from x)
             inputs = [p for p in node.all_input_nodes if p in self.dom]
@@ -220,8 +223,9 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
     try:
         gm = _trace(module)
     except Exception as exc:  # its adds cannot be seen: say so rather than report no residual connection
-        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        return [], [Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds not looked for ({why})")]
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0].split(". ")[0]  # torch.fx's hints are long
+        return [], [Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds not looked for "
+                                             f"({why})")]
     if not any(n.op == "placeholder" for n in gm.graph.nodes):
         return [], []
     g = _Graph(path, gm)

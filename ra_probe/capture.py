@@ -124,12 +124,12 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if site.call >= calls[site.module_path]:
             continue
         span = spans[site.module_path][site.call]
-        x = read(site.input_tap.module, site.input_tap.where, span, site.input_tap.call)
-        y = read(site.output_tap.module, site.output_tap.where, span, site.output_tap.call)
+        x, y = (read(tap.module, tap.where, span, tap.call) for tap in (site.input_tap, site.output_tap))
         if x is None or y is None:
             continue
         ctx = read(site.ctx_module, "call", span) if site.ctx_module is not None else None
-        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y), ctx or {"args": (), "kwargs": {}})
+        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y),
+                                        ctx or {"args": (), "kwargs": {}})
     logits = logits_of(output)
     # the head's input counts as classifier features only when the head's output is the model's output
     # (a model without a classifier still has Linear layers, e.g. inside its branches)

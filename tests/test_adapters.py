@@ -86,7 +86,8 @@ class GatedNet(nn.Module):
     def __init__(self, width: int = 6, depth: int = 3, shared: bool = False):
         super().__init__()
         self.stem, self.gate = nn.Linear(4, width), nn.Linear(4, 1)
-        self.blocks = nn.ModuleList([GatedBlock(width)] * depth if shared else [GatedBlock(width) for _ in range(depth)])
+        blocks = [GatedBlock(width)] * depth if shared else [GatedBlock(width) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(width, 3)
 
     def forward(self, x):
