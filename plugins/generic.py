@@ -10,7 +10,8 @@ must hold a parametric op. The chain of parameter-free ops (or norms) that follo
 the post-op. Branch, skip and post are extracted as fx GraphModules; the branch takes the module's
 other arguments (masks, embeddings) as side inputs from its captured call. The site input and
 output are read where the forward exposes them: the module's input or output, or the input or
-output of a child module called once."""
+output of a child at the right call when the child is called several times; a value no module
+exposes is recomputed from the module's input."""
 from __future__ import annotations
 
 import inspect
@@ -40,17 +41,16 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def _trace(module: nn.Module) -> fx.GraphModule | None:
+def _trace(module: nn.Module) -> fx.GraphModule:
     """The module's forward as a graph; optional arguments are fixed to their defaults when the
-    forward branches on them (`if mask is not None`)."""
+    forward branches on them (`if mask is not None`). Raises the tracer's error when neither traces
+    (control flow on values, unsupported ops...)."""
     defaults = {name: p.default for name, p in list(inspect.signature(module.forward).parameters.items())[1:]
                 if p.default is not inspect.Parameter.empty}
-    for concrete in (None, defaults):
-        try:
-            return fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=concrete))
-        except Exception:  # control flow on values, unsupported ops...: not traceable
-            continue
-    return None
+    try:
+        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module))
+    except Exception:
+        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=defaults))
 
 
 def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
@@ -75,7 +75,11 @@ class _Graph:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.x = placeholders[0]
         self.output = next(n for n in self.nodes if n.op == "output")
-        self.calls = Counter(n.target for n in self.nodes if n.op == "call_module")
+        self.call_index: dict[fx.Node, int] = {}  # a child's call: its first, second... in the forward
+        calls = Counter()
+        for node in self.nodes:
+            if node.op == "call_module":
+                self.call_index[node], calls[node.target] = calls[node.target], calls[node.target] + 1
         self.dom: dict[fx.Node, set[fx.Node]] = {self.x: {self.x}}
         for node in self.nodes:  # topological order: dom(n) = {n} ∪ ⋂ dom(inputs from x)
             inputs = [p for p in node.all_input_nodes if p in self.dom]
@@ -97,20 +101,29 @@ class _Graph:
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
-    def tap(self, node: fx.Node) -> Tap | None:
+    def exposed(self, node: fx.Node) -> Tap | None:
         """Where the forward exposes `node`: the module's input or output, or the output or first input
-        of a child called once (a child called twice would be captured at its first call)."""
+        of a child (at that call of the child, for a child called more than once)."""
         if node is self.x:
             return Tap(self.path, "input")
         if self.output.args[0] is node:
             return Tap(self.path, "output")
         child = lambda target: f"{self.path}.{target}" if self.path else target  # noqa: E731
-        if node.op == "call_module" and self.calls[node.target] == 1:
-            return Tap(child(node.target), "output")
+        if node.op == "call_module":
+            return Tap(child(node.target), "output", call=self.call_index[node])
         for user in node.users:
-            if user.op == "call_module" and user.args and user.args[0] is node and self.calls[user.target] == 1:
-                return Tap(child(user.target), "input")
+            if user.op == "call_module" and user.args and user.args[0] is node:
+                return Tap(child(user.target), "input", call=self.call_index[user])
         return None
+
+    def tap(self, node: fx.Node) -> Tap | None:
+        """Where `node` can be read: where the forward exposes it, else recomputed from the module's
+        input (None when that needs the module's side inputs)."""
+        exposed = self.exposed(node)
+        if exposed is not None:
+            return exposed
+        prefix, side = self.extract(self.x, node)
+        return None if side else Tap(self.path, "input", prefix)
 
     def extract(self, start: fx.Node, end: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
         """A GraphModule computing `end` from `start` and the module's side inputs it needs, which it
@@ -167,15 +180,12 @@ def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
     end, post_nodes = _post_chain(g, add)
     post = g.extract(add, end)[0] if post_nodes else None
     entry, exit = g.tap(d), g.tap(end)
-    if exit is None:
-        raise _Rejected("the add's result is not the input or output of a module")
     if entry is None:
-        prefix, prefix_side = g.extract(g.x, d)
-        if prefix_side:
-            raise _Rejected("the site input is an intermediate value computed with side inputs")
-        entry = Tap(g.path, "input", prefix)
-    largest = max((n for n in paths[branch_node] if n.op == "call_module"), default=None,
-                  key=lambda n: sum(p.numel() for p in g.module(n).parameters()))
+        raise _Rejected("the site input is an intermediate value computed with side inputs")
+    if exit is None:
+        raise _Rejected("the add's result is an intermediate value computed with side inputs")
+    largest = max((n for n in g.nodes if n in paths[branch_node] and n.op == "call_module"), default=None,
+                  key=lambda n: sum(p.numel() for p in g.module(n).parameters()))  # ties: the first called
     return Site(name=largest.target if largest is not None else add.name, module_path=g.path,
                 branch=lambda x, ctx, f=branch_gm: f(x, *_side_values(module, side, ctx)),
                 input_tap=entry, output_tap=exit, kind=kind, skip=skip, post=post,
@@ -185,7 +195,7 @@ def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
 
 def _post_chain(g: _Graph, add: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """The ops that follow the add alone, one input each, parameter-free or norms, up to the last one
-    whose value the forward exposes (see `_Graph.tap`); returns that end and the ops."""
+    whose value the forward exposes (see `_Graph.exposed`); returns that end and the ops."""
     chain, node = [], add
     while len(node.users) == 1:
         user = next(iter(node.users))
@@ -195,7 +205,7 @@ def _post_chain(g: _Graph, add: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             break
         chain.append(user)
         node = user
-    while chain and g.tap(chain[-1]) is None:
+    while chain and g.exposed(chain[-1]) is None:
         chain.pop()
     return (chain[-1] if chain else add), chain
 
@@ -210,8 +220,13 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
     not extractable."""
     if type(module).__module__.startswith("torch.nn"):
         return [], []  # torch's own layers, containers and activations hold no residual add
-    gm = _trace(module)
-    if gm is None or not any(n.op == "placeholder" for n in gm.graph.nodes):
+    try:
+        gm = _trace(module)
+    except Exception as exc:  # its adds cannot be seen: say so rather than report no residual connection
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0].split(". ")[0]  # torch.fx's hints are long
+        return [], [Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds not looked for "
+                                             f"({why})")]
+    if not any(n.op == "placeholder" for n in gm.graph.nodes):
         return [], []
     g = _Graph(path, gm)
     sites, skipped = [], []
@@ -223,12 +238,13 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
             continue
         if site is not None:
             sites.append(site)
-    named = Counter(s.name for s in sites)
-    for site in sites:  # one site: the module's path; several: path.<branch's main child>
-        site.name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name)))
-    if len(named) < len(sites):
-        for index, site in enumerate(sites):
-            site.name = f"{path or 'model'}.{index}"
+    # one site: the module's path; several: path.<branch's main child>, numbered @1, @2... where
+    # branches share that child (weights applied several times in one forward)
+    uses, seen = Counter(s.name for s in sites), Counter()
+    for site in sites:
+        seen[site.name] += 1
+        suffix = f"@{seen[site.name]}" if uses[site.name] > 1 else ""
+        site.name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name))) + suffix
     return sites, skipped
 
 

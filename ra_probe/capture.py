@@ -1,16 +1,18 @@
-"""Capture (spec §1): one forward pass with hooks that records, for every site, its input x, side
+"""Capture: one forward pass with hooks that records, for every site, its input x, side
 inputs ctx and block output y, and for the model the logits and the classifier's input features."""
 from __future__ import annotations
 
+from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import count
 from typing import Any
 
 import torch
 from torch import nn
 
 from ra_probe.load.data import Inputs, run_model
-from ra_probe.sites import Context, Site, module_at
+from ra_probe.sites import Context, Site, each_call, module_at
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Captured:
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None  # the classifier's input, flattened per sample
     extra: dict[str, Any] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # times each site's block was called
 
 
 def find_classifier(model: nn.Module) -> nn.Linear | None:
@@ -63,55 +66,74 @@ def _output_tensor(output: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: bool = True) -> Captured:
-    """Run `model(inputs)` once and record each site's (x, ctx, y). A module called more than once in
-    one forward keeps its first call."""
-    taps: dict[tuple[str, str], torch.Tensor] = {}
-    calls: dict[str, tuple[tuple, dict]] = {}
-    wanted_inputs = {s.input_tap.module for s in sites if s.input_tap.where == "input"}
-    wanted_inputs |= {s.output_tap.module for s in sites if s.output_tap.where == "input"}
-    wanted_outputs = {s.input_tap.module for s in sites if s.input_tap.where == "output"}
-    wanted_outputs |= {s.output_tap.module for s in sites if s.output_tap.where == "output"}
-    wanted_ctx = {s.ctx_module for s in sites if s.ctx_module is not None}
+    """Run `model(inputs)` once and record each site's (x, ctx, y) at every call of its block (see
+    `each_call`: a block called n times gives n records), and how many times each block was called.
+
+    Every hooked call gets a sequence number; a block's call spans the numbers from its start to its
+    end, so a tap's `call`-th reading inside that span is the one the site needs, however often the
+    block (or the tapped module) is called."""
+    ticks = count()
+    reads: dict[tuple[str, str], list[tuple[int, Any]]] = defaultdict(list)  # (path, where) → (tick, value)
+    spans: dict[str, list[tuple[int, int]]] = defaultdict(list)  # block path → (start, end) of each call
+    open_calls: dict[str, list[int]] = defaultdict(list)
+    wanted = {(tap.module, tap.where) for s in sites for tap in (s.input_tap, s.output_tap)}
+    wanted |= {(s.ctx_module, "call") for s in sites if s.ctx_module is not None}  # the side inputs
+    blocks = {s.module_path for s in sites}
     head = find_classifier(model) if with_head else None
     features: list[torch.Tensor] = []
 
     def pre_hook(path):
         def hook(module, args, kwargs):
-            if path in wanted_inputs:
-                taps.setdefault((path, "input"), _first_tensor_arg(args, kwargs).clone())
-            if path in wanted_ctx and path not in calls:
-                calls[path] = (tuple(args[1:]), dict(kwargs))
+            tick = next(ticks)
+            if path in blocks:
+                open_calls[path].append(tick)
+            if (path, "input") in wanted:
+                reads[path, "input"].append((tick, _first_tensor_arg(args, kwargs).clone()))
+            if (path, "call") in wanted:
+                reads[path, "call"].append((tick, {"args": tuple(args[1:]), "kwargs": dict(kwargs)}))
         return hook
 
     def post_hook(path):
         def hook(module, args, kwargs, output):
-            taps.setdefault((path, "output"), _output_tensor(output).clone())
+            tick = next(ticks)
+            if (path, "output") in wanted:
+                reads[path, "output"].append((tick, _output_tensor(output).clone()))
+            if path in blocks:
+                spans[path].append((open_calls[path].pop(), tick))
         return hook
 
     with ExitStack() as stack:
-        for path in wanted_inputs | wanted_ctx:
-            handle = module_at(model, path).register_forward_pre_hook(pre_hook(path), with_kwargs=True)
-            stack.callback(handle.remove)
-        for path in wanted_outputs:
-            handle = module_at(model, path).register_forward_hook(post_hook(path), with_kwargs=True)
-            stack.callback(handle.remove)
+        for path in blocks | {path for path, _ in wanted}:
+            module = module_at(model, path)
+            for handle in (module.register_forward_pre_hook(pre_hook(path), with_kwargs=True),
+                           module.register_forward_hook(post_hook(path), with_kwargs=True)):
+                stack.callback(handle.remove)
         if head is not None:
             handle = head.register_forward_hook(lambda m, args, out: features.append((args[0], out)) if not features else None)
             stack.callback(handle.remove)
         output = run_model(model, inputs)
 
+    def read(path: str, where: str, span: tuple[int, int], index: int = 0):
+        """The `index`-th reading of (path, where) within one call of a block."""
+        inside = [value for tick, value in reads[path, where] if span[0] <= tick <= span[1]]
+        return inside[index] if index < len(inside) else None
+
+    calls = {path: len(spans[path]) for path in blocks}
     records = {}
-    for site in sites:
-        x = taps.get((site.input_tap.module, site.input_tap.where))
-        y = taps.get((site.output_tap.module, site.output_tap.where))
+    for site in each_call(sites, calls):
+        if site.call >= calls[site.module_path]:
+            continue
+        span = spans[site.module_path][site.call]
+        x, y = (read(tap.module, tap.where, span, tap.call) for tap in (site.input_tap, site.output_tap))
         if x is None or y is None:
             continue
-        args, kwargs = calls.get(site.ctx_module, ((), {}))
-        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y), {"args": args, "kwargs": kwargs})
+        ctx = read(site.ctx_module, "call", span) if site.ctx_module is not None else None
+        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y),
+                                        ctx or {"args": (), "kwargs": {}})
     logits = logits_of(output)
     # the head's input counts as classifier features only when the head's output is the model's output
     # (a model without a classifier still has Linear layers, e.g. inside its branches)
     head_out = features[0][1] if features else None
     is_head = isinstance(head_out, torch.Tensor) and logits is not None and head_out.shape == logits.shape \
         and torch.equal(head_out, logits)
-    return Captured(records, logits, features[0][0].flatten(1) if is_head else None)
+    return Captured(records, logits, features[0][0].flatten(1) if is_head else None, calls=calls)

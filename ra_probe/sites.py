@@ -2,8 +2,9 @@
 group `ra_probe.adapters`), grouping into stages, and numerical verification of every site."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
+from itertools import groupby
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
@@ -23,11 +24,13 @@ Branch = Callable[[torch.Tensor, Context], torch.Tensor]
 @dataclass(frozen=True)
 class Tap:
     """Where a tensor is read during a forward: the first positional input or the output of a module,
-    optionally passed through `fn` (a reshape, say, when a block flattens its tokens between sites)."""
+    at its `call`-th call within the call of the site's block (a module the block calls twice), optionally
+    passed through `fn` (a reshape, say, when a block flattens its tokens between sites)."""
 
     module: str  # dotted path, "" for the model itself
     where: str = "output"  # "input" | "output"
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    call: int = 0
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.fn is None else self.fn(tensor)
@@ -37,7 +40,9 @@ class Tap:
 class Site:
     """One `out = post(skip(x) + F(x))`. `branch(x, ctx)` recomputes F on a batch of captured site
     inputs x; `skip`/`post` are None for the identity. `ctx_module` names the module whose extra call
-    arguments (attention masks, rotary embeddings...) the branch needs as `ctx`."""
+    arguments (attention masks, rotary embeddings...) the branch needs as `ctx`. Its taps are read in
+    the `call`-th call of the block at `module_path`; None (as adapters return it) stands for every
+    call, one site each (see `each_call`)."""
 
     name: str
     module_path: str
@@ -49,6 +54,7 @@ class Site:
     post: Callable[[torch.Tensor], torch.Tensor] | None = None
     post_name: str | None = None
     ctx_module: str | None = None
+    call: int | None = None
     adapter: str = ""
     group: int = -1
     group_start: str | None = None  # why this site starts a new group (None: it continues one)
@@ -131,6 +137,23 @@ def find_sites(model: nn.Module, adapters: list[Adapter] | None = None) -> SiteR
     return SiteReport("none", [])
 
 
+def each_call(sites: list[Site], calls: dict[str, int]) -> list[Site]:
+    """One site per call of its block, given how many times each block was called in a forward: a
+    block called once keeps its name, one called n times (shared weights) gives `name@1`...`name@n`,
+    in the order of the calls (the sites of one block interleaved: a@1, b@1, a@2, b@2...). Sites
+    already bound to a call are kept as they are."""
+    out = []
+    for _, block in groupby(sites, key=lambda site: (site.module_path, site.call is None)):
+        block = list(block)
+        if block[0].call is not None:
+            out.extend(block)
+            continue
+        n = calls.get(block[0].module_path, 0)
+        out.extend(replace(site, call=i, name=site.name if n == 1 else f"{site.name}@{i + 1}")
+                   for i in range(max(n, 1)) for site in block)
+    return out
+
+
 def module_at(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
@@ -143,7 +166,7 @@ def verify_sites(report: SiteReport, captured: Captured) -> SiteReport:
     """Keep the sites whose `post(skip(x) + F(x))` reproduces the captured block output; report the
     others as skipped with the reason. Then fill shapes and groups."""
     kept, skipped = [], list(report.skipped)
-    for site in report.sites:
+    for site in each_call(report.sites, captured.calls):
         record = captured.sites.get(site.name)
         if record is None:
             skipped.append(Skipped(site.name, "not reached by the forward pass"))

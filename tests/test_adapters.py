@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 import timm
+import tiny_models
 import torch
+from conftest import TINY
 from torch import nn
 from torch.func import jacrev
 
 from ra_probe.capture import capture
+from ra_probe.load.data import Samples
 from ra_probe.engine import JacobianOperator
-from ra_probe.plugins import generic
+from ra_probe.plugins import generic, timm_resnet
+from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain
+from ra_probe import Settings, probe
 from ra_probe.sites import find_sites, registered_adapters, verify_sites
+from ra_probe.load.models import load_model
 
 
 def discover(model: nn.Module, x, adapters=None):
@@ -77,10 +83,11 @@ class GatedBlock(nn.Module):
 
 
 class GatedNet(nn.Module):
-    def __init__(self, width: int = 6, depth: int = 3):
+    def __init__(self, width: int = 6, depth: int = 3, shared: bool = False):
         super().__init__()
         self.stem, self.gate = nn.Linear(4, width), nn.Linear(4, 1)
-        self.blocks = nn.ModuleList(GatedBlock(width) for _ in range(depth))
+        blocks = [GatedBlock(width)] * depth if shared else [GatedBlock(width) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(width, 3)
 
     def forward(self, x):
@@ -105,6 +112,84 @@ def test_generic_detector_finds_the_sites_of_an_unseen_module_with_side_inputs()
     expected = torch.stack([jacrev(lambda v: block.mix(block.norm(v)) * s)(v) for v, s in zip(record.x, scale)])
     dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_called_several_times_is_a_site_per_call_each_with_its_own_input_and_side_inputs():
+    torch.manual_seed(0)
+    model, x = GatedNet(shared=True).eval(), torch.randn(5, 4)
+    report = discover(model, x)
+    assert report.adapter == "generic" and report.skipped == []
+    assert [s.name for s in report.sites] == [f"blocks.0.{b}@{i}" for i in (1, 2, 3) for b in ("mix", "ff")]
+    assert all(s.verify_error < 1e-6 for s in report.sites)
+    records = capture(model, x, report.sites, with_head=False).sites
+    for before, after in zip(report.sites, report.sites[1:]):  # in forward order: each input is the last output
+        torch.testing.assert_close(records[after.name].x, records[before.name].y, rtol=0, atol=0)
+
+
+FLAT = [(tiny_models.FlatMLP, ["f1", "g1"]), (tiny_models.FlatChain, ["f1", "g1"]),
+        (tiny_models.FlatTied, ["f1@1", "f1@2", "f1@3"]), (tiny_models.FlatFunctionalNorm, ["f1", "g1"])]
+
+
+@pytest.mark.parametrize("model_class,names", FLAT, ids=[f[0].__name__ for f in FLAT])
+def test_generic_detector_finds_residual_adds_written_in_the_models_own_forward(model_class, names):
+    torch.manual_seed(0)
+    model, x = model_class().eval(), torch.randn(5, 8)
+    report = discover(model, x)
+    assert report.adapter == "generic" and report.skipped == []
+    assert [s.name for s in report.sites] == names
+    assert all(s.kind == "identity" and s.verify_error < 1e-6 for s in report.sites)
+    records = capture(model, x, report.sites, with_head=False).sites
+    for before, after in zip(report.sites, report.sites[1:]):
+        torch.testing.assert_close(records[after.name].x, records[before.name].y, rtol=0, atol=0)
+
+
+def test_a_forward_the_generic_detector_cannot_trace_is_reported_as_skipped():
+    report = discover(tiny_models.FlatGuarded().eval(), torch.randn(5, 8))
+    assert report.adapter == "generic" and report.sites == []
+    assert [s.name for s in report.skipped] == ["model"]
+    assert report.skipped[0].reason.startswith("forward not traceable by torch.fx")
+
+
+def shared_timm_basic_block() -> nn.Module:
+    from timm.models.resnet import BasicBlock
+
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return tiny_models.SharedBlockNet(nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4, 4), head)
+
+
+def residual_mlp_sites(path: str, module: nn.Module):
+    return [block_site(path, chain(module, ["branch"]))] if isinstance(module, tiny_models.ResidualMLP) else None
+
+
+SHARED = [("mlp", tiny_models.shared_block, residual_mlp_sites, (8,), None),
+          ("timm-basic-block", shared_timm_basic_block, timm_resnet.sites_of, (3, 6, 6), "relu")]
+
+
+@pytest.mark.parametrize("factory,sites_of,shape,post", [s[1:] for s in SHARED], ids=[s[0] for s in SHARED])
+def test_a_shared_block_is_a_site_per_call_for_family_adapters_and_the_generic_detector(factory, sites_of, shape,
+                                                                                         post):
+    torch.manual_seed(0)
+    model, x = factory().eval(), torch.randn(2, *shape)
+    family = FamilyAdapter("shared", "", lambda m: isinstance(m, tiny_models.SharedBlockNet), sites_of)
+    for adapter in (family, generic.ADAPTER):
+        report = discover(model, x, [adapter])
+        assert report.skipped == []
+        assert [(s.name, s.kind, s.post_name) for s in report.sites] == \
+               [(f"block@{i}", "identity", post) for i in (1, 2, 3)]
+        assert all(s.verify_error < 1e-6 for s in report.sites)
+        records = capture(model, x, report.sites, with_head=False).sites
+        torch.testing.assert_close(records["block@1"].x, model.stem(x), rtol=0, atol=0)
+        for i in (1, 2):
+            torch.testing.assert_close(records[f"block@{i + 1}"].x, records[f"block@{i}"].y, rtol=0, atol=0)
+
+
+def test_every_call_of_a_shared_block_is_probed():
+    samples = Samples(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), None, "synthetic")
+    report = probe(load_model(f"{TINY}:shared_block"), samples, Settings(k=3, batch_size=2))
+    assert report["skipped"] == []
+    assert [s["name"] for s in report["sites"]] == ["block@1", "block@2", "block@3"]
+    for site in report["sites"]:
+        assert site["verify_error"] < 1e-6 and site["singular_values"][0] > 0
 
 
 def test_a_model_without_residual_connections_has_no_sites():

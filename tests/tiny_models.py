@@ -59,3 +59,86 @@ def conv_net() -> nn.Module:
 def headless() -> nn.Module:
     torch.manual_seed(0)
     return Headless()
+
+
+class FlatMLP(nn.Module):
+    """Residual adds written in the model's own forward, no block module; one activation module serves
+    both branches."""
+
+    input_shape = (8,)
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head, self.act = nn.Linear(8, 16), nn.Linear(16, 3), nn.ReLU()
+        self.f1, self.f2, self.g1, self.g2 = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.f2(self.act(self.f1(h)))
+        h = h + self.g2(self.act(self.g1(h)))
+        return self.head(h)
+
+
+class FlatChain(FlatMLP):
+    """Adds chained directly, a functional activation, the last add the forward's last op."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.f2(torch.relu(self.f1(h)))
+        return h + self.g2(torch.relu(self.g1(h)))
+
+
+class FlatTied(FlatMLP):
+    """One branch's weights applied three times: x + f(x) with the same f."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        for _ in range(3):
+            h = h + self.f2(self.act(self.f1(h)))
+        return self.head(h)
+
+
+class FlatFunctionalNorm(FlatMLP):
+    """Pre-norm branches through a functional layer norm: no module reads the sum of the first add."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.f2(self.act(self.f1(nn.functional.layer_norm(h, (16,), self.scale))))
+        h = h + self.g2(self.act(self.g1(nn.functional.layer_norm(h, (16,), self.scale))))
+        return self.head(h)
+
+
+class FlatGuarded(FlatMLP):
+    """A test on values in the forward (as T5's clamp of float16 overflows): not traceable by torch.fx."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.f2(self.act(self.f1(h)))
+        if torch.isinf(h).any():
+            h = h.clamp(-1e4, 1e4)
+        return self.head(h)
+
+
+class SharedBlockNet(nn.Module):
+    """One residual block applied three times (shared weights, as in ALBERT)."""
+
+    input_shape = (8,)  # with the factory's linear stem
+
+    def __init__(self, stem: nn.Module, block: nn.Module, head: nn.Module):
+        super().__init__()
+        self.stem, self.block, self.head = stem, block, head
+
+    def forward(self, x):
+        h = self.stem(x)
+        for _ in range(3):
+            h = self.block(h)
+        return self.head(h)
+
+
+def shared_block() -> nn.Module:
+    torch.manual_seed(0)
+    return SharedBlockNet(nn.Linear(8, 16), ResidualMLP(16), nn.Linear(16, 3))
