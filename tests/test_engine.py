@@ -279,6 +279,14 @@ def test_matrix_free_agrees_with_dense_on_a_conv_resnet():
     assert all(S[:, 0].min() > 0 for S in dense.values())  # nonzero branches: a real comparison
 
 
+
+def test_probe_spectra_do_not_depend_on_samples_per_chunk():
+    loaded = tiny_conv_resnet()
+    samples = Samples(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)), None, "synthetic")
+    whole = per_sample_spectra(loaded, samples, solver="block", k=4, batch_size=4)
+    halves = per_sample_spectra(loaded, samples, solver="block", k=4, batch_size=2)
+    assert_spectra_agree(whole, halves, 1e-9)
+
 def test_probe_never_changes_the_model():
     loaded = tiny_conv_resnet()
     module = loaded.module.train()

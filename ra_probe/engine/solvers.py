@@ -250,6 +250,7 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
     drift_right = torch.zeros(batch, dtype=torch.float64)
     start = random_rows(seed, ids, w, n, dtype, device, 0)
     Vb[:, :w] = torch.linalg.qr(start.mT)[0].mT
+    done = torch.zeros(batch, dtype=torch.bool)  # working samples whose triplets are taken
     splittable = True
     products, step, lo, iterations = -op.products, 0, 0, 0
 
@@ -291,7 +292,7 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
         settled = torch.maximum(left, right) <= tol * sigma1
         converged = settled.all(dim=1) | (sigma1[:, 0] <= 0)
         need = cluster_growth(S, settled, k, w, CLUSTER_GAP * tol)
-        finished = converged | (need > 0) | (step >= steps_cap)
+        finished = (converged | (need > 0) | (step >= steps_cap)) & ~done
         if bool(finished.any()):
             at = finished.nonzero().flatten()
             target = rows[at].to(device)
@@ -304,7 +305,8 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
             out.converged[target] = converged[at].to(device) & (need[at] == 0).to(device)
             need_out[rows[at]] = need[at]
             iterations = max(iterations, step)
-        active = (~finished).nonzero().flatten()
+        done |= finished
+        active = (~done).nonzero().flatten()
         if len(active) == 0:
             break
         if len(active) < len(rows) and splittable and 2 * len(active) <= len(rows):
@@ -317,8 +319,8 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
                 products -= op.products
                 on = active.to(device)
                 Vb, Ub, scale = Vb[on], Ub[on], scale[on]
-                T, P, S, drift_left, drift_right = T[active], P[active], S[active], drift_left[active], drift_right[active]
-                Qh = Qh[active]
+                T, P, S, Qh = T[active], P[active], S[active], Qh[active]
+                drift_left, drift_right, done = drift_left[active], drift_right[active], done[active]
         if full:  # restart from the leading Ritz vectors and the next block
             Pk, Qk = (t[:, :hi, :keep].to(device, dtype) for t in (P, Qh.mT))
             next_block = Vb[:, hi:hi + w].clone()
