@@ -36,7 +36,7 @@ class Settings:
     samples: int = 64
     batch_size: int | None = None  # samples per chunk; None: the most that fit the device's free memory
     tol: float = 1e-3
-    solver: str = "auto"  # auto | dense | block | lanczos
+    solver: str = "auto"  # auto | dense | block
     chunk: int = 16  # vectors per vmapped Jacobian product call
     dense_limit: int = DENSE_LIMIT  # largest site dimension whose Jacobian is formed exactly
     tau: float = 1e-2
@@ -176,7 +176,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         for group, members in groups_of(sites).items():
             if progress:
                 progress(members[0].name, done, total)
-            out.groups.append(_measure_group_cached(cache, group, members, captured, chunk, settings))
+            out.groups.append(_measure_group_cached(cache, group, members, captured, chunk, settings, start))
             done += len(members)
     if progress:
         progress("done", total, total)
@@ -192,15 +192,18 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
                            itemsize=DTYPES[settings.dtype].itemsize)
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
-                          chunk, settings: Settings) -> GroupMeasurement:
+                          chunk, settings: Settings, first: int = 0) -> GroupMeasurement:
     if cache is None:
-        return measure_group(group, members, captured, settings)
+        return measure_group(group, members, captured, settings, first)
     return cache.get_or_compute([s.name for s in members], chunk,
-                                lambda: measure_group(group, members, captured, settings), GroupMeasurement)
+                                lambda: measure_group(group, members, captured, settings, first), GroupMeasurement)
 
 
-def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings) -> GroupMeasurement:
-    """Top-k SVD of every site of a group on one chunk, then RA2 alignment and RA1 trajectories."""
+def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
+                  first: int = 0) -> GroupMeasurement:
+    """Top-k SVD of every site of a group on one chunk (samples `first`, `first` + 1, …: the solver's
+    random vectors follow the sample, not its place in the chunk), then RA2 alignment and RA1
+    trajectories."""
     out = GroupMeasurement(group)
     svds, ops = {}, {}
     for site in members:
@@ -209,7 +212,8 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
         method = choose_method(jacobian.shape, settings.solver, settings.dense_limit)
         op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
-        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed)
+        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed,
+                       sample_ids=torch.arange(first, first + op.shape[0]))
         ops[site.name] = op
         svds[site.name] = result
         formed = jacobian.products if op is not jacobian else 0
