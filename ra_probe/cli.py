@@ -62,7 +62,7 @@ def _load(model: str, no_pretrained: bool, weights: Optional[Path], arch: Option
 K = typer.Option(16, min=1, help="singular triplets per site and sample")
 AlignK = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")
 Tol = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")
-Solver = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block | lanczos")
+Solver = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block")
 DenseLimit = typer.Option(DENSE_LIMIT, min=0, help="auto solver: sites of at most this many dimensions get "
                                                   "an exact dense SVD")
 Tau = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")

@@ -2,6 +2,8 @@
 promise that probing never changes the model."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -9,8 +11,8 @@ from torch import nn
 from torch.func import jacrev
 
 from ra_probe.load.data import Samples
-from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, dense_svd,
-                             krylov_svd, lanczos_svd)
+from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, default_block,
+                             dense_svd, krylov_svd)
 from ra_probe.engine.solvers import flushing_denormals
 from ra_probe import Settings, probe
 from ra_probe.pipeline.discover import discover
@@ -18,7 +20,10 @@ from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.load.models import LoadedModel, load_model
 
-SOLVERS = {"lanczos": lanczos_svd, "block": block_krylov_svd}
+# a basis smaller than the test operators' dimensions, so that they are solved by Krylov steps
+SMALL_BASIS = 64
+SOLVERS = {"block 2": lambda op, k, **kw: krylov_svd(op, k, block=2, max_basis=SMALL_BASIS, **kw),
+           "default": lambda op, k, **kw: krylov_svd(op, k, max_basis=SMALL_BASIS, **kw)}
 SPECTRA = {
     "decaying": 0.8 ** torch.arange(150.0),
     # a flat top of k nearly equal values, then a tail: the top-k subspace is well defined, its vectors barely
@@ -70,15 +75,16 @@ def test_bound_is_honest_when_not_converged(block):
     rounding: both reported as unconverged, and the reported residuals still bound the true ones."""
     s = torch.linspace(1.0, 0.5, 150)
     op, matrices, _ = known_operator(s, m=160, n=170)
-    for result in (krylov_svd(op, 8, block=block, tol=1e-6, max_columns=40),
-                   krylov_svd(known_operator(s, m=160, n=170, dtype=torch.float32)[0], 8, block=block, tol=1e-7)):
+    for result in (krylov_svd(op, 8, block=block, tol=1e-6, max_columns=40, max_basis=SMALL_BASIS),
+                   krylov_svd(known_operator(s, m=160, n=170, dtype=torch.float32)[0], 8, block=block, tol=1e-7,
+                              max_basis=SMALL_BASIS)):
         assert not result.converged.any()
         left, right = true_residuals(matrices, result)
         assert (result.res_left >= left).all() and (result.res_right >= right).all()
 
 
 @pytest.mark.parametrize("spectrum", SPECTRA)
-@pytest.mark.parametrize("block", [1, 3, 8])
+@pytest.mark.parametrize("block", [2, 3, 8])
 def test_restarts_keep_the_answer(spectrum, block):
     """A basis far smaller than the Krylov space the solve needs (it restarts many times from its
     leading Ritz vectors) reaches the same triplets as the unrestarted solve, with honest bounds."""
@@ -98,12 +104,12 @@ def test_solver_restores_the_denormal_mode():
     """Solves flush subnormal floats to zero for speed, and leave the process's mode as they found it."""
     op = known_operator(SPECTRA["decaying"])[0]
     torch.set_flush_denormal(False)  # the CLI, run in this process by other tests, turns it on
-    block_krylov_svd(op, 4)
+    krylov_svd(op, 4, max_basis=SMALL_BASIS)
     assert not flushing_denormals()
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormal floats")
     try:
-        block_krylov_svd(op, 4)
+        krylov_svd(op, 4, max_basis=SMALL_BASIS)
         assert flushing_denormals()
     finally:
         torch.set_flush_denormal(False)
@@ -130,11 +136,76 @@ def test_converged_samples_stop_spending_products():
     easy, m_easy, _ = known_operator(torch.tensor([1.0]), batch=2, seed=1)
     hard, m_hard, _ = known_operator(decaying, batch=2, seed=2)
     op = DenseOperator(torch.cat([m_easy, m_hard]))
-    result = lanczos_svd(op, 4, tol=1e-4)
+    result = krylov_svd(op, 4, block=2, tol=1e-4, max_basis=SMALL_BASIS)
     assert result.converged.all()
-    assert result.products < 4 * 2 * result.iterations
+    assert result.products < 4 * 2 * 2 * result.iterations
     expected = torch.cat([torch.tensor([[1.0, 0, 0, 0]] * 2), decaying[:4].double().expand(2, 4)])
     assert torch.allclose(result.S, expected, atol=1e-4)
+
+
+
+def clustered(top: torch.Tensor, tail: int = 120) -> torch.Tensor:
+    """A spectrum that starts with `top` and goes on with a decaying tail well below it."""
+    return torch.cat([top, 0.5 * 0.95 ** torch.arange(float(tail))])
+
+
+CLUSTERS = {
+    "repeated 2": clustered(torch.ones(2)),
+    "repeated 6": clustered(torch.ones(6)),
+    "repeated 12": clustered(torch.ones(12)),
+    "tight 6": clustered(torch.linspace(1.0, 1.0 - 1e-4, 6)),
+    "tight 12": clustered(torch.linspace(1.0, 1.0 - 1e-4, 12)),
+}
+# the widths a probe starts from (1, 8 and 64 samples per chunk on a CPU), and a single vector
+CLUSTER_BLOCKS = sorted({1, 2} | {default_block(16, samples, "cpu") for samples in (1, 8, 64)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", CLUSTER_BLOCKS)
+@pytest.mark.parametrize("spectrum", CLUSTERS)
+def test_no_skipped_value_in_a_cluster(spectrum, block, dtype):
+    """A value repeated more times than the block has vectors, or a cluster tighter than the tolerance:
+    a Krylov space from blocks of w vectors holds only w of its directions, and the next value would
+    be reported in place of the missing copies. Every copy is found, or the solve says it did not
+    converge; here it converges."""
+    k, tol, s = 16, 1e-3, CLUSTERS[spectrum]
+    op = known_operator(s, dtype=dtype, m=150, n=160)[0]
+    result = krylov_svd(op, k, block=block, tol=tol, max_basis=SMALL_BASIS)
+    assert result.converged.all()
+    assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all(), result.S[:, :14]
+
+
+def test_bounds_are_honest_after_a_breakdown():
+    """A rank-10 operator and blocks of 2: after five steps the Krylov space holds the range, so the
+    next block is rounding noise, replaced by fresh directions. What the block had along them is not in
+    the Krylov relations any more; the bounds account for it and stay above the true residuals."""
+    s = torch.linspace(3.0, 1.0, 10)
+    for dtype in (torch.float64, torch.float32):
+        for seed in range(3):
+            op, matrices, _ = known_operator(s, batch=4, m=120, n=130, seed=seed, dtype=dtype)
+            result = krylov_svd(op, 8, block=2, tol=1e-8, max_basis=SMALL_BASIS)
+            left, right = true_residuals(matrices, result)
+            assert (result.res_left >= left).all() and (result.res_right >= right).all()
+
+
+def test_results_do_not_depend_on_chunking():
+    """Start vectors and every later random vector come from (seed, sample id, step): solving samples
+    0-7 in one batch or as 0-3 and 4-7 gives the same numbers, converged samples leaving the batch
+    and a sample whose block grows included."""
+    decaying = known_operator(0.85 ** torch.arange(150.0), batch=3, seed=3)[1]
+    flat = known_operator(torch.linspace(1.0, 0.6, 150), batch=2, seed=4)[1]
+    easy = known_operator(torch.tensor([2.0, 1.0]), batch=2, seed=5)[1]
+    repeated = known_operator(CLUSTERS["repeated 6"], batch=1, seed=6)[1]
+    matrices = torch.cat([decaying[:1], easy[:1], flat[:1], repeated, decaying[1:], easy[1:], flat[1:]])
+    solve = functools.partial(krylov_svd, k=8, block=2, tol=1e-4, max_basis=SMALL_BASIS, seed=7)
+    whole = solve(DenseOperator(matrices))
+    parts = [solve(DenseOperator(matrices[rows]), sample_ids=rows) for rows in (torch.arange(4), torch.arange(4, 8))]
+    for name in ("S", "res_right", "res_left"):
+        joined = torch.cat([getattr(part, name) for part in parts])
+        torch.testing.assert_close(joined, getattr(whole, name), rtol=1e-6, atol=1e-12)
+    simple = [0, 2, 4, 5, 7]  # samples whose top-8 values are simple: their vectors are unique up to sign
+    V = torch.cat([part.V for part in parts])[simple]
+    assert ((V * whole.V[simple]).sum(dim=1).abs() >= 1 - 1e-6).all()
 
 
 torch.manual_seed(0)
@@ -174,13 +245,22 @@ def assert_spectra_agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_matrix_free_agrees_with_dense_on_the_bundled_model(solver):
-    loaded = load_model("bundled/fc-digits")
+    """Every site of the bundled model (128 dimensions, solved by Krylov steps in a smaller basis)."""
+    from ra_probe.capture import capture
     from ra_probe.load.data import load_samples
 
+    loaded = load_model("bundled/fc-digits")
     samples = load_samples(None, loaded, limit=3)
-    dense = per_sample_spectra(loaded, samples, solver="dense", k=8)
-    free = per_sample_spectra(loaded, samples, solver=solver, k=8, tol=1e-5)
-    assert_spectra_agree(dense, free, 1e-4)
+    settings = Settings(dtype="float64")
+    with prepared(loaded.module, settings) as model:
+        sites = discover(model, samples, settings).sites
+        captured = capture(model, samples.inputs.double(), sites)
+        for site in sites:
+            record = captured.sites[site.name]
+            op = JacobianOperator(site.branch, record.x, record.ctx)
+            dense, free = dense_svd(op, 8), SOLVERS[solver](op, 8, tol=1e-5)
+            assert free.products > 0 and free.method == "block"
+            assert_spectra_agree({site.name: dense.S}, {site.name: free.S}, 1e-4)
 
 
 def tiny_conv_resnet() -> LoadedModel:
@@ -201,6 +281,14 @@ def test_matrix_free_agrees_with_dense_on_a_conv_resnet():
     assert_spectra_agree(dense, free, 1e-4)
     assert all(S[:, 0].min() > 0 for S in dense.values())  # nonzero branches: a real comparison
 
+
+
+def test_probe_spectra_do_not_depend_on_samples_per_chunk():
+    loaded = tiny_conv_resnet()
+    samples = Samples(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)), None, "synthetic")
+    whole = per_sample_spectra(loaded, samples, solver="block", k=4, batch_size=4)
+    halves = per_sample_spectra(loaded, samples, solver="block", k=4, batch_size=2)
+    assert_spectra_agree(whole, halves, 1e-9)
 
 def test_probe_never_changes_the_model():
     loaded = tiny_conv_resnet()
@@ -241,4 +329,4 @@ def test_cli_rejects_an_unknown_solver(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bundled/fc-digits", "--solver", "arnoldi"])
     assert exit_info.value.code == 2
-    assert "solver must be one of auto, dense, block" in capsys.readouterr().err
+    assert "solver must be one of auto, dense, block," in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ra_probe.capture import capture
-from ra_probe.engine import JacobianOperator, dense_svd, lanczos_svd
+from ra_probe.engine import JacobianOperator, dense_svd, krylov_svd
 from ra_probe.sites import find_sites, verify_sites
 from ra_probe.load.models import load_model
 
@@ -89,7 +89,7 @@ def test_exact_and_matrix_free_spectra_agree_in_float64():
     record = capture(model, x, [site]).sites[site.name]
     op = JacobianOperator(lambda h: site.branch(h, record.ctx), record.x)
     exact = dense_svd(op, 8)
-    iterative = lanczos_svd(op, 8, tol=1e-10)
+    iterative = krylov_svd(op, 8, tol=1e-10)
     torch.testing.assert_close(iterative.S, exact.S, rtol=1e-4, atol=0)
     # adjoint test on random vectors: <u, J v> = <Jᵀ u, v>
     u, v = torch.randn(3, 128, dtype=torch.float64), torch.randn(3, 128, dtype=torch.float64)

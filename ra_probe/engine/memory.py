@@ -1,17 +1,28 @@
-"""Memory control (spec §4): how many samples one chunk may hold so that a probe fits the device."""
+"""Memory control: how many columns a Krylov basis may hold, how many samples one chunk may hold so
+that a probe fits the device, and what a dense solve holds."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from ra_probe.engine.solvers import basis_size
-
 # What one Jacobian product of one sample holds, in units of the site's input + output size: the
 # branch's intermediate activations and their tangents (a bottleneck's are about 2–3× its input).
 ACTIVATIONS_PER_VECTOR = 4
 SAVED_PER_OPERATOR = 4  # the linearized / vjp programs' saved primals, per site
 SHARE_OF_FREE = 0.5  # leave room for the allocator, the model and everything else
+
+# Basis columns per wanted triplet: the Krylov space that top-k at tol 1e-3 needs on conv and
+# transformer sites (~15-25 columns per side and triplet) fits without a restart; a thick restart
+# re-spends products, so the basis is as large as memory allows up to this.
+COLUMNS_PER_K = 32
+MIN_COLUMNS = 96
+
+
+def basis_size(k: int, block: int, dim: int) -> int:
+    """Krylov basis columns a solve holds at once per side (it restarts when they are full), capped
+    by the dimension."""
+    return min(dim, max(COLUMNS_PER_K * k, MIN_COLUMNS) + 2 * block)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -28,21 +39,36 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def bytes_per_sample(groups: list[list[tuple[int, int]]], *, k: int, align_k: int, block: int, chunk: int,
+def solve_elements(n: int, m: int, *, method: str, k: int, block: int, chunk: int) -> int:
+    """Elements one sample's solve of a site with (n, m) = (input, output) dimensions holds at its
+    peak: a dense solve J (m × n) with its SVD factors (U, Vᵀ and the LAPACK workspace: about two
+    more copies of the smaller square); a Krylov solve its bases U, V and one call's products."""
+    if method == "dense":
+        return m * n + 3 * min(m, n) ** 2 + (m + n) * min(m, n)
+    return (n + m) * (basis_size(k, block, min(n, m)) + block + ACTIVATIONS_PER_VECTOR * chunk)
+
+
+def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: int, chunk: int,
                      itemsize: int) -> int:
-    """Peak bytes one sample costs in a probe of sites with (n, m) = (input, output) dimensions, listed
-    by group: every site's captured x and y, plus for the heaviest group its operators, singular vectors
-    and RA2 products, plus the heaviest single solve (Krylov bases U, V and one chunk of products)."""
-    captured = sum(n + m for group in groups for n, m in group)
-    heaviest_group = max((sum(n + m for n, m in group) * (SAVED_PER_OPERATOR + k)
-                          + max(n + m for n, m in group) * 2 * align_k * (len(group) - 1)
+    """Peak bytes one sample costs in a probe of sites with (n, m, method) = (input dimension, output
+    dimension, solver chosen; "block" when left out), listed by group: every site's captured x and y; for the heaviest group
+    its operators (a dense site's J is kept for RA2), singular vectors and RA2 products; and the
+    heaviest single solve."""
+    groups = [[(n, m, *rest, "block")[:3] for n, m, *rest in group] for group in groups]
+    captured = sum(n + m for group in groups for n, m, _ in group)
+
+    def kept(n: int, m: int, method: str) -> int:  # what stays while the group's other sites are solved
+        return m * n if method == "dense" else (n + m) * SAVED_PER_OPERATOR
+
+    heaviest_group = max((sum(kept(*site) + (n + m) * k for site in group for n, m, _ in [site])
+                          + max(n + m for n, m, _ in group) * 2 * align_k * (len(group) - 1)
                           for group in groups), default=0)
-    heaviest_solve = max(((n + m) * (basis_size(k, block, min(n, m)) + block + ACTIVATIONS_PER_VECTOR * chunk)
-                          for group in groups for n, m in group), default=0)
+    heaviest_solve = max((solve_elements(n, m, method=method, k=k, block=block, chunk=chunk)
+                          for group in groups for n, m, method in group), default=0)
     return itemsize * (captured + heaviest_group + heaviest_solve)
 
 
-def auto_batch_size(groups: list[list[tuple[int, int]]], samples: int, device: torch.device, *, k: int,
+def auto_batch_size(groups: list[list[tuple]], samples: int, device: torch.device, *, k: int,
                     align_k: int, block: int, chunk: int, itemsize: int, free: int | None = None) -> int:
     """The most samples per chunk (at most `samples`, at least 1) whose estimated peak fits in half of
     the device's free memory."""

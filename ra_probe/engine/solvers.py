@@ -1,16 +1,18 @@
-"""Top-k singular triplets of a batch of operators (spec §4), each sample solved on its own but in
-lock-step: every step is one batched product. Solvers see only `BatchedOperator`s."""
+"""Top-k singular triplets of a batch of operators, each sample solved on its own but in lock-step:
+every step is one batched product. Solvers see only `BatchedOperator`s."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ra_probe.engine.memory import basis_size
 from ra_probe.engine.operators import BatchedOperator
 
-SOLVERS = ("auto", "dense", "block", "lanczos")
+SOLVERS = ("auto", "dense", "block")
 
 
 @dataclass
@@ -44,25 +46,18 @@ def dense_svd(op: BatchedOperator, k: int) -> SVDResult:
                      torch.ones(S.shape[0], dtype=torch.bool, device=S.device))
 
 
-# Vectors per product call that keep the device busy: a call applies J to `block` vectors of each of
-# the B samples, so with many samples a small block is as fast per vector as a large one, and a
-# small block reaches a given residual in fewer products (measured on trained ResNet sites, top 10
-# at tol 1e-3: block 2 ~150, block 4 ~170, block 10 ~250, block 16 ~330 products per sample).
-CALL_WIDTH = {"cpu": 8, "cuda": 64}
-MIN_BLOCK, MAX_BLOCK = 2, 16  # a block of 1 cannot see a cluster of equal values and may skip one
+# Vectors per sample and step. A wider block passes over the Krylov basis once for all its vectors
+# (Gram–Schmidt is memory-bound: its cost per step barely depends on the width up to ~8) but takes
+# more products to reach a tolerance. Measured on CPU, top 10 at tol 1e-3 on resnet18 / vit_tiny
+# sites, block 4 was fastest overall.
+DEFAULT_BLOCK = 4
+MIN_BLOCK = 2  # a single vector cannot tell a repeated value from a simple one
 
 
 def default_block(k: int, samples: int = 1, device: str | torch.device = "cpu") -> int:
-    """Block size of the block Krylov solver for top-`k` triplets of `samples` samples at a time on
-    `device`: enough vectors per call to fill the device (`CALL_WIDTH`), at least 2, at most 16."""
-    width = CALL_WIDTH.get(torch.device(device).type, CALL_WIDTH["cuda"])
-    return max(MIN_BLOCK, min(-(-width // max(samples, 1)), MAX_BLOCK, k))
-
-
-def basis_size(k: int, block: int, dim: int) -> int:
-    """Krylov basis columns a solve holds at once (it restarts when they are full), capped by the
-    dimension: room for the k wanted triplets, as many again kept as a buffer, and a few blocks."""
-    return min(dim, max(2 * k + 6 * block, 48))
+    """Start width of the block Krylov solver for top-`k` triplets (it grows a sample's block when a
+    cluster of values shows as many copies as the block has vectors)."""
+    return max(MIN_BLOCK, min(DEFAULT_BLOCK, k + 1))
 
 
 # Columns a solve may visit per sample (restarts included) before it stops unconverged: trained conv
@@ -70,28 +65,47 @@ def basis_size(k: int, block: int, dim: int) -> int:
 MAX_COLUMNS_PER_K = 60
 
 
-def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor,
-                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Y (B, d, b) = basisᵀ C + Q R with Q (B, d, b) orthonormal and orthogonal to the rows of `basis`
-    (B, j, d): classical Gram–Schmidt twice, then QR. Directions Y lacks (|R_ii| at rounding level
-    against `scale` (B,), a breakdown: an invariant subspace was found) are filled with random ones,
-    so the basis keeps growing; their rows of R are zero. Returns Q, C (B, j, b), R (B, b, b)."""
-    C = basis @ Y
-    Y = Y - basis.mT @ C
-    C2 = basis @ Y
-    Y = Y - basis.mT @ C2
-    Q, R = torch.linalg.qr(Y)
+def random_rows(seed: int, ids: torch.Tensor, rows: int, dim: int, dtype: torch.dtype, device: torch.device,
+                *stream: int) -> torch.Tensor:
+    """Gaussian rows (len(ids), rows, dim): sample `ids[b]`'s rows come from a generator of its own,
+    seeded by (seed, sample id, *stream), drawn on the CPU: the same numbers whatever the batch, the
+    position in it, or the device."""
+    out = torch.empty(len(ids), rows, dim, dtype=dtype)
+    for b, sample in enumerate(ids.tolist()):
+        key = hashlib.blake2b(repr((seed, sample, *stream)).encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        out[b] = torch.randn(rows, dim, dtype=dtype, generator=generator)
+    return out.to(device)
+
+
+def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, fresh
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows Y (B, w, d) = C basis + Rᵀ Q with Q (B, w, d) orthonormal rows orthogonal to the rows of
+    `basis` (B, j, d), C (B, w, j), R (B, w, w) upper triangular: classical Gram–Schmidt twice (two
+    GEMMs per pass on row-major blocks), then a QR of the d × w remainder.
+
+    Directions Y lacks (|R_ii| at rounding level against `scale` (B,): a breakdown, an invariant
+    subspace was found) are replaced by rows of `fresh(which)` (B, w, d), so the basis keeps growing;
+    what Y had along them (their rows of R) is dropped from the relation and returned as its
+    Frobenius norm `dropped` (B,), for the caller to add to its residual bounds."""
+    C = Y @ basis.mT
+    Y = Y - C @ basis
+    C2 = Y @ basis.mT
+    Y = Y - C2 @ basis
+    Qc, R = torch.linalg.qr(Y.mT)
+    Q = Qc.mT
     eps = torch.finfo(Y.dtype).eps
     lacking = R.diagonal(dim1=1, dim2=2).abs() <= 100 * eps * scale[:, None]
+    dropped = torch.zeros_like(scale)
     if bool(lacking.any()):
-        fresh = torch.randn(Q.shape, dtype=Q.dtype, device=Q.device, generator=generator)
-        Q = torch.where(lacking[:, None, :], fresh, Q)
+        dropped = (R * lacking[:, :, None]).norm(dim=(1, 2))
+        Q = torch.where(lacking[:, :, None], fresh(lacking), Q)
         R = R.masked_fill(lacking[:, :, None], 0.0)
         for _ in range(2):
-            Q = Q - basis.mT @ (basis @ Q)
-        Q, R2 = torch.linalg.qr(Q)
-        R = R2 @ R  # Y − basisᵀC = Q_old R = Q R2 R, exactly
-    return Q, C + C2, R
+            Q = Q - (Q @ basis.mT) @ basis
+        Qc, R2 = torch.linalg.qr(Q.mT)
+        Q, R = Qc.mT, R2 @ R  # Y − C basis = Rᵀ Q_old (rows lacking dropped) = (R2 R)ᵀ Q_new
+    return Q.contiguous(), C + C2, R, dropped
 
 
 def flushing_denormals() -> bool:
@@ -116,137 +130,216 @@ def _flushing_denormals(solve):
     return wrapper
 
 
+def cluster_growth(S: torch.Tensor, settled: torch.Tensor, k: int, width: int, gap: float) -> torch.Tensor:
+    """The block width each sample needs, (B,) int64, 0 when its current `width` can be trusted.
+
+    A Krylov space grown from blocks of w vectors holds at most w directions of any singular
+    subspace: a value repeated μ ≥ w times shows exactly w copies and the next value is reported in
+    place of the others; a tight cluster does the same until it is resolved. So a chain of settled
+    Ritz values among the top k of S (B, ≥k), neighbours within gap·σ₁, that holds ≥ w values and
+    ends before index k − 1 (a value after it is reported) asks for a block of twice the chain."""
+    top, ok = S[:, :k], settled[:, :k]
+    tied = (top[:, :-1] - top[:, 1:] <= gap * top[:, :1]) & ok[:, :-1] & ok[:, 1:]
+    need = torch.zeros(S.shape[0], dtype=torch.long)
+    for b in tied.any(dim=1).nonzero().flatten().tolist():  # rare: a short loop over k values
+        pairs, first = tied[b].tolist(), 0
+        for last in range(k):
+            if last < k - 1 and pairs[last]:
+                continue
+            size = last - first + 1
+            if size >= width and last < k - 1:
+                need[b] = max(int(need[b]), 2 * size)
+            first = last + 1
+    return need
+
+
+# Settled neighbours closer than this many tolerances of σ₁ count as one cluster: a Ritz vector can
+# mix two values that close and still meet the tolerance.
+CLUSTER_GAP = 2.0
+
+
 @_flushing_denormals
-def krylov_svd(op: BatchedOperator, k: int, *, block: int = 1, tol: float = 1e-3, max_basis: int | None = None,
-               max_columns: int | None = None, seed: int = 0) -> SVDResult:
-    """Top-k triplets by block Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization
-    and thick restarts (block = 1: classical GKL; block > 1: randomized block Krylov), lock-step over
-    the samples.
+def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3,
+               max_basis: int | None = None, max_columns: int | None = None, seed: int = 0,
+               sample_ids: torch.Tensor | None = None) -> SVDResult:
+    """Top-k triplets by block Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization,
+    lock-step over the samples (`_block_gkl`), from `block` vectors per sample (at least 2).
 
-    From a random orthonormal block V_1 (n × b), each step applies J to one block and Jᵀ to one block
-    per sample: J V_i = U_{≤i} C + U_i R and Jᵀ U_i = V_{≤i}(…) + V_{i+1} R_i. So J V = U T with
-    T = Uᵀ J V (jb × jb, upper triangular), and for the SVD T = P Σ Qᵀ each Ritz triplet
-    (σ, u = U p, v = V q) satisfies J v = σ u and ‖Jᵀ u − σ v‖ = ‖R_j p_j‖ (p_j: p's last block), up
-    to rounding, bounded by eps·(√(m+n) + basis + columns visited)·σ₁ and added to both sides. A sample has
-    converged when the bound of each of its top-k triplets, rounding included, is ≤ tol·σ₁ (a tol
-    below the rounding level is never met); it stops when all have.
-
-    When the `max_basis` columns are full, the basis is replaced by its leading Ritz vectors (half of
-    it, at least k + b): they span the best part of the Krylov space, T becomes diag(Σ), and the next
-    block V_{j+1} carries on, so both relations above still hold (Wu & Simon's thick restart). A solve
-    stops unconverged after `max_columns` columns per sample. Converged samples leave the batch once
-    they are half of it, when the operator can be split."""
+    A sample whose settled Ritz values show a cluster with as many values as its block has vectors
+    may be missing copies (`cluster_growth`): it is solved again from its start with a block twice
+    the cluster, until the clusters it shows are smaller than its block. Every random vector of
+    sample b comes from (seed, sample_ids[b], step): a sample's numbers do not depend on the other
+    samples of the batch (default ids: 0 … B−1)."""
     batch, m, n = op.shape
     k = min(k, m, n)
-    block = max(1, min(block, m, n))
-    cols = max(max_basis or basis_size(k, block, min(m, n)), k + 2 * block)
-    keep = max(k + block, cols // 2)  # Ritz vectors kept at a restart
-    if cols + block > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
-        return dense_svd(op, k)
-    steps_cap = -(-(max_columns or MAX_COLUMNS_PER_K * k) // block)
+    ids = torch.arange(batch) if sample_ids is None else sample_ids.detach().cpu().long()
+    out = None
+    products, iterations = 0, 0
+    pending = {max(MIN_BLOCK, block or default_block(k, batch, op.device)): torch.arange(batch)}
+    while pending:
+        width = min(pending)
+        rows = pending.pop(width)
+        sub = op if len(rows) == batch else op.select(rows.to(op.device))
+        take = rows if sub is None else torch.arange(len(rows))  # unsplittable: solve all, keep `rows`
+        sub = op if sub is None else sub
+        cols = min(max(max_basis or basis_size(k, width, min(m, n)), k + 3 * width), min(m, n))
+        if cols + width > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
+            before = sub.products
+            result, need = dense_svd(sub, k), torch.zeros(sub.shape[0], dtype=torch.long)
+            result.products = sub.products - before
+        else:
+            result, need = _block_gkl(sub, k, width, tol=tol, cols=cols, seed=seed,
+                                      max_columns=max_columns or MAX_COLUMNS_PER_K * k, ids=ids[rows] if sub is not op else ids)
+        products += result.products
+        iterations = max(iterations, result.iterations)
+        if out is None:
+            out = _empty_result(op, k)
+        need, take = need[take], take.to(result.S.device)
+        settled = (need == 0).to(result.S.device)
+        target = rows.to(result.S.device)[settled]
+        for name in ("S", "U", "V", "res_left", "res_right", "converged"):
+            getattr(out, name)[target] = getattr(result, name)[take][settled].to(getattr(out, name).dtype)
+        for wider in need.unique().tolist():
+            if wider:
+                pending[wider] = torch.cat([pending.get(wider, torch.empty(0, dtype=torch.long)),
+                                            rows[need == wider]])
+    out.products, out.iterations = products, iterations
+    return out
+
+
+def _empty_result(op: BatchedOperator, k: int) -> SVDResult:
+    batch, m, n = op.shape
+    zeros = functools.partial(torch.zeros, dtype=op.dtype, device=op.device)
+    return SVDResult(zeros(batch, k), zeros(batch, m, k), zeros(batch, n, k), zeros(batch, k), zeros(batch, k),
+                     0, 0, "block", torch.zeros(batch, dtype=torch.bool, device=op.device))
+
+
+def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int, max_columns: int, seed: int,
+               ids: torch.Tensor) -> tuple[SVDResult, torch.Tensor]:
+    """One block Golub–Kahan–Lanczos solve with blocks of `width` vectors, lock-step over the samples.
+
+    From an orthonormal random block V_1 (n × w), each step applies J to one block and Jᵀ to one
+    block per sample: J V_i = U_{<i} C + U_i R and Jᵀ U_i = V_{≤i} C' + V_{i+1} R'. So J V = U T with
+    T = Uᵀ J V (upper block triangular), and for T = P Σ Qᵀ each Ritz triplet (σ, u = U p, v = V q)
+    satisfies J v = σ u and Jᵀ u − σ v = V_{i+1} R' p_i (p_i: p's last block), up to rounding,
+    bounded by eps·(√(m+n) + basis + columns visited)·σ₁, and up to what a breakdown dropped and
+    how far C' is from T's last block row (both measured, added to the bounds). A sample is done when
+    the bound of each of its top-k triplets is ≤ tol·σ₁ (a tol below rounding is never met), when it
+    needs a wider block (`cluster_growth`), or after `max_columns` columns; its triplets are taken at
+    that step, whatever the other samples still do.
+
+    When the `cols` columns are full, the basis is replaced by its leading Ritz vectors (half of it,
+    at least k + w): T becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold
+    (Wu & Simon's thick restart). Done samples leave the batch once they are half of it, when the
+    operator can be split. Returns the result and the block width each sample needs (0: none)."""
+    batch, m, n = op.shape
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
-    generator = torch.Generator(device=device).manual_seed(seed)
+    w = width
+    keep = max(k + w, cols // 2)
+    steps_cap = -(-max_columns // w)
 
-    out_S = torch.zeros(batch, k, dtype=dtype, device=device)
-    out_U = torch.zeros(batch, m, k, dtype=dtype, device=device)
-    out_V = torch.zeros(batch, n, k, dtype=dtype, device=device)
-    out_res = torch.zeros(batch, k, dtype=dtype, device=device)
-    out_conv = torch.zeros(batch, dtype=torch.bool, device=device)
-    products, iterations = -op.products, 0
-
-    rows = torch.arange(batch, device=device)  # the samples still in the working batch
-    Vb = torch.zeros(batch, cols + block, n, dtype=dtype, device=device)
-    Ub = torch.zeros(batch, cols, m, dtype=dtype, device=device)
+    out = _empty_result(op, k)
+    need_out = torch.zeros(batch, dtype=torch.long)
+    rows = torch.arange(batch)  # op's samples still in the working batch
+    Vb = torch.empty(batch, cols + w, n, dtype=dtype, device=device)  # row-major bases
+    Ub = torch.empty(batch, cols, m, dtype=dtype, device=device)
     T = torch.zeros(batch, cols, cols, dtype=torch.float64)  # the projected matrix, on the CPU
     scale = torch.zeros(batch, dtype=dtype, device=device)
-    start = torch.randn(batch, n, block, dtype=dtype, device=device, generator=generator)
-    Vb[:, :block] = torch.linalg.qr(start)[0].mT
+    drift_left = torch.zeros(batch, dtype=torch.float64)
+    drift_right = torch.zeros(batch, dtype=torch.float64)
+    start = random_rows(seed, ids, w, n, dtype, device, 0)
+    Vb[:, :w] = torch.linalg.qr(start.mT)[0].mT
+    done = torch.zeros(batch, dtype=torch.bool)  # working samples whose triplets are taken
     splittable = True
+    products, step, lo, iterations = -op.products, 0, 0, 0
 
-    def finish(which: torch.Tensor, width: int, ritz) -> None:
-        S, P, Q, bound = (t[..., :k] for t in ritz)
-        sel = which.cpu()
-        S, P, Q, bound = (t[sel].to(device, dtype) for t in (S, P, Q, bound))
-        target = rows[which]
-        out_S[target] = S
-        out_U[target] = Ub[which, :width].mT @ P
-        out_V[target] = Vb[which, :width].mT @ Q
-        out_res[target] = bound
-        out_conv[target] = converged[which]
+    def fresh(dim: int, side: int):
+        def draw(lacking: torch.Tensor) -> torch.Tensor:
+            which = lacking.any(dim=1)
+            rows_ = torch.zeros(lacking.shape[0], w, dim, dtype=dtype, device=device)
+            rows_[which] = random_rows(seed, ids[rows[which.cpu()]], w, dim, dtype, device, step, side)
+            return rows_
+        return draw
 
-    lo = 0  # columns in use
     while True:
-        hi = lo + block
-        Y = op.matmat(Vb[:, lo:hi].mT)
-        Q, C, R = _orthonormal_extension(Y, Ub[:, :lo], scale, generator)
+        hi = lo + w
+        step += 1
+        Y = op.matmat(Vb[:, lo:hi].mT).mT.contiguous()
+        Q, C, R, dropped = _orthonormal_extension(Y, Ub[:, :lo], scale, fresh(m, 1))
         scale = torch.maximum(scale, R.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
-        Ub[:, lo:hi] = Q.mT
-        T[:, :lo, lo:hi] = C.cpu().double()
+        Ub[:, lo:hi] = Q
+        T[:, :lo, lo:hi] = C.mT.cpu().double()
         T[:, lo:hi, lo:hi] = R.cpu().double()
-        Z = op.rmatmat(Q)
-        Qv, _, Rv = _orthonormal_extension(Z, Vb[:, :hi], scale, generator)
+        Z = op.rmatmat(Q.mT).mT.contiguous()
+        Qv, Cv, Rv, dropped_v = _orthonormal_extension(Z, Vb[:, :hi], scale, fresh(n, 2))
         scale = torch.maximum(scale, Rv.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
-        Vb[:, hi:hi + block] = Qv.mT
-        iterations += 1
+        Vb[:, hi:hi + w] = Qv
+        drift_left += dropped.cpu().double()
+        drift_right += dropped_v.cpu().double() + (Cv.cpu().double() - T[:, lo:hi, :hi]).norm(dim=(1, 2))
 
+        full = hi + w > cols
+        if hi < k or not (full or step % (1 + hi // 256) == 0 or step >= steps_cap):
+            lo = hi
+            continue  # a Ritz check costs an SVD of T: large bases check every few steps
         # rounding relative to σ₁: of a product, of forming a Ritz vector from the basis, and of
         # every rotation through the columns visited before (restarts)
-        rounding = eps * (math.sqrt(m + n) + cols + iterations * block)
-        ritz = _ritz(T[:, :hi, :hi], Rv.cpu().double(), k)
-        S, bound = ritz[0][:, :k], ritz[3]
-        converged = ((bound <= (tol - rounding) * S[:, :1]) | (S[:, :1] <= 0)).all(dim=1).to(device) & (hi >= k)
-        if bool(converged.all()) or iterations >= steps_cap:
-            finish(torch.ones_like(converged), hi, ritz)
+        rounding = eps * (math.sqrt(m + n) + hi + step * w)
+        P, S, Qh = torch.linalg.svd(T[:, :hi, :hi])
+        sigma1 = S[:, :1]
+        left = drift_left[:, None] + rounding * sigma1
+        right = (Rv.cpu().double() @ P[:, lo:hi, :k]).norm(dim=1) + drift_right[:, None] + rounding * sigma1
+        settled = torch.maximum(left, right) <= tol * sigma1
+        converged = settled.all(dim=1) | (sigma1[:, 0] <= 0)
+        need = cluster_growth(S, settled, k, w, CLUSTER_GAP * tol)
+        finished = (converged | (need > 0) | (step >= steps_cap)) & ~done
+        if bool(finished.any()):
+            at = finished.nonzero().flatten()
+            target = rows[at].to(device)
+            Pk, Qk = (t[at, :hi, :k].to(device, dtype) for t in (P, Qh.mT))
+            out.S[target] = S[at, :k].to(device, dtype)
+            out.U[target] = (Pk.mT @ Ub[at.to(device), :hi]).mT
+            out.V[target] = (Qk.mT @ Vb[at.to(device), :hi]).mT
+            out.res_left[target] = left[at].to(device, dtype)
+            out.res_right[target] = right[at].to(device, dtype)
+            out.converged[target] = converged[at].to(device) & (need[at] == 0).to(device)
+            need_out[rows[at]] = need[at]
+            iterations = max(iterations, step)
+        done |= finished
+        active = (~done).nonzero().flatten()
+        if len(active) == 0:
             break
-        done = int(converged.sum())
-        if splittable and done and 2 * done >= len(rows):
-            keep_rows = (~converged).nonzero().squeeze(1)
-            smaller = op.select(keep_rows)
+        if len(active) < len(rows) and splittable and 2 * len(active) <= len(rows):
+            smaller = op.select(active.to(device))
             if smaller is None:
                 splittable = False
             else:
                 products += op.products
-                finish(converged, hi, ritz)
-                op, rows = smaller, rows[keep_rows]
-                keep_cpu = keep_rows.cpu()
-                Vb, Ub, T, scale = Vb[keep_rows], Ub[keep_rows], T[keep_cpu], scale[keep_rows]
-                ritz = tuple(t[keep_cpu] for t in ritz)
-        if hi + block > cols:  # full: restart from the leading Ritz vectors and the next block
-            P, Q = (t.to(device, dtype) for t in ritz[1:3])
-            Ub[:, :keep] = (Ub[:, :hi].mT @ P[..., :keep]).mT
-            Vb[:, :keep] = (Vb[:, :hi].mT @ Q[..., :keep]).mT
-            Vb[:, keep:keep + block] = Vb[:, hi:hi + block].clone()
+                op, rows = smaller, rows[active]
+                products -= op.products
+                on = active.to(device)
+                Vb, Ub, scale = Vb[on], Ub[on], scale[on]
+                T, P, S, Qh = T[active], P[active], S[active], Qh[active]
+                drift_left, drift_right, done = drift_left[active], drift_right[active], done[active]
+        if full:  # restart from the leading Ritz vectors and the next block
+            Pk, Qk = (t[:, :hi, :keep].to(device, dtype) for t in (P, Qh.mT))
+            next_block = Vb[:, hi:hi + w].clone()
+            Ub[:, :keep] = Pk.mT @ Ub[:, :hi]
+            Vb[:, :keep] = Qk.mT @ Vb[:, :hi]
+            Vb[:, keep:keep + w] = next_block
             T.zero_()
-            T[:, :keep, :keep] = torch.diag_embed(ritz[0][:, :keep])
+            T[:, :keep, :keep] = torch.diag_embed(S[:, :keep])
             hi = keep
         lo = hi
     products += op.products
-    floor = rounding * out_S[:, :1].expand_as(out_S)
-    return SVDResult(out_S, out_U, out_V, floor, out_res + floor, products, iterations,
-                     "lanczos" if block == 1 else "block", out_conv)
+    out.products, out.iterations = products, iterations
+    return out, need_out
 
 
-def _ritz(T: torch.Tensor, R: torch.Tensor, k: int):
-    """SVD of the projected matrix T (B, jb, jb) = P Σ Qᵀ, all of it (best first), and the residual
-    bounds ‖R p_last‖ of the top-k Ritz triplets, R (B, b, b) the last Jᵀ-side QR factor. Returns
-    S (B, jb), P, Q (B, jb, jb), bound (B, k)."""
-    P, S, Qh = torch.linalg.svd(T)
-    block = R.shape[1]
-    bound = (R @ P[:, -block:, :k]).norm(dim=1)
-    return S, P, Qh.mT, bound
-
-
-def lanczos_svd(op: BatchedOperator, k: int, *, tol: float = 1e-3, seed: int = 0) -> SVDResult:
-    """Single-vector Golub–Kahan–Lanczos (`krylov_svd` with block 1)."""
-    return krylov_svd(op, k, block=1, tol=tol, seed=seed)
-
-
-def block_krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3,
-                     seed: int = 0) -> SVDResult:
-    """Randomized block Krylov (`krylov_svd` with a block of `default_block` vectors for the operator's
-    samples and device): more products than single-vector Lanczos, but each product is cheaper."""
-    return krylov_svd(op, k, block=block or default_block(k, op.shape[0], op.device), tol=tol, seed=seed)
+def block_krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3, seed: int = 0,
+                     sample_ids: torch.Tensor | None = None) -> SVDResult:
+    """`krylov_svd` from a block of `default_block` vectors."""
+    return krylov_svd(op, k, block=block, tol=tol, seed=seed, sample_ids=sample_ids)
 
 
 # Forming J costs n products and an n × n SVD per sample: beyond a couple of thousand dimensions a
@@ -264,12 +357,10 @@ def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit
 
 
 def solve(op: BatchedOperator, k: int, *, method: str = "auto", tol: float = 1e-3,
-          dense_limit: int = DENSE_LIMIT, seed: int = 0) -> SVDResult:
-    """Top-k triplets of every sample's J: exact (`dense`), randomized block Krylov (`block`) or
-    single-vector Lanczos (`lanczos`); `auto` picks by size (`choose_method`)."""
+          dense_limit: int = DENSE_LIMIT, seed: int = 0, sample_ids: torch.Tensor | None = None) -> SVDResult:
+    """Top-k triplets of every sample's J: exact (`dense`) or block Krylov (`block`); `auto` picks by
+    size (`choose_method`)."""
     method = choose_method(op.shape, method, dense_limit)
     if method == "dense":
         return dense_svd(op, k)
-    if method == "block":
-        return block_krylov_svd(op, k, tol=tol, seed=seed)
-    return lanczos_svd(op, k, tol=tol, seed=seed)
+    return krylov_svd(op, k, tol=tol, seed=seed, sample_ids=sample_ids)

@@ -111,7 +111,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         for group, members in groups_of(sites).items():
             if progress:
                 progress(members[0].name, done, total)
-            out.groups.append(_measure_group_cached(cache, group, members, captured, settings))
+            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index))
             done += len(members)
     if progress:
         progress("done", total, total)
@@ -127,18 +127,22 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
                            itemsize=DTYPES[settings.dtype].itemsize)
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
-                          settings: Settings) -> GroupMeasurement:
+                          settings: Settings, sample_ids: torch.Tensor) -> GroupMeasurement:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
     captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
     if cache is None:
-        return measure_group(group, members, captured, settings)
-    values = [t for s in members for t in (captured.sites[s.name].x, captured.sites[s.name].y)]
+        return measure_group(group, members, captured, settings, sample_ids)
+    values = [sample_ids] + [t for s in members for t in (captured.sites[s.name].x, captured.sites[s.name].y)]
     return cache.get_or_compute([s.name for s in members], values,
-                                lambda: measure_group(group, members, captured, settings), GroupMeasurement)
+                                lambda: measure_group(group, members, captured, settings, sample_ids),
+                                GroupMeasurement)
 
 
-def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings) -> GroupMeasurement:
-    """Top-k SVD of every site of a group on one chunk, then RA2 alignment and RA1 trajectories."""
+def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
+                  sample_ids: torch.Tensor | None = None) -> GroupMeasurement:
+    """Top-k SVD of every site of a group on one chunk of samples (`sample_ids`, their indices in the
+    data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
+    alignment and RA1 trajectories."""
     out = GroupMeasurement(group)
     svds, ops = {}, {}
     for site in members:
@@ -147,7 +151,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
         method = choose_method(jacobian.shape, settings.solver, settings.dense_limit)
         op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
-        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed)
+        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed, sample_ids=sample_ids)
         ops[site.name] = op
         svds[site.name] = result
         formed = jacobian.products if op is not jacobian else 0

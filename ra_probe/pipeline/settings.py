@@ -22,7 +22,7 @@ class Settings:
     samples: int = 64
     batch_size: int | None = None  # samples per chunk; None: the most that fit the device's free memory
     tol: float = 1e-3
-    solver: str = "auto"  # auto | dense | block | lanczos
+    solver: str = "auto"  # auto | dense | block
     chunk: int = 16  # vectors per vmapped Jacobian product call
     dense_limit: int = DENSE_LIMIT  # largest site dimension whose Jacobian is formed exactly
     tau: float = 1e-2
