@@ -1,4 +1,4 @@
-"""Engine benchmark (issue 3): the ratios that say whether the matrix-free engine is fast, measured in
+"""Engine benchmark: the ratios that say whether the matrix-free engine is fast, measured in
 one run on one device.
 
     python benchmarks/engine.py [--device cuda] [--model resnet50] [--samples 2] [--k 10] [--tol 1e-3]

@@ -1,4 +1,4 @@
-"""The generic detector (spec §5), the fallback for models no family adapter claims.
+"""The generic detector, the fallback for models no family adapter claims.
 
 Each module's own forward is traced with torch.fx, its children kept as leaves (and timm's
 untraceable helpers wrapped), so an add belongs to the innermost module that performs it. In the

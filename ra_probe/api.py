@@ -192,7 +192,8 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
     settings = settings_from(options, settings)
     loaded = as_loaded(model, **loading)
-    samples = as_samples(data, loaded, settings)
+    with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws its base seed from torch's RNG
+        samples = as_samples(data, loaded, settings)
     store = None if cache is False else ResultCache(None if cache is True else cache)
     if progress is True:
         with _progress_bar() as bar:
@@ -254,7 +255,8 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
     check_rules(rules, made_with["k"])
     if report is None:
         loaded = as_loaded(report_or_model)
-        samples = as_samples(data, loaded, settings)
+        with torch.random.fork_rng(devices=[]):
+            samples = as_samples(data, loaded, settings)
         if base is not None:
             check_baseline_data(base, tensor_digest(samples.inputs, samples.labels), baseline or "baseline")
         report = probe(loaded, samples, settings)

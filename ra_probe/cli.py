@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older Typer on plain click
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Residual Alignment and Neural Collapse diagnostics for residual networks.\n\n"
                        "Usage: ra-probe [MODEL] [options] (default MODEL: bundled/fc-digits), or one of the commands below.")
-COMMANDS = {"probe", "check", "sites", "adapters", "compare"}
+COMMANDS = {"probe", "check", "sites", "adapters", "compare", "render"}
 DEFAULT_MODEL = "bundled/fc-digits"
 DEFAULT_OUT = "reports"
 err = Console(stderr=True)
@@ -319,6 +319,23 @@ def compare(
     if html_path is not None:
         write_html(render_comparison(comparison), html_path)
         console.print(f"comparison written to {html_path}")
+
+
+@app.command()
+def render(
+    report: Path = typer.Argument(..., help="a JSON report written by ra-probe"),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="write the page here (default: the report's "
+                                             "path with .html)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing HTML file"),
+) -> None:
+    """The HTML page of an existing JSON report (pipelines keep the JSON and render later)."""
+    from ra_probe.report.files import load_report
+    from ra_probe.report.html import render_report, write_html
+
+    out = html_path or report.with_suffix(".html")
+    _refuse_overwrite([out], force)
+    write_html(render_report(load_report(report)), out)
+    Console().print(f"report written to {out}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

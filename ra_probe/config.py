@@ -1,4 +1,4 @@
-"""Gate configuration (issue 6): a repository pins its `ra-probe check` settings once, in
+"""Gate configuration: a repository pins its `ra-probe check` settings once, in
 `ra-probe.toml` or in the `[tool.ra-probe]` table of `pyproject.toml`. Keys are the command's option
 names (`min-alignment = 0.6`, `require = ["ra"]`, `baseline = "reports/base.json"`); options given on
 the command line win over the file."""

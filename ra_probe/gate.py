@@ -1,4 +1,4 @@
-"""The CI model-health gate (spec §7, `ra-probe check`): rules judged over a finished report, so the
+"""The CI model-health gate (`ra-probe check`): rules judged over a finished report, so the
 same gate runs from Python on any report dict. A rule is a required verdict, a limit on one metric,
 or agreement with a baseline report (verdicts no worse, metrics within a tolerance)."""
 from __future__ import annotations

@@ -16,7 +16,8 @@ from ra_probe.engine import JacobianOperator
 from ra_probe.plugins import generic, timm_resnet
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain
 from ra_probe import Settings, probe
-from ra_probe.sites import find_sites, registered_adapters, verify_sites
+from ra_probe.sites import find_sites, registered_adapters
+from ra_probe.verify import verify_sites
 from ra_probe.load.models import load_model
 
 

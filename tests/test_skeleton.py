@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from ra_probe.capture import capture
 from ra_probe.engine import JacobianOperator, dense_svd, krylov_svd
-from ra_probe.sites import find_sites, verify_sites
+from ra_probe.sites import find_sites
+from ra_probe.verify import verify_sites
 from ra_probe.load.models import load_model
 
 

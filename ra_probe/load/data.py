@@ -1,4 +1,4 @@
-"""Sample data (spec §6): turn a `--data` reference into model inputs and optional labels.
+"""Sample data: turn a `--data` reference into model inputs and optional labels.
 Validated here, once, at the door: deeper stages trust the shapes."""
 from __future__ import annotations
 
@@ -11,26 +11,7 @@ import torch
 
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
-
-Inputs = torch.Tensor | dict[str, torch.Tensor]
-
-
-@dataclass
-class Samples:
-    """`inputs` is a tensor (N, *input_shape) or a dict of such tensors (text models); `labels` (N,)
-    or None when the data has none."""
-
-    inputs: Inputs
-    labels: torch.Tensor | None
-    name: str
-
-    def __len__(self) -> int:
-        return len(first_tensor(self.inputs))
-
-
-def first_tensor(inputs: Inputs) -> torch.Tensor:
-    return inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
-
+from ra_probe.load.samples import Inputs, Samples, first_tensor
 
 def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
     """The same rows of a tensor or of every tensor of a dict."""

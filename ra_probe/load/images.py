@@ -1,4 +1,4 @@
-"""Image folders as sample data (spec §6): `root/<class>/*.png` gives labelled samples, `root/*.png`
+"""Image folders as sample data: `root/<class>/*.png` gives labelled samples, `root/*.png`
 unlabelled ones. Images are read with PIL, converted to the model's channel mode (so mixed sizes and
 modes are fine) and preprocessed with the model's own data config (timm) or image processor (HF)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ra_probe.load.data import Samples
+from ra_probe.load.samples import Samples
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
 

@@ -1,4 +1,4 @@
-"""Model sources (spec §6): turn a model reference string into an eval-mode `nn.Module` with what is
+"""Model sources: turn a model reference string into an eval-mode `nn.Module` with what is
 known about its inputs. This is the first stage of the flow; it knows nothing of sites or spectra."""
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def _load_timm(name: str, *, pretrained: bool, **kwargs: Any) -> LoadedModel:
         raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
     offline = pretrained and hub_offline_if_unreachable()
     try:
-        # exportable=True: non-fused attention, which forward-mode AD needs (spec §4)
+        # exportable=True: non-fused attention, which forward-mode AD needs
         module = timm.create_model(name, pretrained=pretrained, exportable=True, **kwargs)
     except Exception as exc:
         if pretrained:

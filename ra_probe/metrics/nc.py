@@ -1,4 +1,4 @@
-"""Neural Collapse (Papyan, Han & Donoho 2020; spec §3) on the classifier's input features."""
+"""Neural Collapse (Papyan, Han & Donoho 2020) on the classifier's input features."""
 from __future__ import annotations
 
 import torch

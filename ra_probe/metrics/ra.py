@@ -1,4 +1,4 @@
-"""Residual Alignment measurements (spec §3), on plain tensors, per sample."""
+"""Residual Alignment measurements, on plain tensors, per sample."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Verdicts (spec §3): RA and NC present / partial / absent / not_applicable, with the evidence and
+"""Verdicts: RA and NC present / partial / absent / not_applicable, with the evidence and
 the thresholds used. All thresholds are settings."""
 from __future__ import annotations
 

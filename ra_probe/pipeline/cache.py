@@ -1,4 +1,4 @@
-"""Result cache (issue 6): one entry per measured (group of sites, chunk of samples), so a re-run, or
+"""Result cache: one entry per measured (group of sites, chunk of samples), so a re-run, or
 a run interrupted by Ctrl-C, resumes without recomputing what was already measured.
 
 An entry's key hashes everything its result depends on, behaviour rather than names: the group's

@@ -8,7 +8,8 @@ from ra_probe.capture import Captured, capture, logits_of
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.data import Samples, chunks, run_model, take, to, unpadded
 from ra_probe.pipeline.settings import DTYPES, Settings
-from ra_probe.sites import SiteReport, find_sites, verify_sites
+from ra_probe.sites import SiteReport, find_sites
+from ra_probe.verify import verify_sites
 
 
 def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> SiteReport:

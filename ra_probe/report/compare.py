@@ -1,4 +1,4 @@
-"""`ra-probe compare` (spec §7): several reports side by side — verdicts, RA1–RA4 and NC — and RA4
+"""`ra-probe compare`: several reports side by side — verdicts, RA1–RA4 and NC — and RA4
 across models: within a family of models at different depths, the log–log slope of σ₁ against the
 depth L (≈ −1 under RA4). Reads report dicts only; the console and the HTML render the result."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Figures of the HTML reports (spec §7), drawn from the report dict with matplotlib (no pyplot state,
+"""Figures of the HTML reports, drawn from the report dict with matplotlib (no pyplot state,
 Agg-free SVG canvas) and returned as inline SVG: text stays text (searchable, small), and nothing is
 fetched when the page opens. Each function takes plain report data and returns one SVG string."""
 from __future__ import annotations

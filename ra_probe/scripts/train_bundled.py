@@ -1,4 +1,4 @@
-"""Train the bundled models (spec §8): `python -m ra_probe.scripts.train_bundled [NAME ...]`.
+"""Train the bundled models: `python -m ra_probe.scripts.train_bundled [NAME ...]`.
 
 SGD momentum 0.9, lr 0.05 with cosine decay, 500 epochs, batch 128, one CPU thread; about a minute each.
 """

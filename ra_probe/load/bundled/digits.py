@@ -1,4 +1,4 @@
-"""scikit-learn's digits (shipped with scikit-learn: no download), preprocessed and split as in spec §8."""
+"""scikit-learn's digits (shipped with scikit-learn: no download), preprocessed and split as the bundled models were trained."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The bundled demo network: a fully-connected ResNet (spec §8)."""
+"""The bundled demo network: a fully-connected ResNet."""
 from __future__ import annotations
 
 import torch

@@ -1,0 +1,114 @@
+"""The library as a notebook uses it: the README's example run as written, and a package whose
+modules import only down the flow, with no circle."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import torch
+
+import ra_probe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## From Python"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs_as_written_and_leaves_torch_as_it_was(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = (torch.is_grad_enabled(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_num_threads())
+    scope: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), scope)
+    assert (torch.is_grad_enabled(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_num_threads()) == flags
+    rng = torch.get_rng_state()  # the example draws its data; a probe draws nothing from the caller's RNG
+    ra_probe.probe(scope["model"], scope["loader"], samples=8, k=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    report, again, gate = scope["report"], scope["again"], scope["gate"]
+    assert isinstance(report, ra_probe.Report) and report.verdict.keys() == {"ra", "nc"}
+    assert [s["name"] for s in report.sites] == ["1", "2", "3"] and report["data"]["samples"] == 32
+    assert again.to_dict() == report.to_dict()  # the JSON round trip loses nothing
+    assert "<svg" in (tmp_path / "report.html").read_text() and "&lt;svg" in report._repr_html_()
+    assert gate.passed == (report.verdict["ra"] == "present" and report.metrics["ra2"]["mean_score"] >= 0.5)
+    assert "{'ra': " in capsys.readouterr().out
+    # the model is as the caller left it: training mode, gradients on
+    model = scope["model"]
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_runtime_adapter_claims_a_model_first():
+    from ra_probe.sites import _RUNTIME, registered_adapters
+
+    class Nothing:
+        name, description, fallback = "nothing", "claims every model, finds no site", False
+
+        def find(self, model):
+            return []
+
+    ra_probe.register_adapter(Nothing())
+    try:
+        assert registered_adapters()[0].name == "nothing"
+        report = ra_probe.probe("bundled/fc-digits", samples=4, k=2)
+        assert report["model"]["adapter"] == "nothing" and report.sites == []
+    finally:
+        _RUNTIME.clear()
+
+
+def imports_of(path: Path, package: Path) -> set[str]:
+    """The ra_probe modules a file names in its imports, type-only ones included."""
+    module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(module.split(".")[:len(module.split(".")) - node.level + path.name.startswith("__init__")]
+                                + ([base] if base else []))
+            names |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("ra_probe.")}
+
+
+def test_the_package_has_no_import_circle():
+    package = ROOT / "ra_probe"
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name if name and name != "ra_probe" else None
+
+    edges = {m: {r for r in map(resolve, imports_of(p, package)) if r and r != m and not m.startswith(r + ".")}
+             for m, p in modules.items()}
+    # depth-first search for a back edge
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in edges[node]:
+            assert state.get(nxt) != 1, f"import circle: {' -> '.join(path + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for module in modules:
+        if module not in state:
+            visit(module, [])
+
+
+def test_render_writes_the_html_of_a_json_report(cli, tmp_path):
+    reference = ROOT / "reports" / "reference" / "fc-digits.json"
+    code, _, err = cli("render", reference, "--html", "page.html")
+    assert code == 0, err
+    page = (tmp_path / "page.html").read_text()
+    assert "<svg" in page and "bundled/fc-digits" in page
+    assert cli("render", reference, "--html", "page.html")[0] == 2  # never over an existing file
