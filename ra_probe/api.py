@@ -18,11 +18,14 @@ from ra_probe.load.data import Samples, load_samples
 from ra_probe.load.models import LoadedModel, load_model
 from ra_probe.metrics.verdict import Thresholds
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
+from ra_probe.pipeline.discover import discover
+from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.run import run
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.report.build import build_report
 from ra_probe.report.files import load_report as _read_report
 from ra_probe.report.files import write_json
+from ra_probe.sites import SiteReport
 
 Model = nn.Module | str | LoadedModel
 LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape")
@@ -230,13 +233,27 @@ def load_report(path: str | Path) -> Report:
     return Report(_read_report(Path(path)))
 
 
+def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
+    """The residual sites of `model` found and verified on a forward of the first samples of `data`
+    (as for `probe`), and those skipped with the reason, without measuring anything."""
+    loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
+    settings = settings_from({"samples": 4, **options})
+    loaded = as_loaded(model, **loading)
+    with torch.random.fork_rng(devices=[]):
+        samples = as_samples(data, loaded, settings)
+    with prepared(loaded.module, settings) as prepared_model:
+        return discover(prepared_model, samples, settings)
+
+
 def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[str] = (),
           baseline: str | Path | Mapping | None = None, tolerance: float = 0.05, data: Any = None,
+          settings: Settings | None = None, progress: Progress | bool | None = None, cache: bool | str | Path = False,
           **options: Any) -> GateResult:
     """The CI gate's rules on a report, or on a model probed first (`data` and settings as for `probe`).
     `require`: "ra", "nc" or both; `baseline`: a report (or its path) whose verdicts must not get worse
     and metrics not move beyond `tolerance`; limits by name: `min_alignment`, `min_linearity`,
-    `max_rank`, `max_nc1`, `max_nc4`. Returns a GateResult: `.passed`, `.checks`, `.failures`."""
+    `max_rank`, `max_nc1`, `max_nc4`. Returns a GateResult: `.passed`, `.checks`, `.failures`, and
+    `.report`, the report judged."""
     from ra_probe.gate import LIMITS
 
     limits = {name: options.pop(name) for name in list(options) if name in LIMITS}
@@ -244,11 +261,11 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
     if not set(wanted) <= {"ra", "nc"}:
         raise UserError(f"require takes ra or nc, got {', '.join(wanted)}")
     if isinstance(report_or_model, Mapping):
-        if options or data is not None:
+        if options or data is not None or settings is not None:
             raise UserError("data and settings apply to a model to probe, not to a finished report")
-        report, settings, made_with = report_or_model, None, report_or_model["settings"]
+        report, made_with = report_or_model, report_or_model["settings"]
     else:
-        report, settings = None, settings_from(options)
+        report, settings = None, settings_from(options, settings)
         made_with = settings.as_dict()
     base = read_baseline(Path(baseline), made_with) if isinstance(baseline, (str, Path)) else baseline
     rules = GateRules(require=wanted, limits=limits, tolerance=tolerance, baseline=base)
@@ -259,8 +276,11 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
             samples = as_samples(data, loaded, settings)
         if base is not None:
             check_baseline_data(base, tensor_digest(samples.inputs, samples.labels), baseline or "baseline")
-        report = probe(loaded, samples, settings)
-    return judge(dict(report), rules)
+        report = probe(loaded, samples, settings, progress=progress, cache=cache)
+    report = report.to_dict() if isinstance(report, Report) else dict(report)
+    result = judge(report, rules)
+    result.report = report
+    return result
 
 
 def register_adapter(adapter: Any) -> None:
@@ -271,4 +291,4 @@ def register_adapter(adapter: Any) -> None:
     register(adapter)
 
 
-__all__ = ["Report", "check", "load_report", "probe", "register_adapter"]
+__all__ = ["Report", "check", "find_sites", "load_report", "probe", "register_adapter"]

@@ -2,10 +2,14 @@
 function per command. A user's mistake is one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import typer
@@ -42,52 +46,88 @@ def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 ModelArg = typer.Argument(..., help="bundled/<name>, timm/<name>, hf/<org>/<name>, a folder, a checkpoint "
                                     "(with --arch), or a factory file.py:fn / package.module:fn")
-NoPretrained = typer.Option(False, "--no-pretrained", help="random init for timm models")
-Weights = typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the model")
-Arch = typer.Option(None, help="architecture of a checkpoint file, as a model reference")
-InputShape = typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, synthetic data)")
-Data = typer.Option(None, help="bundled/digits, a .npz with x (and y), a .txt file (one example per line, text "
-                                "models), an image folder (class sub-folders give labels), or synthetic; default: "
-                                "the model's own")
-Samples = typer.Option(64, min=1, help="at most this many samples")
-
-
-def _load(model: str, no_pretrained: bool, weights: Optional[Path], arch: Optional[str], input_shape: Optional[str]):
-    from ra_probe.load.models import load_model
-
-    return load_model(model, pretrained=not no_pretrained, weights=None if weights is None else str(weights),
-                      arch=arch, input_shape=_shape(input_shape))
-
-
-K = typer.Option(16, min=1, help="singular triplets per site and sample")
-AlignK = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")
-Tol = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")
-Solver = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block")
-DenseLimit = typer.Option(DENSE_LIMIT, min=0, help="auto solver: sites of at most this many dimensions get "
-                                                  "an exact dense SVD")
-Tau = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")
-BatchSize = typer.Option(None, min=1, help="samples per chunk (default: the most that fit in the device's free memory)")
-DType = typer.Option("float32", help="float32 | float64")
-Device = typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)")
-Seed = typer.Option(0)
 Force = typer.Option(False, "--force", help="overwrite an existing report file")
-NoCache = typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or ~/.cache/ra-probe)")
+
+# The options of every command that probes a model (probe, check), declared once: `probe_options`
+# adds them to a command, which receives them as one `ProbeOptions`.
+PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "data": (Optional[str], typer.Option(None, help="bundled/digits, a .npz with x (and y), a .txt file (one example "
+                                               "per line, text models), an image folder (class sub-folders give "
+                                               "labels), or synthetic; default: the model's own")),
+    "samples": (int, typer.Option(64, min=1, help="at most this many samples")),
+    "k": (int, typer.Option(16, min=1, help="singular triplets per site and sample")),
+    "align_k": (Optional[int], typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")),
+    "tol": (float, typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")),
+    "solver": (str, typer.Option("auto", help="auto (dense where it is cheaper, else block) | dense | block")),
+    "dense_limit": (int, typer.Option(DENSE_LIMIT, min=0, help="auto solver: sites of at most this many "
+                                                               "dimensions may get an exact dense SVD")),
+    "tau": (float, typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")),
+    "batch_size": (Optional[int], typer.Option(None, min=1, help="samples per chunk (default: the most that fit in "
+                                                                 "the device's free memory)")),
+    "dtype": (str, typer.Option("float32", help="float32 | float64")),
+    "device": (Optional[str], typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)")),
+    "seed": (int, typer.Option(0)),
+    "no_cache": (bool, typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or "
+                                                             "~/.cache/ra-probe)")),
+    "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="random init for timm models")),
+    "weights": (Optional[Path], typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the "
+                                                        "model")),
+    "arch": (Optional[str], typer.Option(None, help="architecture of a checkpoint file, as a model reference")),
+    "input_shape": (Optional[str], typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, "
+                                                           "synthetic data)")),
+}
+SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed")
 
 
-def _settings(k: int, align_k: Optional[int], samples: int, batch_size: Optional[int], tol: float, solver: str,
-              dense_limit: int, tau: float, dtype: str, device: Optional[str], seed: int):
-    from ra_probe.pipeline.settings import Settings
+@dataclass
+class ProbeOptions:
+    """The probe options of one command line."""
 
-    settings = Settings(k=k, align_k=align_k, samples=samples, batch_size=batch_size, tol=tol, solver=solver,
-                        dense_limit=dense_limit, tau=tau, dtype=dtype, device=device, seed=seed)
-    settings.validate()
-    return settings
+    values: dict[str, Any]
+
+    def settings(self):
+        from ra_probe.pipeline.settings import Settings
+
+        settings = Settings(**{name: self.values[name] for name in SETTINGS})
+        settings.validate()
+        return settings
+
+    def load(self, model: str):
+        from ra_probe.load.models import load_model
+
+        weights = self.values["weights"]
+        return load_model(model, pretrained=not self.values["no_pretrained"], arch=self.values["arch"],
+                          weights=None if weights is None else str(weights),
+                          input_shape=_shape(self.values["input_shape"]))
+
+    def samples(self, loaded, settings):
+        from ra_probe.load.data import load_samples
+
+        return load_samples(self.values["data"], loaded, limit=settings.samples, seed=settings.seed)
 
 
-def _samples(loaded, data: Optional[str], settings):
-    from ra_probe.load.data import load_samples
+def probe_options(*names: str) -> Callable[[Callable], Callable]:
+    """Give a command the probe options `names` (all by default) after its own; it receives them as
+    `options: ProbeOptions`."""
+    names = names or tuple(PROBE_OPTIONS)
 
-    return load_samples(data, loaded, limit=settings.samples, seed=settings.seed)
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=PROBE_OPTIONS[name][1],
+                                   annotation=PROBE_OPTIONS[name][0]) for name in names]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, options=ProbeOptions({**dict.fromkeys(PROBE_OPTIONS), **values}))
+
+        del wrapper.__wrapped__  # Typer reads the signature below, not the command's own
+        wrapper.__signature__ = inspect.Signature(own + added)
+        hints = typing.get_type_hints(command)
+        wrapper.__annotations__ = {**{p.name: hints[p.name] for p in own},
+                                   **{name: PROBE_OPTIONS[name][0] for name in names}}
+        return wrapper
+    return decorate
 
 
 def _run_probe(loaded, sample_set, settings, *, quiet: bool, no_cache: bool) -> dict:
@@ -98,33 +138,28 @@ def _run_probe(loaded, sample_set, settings, *, quiet: bool, no_cache: bool) -> 
 
 
 @app.command()
+@probe_options()
 def probe(
     model: str = ModelArg,
-    data: Optional[str] = Data,
-    samples: int = Samples,
-    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver,
-    dense_limit: int = DenseLimit, tau: float = Tau,
-    batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the JSON report here"),
     html_path: Optional[Path] = typer.Option(None, "--html", help="write the HTML report here"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for <model>-<timestamp>.json and .html "
                                        "(default reports/, used when --json and --html are not given)"),
     force: bool = Force,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no tables or progress; the verdict line only"),
-    no_cache: bool = NoCache,
-    no_pretrained: bool = NoPretrained, weights: Optional[Path] = Weights, arch: Optional[str] = Arch,
-    input_shape: Optional[str] = InputShape,
+    options: ProbeOptions = None,
 ) -> None:
     """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
     from ra_probe.report.console import print_report
-    from ra_probe.report.html import render_report, write_html
     from ra_probe.report.files import write_json
+    from ra_probe.report.html import render_report, write_html
 
     paths = _report_paths(model, json_path, html_path, out)
     _refuse_overwrite(paths.values(), force)
-    settings = _settings(k, align_k, samples, batch_size, tol, solver, dense_limit, tau, dtype, device, seed)
-    loaded = _load(model, no_pretrained, weights, arch, input_shape)
-    report = _run_probe(loaded, _samples(loaded, data, settings), settings, quiet=quiet, no_cache=no_cache)
+    settings = options.settings()
+    loaded = options.load(model)
+    report = _run_probe(loaded, options.samples(loaded, settings), settings, quiet=quiet,
+                        no_cache=options.values["no_cache"])
     console = Console(quiet=quiet)
     print_report(report, console)
     if ".json" in paths:
@@ -160,6 +195,7 @@ def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
 
 
 @app.command()
+@probe_options()
 def check(
     model: str = typer.Argument(DEFAULT_MODEL, help="the model to gate, as for probe"),
     require: Optional[list[str]] = typer.Option(None, help="ra | nc: fail unless that verdict is present (repeatable)"),
@@ -175,52 +211,40 @@ def check(
     config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_apply_config,
                                           help="settings file (default: ./ra-probe.toml, or the tool.ra-probe "
                                                "table of ./pyproject.toml)"),
-    data: Optional[str] = Data, samples: int = Samples,
-    k: int = K, align_k: Optional[int] = AlignK, tol: float = Tol, solver: str = Solver,
-    dense_limit: int = DenseLimit, tau: float = Tau,
-    batch_size: Optional[int] = BatchSize, dtype: str = DType, device: Optional[str] = Device, seed: int = Seed,
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here (default: "
                                                                   "reports/<model>.check.json)"),
     force: bool = Force,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also print the report's tables (on stderr)"),
-    no_cache: bool = NoCache,
-    no_pretrained: bool = NoPretrained, weights: Optional[Path] = Weights, arch: Optional[str] = Arch,
-    input_shape: Optional[str] = InputShape,
+    options: ProbeOptions = None,
 ) -> None:
     """CI gate: probe MODEL and judge the report. Exit 0 pass, 1 fail, 2 usage or input error; one
     summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
+    from ra_probe.api import check as run_check
+    from ra_probe.gate import summary_line
     from ra_probe.report.console import print_report
-    from ra_probe.pipeline.cache import tensor_digest
-    from ra_probe.gate import GateRules, check_baseline_data, check_rules, judge, read_baseline, summary_line
     from ra_probe.report.files import file_safe, write_json
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
-    if not set(wanted) <= {"ra", "nc"}:
-        raise UserError(f"--require takes ra or nc, got {', '.join(wanted)}")
-    settings = _settings(k, align_k, samples, batch_size, tol, solver, dense_limit, tau, dtype, device, seed)
     limits = {name: value for name, value in (("min_alignment", min_alignment), ("min_linearity", min_linearity),
                                               ("max_rank", max_rank), ("max_nc1", max_nc1), ("max_nc4", max_nc4))
               if value is not None}
-    rules = GateRules(require=wanted, limits=limits, tolerance=tolerance,
-                      baseline=None if baseline is None else read_baseline(baseline, settings.as_dict()))
-    check_rules(rules, settings.k)
-    if not rules.require and not rules.limits and rules.baseline is None:
+    if not wanted and not limits and baseline is None:
         raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
                         "--min-alignment (or a config file that sets them)")
-    loaded = _load(model, no_pretrained, weights, arch, input_shape)
+    settings = options.settings()
+    loaded = options.load(model)
     out = json_path or Path(DEFAULT_OUT) / f"{file_safe(loaded.name)}.check.json"
     if out.exists() and not force and not (json_path is None and _is_report(out)):
         raise UserError(f"{out} exists; pass --force to overwrite it")
-    sample_set = _samples(loaded, data, settings)
-    if rules.baseline is not None:
-        check_baseline_data(rules.baseline, tensor_digest(sample_set.inputs, sample_set.labels), baseline)
-    report = _run_probe(loaded, sample_set, settings, quiet=not verbose, no_cache=no_cache)
+    result = run_check(loaded, require=wanted, baseline=baseline, tolerance=tolerance,
+                       data=options.samples(loaded, settings), settings=settings, progress=verbose,
+                       cache=not options.values["no_cache"], **limits)
+    report = result.report
     if verbose:
         print_report(report, err)
-    result = judge(report, rules)
-    report["gate"] = {**result.as_dict(), "rules": {"require": list(rules.require), "limits": rules.limits,
+    report["gate"] = {**result.as_dict(), "rules": {"require": list(wanted), "limits": limits,
                                                     "baseline": None if baseline is None else str(baseline),
-                                                    "tolerance": rules.tolerance}}
+                                                    "tolerance": tolerance}}
     write_json(report, out)
     typer.echo(f"{summary_line(report, result)} [report: {out}]")
     if not result.passed:
@@ -258,28 +282,21 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-def sites(
-    model: str = ModelArg, data: Optional[str] = Data,
-    no_pretrained: bool = NoPretrained, weights: Optional[Path] = Weights, arch: Optional[str] = Arch,
-    input_shape: Optional[str] = InputShape,
-) -> None:
+@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device")
+def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
+    from ra_probe.api import find_sites
+    from ra_probe.report.build import no_sites_message
     from ra_probe.report.console import sites_table
-    from ra_probe.load.data import load_samples
-    from ra_probe.pipeline.discover import discover
-    from ra_probe.pipeline.prepare import prepared
-    from ra_probe.pipeline.settings import Settings
 
-    loaded = _load(model, no_pretrained, weights, arch, input_shape)
-    settings = Settings()
-    sample_set = load_samples(data, loaded, limit=4)
-    with prepared(loaded.module, settings) as model:
-        report = discover(model, sample_set, settings)
+    loaded = options.load(model)
+    report = find_sites(loaded, options.values["data"], device=options.values["device"])
     console = Console()
     console.print(sites_table([s.describe() for s in report.sites],
-                              [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter))
+                              [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter,
+                              console.width))
     if not report.sites:
-        console.print("no residual connections found")
+        console.print(no_sites_message(len(report.skipped)))
 
 
 @app.command()

@@ -69,6 +69,7 @@ class GateRules:
 class GateResult:
     passed: bool
     checks: list[dict[str, Any]]  # every rule judged: name, passed, detail
+    report: dict[str, Any] | None = field(default=None, repr=False)  # the report judged
 
     @property
     def failures(self) -> list[str]:

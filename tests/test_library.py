@@ -112,3 +112,27 @@ def test_render_writes_the_html_of_a_json_report(cli, tmp_path):
     page = (tmp_path / "page.html").read_text()
     assert "<svg" in page and "bundled/fc-digits" in page
     assert cli("render", reference, "--html", "page.html")[0] == 2  # never over an existing file
+
+
+def test_an_80_column_console_shows_every_name_and_number_whole(bundled_reports):
+    import copy
+
+    from rich.console import Console
+
+    from ra_probe.report.console import print_report
+    from ra_probe.report.format import fmt
+
+    report = copy.deepcopy(bundled_reports["fc-digits"])
+    for i, site in enumerate(report["sites"]):  # names as long as a transformer's
+        long = f"bert.encoder.layer.{i}.attention.output"
+        for entry in report["metrics"]["ra3"]["sites"] + report["metrics"]["ra4"]["sites"]:
+            if entry["site"] == site["name"]:
+                entry["site"] = long
+        site["name"] = long
+    console = Console(width=80, record=True, force_terminal=False)
+    print_report(report, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for site in report["sites"]:
+        assert site["name"] in text and fmt(site["singular_values"][0]) in text
+    assert "…" not in text

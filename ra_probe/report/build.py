@@ -19,6 +19,13 @@ from ra_probe.report.schema import SCHEMA_VERSION
 NO_RESIDUAL = "no residual connections found"
 
 
+def no_sites_message(skipped: int) -> str:
+    """What a model without a usable site is told: none found, or found but every one skipped."""
+    if not skipped:
+        return NO_RESIDUAL
+    return f"no usable residual site: {skipped} residual add(s) found but skipped (see the skipped sites and why)"
+
+
 def environment(settings: Settings) -> dict[str, Any]:
     """Where and how the numbers were computed (a probe always runs with TF32 off)."""
     device = settings.resolved_device()
@@ -42,7 +49,7 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
         sites.append(entry)
     messages = []
     if not site_report.sites:
-        messages.append(NO_RESIDUAL)
+        messages.append(no_sites_message(len(site_report.skipped)))
     zero = metrics["ra4"]["zero_sites"]
     if zero:
         messages.append(f"σ₁ = 0 at {len(zero)} site(s) ({', '.join(zero[:4])}{'…' if len(zero) > 4 else ''}): "

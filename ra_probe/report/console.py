@@ -2,68 +2,111 @@
 JSON."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ra_probe.report.format import fmt
 
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "not_applicable": "dim"}
 
 
-def sites_table(sites: list[dict[str, Any]], skipped: list[dict[str, Any]], adapter: str) -> Table:
-    table = Table(title=f"Residual sites (adapter: {adapter})", title_justify="left")
-    for column in ("site", "kind", "post", "group", "input shape", "verify error"):
-        table.add_column(column)
-    for s in sites:
-        table.add_row(s["name"], s["kind"], fmt(s["post"]), str(s["group"]),
-                      "×".join(map(str, s["input_shape"])), fmt(s["verify_error"], 2))
-    for s in skipped:
-        table.add_row(s["name"], "[red]skipped[/red]", "", "", "", s["reason"])
+@dataclass
+class Column:
+    header: str
+    justify: str = "left"
+    optional: bool = False  # dropped, last first, when the table would not fit the console
+
+
+def fitted(title: str, columns: list[Column], rows: list[list[str]], width: int, caption: str | None = None) -> Table:
+    """A table whose names and numbers are never cut: cells do not wrap, and optional columns are
+    left out, from the last, until the rest fits `width` (a narrow terminal, a CI log). Cells with
+    spaces (reasons, skipped sites' notes) may wrap, in the last column only."""
+    keep = list(range(len(columns)))
+
+    def needed(indices: list[int]) -> int:
+        widths = [max([cell_len(columns[i].header)] + [cell_len(Text.from_markup(r[i]).plain) for r in rows])
+                  for i in indices]
+        return sum(widths) + 3 * len(indices) + 1  # one space of padding each side, and the borders
+
+    while needed(keep) > width and any(columns[i].optional for i in keep):
+        keep.remove(max(i for i in keep if columns[i].optional))
+    dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
+    table = Table(title=title, title_justify="left", caption=caption)
+    for position, i in enumerate(keep):
+        table.add_column(columns[i].header, justify=columns[i].justify, no_wrap=position < len(keep) - 1,
+                         overflow="fold")
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
+    if dropped:
+        table.caption = (f"{caption}; " if caption else "") + f"not shown at this width: {', '.join(dropped)}"
     return table
 
 
-def spectra_table(report: dict[str, Any]) -> Table:
+def sites_table(sites: list[dict[str, Any]], skipped: list[dict[str, Any]], adapter: str,
+                width: int = 120) -> Table:
+    columns = [Column("site"), Column("kind"), Column("post", optional=True), Column("group"),
+               Column("input shape", optional=True), Column("verify error", "right", optional=True)]
+    rows = [[s["name"], s["kind"], fmt(s["post"]), str(s["group"]), "×".join(map(str, s["input_shape"])),
+             fmt(s["verify_error"], 2)] for s in sites]
+    table = fitted(f"Residual sites (adapter: {adapter})", columns, rows, width)
+    if skipped:  # the reasons are prose: a table of their own, which may wrap them
+        table = Table.grid()
+        table.add_row(fitted(f"Residual sites (adapter: {adapter})", columns, rows, width))
+        reasons = Table(title="Skipped", title_justify="left")
+        reasons.add_column("site", no_wrap=True, overflow="fold")
+        reasons.add_column("reason")
+        for s in skipped:
+            reasons.add_row(s["name"], s["reason"])
+        table.add_row(reasons)
+    return table
+
+
+def spectra_table(report: dict[str, Any], width: int = 120) -> Table:
     ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
-    table = Table(title=f"Residual Jacobian spectra (mean over {report['data']['samples']} samples)",
-                  title_justify="left")
-    for column in ("site", "method", "σ₁", "σ₂", "σ₃", f"median rank (τ={report['metrics']['ra3']['tau']:g})",
-                   "gap σ_C/σ_C+1", "max residual", "seconds"):
-        table.add_column(column, justify="right" if column != "site" else "left")
+    columns = [Column("site"), Column("σ₁", "right"), Column("rank", "right"), Column("σ₂", "right", True),
+               Column("gap", "right", True), Column("residual", "right", True), Column("method", optional=True),
+               Column("σ₃", "right", True), Column("seconds", "right", True)]
+    rows = []
     for s in report["sites"]:
         sv = s["singular_values"] + [None] * 3
         r = ra3[s["name"]]
         rank = f"{r['rank_median']:g}" if r["rank_median"] is not None else f"≥{r['rank_at_least']}"
-        table.add_row(s["name"], s["method"], fmt(sv[0]), fmt(sv[1]), fmt(sv[2]), rank, fmt(r["gap_mean"]),
-                      fmt(s["max_residual"], 2), f"{s['timing']['seconds']:.2f}")
-    return table
+        rows.append([s["name"], fmt(sv[0]), rank, fmt(sv[1]), fmt(r["gap_mean"]), fmt(s["max_residual"], 2),
+                     s["method"], fmt(sv[2]), f"{s['timing']['seconds']:.2f}"])
+    caption = (f"rank: median #{{σ > τσ₁}}, τ = {report['metrics']['ra3']['tau']:g}; gap: σ_C/σ_C+1; "
+               "residual: largest residual bound")
+    return fitted(f"Residual Jacobian spectra (mean over {report['data']['samples']} samples)", columns, rows,
+                  width, caption)
 
 
-def ra_table(report: dict[str, Any]) -> Table:
+def ra_table(report: dict[str, Any], width: int = 120) -> Table:
     metrics = report["metrics"]
     ra1 = {g["group"]: g for g in metrics["ra1"]["groups"]}
-    table = Table(title="Residual Alignment by group", title_justify="left")
-    for column in ("group", "sites", "RA1 linearity", "LSS", "step CV", "step cos", "RA2 score a_ij"):
-        table.add_column(column)
+    columns = [Column("group"), Column("first site"), Column("last site"), Column("sites", "right"),
+               Column("RA2 a_ij", "right"), Column("RA1 linearity", "right"), Column("LSS", "right", True),
+               Column("step CV", "right", True), Column("step cos", "right", True)]
+    rows = []
     for g in metrics["ra2"]["groups"]:
         t = ra1[g["group"]]
         names = g["sites"]
-        table.add_row(str(g["group"]), f"{names[0]} … {names[-1]} ({len(names)})", fmt(t["linearity"]),
-                      fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"]), fmt(g["score"]))
+        rows.append([str(g["group"]), names[0], names[-1], str(len(names)), fmt(g["score"]), fmt(t["linearity"]),
+                     fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"])])
     ra4 = metrics["ra4"]
-    table.caption = f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}"
-    return table
+    return fitted("Residual Alignment by group", columns, rows, width,
+                  f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}")
 
 
-def nc_table(nc: dict[str, Any]) -> Table:
-    table = Table(title=f"Neural Collapse ({nc['classes']} classes, {nc['samples']} samples, labels from "
-                        f"{nc['labels_from']})", title_justify="left")
-    for column in ("NC1", "NC2 equinorm μ", "NC2 equinorm w", "NC2 equiangular", "NC3", "NC4"):
-        table.add_column(column, justify="right")
-    table.add_row(*(fmt(nc[k]) for k in ("nc1", "nc2_equinorm_means", "nc2_equinorm_weights", "nc2_equiangular",
-                                           "nc3", "nc4")))
-    return table
+def nc_table(nc: dict[str, Any], width: int = 120) -> Table:
+    columns = [Column("NC1", "right"), Column("NC2 μ norms", "right"), Column("NC2 angles", "right"),
+               Column("NC3", "right"), Column("NC4", "right"), Column("NC2 w norms", "right", True)]
+    row = [fmt(nc[k]) for k in ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4", "nc2_equinorm_weights")]
+    return fitted(f"Neural Collapse ({nc['classes']} classes, {nc['samples']} samples, labels from "
+                  f"{nc['labels_from']})", columns, [row], width)
 
 
 def verdict_table(verdict: dict[str, Any]) -> Table:
@@ -87,13 +130,13 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
                   f"({report['data']['samples']} samples, {report['environment']['device']}, "
                   f"{report['environment']['dtype']})")
     if report["sites"] or report["skipped"]:
-        console.print(sites_table(report["sites"], report["skipped"], report["model"]["adapter"]))
+        console.print(sites_table(report["sites"], report["skipped"], report["model"]["adapter"], console.width))
     if report["sites"]:
-        console.print(spectra_table(report))
+        console.print(spectra_table(report, console.width))
     if report["metrics"]["ra2"]["groups"]:
-        console.print(ra_table(report))
+        console.print(ra_table(report, console.width))
     if report["metrics"]["nc"] is not None:
-        console.print(nc_table(report["metrics"]["nc"]))
+        console.print(nc_table(report["metrics"]["nc"], console.width))
     console.print(verdict_table(report["verdict"]))
     for message in report["messages"]:
         console.print(f"[yellow]note:[/yellow] {message}")
