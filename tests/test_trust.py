@@ -16,6 +16,7 @@ from ra_probe.errors import UserError
 from ra_probe.metrics.ra import rank_summary
 from ra_probe import Settings, probe
 from ra_probe.load.models import LoadedModel, load_model
+from conftest import TINY
 from test_hf_adapters import CONFIGS, saved
 
 
@@ -244,3 +245,9 @@ def test_baseline_made_on_other_data_or_settings_is_refused(cli, tmp_path):
     assert code == 2 and "measured on other data" in err
     code, _, err = cli("check", "bundled/fc-digits", "--samples", "8", "--tol", "1e-4", "--baseline", "base.json")
     assert code == 2 and "other settings (tol 0.001 vs 0.0001)" in err
+
+
+def test_a_model_whose_residual_adds_were_all_skipped_is_not_called_residual_free(cli):
+    code, out, _ = cli("sites", f"{TINY}:flat_guarded")
+    assert code == 0 and "no usable residual site: 1 residual add(s) found but skipped" in out
+    assert "no residual connections found" not in out

@@ -142,3 +142,8 @@ class SharedBlockNet(nn.Module):
 def shared_block() -> nn.Module:
     torch.manual_seed(0)
     return SharedBlockNet(nn.Linear(8, 16), ResidualMLP(16), nn.Linear(16, 3))
+
+
+def flat_guarded() -> nn.Module:
+    torch.manual_seed(0)
+    return FlatGuarded()
