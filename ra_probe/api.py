@@ -4,6 +4,7 @@ with no global side effect: the caller's model, RNG, TF32 flags and grad mode ar
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -187,7 +188,8 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
 
     `model`: an `nn.Module` (probed as it is, never copied, and left as it was), or a reference as the
     CLI takes it ("timm/resnet50", "hf/org/name", a folder, "file.py:fn", "bundled/fc-digits"), with
-    `pretrained`, `weights`, `arch`, `input_shape` as loading options. `data`: a tensor (N, …), an
+    `pretrained`, `weights`, `arch`, `input_shape` as loading options; a module is probed on its own
+    device unless `device` says otherwise. `data`: a tensor (N, …), an
     (x, y) pair, a DataLoader or iterable of batches, a data reference string, or None. Settings are the
     CLI's options as keywords (`k=16, samples=64, tol=1e-3, device="cuda"`...) or a `Settings`.
     `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the
@@ -195,6 +197,9 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
     settings = settings_from(options, settings)
     loaded = as_loaded(model, **loading)
+    weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if settings.device is None and weight is not None:  # a module the caller holds is probed where it lives
+        settings = dataclasses.replace(settings, device=str(weight.device))
     with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws its base seed from torch's RNG
         samples = as_samples(data, loaded, settings)
     store = None if cache is False else ResultCache(None if cache is True else cache)

@@ -8,7 +8,6 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +73,12 @@ class LiveProbe:
     exactly as it would have without the probe. The samples are taken from `data` at the first probe and
     reused, so every probe of a run measures the same samples. `model` picks the network out of what
     is passed to the call: None for the object itself, an attribute path ("net", "model.backbone"), or a
-    callable(owner). Settings are `ra_probe.probe`'s, over `DEFAULTS`; the device defaults to the
-    network's own."""
+    callable(owner). Settings are `ra_probe.probe`'s, over `DEFAULTS`; as there, the device defaults to
+    the network's own."""
 
     def __init__(self, data: Any, model: ModelPicker = None, **settings: Any):
         self.data, self.model = data, model
         self.settings = settings_from({**DEFAULTS, **settings})
-        self.device_given = "device" in settings
         self.samples = None
 
     def network(self, owner: Any) -> nn.Module:
@@ -96,15 +94,10 @@ class LiveProbe:
         """Probe the network of `owner`: its Report and its `scalars`, with `ra/probe_seconds`."""
         started = time.perf_counter()
         module = self.network(owner)
-        settings = self.settings
-        weight = next(module.parameters(), None)
-        if weight is not None and not self.device_given:
-            settings = replace(settings, device=str(weight.device))
         with preserved_rng():
-            loaded = as_loaded(module)
             if self.samples is None:
-                self.samples = as_samples(self.data, loaded, settings)
-            report = probe(loaded, self.samples, settings)
+                self.samples = as_samples(self.data, as_loaded(module), self.settings)
+            report = probe(module, self.samples, self.settings)
         metrics = scalars(report)
         metrics["ra/probe_seconds"] = time.perf_counter() - started
         return report, metrics
