@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older Typer on plain click
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Residual Alignment and Neural Collapse diagnostics for residual networks.\n\n"
                        "Usage: ra-probe [MODEL] [options] (default MODEL: bundled/fc-digits), or one of the commands below.")
-COMMANDS = {"probe", "check", "sites", "adapters", "compare", "render"}
+COMMANDS = {"probe", "check", "sites", "adapters", "compare", "render", "sweep"}
 DEFAULT_MODEL = "bundled/fc-digits"
 DEFAULT_OUT = "reports"
 err = Console(stderr=True)
@@ -104,6 +104,20 @@ class ProbeOptions:
         from ra_probe.load.data import load_samples
 
         return load_samples(self.values["data"], loaded, limit=settings.samples, seed=settings.seed)
+
+    def as_library(self, names) -> dict[str, Any]:
+        """The options `names` as `ra_probe.probe` takes them (--no-cache is cache=False…)."""
+        out = {}
+        for name in names:
+            value = self.values[name]
+            if name in ("no_cache", "no_pretrained"):
+                name, value = name.removeprefix("no_"), not value
+            elif name == "weights" and value is not None:
+                value = str(value)
+            elif name == "input_shape":
+                value = _shape(value)
+            out[name] = value
+        return out
 
 
 def probe_options(*names: str) -> Callable[[Callable], Callable]:
@@ -353,6 +367,41 @@ def render(
     _refuse_overwrite([out], force)
     write_html(render_report(load_report(report)), out)
     Console().print(f"report written to {out}")
+
+
+@app.command()
+@probe_options()
+def sweep(
+    ctx: typer.Context,
+    spec: list[str] = typer.Argument(..., help="a sweep file (.toml: common options, then a run table per "
+                                               "model), or one or more models"),
+    out: Path = typer.Option(..., "--out", help="folder of the runs' JSON reports, sweep.json and sweep.html"),
+    executor: str = typer.Option("auto", help="auto (Ray when installed) | ray | local (one run after another in "
+                                              "this process)"),
+    address: Optional[str] = typer.Option(None, help="join a Ray cluster: auto or ray://host:port (default: a "
+                                                     "local Ray instance started in this process)"),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: all)"),
+    gpus_per_run: Optional[float] = typer.Option(None, min=0.0, help="GPUs per run (default: 1 when there are "
+                                                 "GPUs; 0.5 lets two runs share one, 2 spans a --device-map run)"),
+    cpus_per_run: Optional[int] = typer.Option(None, min=1, help="CPUs (and torch threads) per run (default: an "
+                                                                  "even share)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress; the summary line only"),
+    options: ProbeOptions = None,
+) -> None:
+    """Probe many models, or the checkpoints of one (--weights 'ckpts/*.safetensors'), as separate runs
+    (on Ray when installed) into --out: a report per run, sweep.json and sweep.html. Runs already done
+    with the same settings are skipped. Exit 0 all done, 1 a run failed, 2 a bad sweep."""
+    from ra_probe.sweeps import sweep as run_sweep
+
+    given = [name for name in PROBE_OPTIONS if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")]
+    document = run_sweep(spec[0] if len(spec) == 1 else spec, out, executor=executor, address=address, cpus=cpus,
+                         gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, progress=not quiet,
+                         **options.as_library(given))
+    counts = document["counts"]
+    typer.echo(f"sweep of {len(document['runs'])} runs: {counts['done']} done, {counts['skipped']} skipped, "
+               f"{counts['failed']} failed [{out / 'sweep.json'}, {out / 'sweep.html'}]")
+    if counts["failed"]:
+        raise typer.Exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
