@@ -75,6 +75,8 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "arch": (Optional[str], typer.Option(None, help="architecture of a checkpoint file, as a model reference")),
     "input_shape": (Optional[str], typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, "
                                                            "synthetic data)")),
+    "device_map": (Optional[str], typer.Option(None, help="auto | balanced | a JSON map {module: device}: a Hugging "
+                                                          "Face model split across devices (needs accelerate)")),
 }
 SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed")
 
@@ -98,7 +100,7 @@ class ProbeOptions:
         weights = self.values["weights"]
         return load_model(model, pretrained=not self.values["no_pretrained"], arch=self.values["arch"],
                           weights=None if weights is None else str(weights),
-                          input_shape=_shape(self.values["input_shape"]))
+                          input_shape=_shape(self.values["input_shape"]), device_map=self.values["device_map"])
 
     def samples(self, loaded, settings):
         from ra_probe.load.data import load_samples
@@ -296,7 +298,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device")
+@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device_map", "device")
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites

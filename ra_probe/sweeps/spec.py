@@ -38,7 +38,7 @@ class Run:
     model: str
     data: str | None
     settings: Settings
-    loading: dict[str, Any] = field(default_factory=dict)  # pretrained, weights, arch, input_shape
+    loading: dict[str, Any] = field(default_factory=dict)  # pretrained, weights, arch, input_shape, device_map
     cache: bool = True
     step: int | None = None  # the training step of a checkpoint, from its file name or given
 
@@ -175,6 +175,9 @@ def _checked_loading(loading: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(out[key], (str, Path)):
                 raise UserError(f"{where}: {key} must be text, got {out[key]!r}")
             out[key] = str(out[key])
+    if "device_map" in out and not isinstance(out["device_map"], (str, dict)):
+        raise UserError(f"{where}: device_map must be auto, balanced or a table of module = device, got "
+                        f"{out['device_map']!r}")
     if "pretrained" in out and not isinstance(out["pretrained"], bool):
         raise UserError(f"{where}: pretrained must be true or false, got {out['pretrained']!r}")
     if "input_shape" in out:
