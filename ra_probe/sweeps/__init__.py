@@ -92,7 +92,8 @@ def _earlier(plan: SweepSpec, out: Path) -> tuple[dict[str, dict], dict[str, dic
     for run in plan.runs:
         key, earlier = run.key(), previous.get(run.name)
         report = None
-        if earlier and earlier.get("key") == key and earlier.get("status") in ("done", "skipped") and earlier["report"]:
+        if earlier and earlier.get("key") == key and earlier.get("status") in ("done", "skipped") \
+                and earlier.get("report"):
             try:
                 report = load_report(out / earlier["report"])
             except UserError:  # removed or damaged since: measured again
