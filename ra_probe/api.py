@@ -29,7 +29,7 @@ from ra_probe.report.files import write_json
 from ra_probe.sites import SiteReport
 
 Model = nn.Module | str | LoadedModel
-LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape")
+LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape", "device_map")
 
 
 class Report(Mapping):
@@ -137,7 +137,8 @@ def as_loaded(model: Model, **loading: Any) -> LoadedModel:
         return model
     if isinstance(model, str):
         return load_model(model, pretrained=loading.get("pretrained", True), weights=loading.get("weights"),
-                          arch=loading.get("arch"), input_shape=loading.get("input_shape"))
+                          arch=loading.get("arch"), input_shape=loading.get("input_shape"),
+                          device_map=loading.get("device_map"))
     if isinstance(model, nn.Module):
         shape = loading.get("input_shape") or getattr(model, "input_shape", None)
         return LoadedModel(model, type(model).__name__, "module", input_shape=tuple(shape) if shape else None,
@@ -188,8 +189,9 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
 
     `model`: an `nn.Module` (probed as it is, never copied, and left as it was), or a reference as the
     CLI takes it ("timm/resnet50", "hf/org/name", a folder, "file.py:fn", "bundled/fc-digits"), with
-    `pretrained`, `weights`, `arch`, `input_shape` as loading options; a module is probed on its own
-    device unless `device` says otherwise. `data`: a tensor (N, …), an
+    `pretrained`, `weights`, `arch`, `input_shape` and `device_map` (a Hugging Face model split across
+    devices: "auto", "balanced" or a {module: device} map) as loading options; a module is probed on its
+    own device unless `device` says otherwise. `data`: a tensor (N, …), an
     (x, y) pair, a DataLoader or iterable of batches, a data reference string, or None. Settings are the
     CLI's options as keywords (`k=16, samples=64, tol=1e-3, device="cuda"`...) or a `Settings`.
     `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the

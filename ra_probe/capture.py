@@ -54,6 +54,26 @@ def logits_of(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where a block computes: the device of its parameters (None for a block without any)."""
+    first = next(module.parameters(), None)
+    return None if first is None else first.device
+
+
+def _moved(value: Any, device: torch.device | None) -> Any:
+    """`value` with its tensors (in tuples, lists, dicts) on `device`: a model split across devices
+    hands a block its input from the previous block's device, and its branch runs where it lives."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
 def _first_tensor_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     if args:
         return args[0]
@@ -128,8 +148,9 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if x is None or y is None:
             continue
         ctx = read(site.ctx_module, "call", span) if site.ctx_module is not None else None
-        records[site.name] = SiteRecord(site.input_tap.read(x), site.output_tap.read(y),
-                                        ctx or {"args": (), "kwargs": {}})
+        device = _device_of(module_at(model, site.module_path))
+        records[site.name] = SiteRecord(*_moved((site.input_tap.read(x), site.output_tap.read(y),
+                                                 ctx or {"args": (), "kwargs": {}}), device))
     logits = logits_of(output)
     # the head's input counts as classifier features only when the head's output is the model's output
     # (a model without a classifier still has Linear layers, e.g. inside its branches)

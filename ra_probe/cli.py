@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older Typer on plain click
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Residual Alignment and Neural Collapse diagnostics for residual networks.\n\n"
                        "Usage: ra-probe [MODEL] [options] (default MODEL: bundled/fc-digits), or one of the commands below.")
-COMMANDS = {"probe", "check", "sites", "adapters", "compare", "render"}
+COMMANDS = {"probe", "check", "sites", "adapters", "compare", "render", "sweep"}
 DEFAULT_MODEL = "bundled/fc-digits"
 DEFAULT_OUT = "reports"
 err = Console(stderr=True)
@@ -75,6 +75,8 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "arch": (Optional[str], typer.Option(None, help="architecture of a checkpoint file, as a model reference")),
     "input_shape": (Optional[str], typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, "
                                                            "synthetic data)")),
+    "device_map": (Optional[str], typer.Option(None, help="auto | balanced | a JSON map {module: device}: a Hugging "
+                                                          "Face model split across devices (needs accelerate)")),
 }
 SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed")
 
@@ -98,12 +100,26 @@ class ProbeOptions:
         weights = self.values["weights"]
         return load_model(model, pretrained=not self.values["no_pretrained"], arch=self.values["arch"],
                           weights=None if weights is None else str(weights),
-                          input_shape=_shape(self.values["input_shape"]))
+                          input_shape=_shape(self.values["input_shape"]), device_map=self.values["device_map"])
 
     def samples(self, loaded, settings):
         from ra_probe.load.data import load_samples
 
         return load_samples(self.values["data"], loaded, limit=settings.samples, seed=settings.seed)
+
+    def as_library(self, names) -> dict[str, Any]:
+        """The options `names` as `ra_probe.probe` takes them (--no-cache is cache=False…)."""
+        out = {}
+        for name in names:
+            value = self.values[name]
+            if name in ("no_cache", "no_pretrained"):
+                name, value = name.removeprefix("no_"), not value
+            elif name == "weights" and value is not None:
+                value = str(value)
+            elif name == "input_shape":
+                value = _shape(value)
+            out[name] = value
+        return out
 
 
 def probe_options(*names: str) -> Callable[[Callable], Callable]:
@@ -282,7 +298,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device")
+@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device_map", "device")
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites
@@ -353,6 +369,41 @@ def render(
     _refuse_overwrite([out], force)
     write_html(render_report(load_report(report)), out)
     Console().print(f"report written to {out}")
+
+
+@app.command()
+@probe_options()
+def sweep(
+    ctx: typer.Context,
+    spec: list[str] = typer.Argument(..., help="a sweep file (.toml: common options, then a run table per "
+                                               "model), or one or more models"),
+    out: Path = typer.Option(..., "--out", help="folder of the runs' JSON reports, sweep.json and sweep.html"),
+    executor: str = typer.Option("auto", help="auto (Ray when installed) | ray | local (one run after another in "
+                                              "this process)"),
+    address: Optional[str] = typer.Option(None, help="join a Ray cluster: auto or ray://host:port (default: a "
+                                                     "local Ray instance started in this process)"),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: all)"),
+    gpus_per_run: Optional[float] = typer.Option(None, min=0.0, help="GPUs per run (default: 1 when there are "
+                                                 "GPUs; 0.5 lets two runs share one, 2 spans a --device-map run)"),
+    cpus_per_run: Optional[int] = typer.Option(None, min=1, help="CPUs (and torch threads) per run (default: an "
+                                                                  "even share)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress; the summary line only"),
+    options: ProbeOptions = None,
+) -> None:
+    """Probe many models, or the checkpoints of one (--weights 'ckpts/*.safetensors'), as separate runs
+    (on Ray when installed) into --out: a report per run, sweep.json and sweep.html. Runs already done
+    with the same settings are skipped. Exit 0 all done, 1 a run failed, 2 a bad sweep."""
+    from ra_probe.sweeps import sweep as run_sweep
+
+    given = [name for name in PROBE_OPTIONS if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")]
+    document = run_sweep(spec[0] if len(spec) == 1 else spec, out, executor=executor, address=address, cpus=cpus,
+                         gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, progress=not quiet,
+                         **options.as_library(given))
+    counts = document["counts"]
+    typer.echo(f"sweep of {len(document['runs'])} runs: {counts['done']} done, {counts['skipped']} skipped, "
+               f"{counts['failed']} failed [{out / 'sweep.json'}, {out / 'sweep.html'}]")
+    if counts["failed"]:
+        raise typer.Exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

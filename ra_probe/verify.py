@@ -65,6 +65,6 @@ def _group_break(previous: Site | None, site: Site, captured: Captured) -> str |
     if not site.in_shape == site.out_shape == previous.in_shape == previous.out_shape:
         return "shape changes"
     before, now = captured.sites[previous.name].y, captured.sites[site.name].x
-    if before.shape != now.shape or relative_error(now, before) > CHAIN_RTOL:
+    if before.shape != now.shape or relative_error(now, before.to(now.device)) > CHAIN_RTOL:
         return "its input is not the previous site's output (layers in between)"
     return None

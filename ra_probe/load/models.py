@@ -38,11 +38,20 @@ class LoadedModel:
 
 
 def load_model(ref: str, *, pretrained: bool = True, weights: str | None = None,
-               arch: str | None = None, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+               arch: str | None = None, input_shape: tuple[int, ...] | None = None,
+               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     """Load `ref`: `bundled/<name>`, `timm/<name>`, `hf/<org>/<name>`, a local HF or timm folder, a
     checkpoint file with `arch`, or a factory `file.py:fn` / `package.module:fn`. Eval mode, parameters
-    frozen. Raises UserError for anything the user can fix."""
-    if ref.startswith("bundled/"):
+    frozen. `device_map` ("auto", "balanced", a {module: device} map or its JSON text) splits a Hugging
+    Face model across devices with accelerate. Raises UserError for anything the user can fix."""
+    if device_map is not None:
+        if ref.startswith(("bundled/", "timm/")) or ref.endswith(CHECKPOINT_SUFFIXES) or ":" in ref \
+                or (Path(ref).is_dir() and not _is_hf_folder(Path(ref))):
+            raise UserError(f"device_map splits Hugging Face models (hf/<org>/<name> or a local folder), not {ref}")
+        if weights is not None:
+            raise UserError("device_map loads the folder's own weights; weights cannot be given with it")
+        loaded = _load_hf(ref.removeprefix("hf/"), display=ref, device_map=_device_map(device_map))
+    elif ref.startswith("bundled/"):
         loaded = _load_bundled(ref.removeprefix("bundled/"))
     elif ref.startswith("timm/"):
         loaded = _load_timm(ref.removeprefix("timm/"), pretrained=pretrained)
@@ -190,7 +199,35 @@ def _load_folder(folder: Path) -> LoadedModel:
     return _load_hf(str(folder), display=str(folder))
 
 
-def _load_hf(repo: str, *, display: str) -> LoadedModel:
+def _is_hf_folder(folder: Path) -> bool:
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _device_map(value: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A device map as `from_pretrained` takes it: a strategy name, or a {module: device} map (given as
+    a dict or as JSON text); accelerate must be installed."""
+    from importlib.util import find_spec
+
+    if find_spec("accelerate") is None:
+        raise UserError("device_map needs accelerate: pip install 'ra-probe[big]'")
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise UserError(f"device_map is not a JSON map of module to device: {first_line(exc)}") from None
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and isinstance(v, (str, int, torch.device)) for k, v in value.items()):
+            raise UserError("device_map must map module names to devices (\"cpu\", 0, \"cuda:1\"…)")
+        return value
+    if value not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise UserError(f"device_map must be auto, balanced, balanced_low_0, sequential or a JSON map, got {value!r}")
+    return value
+
+
+def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     import transformers
 
     offline = not Path(repo).is_dir() and hub_offline_if_unreachable()
@@ -201,13 +238,19 @@ def _load_hf(repo: str, *, display: str) -> LoadedModel:
         raise UserError(f"cannot load the Hugging Face model {display} ({why})") from None
     archs = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
         if model_cls is None:
-            module = transformers.AutoModel.from_pretrained(repo, attn_implementation="eager")
+            module = transformers.AutoModel.from_pretrained(repo, attn_implementation="eager", **placement)
         else:
-            module = model_cls.from_pretrained(repo, attn_implementation="eager")
+            module = model_cls.from_pretrained(repo, attn_implementation="eager", **placement)
     except Exception as exc:
         raise UserError(f"cannot load Hugging Face model {display}: {first_line(exc)}") from None
+    offloaded = [name for name, p in module.named_parameters() if p.device.type == "meta"]
+    if offloaded:  # weights kept off the devices and streamed in by hooks: a branch alone could not run
+        raise UserError(f"device_map {device_map!r} does not fit the devices: {len(offloaded)} weights (e.g. "
+                        f"{offloaded[0]}) were offloaded; place every module on a device (more or larger GPUs, "
+                        "or a map without offloading)")
     image_size = getattr(config, "image_size", None)
     channels = getattr(config, "num_channels", 3)
     if image_size is not None:

@@ -108,10 +108,20 @@ def singular_gap(S: torch.Tensor, c: int) -> torch.Tensor | None:
 
 def depth_slope(depths: list[float], sigma1: list[float]) -> float | None:
     """RA4 across models: least-squares slope of log σ₁ against log L (≈ −1 under RA4)."""
+    fit = depth_fit(depths, sigma1)
+    return None if fit is None else fit["slope"]
+
+
+def depth_fit(depths: list[float], sigma1: list[float]) -> dict[str, float] | None:
+    """The least-squares line log σ₁ = intercept + slope · log L over the pairs with L, σ₁ > 0, and its
+    coefficient of determination r² (1: the points lie on the line); None without two distinct depths."""
     import numpy as np
 
     pairs = [(d, s) for d, s in zip(depths, sigma1) if d > 0 and s > 0]
     if len({d for d, _ in pairs}) < 2:
         return None
     x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
-    return float(np.polyfit(x, y, 1)[0])
+    slope, intercept = np.polyfit(x, y, 1)
+    spread = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float(((y - (intercept + slope * x)) ** 2).sum()) / spread if spread > 0 else 1.0
+    return {"slope": float(slope), "intercept": float(intercept), "r2": r2, "points": len(pairs)}

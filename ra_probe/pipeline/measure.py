@@ -165,7 +165,8 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
             out.overlap[site.name] = ra_metrics.singular_vector_overlap(result.U, result.V).double().cpu()
     if len(members) >= 2:
         _measure_alignment(members, captured, svds, ops, settings, out)
-        H = torch.stack([captured.sites[members[0].name].x] + [captured.sites[s.name].y for s in members], dim=1)
+        first = captured.sites[members[0].name].x
+        H = torch.stack([first] + [captured.sites[s.name].y.to(first.device) for s in members], dim=1)
         out.trajectory = {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()}
         points, share = ra_metrics.trajectory_projection(H[:PROJECTED_SAMPLES])
         out.projection = points.double().cpu(), share.double().cpu()
@@ -181,11 +182,12 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
         tick = time.perf_counter()
         op, before = ops[site_i.name], ops[site_i.name].products
         S_i = svds[site_i.name].S[:, :K]
+        here = S_i.device  # the device of J_i's block; a model split across devices has the others elsewhere
         partners = [s for s in members if s is not site_i]
-        V = torch.cat([svds[s.name].V[:, :, :K] for s in partners], dim=2)
+        V = torch.cat([svds[s.name].V[:, :, :K].to(here) for s in partners], dim=2)
         JV = op.matmat(V)
         for index, site_j in enumerate(partners):
-            M = svds[site_j.name].U[:, :, :K].transpose(1, 2) @ JV[:, :, index * K:(index + 1) * K]
+            M = svds[site_j.name].U[:, :, :K].to(here).transpose(1, 2) @ JV[:, :, index * K:(index + 1) * K]
             key = (site_i.name, site_j.name)
             out.alignment[key] = ra_metrics.alignment_score(M, S_i).double().cpu()
             out.heatmap[key] = M.abs().sum(dim=0).double().cpu()

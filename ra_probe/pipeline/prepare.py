@@ -14,8 +14,10 @@ from ra_probe.pipeline.settings import DTYPES, Settings
 def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Module]:
     """`model` itself, never a copy, made ready to probe for the duration of the block: eval mode,
     parameters frozen, on the probe's device and dtype, eval-mode BatchNorm2d as the per-channel affine
-    map it computes, TF32 off (spectra in true float32). On exit every module's mode, every parameter's
-    grad flag, device and dtype, the swapped BatchNorms and the TF32 flags are as they were."""
+    map it computes, TF32 off (spectra in true float32). A model dispatched across devices (accelerate's
+    big-model hooks, `device_map`) keeps every block where it is and only takes the dtype. On exit every
+    module's mode, every parameter's grad flag, device and dtype, the swapped BatchNorms and the TF32
+    flags are as they were."""
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     data = {p: p.data for p in model.parameters()}
@@ -25,7 +27,10 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
     swapped = _affine_batch_norms(model)
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
+        if dispatched(model):
+            yield model.to(dtype=DTYPES[settings.dtype])
+        else:
+            yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for parent, name, original in swapped:
@@ -38,6 +43,11 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
             parameter.requires_grad_(flag)
         for module, mode in modes.items():
             module.training = mode
+
+
+def dispatched(model: torch.nn.Module) -> bool:
+    """Whether accelerate dispatched `model` across devices (its forward moves activations between them)."""
+    return hasattr(model, "_hf_hook")
 
 
 class _ChannelAffine(torch.nn.Module):

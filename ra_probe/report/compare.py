@@ -68,11 +68,12 @@ ROWS = (("RA verdict", "ra_status"), ("NC verdict", "nc_status"), ("samples", "s
         ("NC2 equiangular", "nc2_equiangular"), ("NC3", "nc3"), ("NC4", "nc4"))
 
 
-def compare(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def compare(reports: list[tuple[str, dict[str, Any]]], labels: list[str] | None = None) -> dict[str, Any]:
     """Reports given as (file name, report dict): one summary per report, the side-by-side table
     (`table`: [{"metric", "values"}], values in report order) and, per family with at least two
-    depths, the RA4 slope of log mean σ₁ against log L."""
-    rows = [summary(report, label) for (_, report), label in zip(reports, _labels(reports))]
+    depths, the RA4 slope of log mean σ₁ against log L. `labels` name the columns (default: the model
+    names, with the file name where two reports are of the same model)."""
+    rows = [summary(report, label) for (_, report), label in zip(reports, labels or _labels(reports))]
     families = []
     for family in dict.fromkeys(row["family"] for row in rows):
         members = [r for r in rows if r["family"] == family and r["depth"] and r["mean_sigma1"]]

@@ -63,6 +63,24 @@ def render_comparison(comparison: dict[str, Any]) -> str:
     return _environment().get_template("compare.html.j2").render(comparison=comparison, figures=figures)
 
 
+def render_sweep(sweep: dict[str, Any], names: list[str], reports: list[dict[str, Any]]) -> str:
+    """The page of a sweep (sweep.json and its runs' reports, labelled by run name): the compare page
+    with the runs' statuses, the RA4 fit across runs (slope and r²) on σ₁ against depth, and the
+    metrics against the checkpoints' steps when the runs are checkpoints."""
+    from ra_probe.report.compare import compare
+
+    comparison = compare([(f"{name}.json", report) for name, report in zip(names, reports)], names)
+    fit = sweep["ra4"]
+    comparison["families"] = [{"family": "sweep", "labels": fit["runs"], "depths": fit["depths"],
+                               "mean_sigma1": fit["mean_sigma1"], "slope": fit["slope"]}] if fit else []
+    steps = {entry["name"]: entry["step"] for entry in sweep["runs"]}
+    stepped = [(steps[row["label"]], row) for row in comparison["reports"] if steps[row["label"]] is not None]
+    figures = {"sigma1": Markup(plots.compare_sigma1(comparison["reports"])) if reports else None,
+               "slopes": Markup(plots.depth_slopes(comparison["families"])) if fit else None,
+               "steps": Markup(plots.metrics_by_step(stepped)) if len({s for s, _ in stepped}) >= 2 else None}
+    return _environment().get_template("sweep.html.j2").render(sweep=sweep, comparison=comparison, figures=figures)
+
+
 def write_html(page: str, path: Path) -> None:
     """Write a page the way every report file is written: whole or not at all."""
     write_text(page, path)

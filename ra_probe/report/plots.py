@@ -215,3 +215,24 @@ def depth_slopes(families: list[dict[str, Any]]) -> str:
     ax.set(xlabel="depth L (sites)", ylabel="mean σ₁", title="RA4 across models (≈ −1 under RA4)")
     ax.legend(fontsize=7)
     return _svg(fig, "compare-slopes")
+
+
+STEP_METRICS = (("RA1 mean linearity", "linearity", False), ("RA2 mean score a_ij", "alignment", False),
+                ("RA3 median rank", "rank_median", False), ("mean σ₁", "mean_sigma1", True),
+                ("NC1", "nc1", True), ("NC4", "nc4", False))  # (title, summary key, log scale)
+
+
+def metrics_by_step(stepped: list[tuple[int, dict[str, Any]]]) -> str:
+    """Checkpoints of one training run: each headline metric against the training step, one panel each."""
+    stepped = sorted(stepped, key=lambda pair: pair[0])
+    steps = [step for step, _ in stepped]
+    fig, axes = _grid(len(STEP_METRICS), 3, (3.4, 2.6))
+    for ax, (title, key, log) in zip(axes, STEP_METRICS):
+        values = [row[key] for _, row in stepped]
+        shown = _positive(values) if log else np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.plot(steps, shown, marker=".")
+        if log:
+            _log_y(ax, shown)
+        ax.set(title=title, xlabel="step")
+        ax.title.set_fontsize(9)
+    return _svg(fig, "steps")

@@ -14,11 +14,12 @@ def schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-def schema_errors(report: dict[str, Any]) -> list[str]:
-    """Where `report` departs from the schema, one line per error ("path: message"); empty when valid."""
+def schema_errors(report: dict[str, Any], against: dict[str, Any] | None = None) -> list[str]:
+    """Where `report` departs from the report schema (or the schema `against`), one line per error
+    ("path: message"); empty when valid."""
     from jsonschema import Draft202012Validator
 
-    validator = Draft202012Validator(schema())
+    validator = Draft202012Validator(against or schema())
     return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {_shorten(e.message)}"
             for e in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))]
 

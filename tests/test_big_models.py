@@ -1,0 +1,84 @@
+"""Models larger than one device: a Hugging Face model dispatched across devices by accelerate is
+probed where each block lives — the same spectra as the model on one device, and never moved."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from ra_probe import probe
+from ra_probe.errors import UserError
+from ra_probe.load.models import load_model
+from ra_probe.pipeline.prepare import dispatched, prepared
+from ra_probe.pipeline.settings import Settings
+
+accelerate = pytest.importorskip("accelerate")
+CONFIG = tf.LlamaConfig(vocab_size=40, max_position_embeddings=8, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, num_key_value_heads=1, bos_token_id=0,
+                        eos_token_id=0, architectures=["LlamaForCausalLM"])
+SECOND = 0 if torch.cuda.is_available() else "cpu"  # a real second device where there is one
+SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+         "model.layers.1": SECOND, "model.norm": SECOND, "lm_head": SECOND}
+OPTIONS = dict(samples=3, k=4, batch_size=3, dtype="float64", data="synthetic")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(CONFIG).save_pretrained(path)
+    return str(path)
+
+
+def spectra(report) -> dict[str, list[float]]:
+    return {site["name"]: site["singular_values"] for site in report["sites"]}
+
+
+def test_a_model_split_across_devices_has_the_spectra_of_the_whole_model(folder):
+    whole = probe(folder, **OPTIONS)
+    loaded = load_model(folder)
+    # the hooks accelerate puts on a model split across devices (force_hooks: even where both are the CPU)
+    accelerate.dispatch_model(loaded.module, SPLIT, main_device="cpu", force_hooks=True)
+    assert dispatched(loaded.module)
+    places = {name: p.device for name, p in loaded.module.named_parameters()}
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"})
+    assert len(split["sites"]) == 4 and split["skipped"] == []
+    assert split["metrics"]["ra2"]["mean_score"] == pytest.approx(whole["metrics"]["ra2"]["mean_score"], rel=1e-9)
+    for name, values in spectra(whole).items():
+        assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
+    assert {name: p.device for name, p in loaded.module.named_parameters()} == places  # left where it was
+    assert all(p.dtype == torch.float32 for p in loaded.module.parameters())
+
+
+def test_a_dispatched_model_is_never_moved_to_the_probes_device(folder):
+    meta = Settings(device="meta")  # a device nothing can compute on: a move would show at once
+    with prepared(load_model(folder).module, meta) as model:  # an undispatched model goes to the probe's device
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+    loaded = load_model(folder)
+    accelerate.dispatch_model(loaded.module, SPLIT, main_device="cpu", force_hooks=True)
+    with prepared(loaded.module, meta) as model:
+        assert "meta" not in {p.device.type for p in model.parameters()}
+
+
+def test_device_map_loads_through_from_pretrained(folder, cli):
+    code, _, err = cli(folder, "--device-map", json.dumps({"": "cpu"}), "--samples", 3, "--k", 4, "--batch-size", 3,
+                       "--dtype", "float64", "--data", "synthetic", "--json", "split.json", "-q")
+    assert code == 0, err
+    whole = probe(folder, **OPTIONS)
+    with open("split.json") as f:
+        split = json.load(f)
+    for name, values in spectra(whole).items():
+        assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
+
+
+def test_device_maps_that_cannot_work_are_one_line_errors(folder, cli):
+    offloading = {**SPLIT, "model.layers.1": torch.device("cpu"), "model.norm": torch.device("cpu"),
+                  "lm_head": torch.device("cpu")}  # "cpu" beside another device: accelerate offloads those weights
+    with pytest.raises(UserError, match="offloaded"):
+        load_model(folder, device_map=offloading)
+    code, _, err = cli("bundled/fc-digits", "--device-map", "auto")
+    assert code == 2 and "device_map splits Hugging Face models" in err
+    code, _, err = cli(folder, "--device-map", "everywhere")
+    assert code == 2 and "device_map must be auto, balanced" in err
