@@ -8,12 +8,19 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
     """Create `path` (and its folder) with what `write(file)` writes, all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; a report is as any file the user writes
         with os.fdopen(handle, "wb") as f:
             write(f)
         os.replace(tmp, path)

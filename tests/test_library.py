@@ -136,3 +136,16 @@ def test_an_80_column_console_shows_every_name_and_number_whole(bundled_reports)
     for site in report["sites"]:
         assert site["name"] in text and fmt(site["singular_values"][0]) in text
     assert "…" not in text
+
+
+def test_report_files_get_the_users_usual_permissions(tmp_path):
+    import os
+
+    from ra_probe.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "r.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
