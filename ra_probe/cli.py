@@ -63,9 +63,10 @@ def _load(model: str, no_pretrained: bool, weights: Optional[Path], arch: Option
 K = typer.Option(16, min=1, help="singular triplets per site and sample")
 AlignK = typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")
 Tol = typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")
-Solver = typer.Option("auto", help="auto (dense for small sites, else block) | dense | block")
-DenseLimit = typer.Option(DENSE_LIMIT, min=0, help="auto solver: sites of at most this many dimensions get "
-                                                  "an exact dense SVD")
+Solver = typer.Option("auto", help="auto (dense where forming J costs fewer products than a Krylov solve, "
+                                   "else block) | dense | block")
+DenseLimit = typer.Option(DENSE_LIMIT, min=0, help="auto solver: never form J for sites with more dimensions "
+                                                  "than this")
 Tau = typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")
 BatchSize = typer.Option(None, min=1, help="samples per chunk (default: the most that fit in the device's free memory)")
 DType = typer.Option("float32", help="float32 | float64")
