@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import timm
 import torch
+from threadpoolctl import threadpool_limits
 
 from engine import digits_trained
 from ra_probe.capture import capture
@@ -197,7 +198,8 @@ def compare_site(build, args, device) -> dict:
         r["ratio"] = r["seconds"] / best_scipy
     print(f"\n{label}: {op.shape[2]:,} → {op.shape[1]:,} dims, {batch} samples, branch forward "
           f"{forward * 1e3:.2f} ms per sample")
-    print(f"  {'method':28s} {'products':>9s} {'s/sample':>9s} {'forwards':>9s} {'max err/σ₁':>11s} {'/best scipy':>11s}")
+    print(f"  {'method':28s} {'products':>9s} {'s/sample':>9s} {'forwards':>9s} {'max err/σ₁':>11s} "
+          f"{'/best scipy':>11s}")
     for r in rows:
         print(f"  {r['method']:28s} {r['products']:9.0f} {r['seconds']:9.3f} {r['forwards']:9.0f} "
               f"{r['error']:11.1e} {r['ratio']:11.2f}")
@@ -289,7 +291,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--power", type=int, default=4, help="randomized SVD: power iterations q")
     parser.add_argument("--oversample", type=int, default=10, help="randomized SVD: extra columns p")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (scipy's BLAS runs as set)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and of scipy's BLAS")
     parser.add_argument("--probe-samples", type=int, default=2, help="samples of the whole resnet50 probe")
     parser.add_argument("--sites", default=",".join(f.__name__ for f in SITES),
                         help="comma-separated subset of " + ", ".join(f.__name__ for f in SITES) + ", probe")
@@ -299,6 +301,7 @@ def main() -> None:
         args.samples = min(args.samples, 2)
     torch.set_flush_denormal(True)  # as the CLI does
     torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # ARPACK's and PROPACK's BLAS too: idle BLAS threads spin on shared cores
     device = torch.device(args.device)
     print(f"{device} ({torch.get_num_threads()} threads), k={args.k}, tol={args.tol:g}, float32, "
           f"reference: float64 block Krylov at tol 1e-7")

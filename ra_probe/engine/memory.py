@@ -56,9 +56,9 @@ def solve_elements(n: int, m: int, *, method: str, k: int, block: int, chunk: in
 def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: int, chunk: int,
                      itemsize: int, device: str | torch.device = "cpu") -> int:
     """Peak bytes one sample costs in a probe of sites with (n, m, method) = (input dimension, output
-    dimension, solver chosen; "block" when left out), listed by group: every site's captured x and y; for the heaviest group
-    its operators (a dense site's J is kept for RA2), singular vectors and RA2 products; and the
-    heaviest single solve."""
+    dimension, solver chosen; "block" when left out), listed by group: every site's captured x and
+    y; for the heaviest group its operators (a dense site's J is kept for RA2), singular vectors and
+    RA2 products; and the heaviest single solve."""
     groups = [[(n, m, *rest, "block")[:3] for n, m, *rest in group] for group in groups]
     captured = sum(n + m for group in groups for n, m, _ in group)
 

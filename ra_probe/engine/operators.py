@@ -1,4 +1,4 @@
-"""Matrix-free Jacobian operators (spec §4). An operator stands for a batch of B matrices J_b (m × n),
+"""Matrix-free Jacobian operators. An operator stands for a batch of B matrices J_b (m × n),
 one per sample, and applies them to a block of k vectors per sample in one call. It knows nothing of
 solvers; solvers know nothing of networks."""
 from __future__ import annotations

@@ -154,7 +154,8 @@ def cluster_growth(S: torch.Tensor, settled: torch.Tensor, k: int, width: int, g
 
 
 # Settled neighbours closer than this many tolerances of σ₁ count as one cluster: a Ritz vector can
-# mix two values that close and still meet the tolerance.
+# mix values that close and meet the tolerance, and a chain of such values that reaches index k − 1
+# may lose a member to a later one at an error of at most one gap, within the tolerance.
 CLUSTER_GAP = 1.0
 
 
@@ -173,36 +174,34 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
     batch, m, n = op.shape
     k = min(k, m, n)
     ids = torch.arange(batch) if sample_ids is None else sample_ids.detach().cpu().long()
-    out = None
+    out = _empty_result(op, k)
     products, iterations = 0, 0
     pending = {max(MIN_BLOCK, block or default_block(k, batch, op.device)): torch.arange(batch)}
-    while pending:
+    while pending:  # block width → the samples to solve with it
         width = min(pending)
         rows = pending.pop(width)
         sub = op if len(rows) == batch else op.select(rows.to(op.device))
-        take = rows if sub is None else torch.arange(len(rows))  # unsplittable: solve all, keep `rows`
-        sub = op if sub is None else sub
+        if sub is None:  # an operator that cannot be split: solve all its samples, keep `rows`
+            sub, take = op, rows
+        else:
+            take = torch.arange(len(rows))
         cols = min(max(max_basis or basis_size(k, width, min(m, n), op.device), k + 3 * width), min(m, n))
         if cols + width > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
             before = sub.products
             result, need = dense_svd(sub, k), torch.zeros(sub.shape[0], dtype=torch.long)
             result.products = sub.products - before
         else:
-            result, need = _block_gkl(sub, k, width, tol=tol, cols=cols, seed=seed,
-                                      max_columns=max_columns or MAX_COLUMNS_PER_K * k, ids=ids[rows] if sub is not op else ids)
+            result, need = _block_gkl(sub, k, width, tol=tol, cols=cols, seed=seed, ids=ids if sub is op else ids[rows],
+                                      max_columns=max_columns or MAX_COLUMNS_PER_K * k)
         products += result.products
         iterations = max(iterations, result.iterations)
-        if out is None:
-            out = _empty_result(op, k)
-        need, take = need[take], take.to(result.S.device)
-        settled = (need == 0).to(result.S.device)
-        target = rows.to(result.S.device)[settled]
+        need = need[take]
+        settled = need == 0
+        target, source = rows[settled].to(op.device), take[settled].to(op.device)
         for name in ("S", "U", "V", "res_left", "res_right", "converged"):
-            getattr(out, name)[target] = getattr(result, name)[take][settled].to(getattr(out, name).dtype)
-        for wider in need.unique().tolist():
-            if wider:
-                pending[wider] = torch.cat([pending.get(wider, torch.empty(0, dtype=torch.long)),
-                                            rows[need == wider]])
+            getattr(out, name)[target] = getattr(result, name)[source].to(getattr(out, name).dtype)
+        for wider in need[~settled].unique().tolist():
+            pending[wider] = torch.cat([pending.get(wider, torch.empty(0, dtype=torch.long)), rows[need == wider]])
     out.products, out.iterations = products, iterations
     return out
 
