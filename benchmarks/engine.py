@@ -10,8 +10,8 @@ random init alone gives flat spectra that no Krylov solver resolves in few produ
     the same site (target ≤ 2×);
   - products per converged triplet and the whole probe (SVDs and RA2 alignment of every site) in
     network-forward equivalents per sample (target ≤ 60 for top-10 at tol 1e-3);
-  - the speed-up of the batched block solver over a one-vector-at-a-time solver (single-vector
-    Lanczos, one sample at a time) on one site, and over a dense Jacobian + SVD on the largest site
+  - the speed-up of the batched block solver over one sample at a time with one vector per product
+    call (blocks of 2) on one site, and over a dense Jacobian + SVD on the largest site
     whose Jacobian fits in memory.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import timm
 import torch
 
 from ra_probe.capture import capture
-from ra_probe.load.data import Samples
-from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, lanczos_svd
 from ra_probe import Settings
+from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, krylov_svd
+from ra_probe.load.data import Samples
 from ra_probe.pipeline.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
@@ -166,7 +166,7 @@ def main() -> None:
     def one_at_a_time():
         for b in range(args.samples):
             single = JacobianOperator(site.branch, record.x[b:b + 1], record.ctx, chunk=1)
-            lanczos_svd(single, args.k, tol=args.tol)
+            krylov_svd(single, args.k, block=2, tol=args.tol)
 
     def batched_block():
         block_krylov_svd(JacobianOperator(site.branch, record.x, record.ctx), args.k, tol=args.tol)

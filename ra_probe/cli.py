@@ -58,9 +58,10 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "k": (int, typer.Option(16, min=1, help="singular triplets per site and sample")),
     "align_k": (Optional[int], typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")),
     "tol": (float, typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")),
-    "solver": (str, typer.Option("auto", help="auto (dense where it is cheaper, else block) | dense | block")),
-    "dense_limit": (int, typer.Option(DENSE_LIMIT, min=0, help="auto solver: sites of at most this many "
-                                                               "dimensions may get an exact dense SVD")),
+    "solver": (str, typer.Option("auto", help="auto (dense where forming J costs fewer products than a Krylov "
+                                              "solve, else block) | dense | block")),
+    "dense_limit": (int, typer.Option(DENSE_LIMIT, min=0, help="auto solver: never form J for sites with more "
+                                                               "dimensions than this")),
     "tau": (float, typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")),
     "batch_size": (Optional[int], typer.Option(None, min=1, help="samples per chunk (default: the most that fit in "
                                                                  "the device's free memory)")),

@@ -13,12 +13,13 @@ from torch.func import jacrev
 from ra_probe.load.data import Samples
 from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, default_block,
                              dense_svd, krylov_svd)
-from ra_probe.engine.solvers import flushing_denormals
 from ra_probe import Settings, probe
+from ra_probe.engine.memory import bytes_per_sample
+from ra_probe.engine.solvers import choose_method, flushing_denormals
+from ra_probe.load.models import LoadedModel, load_model
 from ra_probe.pipeline.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
-from ra_probe.load.models import LoadedModel, load_model
 
 # a basis smaller than the test operators' dimensions, so that they are solved by Krylov steps
 SMALL_BASIS = 64
@@ -315,6 +316,34 @@ def test_auto_batch_size_follows_free_memory():
     assert auto_batch_size(groups, 64, free=1, **args) == 1
     assert auto_batch_size([[(128, 128)]], 64, free=8 * 2**30, **args) == 64
 
+
+
+def test_auto_chooses_dense_only_where_it_is_cheaper():
+    """A 2048-dimensional conv site (32 × 8 × 8) with 64 samples per chunk: forming J takes 2048
+    products and a 2048² SVD per sample, a Krylov solve of the top 16 a few hundred products: Krylov.
+    Tiny fully connected sites are formed and decomposed exactly; a J that does not fit memory is not."""
+    assert choose_method((64, 2048, 2048), "auto", k=16) == "block"
+    assert choose_method((64, 64, 64), "auto", k=16) == "dense"
+    assert choose_method((64, 128, 128), "auto", k=16) == "dense"
+    assert choose_method((64, 128, 128), "auto", k=16, free=64 * 128 * 128 * 4) == "block"
+    assert choose_method((64, 2048, 2048), "dense", k=16) == "dense"  # asked for, not chosen
+
+
+def test_memory_estimate_counts_dense_jacobians():
+    """A dense solve of a 2048-dimensional conv site holds J, its SVD factors and J again for RA2: the
+    estimate per sample covers what the solve allocates, and a Krylov solve of the site costs less."""
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    branch.requires_grad_(False)
+    x = torch.randn(1, 32, 8, 8)
+    matrices = JacobianOperator(branch, x).dense()
+    U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
+    allocated = sum(t.numel() * t.element_size() for t in (matrices, U, S, Vh)) / x.shape[0]
+    args = dict(k=16, align_k=16, block=4, chunk=16, itemsize=4)
+    dense = bytes_per_sample([[(2048, 2048, "dense")]], **args)
+    krylov = bytes_per_sample([[(2048, 2048, "block")]], **args)
+    assert allocated <= dense <= 4 * allocated
+    assert krylov < dense / 4
 
 def test_dense_svd_measures_its_residuals():
     op, matrices, _ = known_operator(SPECTRA["decaying"][:40], batch=2, m=60, n=50)

@@ -12,16 +12,20 @@ ACTIVATIONS_PER_VECTOR = 4
 SAVED_PER_OPERATOR = 4  # the linearized / vjp programs' saved primals, per site
 SHARE_OF_FREE = 0.5  # leave room for the allocator, the model and everything else
 
-# Basis columns per wanted triplet: the Krylov space that top-k at tol 1e-3 needs on conv and
-# transformer sites (~15-25 columns per side and triplet) fits without a restart; a thick restart
-# re-spends products, so the basis is as large as memory allows up to this.
-COLUMNS_PER_K = 32
-MIN_COLUMNS = 96
+# Krylov basis columns per side. On a CPU, Gram–Schmidt against a basis of j columns costs ~j/50
+# products per step (memory-bound skinny GEMMs), so a small basis with thick restarts is fastest
+# (resnet18 layer1, top 10 at tol 1e-3, blocks of 4: basis 48 took 1.09 s per sample with 584
+# products, basis 160 1.76 s with 532 products). On a GPU the GEMMs are cheap next to the products
+# and restarts only cost products: the basis is as large as memory allows, up to this many per triplet.
+CPU_COLUMNS_PER_K, CPU_MIN_COLUMNS = 5, 48
+COLUMNS_PER_K, MIN_COLUMNS = 32, 96
 
 
-def basis_size(k: int, block: int, dim: int) -> int:
+def basis_size(k: int, block: int, dim: int, device: str | torch.device = "cpu") -> int:
     """Krylov basis columns a solve holds at once per side (it restarts when they are full), capped
     by the dimension."""
+    if torch.device(device).type == "cpu":
+        return min(dim, max(CPU_COLUMNS_PER_K * k, CPU_MIN_COLUMNS) + 2 * block)
     return min(dim, max(COLUMNS_PER_K * k, MIN_COLUMNS) + 2 * block)
 
 
@@ -39,21 +43,22 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def solve_elements(n: int, m: int, *, method: str, k: int, block: int, chunk: int) -> int:
+def solve_elements(n: int, m: int, *, method: str, k: int, block: int, chunk: int,
+                   device: str | torch.device = "cpu") -> int:
     """Elements one sample's solve of a site with (n, m) = (input, output) dimensions holds at its
     peak: a dense solve J (m × n) with its SVD factors (U, Vᵀ and the LAPACK workspace: about two
     more copies of the smaller square); a Krylov solve its bases U, V and one call's products."""
     if method == "dense":
         return m * n + 3 * min(m, n) ** 2 + (m + n) * min(m, n)
-    return (n + m) * (basis_size(k, block, min(n, m)) + block + ACTIVATIONS_PER_VECTOR * chunk)
+    return (n + m) * (basis_size(k, block, min(n, m), device) + block + ACTIVATIONS_PER_VECTOR * chunk)
 
 
 def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: int, chunk: int,
-                     itemsize: int) -> int:
+                     itemsize: int, device: str | torch.device = "cpu") -> int:
     """Peak bytes one sample costs in a probe of sites with (n, m, method) = (input dimension, output
-    dimension, solver chosen; "block" when left out), listed by group: every site's captured x and y; for the heaviest group
-    its operators (a dense site's J is kept for RA2), singular vectors and RA2 products; and the
-    heaviest single solve."""
+    dimension, solver chosen; "block" when left out), listed by group: every site's captured x and
+    y; for the heaviest group its operators (a dense site's J is kept for RA2), singular vectors and
+    RA2 products; and the heaviest single solve."""
     groups = [[(n, m, *rest, "block")[:3] for n, m, *rest in group] for group in groups]
     captured = sum(n + m for group in groups for n, m, _ in group)
 
@@ -63,7 +68,7 @@ def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: 
     heaviest_group = max((sum(kept(*site) + (n + m) * k for site in group for n, m, _ in [site])
                           + max(n + m for n, m, _ in group) * 2 * align_k * (len(group) - 1)
                           for group in groups), default=0)
-    heaviest_solve = max((solve_elements(n, m, method=method, k=k, block=block, chunk=chunk)
+    heaviest_solve = max((solve_elements(n, m, method=method, k=k, block=block, chunk=chunk, device=device)
                           for group in groups for n, m, method in group), default=0)
     return itemsize * (captured + heaviest_group + heaviest_solve)
 
@@ -72,6 +77,7 @@ def auto_batch_size(groups: list[list[tuple]], samples: int, device: torch.devic
                     align_k: int, block: int, chunk: int, itemsize: int, free: int | None = None) -> int:
     """The most samples per chunk (at most `samples`, at least 1) whose estimated peak fits in half of
     the device's free memory."""
-    per_sample = bytes_per_sample(groups, k=k, align_k=align_k, block=block, chunk=chunk, itemsize=itemsize)
+    per_sample = bytes_per_sample(groups, k=k, align_k=align_k, block=block, chunk=chunk, itemsize=itemsize,
+                                  device=device)
     budget = SHARE_OF_FREE * (free_bytes(device) if free is None else free)
     return max(1, min(samples, int(budget // max(per_sample, 1))))

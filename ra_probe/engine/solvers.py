@@ -46,10 +46,10 @@ def dense_svd(op: BatchedOperator, k: int) -> SVDResult:
                      torch.ones(S.shape[0], dtype=torch.bool, device=S.device))
 
 
-# Vectors per sample and step. A wider block passes over the Krylov basis once for all its vectors
-# (Gram–Schmidt is memory-bound: its cost per step barely depends on the width up to ~8) but takes
-# more products to reach a tolerance. Measured on CPU, top 10 at tol 1e-3 on resnet18 / vit_tiny
-# sites, block 4 was fastest overall.
+# Vectors per sample and step. A wider block makes Gram–Schmidt's skinny GEMMs more efficient per
+# vector and each product call wider, but takes more products to reach a tolerance. Measured on a
+# CPU, top 10 at tol 1e-3, s per sample (products) for blocks 2 / 4 / 8: resnet18 layer1 1.74 (782) /
+# 1.09 (584) / 1.35 (832); vit_tiny MLP 0.47 (104) / 0.37 (140) / 0.43 (192).
 DEFAULT_BLOCK = 4
 MIN_BLOCK = 2  # a single vector cannot tell a repeated value from a simple one
 
@@ -154,8 +154,9 @@ def cluster_growth(S: torch.Tensor, settled: torch.Tensor, k: int, width: int, g
 
 
 # Settled neighbours closer than this many tolerances of σ₁ count as one cluster: a Ritz vector can
-# mix two values that close and still meet the tolerance.
-CLUSTER_GAP = 2.0
+# mix values that close and meet the tolerance, and a chain of such values that reaches index k − 1
+# may lose a member to a later one at an error of at most one gap, within the tolerance.
+CLUSTER_GAP = 1.0
 
 
 @_flushing_denormals
@@ -173,36 +174,34 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
     batch, m, n = op.shape
     k = min(k, m, n)
     ids = torch.arange(batch) if sample_ids is None else sample_ids.detach().cpu().long()
-    out = None
+    out = _empty_result(op, k)
     products, iterations = 0, 0
     pending = {max(MIN_BLOCK, block or default_block(k, batch, op.device)): torch.arange(batch)}
-    while pending:
+    while pending:  # block width → the samples to solve with it
         width = min(pending)
         rows = pending.pop(width)
         sub = op if len(rows) == batch else op.select(rows.to(op.device))
-        take = rows if sub is None else torch.arange(len(rows))  # unsplittable: solve all, keep `rows`
-        sub = op if sub is None else sub
-        cols = min(max(max_basis or basis_size(k, width, min(m, n)), k + 3 * width), min(m, n))
+        if sub is None:  # an operator that cannot be split: solve all its samples, keep `rows`
+            sub, take = op, rows
+        else:
+            take = torch.arange(len(rows))
+        cols = min(max(max_basis or basis_size(k, width, min(m, n), op.device), k + 3 * width), min(m, n))
         if cols + width > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
             before = sub.products
             result, need = dense_svd(sub, k), torch.zeros(sub.shape[0], dtype=torch.long)
             result.products = sub.products - before
         else:
-            result, need = _block_gkl(sub, k, width, tol=tol, cols=cols, seed=seed,
-                                      max_columns=max_columns or MAX_COLUMNS_PER_K * k, ids=ids[rows] if sub is not op else ids)
+            result, need = _block_gkl(sub, k, width, tol=tol, cols=cols, seed=seed, ids=ids if sub is op else ids[rows],
+                                      max_columns=max_columns or MAX_COLUMNS_PER_K * k)
         products += result.products
         iterations = max(iterations, result.iterations)
-        if out is None:
-            out = _empty_result(op, k)
-        need, take = need[take], take.to(result.S.device)
-        settled = (need == 0).to(result.S.device)
-        target = rows.to(result.S.device)[settled]
+        need = need[take]
+        settled = need == 0
+        target, source = rows[settled].to(op.device), take[settled].to(op.device)
         for name in ("S", "U", "V", "res_left", "res_right", "converged"):
-            getattr(out, name)[target] = getattr(result, name)[take][settled].to(getattr(out, name).dtype)
-        for wider in need.unique().tolist():
-            if wider:
-                pending[wider] = torch.cat([pending.get(wider, torch.empty(0, dtype=torch.long)),
-                                            rows[need == wider]])
+            getattr(out, name)[target] = getattr(result, name)[source].to(getattr(out, name).dtype)
+        for wider in need[~settled].unique().tolist():
+            pending[wider] = torch.cat([pending.get(wider, torch.empty(0, dtype=torch.long)), rows[need == wider]])
     out.products, out.iterations = products, iterations
     return out
 
@@ -342,25 +341,44 @@ def block_krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, t
     return krylov_svd(op, k, block=block, tol=tol, seed=seed, sample_ids=sample_ids)
 
 
-# Forming J costs n products and an n × n SVD per sample: beyond a couple of thousand dimensions a
-# Krylov solve of the top k is far cheaper (at 4096 dimensions dense took ~10 s per sample on a CPU).
-DENSE_LIMIT = 2048
+# The cost model of `auto`, in units of one Jacobian product of one sample. A Krylov solve of the
+# top k at tol 1e-3 took 14-58 products per triplet (vit_tiny MLP, trained conv sites, flat random
+# resnet18 layer1), and never fewer than its first basis (~50 columns a side) however small k is.
+# Forming J takes n products in wide, cheap calls; its SVD ~10 m n min(m, n) flops, against a
+# product's ~300 (m + n) flops plus a call's fixed cost (conv and MLP branches on a CPU).
+KRYLOV_PRODUCTS_PER_K, KRYLOV_MIN_K = 40, 8
+DENSE_PRODUCT_SHARE = 0.5  # a product inside the wide calls that form J, against one in a Krylov step
+FLOPS_PER_PRODUCT_PER_DIM, FLOPS_PER_CALL = 300, 2e6
+DENSE_LIMIT = 2048  # auto never forms a J with a side larger than this (--dense-limit)
 
 
-def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit: int = DENSE_LIMIT) -> str:
-    """`auto` is exact (`dense`) when both sides of J are at most `dense_limit`, else `block`."""
+def method_costs(m: int, n: int, k: int) -> dict[str, float]:
+    """Estimated cost of one sample's top-k SVD of J (m × n) per method, in products."""
+    product_flops = FLOPS_PER_PRODUCT_PER_DIM * (m + n) + FLOPS_PER_CALL
+    dense = DENSE_PRODUCT_SHARE * n + 10 * m * n * min(m, n) / product_flops
+    return {"dense": dense, "block": KRYLOV_PRODUCTS_PER_K * max(min(k, m, n), KRYLOV_MIN_K)}
+
+
+def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit: int = DENSE_LIMIT, *,
+                  k: int = 16, itemsize: int = 4, free: int | None = None) -> str:
+    """`auto` is exact (`dense`) where forming and decomposing J costs fewer products than a Krylov
+    solve (`method_costs`), both sides are at most `dense_limit` and the B matrices (B m n elements,
+    kept for RA2) fit in half of `free` bytes when given; else `block`."""
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}")
-    if method == "auto":
-        return "dense" if max(shape[1:]) <= dense_limit else "block"
-    return method
+    if method != "auto":
+        return method
+    batch, m, n = shape
+    costs = method_costs(m, n, k)
+    fits = free is None or batch * m * n * itemsize <= free // 2
+    return "dense" if max(m, n) <= dense_limit and fits and costs["dense"] <= costs["block"] else "block"
 
 
 def solve(op: BatchedOperator, k: int, *, method: str = "auto", tol: float = 1e-3,
           dense_limit: int = DENSE_LIMIT, seed: int = 0, sample_ids: torch.Tensor | None = None) -> SVDResult:
     """Top-k triplets of every sample's J: exact (`dense`) or block Krylov (`block`); `auto` picks by
-    size (`choose_method`)."""
-    method = choose_method(op.shape, method, dense_limit)
+    estimated cost (`choose_method`)."""
+    method = choose_method(op.shape, method, dense_limit, k=k, itemsize=op.dtype.itemsize)
     if method == "dense":
         return dense_svd(op, k)
     return krylov_svd(op, k, tol=tol, seed=seed, sample_ids=sample_ids)

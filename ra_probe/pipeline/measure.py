@@ -119,12 +119,19 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
 
 
 def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
-    """Samples per chunk from the device's free memory and the sites' sizes (engine.memory)."""
-    dims = [[(math.prod(s.in_shape), math.prod(s.out_shape)) for s in members] for members in groups_of(sites).values()]
-    device = settings.resolved_device()
+    """Samples per chunk from the device's free memory and the sites' sizes and solvers (engine.memory)."""
+    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
+
+    def sized(site: Site) -> tuple[int, int, str]:
+        n, m = math.prod(site.in_shape), math.prod(site.out_shape)
+        return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
+                                   itemsize=dtype.itemsize)
+
+    dims = [[sized(s) for s in members] for members in groups_of(sites).values()]
     return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
                            block=default_block(settings.k, 1, device), chunk=settings.chunk,
-                           itemsize=DTYPES[settings.dtype].itemsize)
+                           itemsize=dtype.itemsize)
+
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
                           settings: Settings, sample_ids: torch.Tensor) -> GroupMeasurement:
@@ -149,7 +156,8 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         record = captured.sites[site.name]
         tick = time.perf_counter()
         jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
-        method = choose_method(jacobian.shape, settings.solver, settings.dense_limit)
+        method = choose_method(jacobian.shape, settings.solver, settings.dense_limit, k=settings.k,
+                               itemsize=jacobian.dtype.itemsize)
         op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
         result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed, sample_ids=sample_ids)
         ops[site.name] = op

@@ -24,7 +24,7 @@ class Settings:
     tol: float = 1e-3
     solver: str = "auto"  # auto | dense | block
     chunk: int = 16  # vectors per vmapped Jacobian product call
-    dense_limit: int = DENSE_LIMIT  # largest site dimension whose Jacobian is formed exactly
+    dense_limit: int = DENSE_LIMIT  # largest site dimension whose Jacobian auto may form (cost model below)
     tau: float = 1e-2
     dtype: str = "float32"
     device: str | None = None

@@ -1,0 +1,323 @@
+"""ra-probe's solver against its peers, side by side in one run on one device.
+
+    python benchmarks/peers.py [--device cuda] [--samples 4] [--k 10] [--tol 1e-3] [--quick]
+
+Peers, on the same Jacobian products (`torch.func` jvp / vjp of the site's branch):
+  - scipy.sparse.linalg.svds with ARPACK and with PROPACK over a `LinearOperator` that applies J or Jᵀ
+    to one vector of one sample at a time, as a user would write it;
+  - randomized SVD with q power iterations and oversampling (Halko, Martinsson & Tropp), the method of
+    the Residual Alignment paper, batched over the samples like ra-probe.
+Sites: a small conv ResNet trained here on scikit-learn's digits, timm resnet18 layer1 at 112 px
+(random init, zero_init_last=False), timm vit_tiny_patch16_224 block 6 MLP, and the FFN of a
+4-layer BERT (hidden 128, random init). Per site and method: products, seconds and branch forwards
+per sample, the largest singular-value error against a float64 reference (relative to σ₁), and the
+time over the best scipy peer's (goal: ≤ 0.5 on every site). Then the whole probe of a resnet50 at
+224 px (random init, zero_init_last=False) in network forwards per sample, split into products,
+orthogonalization, RA2 alignment and the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import timm
+import torch
+from threadpoolctl import threadpool_limits
+
+from engine import digits_trained
+from ra_probe.capture import capture
+from ra_probe import Settings
+from ra_probe.engine import JacobianOperator, krylov_svd, solve
+from ra_probe.engine import solvers as engine_solvers
+from ra_probe.load.data import Samples, load_samples
+from ra_probe.pipeline.discover import discover
+from ra_probe.pipeline.measure import measure
+from ra_probe.pipeline.prepare import prepared
+from ra_probe.pipeline.settings import DTYPES
+
+GOAL = 0.5  # ra-probe's time over the best scipy peer's, on every site
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def stopwatch(device: torch.device, out: dict, key: str):
+    sync(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        out[key] = out.get(key, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- sites
+
+def conv_digits(args, device):
+    module, x = digits_trained("resnet18", 32, 2 if args.quick else 4, args.samples)
+    return "resnet18 digits 32px layer1.1 (trained)", module, x, "layer1.1"
+
+
+def resnet18_layer1(args, device):
+    torch.manual_seed(0)
+    module = timm.create_model("resnet18", pretrained=False, zero_init_last=False, exportable=True)
+    return "resnet18 112px layer1.1", module, torch.randn(args.samples, 3, 112, 112), "layer1.1"
+
+
+def vit_mlp(args, device):
+    torch.manual_seed(0)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, exportable=True)
+    return "vit_tiny blocks.6.mlp", module, torch.randn(args.samples, 3, 224, 224), "blocks.6.mlp"
+
+
+def bert_ffn(args, device):
+    import transformers as tf
+
+    from ra_probe.load.models import load_model
+
+    config = tf.BertConfig(vocab_size=1000, max_position_embeddings=64, hidden_size=128, num_hidden_layers=4,
+                           num_attention_heads=2, intermediate_size=512,
+                           architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp()
+    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    loaded = load_model(folder)
+    samples = load_samples(None, loaded, limit=args.samples)
+    return "bert-tiny layer.2 FFN", loaded.module, samples.inputs, "bert.encoder.layer.2.mlp"
+
+
+SITES = [conv_digits, resnet18_layer1, vit_mlp, bert_ffn]
+
+
+def site_operator(module, x, name: str, device, dtype=torch.float32):
+    """The prepared model's site `name`: its branch, captured input and context on `device`."""
+    settings = Settings(device=str(device), dtype={torch.float32: "float32", torch.float64: "float64"}[dtype])
+    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    inputs = x.to(device, dtype) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
+    samples = Samples(inputs.cpu() if isinstance(inputs, torch.Tensor) else {k: v.cpu() for k, v in inputs.items()},
+                      None, "bench")
+    sites = discover(model, samples, settings).sites
+    site = next(s for s in sites if s.name == name)
+    record = capture(model, inputs, [site]).sites[site.name]
+    return site, record
+
+
+# ---------------------------------------------------------------- peers
+
+def scipy_svds(site, record, k: int, tol: float, solver: str, seed: int):
+    """svds per sample over a LinearOperator of one-vector products; returns S (B, k), products."""
+    values, products = [], 0
+    for b in range(record.x.shape[0]):
+        ctx = record.ctx
+        op = JacobianOperator(site.branch, record.x[b:b + 1], _take(ctx, b, record.x.shape[0]), chunk=1)
+        _, m, n = op.shape
+
+        def matvec(v, op=op):
+            return op.matvec(torch.from_numpy(np.asarray(v, dtype=np.float32).reshape(1, n)).to(op.device)
+                             ).reshape(m).cpu().numpy()
+
+        def rmatvec(u, op=op):
+            return op.rmatvec(torch.from_numpy(np.asarray(u, dtype=np.float32).reshape(1, m)).to(op.device)
+                              ).reshape(n).cpu().numpy()
+
+        linear = sla.LinearOperator((m, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float32)
+        extra = {"maxiter": 60 * k} if solver == "propack" else {}  # its default (10 k steps) stops short
+        s = sla.svds(linear, k=k, tol=tol, solver=solver, return_singular_vectors=solver == "propack",
+                     random_state=seed, **extra)
+        s = s[1] if isinstance(s, tuple) else s
+        values.append(torch.from_numpy(np.sort(np.asarray(s, dtype=np.float64))[::-1].copy()))
+        products += op.products
+    return torch.stack(values), products
+
+
+def _take(ctx, b: int, batch: int):
+    if isinstance(ctx, torch.Tensor) and ctx.ndim and ctx.shape[0] == batch:
+        return ctx[b:b + 1]
+    if isinstance(ctx, (tuple, list)):
+        return type(ctx)(_take(v, b, batch) for v in ctx)
+    if isinstance(ctx, dict):
+        return {key: _take(v, b, batch) for key, v in ctx.items()}
+    return ctx
+
+
+def randomized_svd(op, k: int, *, power: int, oversample: int, seed: int) -> torch.Tensor:
+    """Halko et al.: Q = orth((J Jᵀ)^q J Ω) with Ω of k + p Gaussian columns, re-orthonormalized after
+    every product, then the SVD of Qᵀ J. Batched over the samples. Returns S (B, k)."""
+    batch, m, n = op.shape
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(batch, n, k + oversample, generator=g).to(op.device, op.dtype)
+    Q = torch.linalg.qr(op.matmat(omega))[0]
+    for _ in range(power):
+        Z = torch.linalg.qr(op.rmatmat(Q))[0]
+        Q = torch.linalg.qr(op.matmat(Z))[0]
+    return torch.linalg.svdvals(op.rmatmat(Q).mT)[:, :k]
+
+
+# ---------------------------------------------------------------- one site
+
+def compare_site(build, args, device) -> dict:
+    label, module, x, name = build(args, device)
+    site, record = site_operator(module, x, name, device)
+    batch = record.x.shape[0]
+    with torch.no_grad():
+        forward = min(_time(lambda: site.branch(record.x, record.ctx), device) for _ in range(3)) / batch
+    ref_site, ref_record = site_operator(module, x, name, device, torch.float64)
+    reference = krylov_svd(JacobianOperator(ref_site.branch, ref_record.x, ref_record.ctx), args.k,
+                           block=2 * args.k, tol=1e-7).S.double().cpu()
+    sigma1 = reference[:, :1]
+    rows = []
+
+    def add(method, seconds, products, S):
+        error = ((S.double().cpu()[:, :args.k] - reference).abs() / sigma1).max().item()
+        rows.append(dict(method=method, seconds=seconds / batch, products=products / batch,
+                         forwards=seconds / batch / forward, error=error))
+
+    op = JacobianOperator(site.branch, record.x, record.ctx)
+    op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up
+    op.products = 0
+    t = {}
+    with stopwatch(device, t, "s"):
+        result = solve(op, args.k, tol=args.tol, seed=args.seed)
+    add(f"ra-probe ({result.method})", t["s"], result.products, result.S)
+    for solver in ("arpack", "propack"):
+        t = {}
+        with stopwatch(device, t, "s"):
+            S, products = scipy_svds(site, record, args.k, args.tol, solver, args.seed)
+        add(f"scipy {solver}", t["s"], products, S)
+    op = JacobianOperator(site.branch, record.x, record.ctx)
+    t = {}
+    with stopwatch(device, t, "s"):
+        S = randomized_svd(op, args.k, power=args.power, oversample=args.oversample, seed=args.seed)
+    add(f"randomized q={args.power} p={args.oversample}", t["s"], op.products, S)
+    best_scipy = min(r["seconds"] for r in rows if r["method"].startswith("scipy"))
+    for r in rows:
+        r["ratio"] = r["seconds"] / best_scipy
+    print(f"\n{label}: {op.shape[2]:,} → {op.shape[1]:,} dims, {batch} samples, branch forward "
+          f"{forward * 1e3:.2f} ms per sample")
+    print(f"  {'method':28s} {'products':>9s} {'s/sample':>9s} {'forwards':>9s} {'max err/σ₁':>11s} "
+          f"{'/best scipy':>11s}")
+    for r in rows:
+        print(f"  {r['method']:28s} {r['products']:9.0f} {r['seconds']:9.3f} {r['forwards']:9.0f} "
+              f"{r['error']:11.1e} {r['ratio']:11.2f}")
+    ours = rows[0]["ratio"]
+    print(f"  goal ≤ {GOAL} × best scipy: {'met' if ours <= GOAL else 'NOT met'} ({ours:.2f})")
+    return {"site": label, "ratio": ours}
+
+
+def _time(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- whole probe
+
+def probe_split(args, device) -> None:
+    """The whole probe of a resnet50 (all sites, SVDs and RA2) in network forwards per sample, and where
+    the time goes: Jacobian products inside the solver, its orthogonalization (Gram–Schmidt and QR),
+    RA2 alignment, and everything else (capture, Ritz SVDs, metrics)."""
+    size, samples, k = (112, 1, 8) if args.quick else (224, args.probe_samples, 16)
+    torch.manual_seed(0)
+    module = timm.create_model("resnet50", pretrained=False, zero_init_last=False, exportable=True)
+    settings = Settings(k=k, tol=args.tol, device=str(device), seed=args.seed)
+    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    x = torch.randn(samples, 3, size, size)
+    data = Samples(x, None, "synthetic")
+    sites = discover(model, data, settings).sites
+    xd = x.to(device, DTYPES[settings.dtype])
+    with torch.no_grad():
+        model(xd)
+        network = min(_time(lambda: model(xd), device) for _ in range(3)) / samples
+
+    clock: dict[str, float] = {}
+    state = {"in_solve": False}
+    originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
+                 engine_solvers.krylov_svd)
+
+    def timed(fn, key_of):
+        def wrapper(*a, **kw):
+            with stopwatch(device, clock, key_of()):
+                return fn(*a, **kw)
+        return wrapper
+
+    product_key = lambda: "products" if state["in_solve"] else "other products"  # noqa: E731
+
+    def krylov(*a, **kw):
+        state["in_solve"] = True
+        try:
+            return originals[3](*a, **kw)
+        finally:
+            state["in_solve"] = False
+
+    JacobianOperator.matmat = timed(originals[0], product_key)
+    JacobianOperator.rmatmat = timed(originals[1], product_key)
+    engine_solvers._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
+    engine_solvers.krylov_svd = krylov
+    try:
+        with stopwatch(device, clock, "total"):
+            measured = measure(model, sites, data, settings)
+    finally:
+        (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
+         engine_solvers.krylov_svd) = originals
+    timings = [measured.timing(s.name) for s in sites]
+    ra2 = sum(t.get("align_seconds", 0.0) for t in timings)
+    products = sum(t["products"] for t in timings) / samples
+    methods = sorted({measured.method(s.name) for s in sites})
+    unconverged = sum(t["samples"] - t["converged"] for t in timings)
+    total = clock["total"]
+    parts = {"products": clock.get("products", 0.0), "orthogonalization": clock.get("orthogonalization", 0.0),
+             "RA2": ra2}
+    parts["rest"] = total - sum(parts.values())
+    print(f"\nwhole probe: resnet50 {size}px, {len(sites)} sites, {samples} samples, k={k}, tol={args.tol:g}, "
+          f"solvers {', '.join(methods)}: {total:.1f} s = {total / samples / network:.0f} network forwards "
+          f"per sample ({network * 1e3:.0f} ms each); {products:,.0f} SVD products per sample"
+          + (f"; {unconverged} site-samples not converged" if unconverged else ""))
+    print("  " + ", ".join(f"{key} {value / samples / network:.0f} ({100 * value / total:.0f}%)"
+                           for key, value in parts.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--power", type=int, default=4, help="randomized SVD: power iterations q")
+    parser.add_argument("--oversample", type=int, default=10, help="randomized SVD: extra columns p")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and of scipy's BLAS")
+    parser.add_argument("--probe-samples", type=int, default=2, help="samples of the whole resnet50 probe")
+    parser.add_argument("--sites", default=",".join(f.__name__ for f in SITES),
+                        help="comma-separated subset of " + ", ".join(f.__name__ for f in SITES) + ", probe")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 samples, a small probe")
+    args = parser.parse_args()
+    if args.quick:
+        args.samples = min(args.samples, 2)
+    torch.set_flush_denormal(True)  # as the CLI does
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # ARPACK's and PROPACK's BLAS too: idle BLAS threads spin on shared cores
+    device = torch.device(args.device)
+    print(f"{device} ({torch.get_num_threads()} threads), k={args.k}, tol={args.tol:g}, float32, "
+          f"reference: float64 block Krylov at tol 1e-7")
+    chosen = args.sites.split(",")
+    results = [compare_site(build, args, device) for build in SITES if build.__name__ in chosen]
+    if results:
+        worst = max(r["ratio"] for r in results)
+        print(f"\ngoal ≤ {GOAL} × best scipy on every site: {'met' if worst <= GOAL else 'NOT met'} "
+              f"(worst {worst:.2f})")
+    if "probe" in chosen or args.sites == parser.get_default("sites"):
+        probe_split(args, device)
+
+
+if __name__ == "__main__":
+    main()
