@@ -149,3 +149,12 @@ def test_report_files_get_the_users_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_to_frame_has_one_row_per_site(bundled_reports):
+    report = ra_probe.Report(bundled_reports["fc-digits"])
+    frame = report.to_frame()
+    assert list(frame.index) == [s["name"] for s in report.sites]
+    assert frame["sigma1"].tolist() == [s["singular_values"][0] for s in report.sites]
+    ranks = {s["site"]: s["rank_median"] for s in report.metrics["ra3"]["sites"]}
+    assert [None if v != v else v for v in frame["rank_median"].tolist()] == [ranks[n] for n in frame.index]
