@@ -116,7 +116,8 @@ def main() -> None:
         x = torch.randn(args.samples, 3, args.image_size, args.image_size, device=device)
     settings = Settings(k=args.k, tol=args.tol, device=str(device), batch_size=args.batch_size, solver="auto",
                         dense_limit=0)
-    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    held = ExitStack()  # kept until the run ends: a dropped one would put the model back at once
+    model = held.enter_context(prepared(module, settings))
     samples = Samples(x.cpu(), None, "synthetic")
     sites = discover(model, samples, settings).sites
     captured = capture(model, x, sites)
