@@ -41,6 +41,9 @@ from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.settings import DTYPES
 
 GOAL = 0.5  # ra-probe's time over the best scipy peer's, on every site
+# the prepared models stay prepared for the rest of the run: an ExitStack dropped at once would be
+# collected, close `prepared` and put the model back in training mode (BatchNorm on batch statistics)
+PREPARED = ExitStack()
 
 
 def sync(device: torch.device) -> None:
@@ -100,7 +103,7 @@ SITES = [conv_digits, resnet18_layer1, vit_mlp, bert_ffn]
 def site_operator(module, x, name: str, device, dtype=torch.float32):
     """The prepared model's site `name`: its branch, captured input and context on `device`."""
     settings = Settings(device=str(device), dtype={torch.float32: "float32", torch.float64: "float64"}[dtype])
-    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    model = PREPARED.enter_context(prepared(module, settings))
     inputs = x.to(device, dtype) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
     samples = Samples(inputs.cpu() if isinstance(inputs, torch.Tensor) else {k: v.cpu() for k, v in inputs.items()},
                       None, "bench")
@@ -230,7 +233,7 @@ def probe_split(args, device) -> None:
     torch.manual_seed(0)
     module = timm.create_model("resnet50", pretrained=False, zero_init_last=False, exportable=True)
     settings = Settings(k=k, tol=args.tol, device=str(device), seed=args.seed)
-    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    model = PREPARED.enter_context(prepared(module, settings))
     x = torch.randn(samples, 3, size, size)
     data = Samples(x, None, "synthetic")
     sites = discover(model, data, settings).sites
