@@ -359,3 +359,63 @@ def test_cli_rejects_an_unknown_solver(capsys):
         main(["bundled/fc-digits", "--solver", "arnoldi"])
     assert exit_info.value.code == 2
     assert "solver must be one of auto, dense, block," in capsys.readouterr().err
+
+
+def _linearize_pairs(site_ops):
+    """J·V and Jᵀ·U of each operator built with `linearize` on and off, float64."""
+    for f, x, ctx in site_ops:
+        traced, plain = (JacobianOperator(f, x, ctx, chunk=3, linearize=flag) for flag in (True, False))
+        V = torch.randn(x.shape[0], plain.shape[2], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        yield traced, plain, V
+
+
+def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_site(tmp_path):
+    """The linearize path (large sites) against forward-mode jvp: a conv block with BatchNorm and an
+    in-place ReLU, and every site of a BERT whose attention takes a padding mask as a side input."""
+    import transformers as tf
+    from ra_probe.capture import capture
+    from ra_probe.load.data import load_samples
+
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                         nn.Conv2d(6, 4, 3, padding=1)).eval().requires_grad_(False).double()
+    ops = [(conv, torch.randn(3, 4, 5, 5, dtype=torch.float64), None)]
+    config = tf.BertConfig(vocab_size=40, max_position_embeddings=8, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32, architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    samples = load_samples(None, loaded, limit=3)
+    settings = Settings(dtype="float64")
+    with prepared(loaded.module, settings) as model:
+        sites = discover(model, samples, settings).sites
+        inputs = dict(samples.inputs)
+        inputs["attention_mask"] = inputs["attention_mask"].clone()
+        inputs["attention_mask"][0, -3:] = 0  # padding in the first sample: the mask matters
+        captured = capture(model, inputs, sites)
+        masked = [captured.sites[s.name] for s in sites if captured.sites[s.name].ctx]
+        assert masked, "an attention site with side inputs"
+        ops += [(s.branch, captured.sites[s.name].x, captured.sites[s.name].ctx) for s in sites]
+        for traced, plain, V in _linearize_pairs(ops):
+            torch.testing.assert_close(traced.matmat(V), plain.matmat(V), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(traced.matmat(V[..., :1]), plain.matmat(V[..., :1]), rtol=1e-10, atol=1e-10)
+            assert traced.linearize and traced._lin_fn is not None  # the traced program ran, no fallback
+            sub = traced.select(torch.tensor([2, 0]))
+            torch.testing.assert_close(sub.matmat(V[[2, 0]]), plain.matmat(V)[[2, 0]], rtol=1e-10, atol=1e-10)
+
+
+def test_linearize_is_chosen_by_size_and_falls_back_to_jvp():
+    from ra_probe.engine.operators import LINEARIZE_MIN_DIM
+
+    small = JacobianOperator(CONV, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert not small.linearize
+    big = JacobianOperator(lambda x: 2 * x, torch.randn(1, LINEARIZE_MIN_DIM, dtype=torch.float64))
+    assert big.linearize
+
+    def untraceable(x):  # data-dependent Python control flow: make_fx cannot trace it
+        return x * 3 if bool(x.sum() > -1e9) else x
+
+    x = torch.randn(2, 7, dtype=torch.float64)
+    op = JacobianOperator(untraceable, x, linearize=True)
+    V = torch.randn(2, 7, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), 3 * V)
+    assert not op.linearize
