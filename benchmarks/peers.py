@@ -18,6 +18,7 @@ orthogonalization, RA2 alignment and the rest.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import tempfile
 import time
@@ -168,11 +169,12 @@ def randomized_svd(op, k: int, *, power: int, oversample: int, seed: int) -> tor
 
 def compare_site(build, args, device) -> dict:
     label, module, x, name = build(args, device)
+    reference_module = copy.deepcopy(module)  # prepared in float64 while `module` stays prepared in float32
     site, record = site_operator(module, x, name, device)
     batch = record.x.shape[0]
     with torch.no_grad():
         forward = min(_time(lambda: site.branch(record.x, record.ctx), device) for _ in range(3)) / batch
-    ref_site, ref_record = site_operator(module, x, name, device, torch.float64)
+    ref_site, ref_record = site_operator(reference_module, x, name, device, torch.float64)
     reference = krylov_svd(JacobianOperator(ref_site.branch, ref_record.x, ref_record.ctx), args.k,
                            block=2 * args.k, tol=1e-7).S.double().cpu()
     sigma1 = reference[:, :1]
@@ -183,13 +185,23 @@ def compare_site(build, args, device) -> dict:
         rows.append(dict(method=method, seconds=seconds / batch, products=products / batch,
                          forwards=seconds / batch / forward, error=error))
 
-    op = JacobianOperator(site.branch, record.x, record.ctx)
-    op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up
-    op.products = 0
-    t = {}
-    with stopwatch(device, t, "s"):
-        result = solve(op, args.k, tol=args.tol, seed=args.seed)
-    add(f"ra-probe ({result.method})", t["s"], result.products, result.S)
+    solves = []
+    for label_, linearize, passes in (("ra-probe", None, "adaptive"), ("ra-probe before", False, "always")):
+        op = JacobianOperator(site.branch, record.x, record.ctx, linearize=linearize)
+        op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up (jvp; linearize traces later)
+        op.products = 0
+        t, reorthogonalize = {}, engine_solvers.REORTHOGONALIZE
+        engine_solvers.REORTHOGONALIZE = passes
+        try:
+            with logged_solves(device) as solves_:
+                with stopwatch(device, t, "s"):
+                    result = solve(op, args.k, tol=args.tol, seed=args.seed)
+        finally:
+            engine_solvers.REORTHOGONALIZE = reorthogonalize
+        add(f"{label_} ({result.method})", t["s"], result.products, result.S)
+        solves.append((label_, t["s"], solves_))
+        if not args.before:
+            break
     for solver in ("arpack", "propack"):
         t = {}
         with stopwatch(device, t, "s"):
@@ -210,9 +222,39 @@ def compare_site(build, args, device) -> dict:
     for r in rows:
         print(f"  {r['method']:28s} {r['products']:9.0f} {r['seconds']:9.3f} {r['forwards']:9.0f} "
               f"{r['error']:11.1e} {r['ratio']:11.2f}")
+    for label_, seconds, solves_ in solves:
+        wider = [x for x in solves_ if x["width"] > solves_[0]["width"]] if solves_ else []
+        if wider:
+            products = sum(x["products"] for x in wider)
+            print(f"  {label_}: cluster re-solves of {'+'.join(str(x['samples']) for x in wider)} sample(s) at width "
+                  f"{'/'.join(str(x['width']) for x in wider)}: {products / batch:.0f} products per sample "
+                  f"({100 * products / sum(x['products'] for x in solves_):.0f}% of the products), "
+                  f"{100 * sum(x['seconds'] for x in wider) / seconds:.0f}% of the time")
+        else:
+            print(f"  {label_}: no cluster re-solve")
     ours = rows[0]["ratio"]
     print(f"  goal ≤ {GOAL} × best scipy: {'met' if ours <= GOAL else 'NOT met'} ({ours:.2f})")
     return {"site": label, "ratio": ours}
+
+
+@contextmanager
+def logged_solves(device):
+    """The block Krylov solves inside: width, samples, products, seconds of each (the first one, then
+    the cluster re-solves with wider blocks)."""
+    log, original = [], engine_solvers._block_gkl
+
+    def logged(op, k, width, **kw):
+        start = time.perf_counter()
+        result, need = original(op, k, width, **kw)
+        sync(device)
+        log.append(dict(width=width, samples=op.shape[0], products=result.products,
+                        seconds=time.perf_counter() - start))
+        return result, need
+    engine_solvers._block_gkl = logged
+    try:
+        yield log
+    finally:
+        engine_solvers._block_gkl = original
 
 
 def _time(fn, device) -> float:
@@ -303,6 +345,8 @@ def main() -> None:
     parser.add_argument("--sites", default=",".join(f.__name__ for f in SITES),
                         help="comma-separated subset of " + ", ".join(f.__name__ for f in SITES) + ", probe")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 samples, a small probe")
+    parser.add_argument("--before", action="store_true",
+                        help="also time the engine as it was before linearize and adaptive Gram–Schmidt, in the same run")
     args = parser.parse_args()
     if args.quick:
         args.samples = min(args.samples, 2)
