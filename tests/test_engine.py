@@ -101,6 +101,30 @@ def test_restarts_keep_the_answer(spectrum, block):
     assert (small.res_left >= left).all() and (small.res_right >= right).all()
 
 
+@pytest.mark.parametrize("passes", ["adaptive", "second pass every step", "always"])
+@pytest.mark.parametrize("spectrum", SPECTRA)
+def test_gram_schmidt_passes_keep_the_basis_orthogonal(spectrum, passes, monkeypatch):
+    """The local + full pass (a second only when the full one removed much), that second pass forced
+    at every step, and two full passes: orthonormal singular vectors, the same triplets, honest
+    bounds, through many restarts and in float32 too."""
+    from ra_probe.engine import solvers
+
+    if passes == "second pass every step":
+        monkeypatch.setattr(solvers, "KEPT_NORM", 2.0)
+    monkeypatch.setattr(solvers, "REORTHOGONALIZE", "always" if passes == "always" else "adaptive")
+    k, tol, s = 10, 1e-4, SPECTRA[spectrum]
+    for dtype, tight in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        op, matrices, V_true = known_operator(s, dtype=dtype)
+        result = krylov_svd(op, k, block=4, tol=max(tol, 100 * torch.finfo(dtype).eps), max_basis=k + 8)
+        eye = torch.eye(k, dtype=torch.float64)
+        for vectors in (result.U.double(), result.V.double()):
+            assert ((vectors.mT @ vectors - eye).abs() <= tight * 10).all()
+        assert result.converged.all()
+        assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all()
+        left, right = true_residuals(matrices, result)
+        assert (result.res_left >= left).all() and (result.res_right >= right).all()
+
+
 def test_solver_restores_the_denormal_mode():
     """Solves flush subnormal floats to zero for speed, and leave the process's mode as they found it."""
     op = known_operator(SPECTRA["decaying"])[0]
