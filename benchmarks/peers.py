@@ -34,6 +34,7 @@ from engine import digits_trained
 from ra_probe.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import JacobianOperator, krylov_svd, solve
+from ra_probe.engine import operators as engine_operators
 from ra_probe.engine import solvers as engine_solvers
 from ra_probe.load.data import Samples, load_samples
 from ra_probe.pipeline.discover import discover
@@ -284,51 +285,62 @@ def probe_split(args, device) -> None:
         model(xd)
         network = min(_time(lambda: model(xd), device) for _ in range(3)) / samples
 
-    clock: dict[str, float] = {}
-    state = {"in_solve": False}
-    originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
-                 engine_solvers.krylov_svd)
+    def split(label: str) -> None:
+        clock: dict[str, float] = {}
+        state = {"in_solve": False}
+        originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
+                     engine_solvers.krylov_svd)
 
-    def timed(fn, key_of):
-        def wrapper(*a, **kw):
-            with stopwatch(device, clock, key_of()):
-                return fn(*a, **kw)
-        return wrapper
+        def timed(fn, key_of):
+            def wrapper(*a, **kw):
+                with stopwatch(device, clock, key_of()):
+                    return fn(*a, **kw)
+            return wrapper
 
-    product_key = lambda: "products" if state["in_solve"] else "other products"  # noqa: E731
+        product_key = lambda: "products" if state["in_solve"] else "other products"  # noqa: E731
 
-    def krylov(*a, **kw):
-        state["in_solve"] = True
+        def krylov(*a, **kw):
+            state["in_solve"] = True
+            try:
+                return originals[3](*a, **kw)
+            finally:
+                state["in_solve"] = False
+
+        JacobianOperator.matmat = timed(originals[0], product_key)
+        JacobianOperator.rmatmat = timed(originals[1], product_key)
+        engine_solvers._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
+        engine_solvers.krylov_svd = krylov
         try:
-            return originals[3](*a, **kw)
+            with stopwatch(device, clock, "total"):
+                measured = measure(model, sites, data, settings)
         finally:
-            state["in_solve"] = False
+            (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
+             engine_solvers.krylov_svd) = originals
+        timings = [measured.timing(s.name) for s in sites]
+        ra2 = sum(t.get("align_seconds", 0.0) for t in timings)
+        products = sum(t["products"] for t in timings) / samples
+        methods = sorted({measured.method(s.name) for s in sites})
+        unconverged = sum(t["samples"] - t["converged"] for t in timings)
+        total = clock["total"]
+        parts = {"products": clock.get("products", 0.0), "orthogonalization": clock.get("orthogonalization", 0.0),
+                 "RA2": ra2}
+        parts["rest"] = total - sum(parts.values())
+        print(f"\n{label}whole probe: resnet50 {size}px, {len(sites)} sites, {samples} samples, k={k}, "
+              f"tol={args.tol:g}, solvers {', '.join(methods)}: {total:.1f} s = "
+              f"{total / samples / network:.0f} network forwards per sample ({network * 1e3:.0f} ms each); "
+              f"{products:,.0f} SVD products per sample"
+              + (f"; {unconverged} site-samples not converged" if unconverged else ""))
+        print("  " + ", ".join(f"{key} {value / samples / network:.0f} ({100 * value / total:.0f}%)"
+                               for key, value in parts.items()))
 
-    JacobianOperator.matmat = timed(originals[0], product_key)
-    JacobianOperator.rmatmat = timed(originals[1], product_key)
-    engine_solvers._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
-    engine_solvers.krylov_svd = krylov
-    try:
-        with stopwatch(device, clock, "total"):
-            measured = measure(model, sites, data, settings)
-    finally:
-        (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
-         engine_solvers.krylov_svd) = originals
-    timings = [measured.timing(s.name) for s in sites]
-    ra2 = sum(t.get("align_seconds", 0.0) for t in timings)
-    products = sum(t["products"] for t in timings) / samples
-    methods = sorted({measured.method(s.name) for s in sites})
-    unconverged = sum(t["samples"] - t["converged"] for t in timings)
-    total = clock["total"]
-    parts = {"products": clock.get("products", 0.0), "orthogonalization": clock.get("orthogonalization", 0.0),
-             "RA2": ra2}
-    parts["rest"] = total - sum(parts.values())
-    print(f"\nwhole probe: resnet50 {size}px, {len(sites)} sites, {samples} samples, k={k}, tol={args.tol:g}, "
-          f"solvers {', '.join(methods)}: {total:.1f} s = {total / samples / network:.0f} network forwards "
-          f"per sample ({network * 1e3:.0f} ms each); {products:,.0f} SVD products per sample"
-          + (f"; {unconverged} site-samples not converged" if unconverged else ""))
-    print("  " + ", ".join(f"{key} {value / samples / network:.0f} ({100 * value / total:.0f}%)"
-                           for key, value in parts.items()))
+    split("")
+    if args.before:
+        linearize_min, passes = engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE
+        engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE = math.inf, "always"
+        try:
+            split("before: ")
+        finally:
+            engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE = linearize_min, passes
 
 
 def main() -> None:
@@ -346,7 +358,7 @@ def main() -> None:
                         help="comma-separated subset of " + ", ".join(f.__name__ for f in SITES) + ", probe")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 samples, a small probe")
     parser.add_argument("--before", action="store_true",
-                        help="also time the engine as it was before linearize and adaptive Gram–Schmidt, in the same run")
+                        help="also time the engine as before (jvp, two full Gram–Schmidt passes) in the same run")
     args = parser.parse_args()
     if args.quick:
         args.samples = min(args.samples, 2)
