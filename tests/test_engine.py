@@ -369,6 +369,18 @@ def test_memory_estimate_counts_dense_jacobians():
     assert allocated <= dense <= 4 * allocated
     assert krylov < dense / 4
 
+def test_memory_estimate_counts_the_linearized_program():
+    """A site large enough to be linearized keeps the traced program's primals besides the vjp's."""
+    from ra_probe.engine.memory import SAVED_PER_OPERATOR
+    from ra_probe.engine.operators import LINEARIZE_MIN_DIM
+
+    args = dict(k=8, align_k=8, block=4, chunk=16, itemsize=4)
+    below, above = LINEARIZE_MIN_DIM - 1, LINEARIZE_MIN_DIM
+    two = bytes_per_sample([[(above, above)] * 2], **args) - bytes_per_sample([[(above, above)]], **args)
+    two_small = bytes_per_sample([[(below, below)] * 2], **args) - bytes_per_sample([[(below, below)]], **args)
+    assert two - two_small >= 4 * 2 * above * SAVED_PER_OPERATOR
+
+
 def test_dense_svd_measures_its_residuals():
     op, matrices, _ = known_operator(SPECTRA["decaying"][:40], batch=2, m=60, n=50)
     result = dense_svd(op, 5)
