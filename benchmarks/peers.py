@@ -18,6 +18,7 @@ orthogonalization, RA2 alignment and the rest.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import tempfile
 import time
@@ -33,6 +34,7 @@ from engine import digits_trained
 from ra_probe.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import JacobianOperator, krylov_svd, solve
+from ra_probe.engine import operators as engine_operators
 from ra_probe.engine import solvers as engine_solvers
 from ra_probe.load.data import Samples, load_samples
 from ra_probe.pipeline.discover import discover
@@ -41,6 +43,9 @@ from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.settings import DTYPES
 
 GOAL = 0.5  # ra-probe's time over the best scipy peer's, on every site
+# the prepared models stay prepared for the rest of the run: an ExitStack dropped at once would be
+# collected, close `prepared` and put the model back in training mode (BatchNorm on batch statistics)
+PREPARED = ExitStack()
 
 
 def sync(device: torch.device) -> None:
@@ -100,7 +105,7 @@ SITES = [conv_digits, resnet18_layer1, vit_mlp, bert_ffn]
 def site_operator(module, x, name: str, device, dtype=torch.float32):
     """The prepared model's site `name`: its branch, captured input and context on `device`."""
     settings = Settings(device=str(device), dtype={torch.float32: "float32", torch.float64: "float64"}[dtype])
-    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    model = PREPARED.enter_context(prepared(module, settings))
     inputs = x.to(device, dtype) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
     samples = Samples(inputs.cpu() if isinstance(inputs, torch.Tensor) else {k: v.cpu() for k, v in inputs.items()},
                       None, "bench")
@@ -165,11 +170,12 @@ def randomized_svd(op, k: int, *, power: int, oversample: int, seed: int) -> tor
 
 def compare_site(build, args, device) -> dict:
     label, module, x, name = build(args, device)
+    reference_module = copy.deepcopy(module)  # prepared in float64 while `module` stays prepared in float32
     site, record = site_operator(module, x, name, device)
     batch = record.x.shape[0]
     with torch.no_grad():
         forward = min(_time(lambda: site.branch(record.x, record.ctx), device) for _ in range(3)) / batch
-    ref_site, ref_record = site_operator(module, x, name, device, torch.float64)
+    ref_site, ref_record = site_operator(reference_module, x, name, device, torch.float64)
     reference = krylov_svd(JacobianOperator(ref_site.branch, ref_record.x, ref_record.ctx), args.k,
                            block=2 * args.k, tol=1e-7).S.double().cpu()
     sigma1 = reference[:, :1]
@@ -180,13 +186,23 @@ def compare_site(build, args, device) -> dict:
         rows.append(dict(method=method, seconds=seconds / batch, products=products / batch,
                          forwards=seconds / batch / forward, error=error))
 
-    op = JacobianOperator(site.branch, record.x, record.ctx)
-    op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up
-    op.products = 0
-    t = {}
-    with stopwatch(device, t, "s"):
-        result = solve(op, args.k, tol=args.tol, seed=args.seed)
-    add(f"ra-probe ({result.method})", t["s"], result.products, result.S)
+    solves = []
+    for label_, linearize, passes in (("ra-probe", None, "adaptive"), ("ra-probe before", False, "always")):
+        op = JacobianOperator(site.branch, record.x, record.ctx, linearize=linearize)
+        op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up (jvp; linearize traces later)
+        op.products = 0
+        t, reorthogonalize = {}, engine_solvers.REORTHOGONALIZE
+        engine_solvers.REORTHOGONALIZE = passes
+        try:
+            with logged_solves(device) as solves_:
+                with stopwatch(device, t, "s"):
+                    result = solve(op, args.k, tol=args.tol, seed=args.seed)
+        finally:
+            engine_solvers.REORTHOGONALIZE = reorthogonalize
+        add(f"{label_} ({result.method})", t["s"], result.products, result.S)
+        solves.append((label_, t["s"], solves_))
+        if not args.before:
+            break
     for solver in ("arpack", "propack"):
         t = {}
         with stopwatch(device, t, "s"):
@@ -207,9 +223,39 @@ def compare_site(build, args, device) -> dict:
     for r in rows:
         print(f"  {r['method']:28s} {r['products']:9.0f} {r['seconds']:9.3f} {r['forwards']:9.0f} "
               f"{r['error']:11.1e} {r['ratio']:11.2f}")
+    for label_, seconds, solves_ in solves:
+        wider = [x for x in solves_ if x["width"] > solves_[0]["width"]] if solves_ else []
+        if wider:
+            products = sum(x["products"] for x in wider)
+            print(f"  {label_}: cluster re-solves of {'+'.join(str(x['samples']) for x in wider)} sample(s) at width "
+                  f"{'/'.join(str(x['width']) for x in wider)}: {products / batch:.0f} products per sample "
+                  f"({100 * products / sum(x['products'] for x in solves_):.0f}% of the products), "
+                  f"{100 * sum(x['seconds'] for x in wider) / seconds:.0f}% of the time")
+        else:
+            print(f"  {label_}: no cluster re-solve")
     ours = rows[0]["ratio"]
     print(f"  goal ≤ {GOAL} × best scipy: {'met' if ours <= GOAL else 'NOT met'} ({ours:.2f})")
     return {"site": label, "ratio": ours}
+
+
+@contextmanager
+def logged_solves(device):
+    """The block Krylov solves inside: width, samples, products, seconds of each (the first one, then
+    the cluster re-solves with wider blocks)."""
+    log, original = [], engine_solvers._block_gkl
+
+    def logged(op, k, width, **kw):
+        start = time.perf_counter()
+        result, need = original(op, k, width, **kw)
+        sync(device)
+        log.append(dict(width=width, samples=op.shape[0], products=result.products,
+                        seconds=time.perf_counter() - start))
+        return result, need
+    engine_solvers._block_gkl = logged
+    try:
+        yield log
+    finally:
+        engine_solvers._block_gkl = original
 
 
 def _time(fn, device) -> float:
@@ -230,7 +276,7 @@ def probe_split(args, device) -> None:
     torch.manual_seed(0)
     module = timm.create_model("resnet50", pretrained=False, zero_init_last=False, exportable=True)
     settings = Settings(k=k, tol=args.tol, device=str(device), seed=args.seed)
-    model = ExitStack().enter_context(prepared(module, settings))  # prepared for the rest of the run
+    model = PREPARED.enter_context(prepared(module, settings))
     x = torch.randn(samples, 3, size, size)
     data = Samples(x, None, "synthetic")
     sites = discover(model, data, settings).sites
@@ -239,51 +285,62 @@ def probe_split(args, device) -> None:
         model(xd)
         network = min(_time(lambda: model(xd), device) for _ in range(3)) / samples
 
-    clock: dict[str, float] = {}
-    state = {"in_solve": False}
-    originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
-                 engine_solvers.krylov_svd)
+    def split(label: str) -> None:
+        clock: dict[str, float] = {}
+        state = {"in_solve": False}
+        originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
+                     engine_solvers.krylov_svd)
 
-    def timed(fn, key_of):
-        def wrapper(*a, **kw):
-            with stopwatch(device, clock, key_of()):
-                return fn(*a, **kw)
-        return wrapper
+        def timed(fn, key_of):
+            def wrapper(*a, **kw):
+                with stopwatch(device, clock, key_of()):
+                    return fn(*a, **kw)
+            return wrapper
 
-    product_key = lambda: "products" if state["in_solve"] else "other products"  # noqa: E731
+        product_key = lambda: "products" if state["in_solve"] else "other products"  # noqa: E731
 
-    def krylov(*a, **kw):
-        state["in_solve"] = True
+        def krylov(*a, **kw):
+            state["in_solve"] = True
+            try:
+                return originals[3](*a, **kw)
+            finally:
+                state["in_solve"] = False
+
+        JacobianOperator.matmat = timed(originals[0], product_key)
+        JacobianOperator.rmatmat = timed(originals[1], product_key)
+        engine_solvers._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
+        engine_solvers.krylov_svd = krylov
         try:
-            return originals[3](*a, **kw)
+            with stopwatch(device, clock, "total"):
+                measured = measure(model, sites, data, settings)
         finally:
-            state["in_solve"] = False
+            (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
+             engine_solvers.krylov_svd) = originals
+        timings = [measured.timing(s.name) for s in sites]
+        ra2 = sum(t.get("align_seconds", 0.0) for t in timings)
+        products = sum(t["products"] for t in timings) / samples
+        methods = sorted({measured.method(s.name) for s in sites})
+        unconverged = sum(t["samples"] - t["converged"] for t in timings)
+        total = clock["total"]
+        parts = {"products": clock.get("products", 0.0), "orthogonalization": clock.get("orthogonalization", 0.0),
+                 "RA2": ra2}
+        parts["rest"] = total - sum(parts.values())
+        print(f"\n{label}whole probe: resnet50 {size}px, {len(sites)} sites, {samples} samples, k={k}, "
+              f"tol={args.tol:g}, solvers {', '.join(methods)}: {total:.1f} s = "
+              f"{total / samples / network:.0f} network forwards per sample ({network * 1e3:.0f} ms each); "
+              f"{products:,.0f} SVD products per sample"
+              + (f"; {unconverged} site-samples not converged" if unconverged else ""))
+        print("  " + ", ".join(f"{key} {value / samples / network:.0f} ({100 * value / total:.0f}%)"
+                               for key, value in parts.items()))
 
-    JacobianOperator.matmat = timed(originals[0], product_key)
-    JacobianOperator.rmatmat = timed(originals[1], product_key)
-    engine_solvers._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
-    engine_solvers.krylov_svd = krylov
-    try:
-        with stopwatch(device, clock, "total"):
-            measured = measure(model, sites, data, settings)
-    finally:
-        (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
-         engine_solvers.krylov_svd) = originals
-    timings = [measured.timing(s.name) for s in sites]
-    ra2 = sum(t.get("align_seconds", 0.0) for t in timings)
-    products = sum(t["products"] for t in timings) / samples
-    methods = sorted({measured.method(s.name) for s in sites})
-    unconverged = sum(t["samples"] - t["converged"] for t in timings)
-    total = clock["total"]
-    parts = {"products": clock.get("products", 0.0), "orthogonalization": clock.get("orthogonalization", 0.0),
-             "RA2": ra2}
-    parts["rest"] = total - sum(parts.values())
-    print(f"\nwhole probe: resnet50 {size}px, {len(sites)} sites, {samples} samples, k={k}, tol={args.tol:g}, "
-          f"solvers {', '.join(methods)}: {total:.1f} s = {total / samples / network:.0f} network forwards "
-          f"per sample ({network * 1e3:.0f} ms each); {products:,.0f} SVD products per sample"
-          + (f"; {unconverged} site-samples not converged" if unconverged else ""))
-    print("  " + ", ".join(f"{key} {value / samples / network:.0f} ({100 * value / total:.0f}%)"
-                           for key, value in parts.items()))
+    split("")
+    if args.before:
+        linearize_min, passes = engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE
+        engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE = math.inf, "always"
+        try:
+            split("before: ")
+        finally:
+            engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE = linearize_min, passes
 
 
 def main() -> None:
@@ -300,6 +357,8 @@ def main() -> None:
     parser.add_argument("--sites", default=",".join(f.__name__ for f in SITES),
                         help="comma-separated subset of " + ", ".join(f.__name__ for f in SITES) + ", probe")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 samples, a small probe")
+    parser.add_argument("--before", action="store_true",
+                        help="also time the engine as before (jvp, two full Gram–Schmidt passes) in the same run")
     args = parser.parse_args()
     if args.quick:
         args.samples = min(args.samples, 2)

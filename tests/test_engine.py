@@ -101,6 +101,30 @@ def test_restarts_keep_the_answer(spectrum, block):
     assert (small.res_left >= left).all() and (small.res_right >= right).all()
 
 
+@pytest.mark.parametrize("passes", ["adaptive", "second pass every step", "always"])
+@pytest.mark.parametrize("spectrum", SPECTRA)
+def test_gram_schmidt_passes_keep_the_basis_orthogonal(spectrum, passes, monkeypatch):
+    """The local + full pass (a second only when the full one removed much), that second pass forced
+    at every step, and two full passes: orthonormal singular vectors, the same triplets, honest
+    bounds, through many restarts and in float32 too."""
+    from ra_probe.engine import solvers
+
+    if passes == "second pass every step":
+        monkeypatch.setattr(solvers, "KEPT_NORM", 2.0)
+    monkeypatch.setattr(solvers, "REORTHOGONALIZE", "always" if passes == "always" else "adaptive")
+    k, tol, s = 10, 1e-4, SPECTRA[spectrum]
+    for dtype, tight in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        op, matrices, V_true = known_operator(s, dtype=dtype)
+        result = krylov_svd(op, k, block=4, tol=max(tol, 100 * torch.finfo(dtype).eps), max_basis=k + 8)
+        eye = torch.eye(k, dtype=torch.float64)
+        for vectors in (result.U.double(), result.V.double()):
+            assert ((vectors.mT @ vectors - eye).abs() <= tight * 10).all()
+        assert result.converged.all()
+        assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all()
+        left, right = true_residuals(matrices, result)
+        assert (result.res_left >= left).all() and (result.res_right >= right).all()
+
+
 def test_solver_restores_the_denormal_mode():
     """Solves flush subnormal floats to zero for speed, and leave the process's mode as they found it."""
     op = known_operator(SPECTRA["decaying"])[0]
@@ -345,6 +369,18 @@ def test_memory_estimate_counts_dense_jacobians():
     assert allocated <= dense <= 4 * allocated
     assert krylov < dense / 4
 
+def test_memory_estimate_counts_the_linearized_program():
+    """A site large enough to be linearized keeps the traced program's primals besides the vjp's."""
+    from ra_probe.engine.memory import SAVED_PER_OPERATOR
+    from ra_probe.engine.operators import LINEARIZE_MIN_DIM
+
+    args = dict(k=8, align_k=8, block=4, chunk=16, itemsize=4)
+    below, above = LINEARIZE_MIN_DIM - 1, LINEARIZE_MIN_DIM
+    two = bytes_per_sample([[(above, above)] * 2], **args) - bytes_per_sample([[(above, above)]], **args)
+    two_small = bytes_per_sample([[(below, below)] * 2], **args) - bytes_per_sample([[(below, below)]], **args)
+    assert two - two_small >= 4 * 2 * above * SAVED_PER_OPERATOR
+
+
 def test_dense_svd_measures_its_residuals():
     op, matrices, _ = known_operator(SPECTRA["decaying"][:40], batch=2, m=60, n=50)
     result = dense_svd(op, 5)
@@ -359,3 +395,63 @@ def test_cli_rejects_an_unknown_solver(capsys):
         main(["bundled/fc-digits", "--solver", "arnoldi"])
     assert exit_info.value.code == 2
     assert "solver must be one of auto, dense, block," in capsys.readouterr().err
+
+
+def _linearize_pairs(site_ops):
+    """J·V and Jᵀ·U of each operator built with `linearize` on and off, float64."""
+    for f, x, ctx in site_ops:
+        traced, plain = (JacobianOperator(f, x, ctx, chunk=3, linearize=flag) for flag in (True, False))
+        V = torch.randn(x.shape[0], plain.shape[2], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        yield traced, plain, V
+
+
+def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_site(tmp_path):
+    """The linearize path (large sites) against forward-mode jvp: a conv block with BatchNorm and an
+    in-place ReLU, and every site of a BERT whose attention takes a padding mask as a side input."""
+    import transformers as tf
+    from ra_probe.capture import capture
+    from ra_probe.load.data import load_samples
+
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                         nn.Conv2d(6, 4, 3, padding=1)).eval().requires_grad_(False).double()
+    ops = [(conv, torch.randn(3, 4, 5, 5, dtype=torch.float64), None)]
+    config = tf.BertConfig(vocab_size=40, max_position_embeddings=8, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32, architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    samples = load_samples(None, loaded, limit=3)
+    settings = Settings(dtype="float64")
+    with prepared(loaded.module, settings) as model:
+        sites = discover(model, samples, settings).sites
+        inputs = dict(samples.inputs)
+        inputs["attention_mask"] = inputs["attention_mask"].clone()
+        inputs["attention_mask"][0, -3:] = 0  # padding in the first sample: the mask matters
+        captured = capture(model, inputs, sites)
+        masked = [captured.sites[s.name] for s in sites if captured.sites[s.name].ctx]
+        assert masked, "an attention site with side inputs"
+        ops += [(s.branch, captured.sites[s.name].x, captured.sites[s.name].ctx) for s in sites]
+        for traced, plain, V in _linearize_pairs(ops):
+            torch.testing.assert_close(traced.matmat(V), plain.matmat(V), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(traced.matmat(V[..., :1]), plain.matmat(V[..., :1]), rtol=1e-10, atol=1e-10)
+            assert traced.linearize and traced._lin_fn is not None  # the traced program ran, no fallback
+            sub = traced.select(torch.tensor([2, 0]))
+            torch.testing.assert_close(sub.matmat(V[[2, 0]]), plain.matmat(V)[[2, 0]], rtol=1e-10, atol=1e-10)
+
+
+def test_linearize_is_chosen_by_size_and_falls_back_to_jvp():
+    from ra_probe.engine.operators import LINEARIZE_MIN_DIM
+
+    small = JacobianOperator(CONV, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert not small.linearize
+    big = JacobianOperator(lambda x: 2 * x, torch.randn(1, LINEARIZE_MIN_DIM, dtype=torch.float64))
+    assert big.linearize
+
+    def untraceable(x):  # data-dependent Python control flow: make_fx cannot trace it
+        return x * 3 if bool(x.sum() > -1e9) else x
+
+    x = torch.randn(2, 7, dtype=torch.float64)
+    op = JacobianOperator(untraceable, x, linearize=True)
+    V = torch.randn(2, 7, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), 3 * V)
+    assert not op.linearize

@@ -6,10 +6,12 @@ import os
 
 import torch
 
+from ra_probe.engine.operators import LINEARIZE_MIN_DIM
+
 # What one Jacobian product of one sample holds, in units of the site's input + output size: the
 # branch's intermediate activations and their tangents (a bottleneck's are about 2–3× its input).
 ACTIVATIONS_PER_VECTOR = 4
-SAVED_PER_OPERATOR = 4  # the linearized / vjp programs' saved primals, per site
+SAVED_PER_OPERATOR = 4  # a vjp program's saved primals, per site; a site that is linearized too holds twice that
 SHARE_OF_FREE = 0.5  # leave room for the allocator, the model and everything else
 
 # Krylov basis columns per side. On a CPU, Gram–Schmidt against a basis of j columns costs ~j/50
@@ -63,7 +65,9 @@ def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: 
     captured = sum(n + m for group in groups for n, m, _ in group)
 
     def kept(n: int, m: int, method: str) -> int:  # what stays while the group's other sites are solved
-        return m * n if method == "dense" else (n + m) * SAVED_PER_OPERATOR
+        if method == "dense":
+            return m * n
+        return (n + m) * SAVED_PER_OPERATOR * (2 if n >= LINEARIZE_MIN_DIM else 1)
 
     heaviest_group = max((sum(kept(*site) + (n + m) * k for site in group for n, m, _ in [site])
                           + max(n + m for n, m, _ in group) * 2 * align_k * (len(group) - 1)

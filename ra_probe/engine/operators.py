@@ -7,12 +7,19 @@ import warnings
 from typing import Any, Callable
 
 import torch
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, linearize, vjp, vmap
 
 # torch's first forward-mode product loads decompositions through torch.jit.script, which warns
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 Context = dict[str, Any]
+
+# Sites with at least this many input dimensions per sample take J·V from `torch.func.linearize`:
+# traced once (~60 ms plus a few forwards on a CPU), each J·V then runs the tangent program only,
+# where `jvp` recomputes the primal every call. Measured on a CPU, 4 samples × 4 vectors per call:
+# resnet18 layer1 at 112 px (50k dims) 15.8 → 10.2 ms a call, vit_tiny MLP (38k) 41.7 → 30.7 ms;
+# on the 2k-4k sites (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
+LINEARIZE_MIN_DIM = 16384
 
 
 class BatchedOperator:
@@ -80,11 +87,12 @@ class JacobianOperator(BatchedOperator):
     J·V is a forward-mode product (`jvp`) of the whole batch, one vector per sample; Jᵀ·U reuses one
     saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `chunk` vectors
     per call (memory: a call holds about `chunk` times the branch's activations of the B samples).
-    (`torch.func.linearize` saves the primal work but costs a trace per site that small and medium
-    sites never earn back.)"""
+    With `linearize` (default: sites of at least `LINEARIZE_MIN_DIM` input dimensions), J·V comes from
+    a `torch.func.linearize` program traced on first use, which skips the primal recomputation; a
+    branch that cannot be traced or vmapped that way falls back to `jvp`, with the same results."""
 
     def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Context | None = None,
-                 chunk: int = 16):
+                 chunk: int = 16, linearize: bool | None = None):
         self.f, self.x, self.ctx, self.chunk = f, x, ctx, chunk
         self.products = 0
         self._fx = f if ctx is None else (lambda x_: f(x_, ctx))
@@ -94,10 +102,14 @@ class JacobianOperator(BatchedOperator):
         self.shape = (x.shape[0], out[0].numel(), x[0].numel())
         self.dtype, self.device = x.dtype, x.device
         self._vjp_fn = None
+        self.linearize = self.shape[2] >= LINEARIZE_MIN_DIM if linearize is None else linearize
+        self._lin_fn = None  # the linearized program, traced on first use
         self._jv = vmap(self._jvp_flat, in_dims=-1, out_dims=-1, randomness="same")
         self._jtu = vmap(self._vjp_flat, in_dims=-1, out_dims=-1, randomness="same")
 
     def _jvp_flat(self, v: torch.Tensor) -> torch.Tensor:
+        if self._lin_fn is not None:
+            return self._lin_fn(v.reshape(self.x.shape)).reshape(self.shape[0], -1)
         return jvp(self._fx, (self.x,), (v.reshape(self.x.shape),))[1].reshape(self.shape[0], -1)
 
     def _vjp_flat(self, u: torch.Tensor) -> torch.Tensor:
@@ -105,6 +117,14 @@ class JacobianOperator(BatchedOperator):
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         self.products += v.shape[0] * v.shape[-1]
+        if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
+            try:
+                with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
+                    warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                    self._lin_fn = linearize(self._fx, self.x)[1]
+                return self._blocks(self._jv, self._jvp_flat, v)
+            except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
+                self._lin_fn, self.linearize = None, False
         return self._blocks(self._jv, self._jvp_flat, v)
 
     def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
@@ -135,7 +155,7 @@ class JacobianOperator(BatchedOperator):
                 return {key: take(v) for key, v in value.items()}
             return value
 
-        sub = JacobianOperator(self.f, self.x[rows], take(self.ctx), self.chunk)
+        sub = JacobianOperator(self.f, self.x[rows], take(self.ctx), self.chunk, self.linearize)
         expected = self.out[rows]
         if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
                                                                  atol=1e-5 * expected.abs().max().item()):
