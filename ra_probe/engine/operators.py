@@ -12,7 +12,6 @@ from torch.func import jvp, linearize, vjp, vmap
 # torch's first forward-mode product loads decompositions through torch.jit.script, which warns
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-Context = dict[str, Any]
 
 # Sites with at least this many input dimensions per sample take J·V from `torch.func.linearize`:
 # traced once (~60 ms plus a few forwards on a CPU), each J·V then runs the tangent program only,
@@ -91,7 +90,7 @@ class JacobianOperator(BatchedOperator):
     a `torch.func.linearize` program traced on first use, which skips the primal recomputation; a
     branch that cannot be traced or vmapped that way falls back to `jvp`, with the same results."""
 
-    def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Context | None = None,
+    def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Any = None,
                  chunk: int = 16, linearize: bool | None = None):
         self.f, self.x, self.ctx, self.chunk = f, x, ctx, chunk
         self.products = 0
