@@ -17,6 +17,7 @@ from ra_probe.metrics.ra import rank_summary
 from ra_probe import Settings, probe
 from ra_probe.load.models import LoadedModel, load_model
 from conftest import TINY
+from tiny_models import ResidualMLP
 from test_hf_adapters import CONFIGS, saved
 
 
@@ -98,18 +99,9 @@ def test_a_sentence_spectrum_does_not_depend_on_its_batch_or_padding_side(family
 
 # ---- Groups: a trajectory never runs across layers that are not residual ----
 
-class Residual(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.branch = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
-
-    def forward(self, x):
-        return x + self.branch(x)
-
-
 def test_a_group_ends_where_a_non_residual_layer_stands_between_sites():
     torch.manual_seed(0)
-    model = nn.Sequential(Residual(8), nn.Linear(8, 8), nn.Tanh(), Residual(8), Residual(8))
+    model = nn.Sequential(ResidualMLP(8), nn.Linear(8, 8), nn.Tanh(), ResidualMLP(8), ResidualMLP(8))
     loaded = LoadedModel(model, "mixed", "factory", input_shape=(8,))
     report = probe(loaded, Samples(torch.randn(6, 8), None, "x"), Settings(k=3, samples=6))
     groups = [(s["name"], s["group"], s["group_start"]) for s in report["sites"]]
