@@ -188,6 +188,7 @@ def test_lightning_callback(digits, tmp_path):
     assert [r.name for r in reports] == [f"step-{step:08d}.json" for step in PROBED]
     last = ra_probe.load_report(reports[-1])
     assert last["metrics"]["ra2"]["mean_score"] == pytest.approx(rows[-1]["ra/alignment"])
+    assert trainer.callback_metrics["ra/alignment"].item() == pytest.approx(rows[-1]["ra/alignment"])
 
 
 def test_lightning_probe_keeps_module_dtype(digits):
@@ -205,7 +206,7 @@ def test_lightning_probe_keeps_module_dtype(digits):
 
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
-    trainer = SimpleNamespace(global_rank=0, global_step=7, loggers=[logger])
+    trainer = SimpleNamespace(global_rank=0, global_step=7, loggers=[logger], callback_metrics={})
     module = Wrapped().to(torch.bfloat16)  # probed in float32, then put back
     ResidualAlignmentCallback(digits[2]).probe(trainer, module)
     assert module.dtype == torch.bfloat16 and module.net.stem.weight.dtype == torch.bfloat16

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError:  # the older package name
@@ -18,7 +20,8 @@ class ResidualAlignmentCallback(Callback):
     is probed once even when both fall on it). Global rank 0 only.
 
     Each probe is logged through every logger of the trainer (`log_metrics(metrics,
-    step=trainer.global_step)`): `ra/alignment`, `ra/linearity`, `ra/rank_median`, `ra/sigma1_mean`,
+    step=trainer.global_step)`) and put in `trainer.callback_metrics`, so that EarlyStopping or
+    ModelCheckpoint placed after this callback can monitor them: `ra/alignment`, `ra/linearity`, `ra/rank_median`, `ra/sigma1_mean`,
     `ra/L_sigma1`, `nc/nc1`, `nc/nc2_equinorm_means`, `nc/nc2_equiangular`, `nc/nc3`, `nc/nc4`,
     `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`; a metric the
     probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`). `log_report`:
@@ -63,6 +66,8 @@ class ResidualAlignmentCallback(Callback):
                 module._device, module._dtype = device, dtype
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        # callbacks that watch metrics (EarlyStopping, ModelCheckpoint) read them here
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
         if self.log_report:
             folder = (Path(trainer.log_dir or trainer.default_root_dir) / "ra-probe" if self.log_report is True
                       else self.log_report)
