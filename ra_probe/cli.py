@@ -303,7 +303,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites
-    from ra_probe.report.build import no_sites_message
+    from ra_probe.metrics.verdict import no_sites_message
     from ra_probe.report.console import sites_table
 
     loaded = options.load(model)

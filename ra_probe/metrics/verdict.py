@@ -39,9 +39,18 @@ def _overall(checks: list[dict[str, Any]]) -> str:
     return "partial" if any(judged) else "absent"
 
 
-def ra_verdict(metrics: dict[str, Any], t: Thresholds) -> dict[str, Any]:
+def no_sites_message(skipped: int) -> str:
+    """What a model without a usable site is told: none found, or found but every one skipped."""
+    if not skipped:
+        return "no residual connections found"
+    return f"no usable residual site: {skipped} residual add(s) found but skipped (see the skipped sites and why)"
+
+
+def ra_verdict(metrics: dict[str, Any], t: Thresholds, skipped: int = 0) -> dict[str, Any]:
+    """RA from RA1–RA3 (`skipped`: residual adds found but not usable, for the reason given when no
+    site was measured)."""
     if not metrics["ra2"]["groups"] and not metrics["ra3"]["sites"]:
-        return {"status": "not_applicable", "checks": [], "reason": "no residual connections found"}
+        return {"status": "not_applicable", "checks": [], "reason": no_sites_message(skipped)}
     checks = [
         _check("RA1", metrics["ra1"]["mean_linearity"], t.min_linearity, True, "mean trajectory linearity"),
         _check("RA2", metrics["ra2"]["mean_score"], t.min_alignment, True, "mean alignment score a_ij"),

@@ -45,5 +45,6 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
         metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
-    verdict = {"ra": ra_verdict(metrics, settings.thresholds), "nc": nc_verdict(metrics["nc"], settings.thresholds)}
+    verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
+               "nc": nc_verdict(metrics["nc"], settings.thresholds)}
     return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started)

@@ -11,20 +11,11 @@ import torch
 from ra_probe import __version__
 from ra_probe.load.data import Samples, real_tokens
 from ra_probe.load.models import LoadedModel
+from ra_probe.metrics.verdict import no_sites_message
 from ra_probe.pipeline.cache import tensor_digest
 from ra_probe.pipeline.run import Outcome
 from ra_probe.pipeline.settings import Settings
 from ra_probe.report.schema import SCHEMA_VERSION
-
-NO_RESIDUAL = "no residual connections found"
-
-
-def no_sites_message(skipped: int) -> str:
-    """What a model without a usable site is told: none found, or found but every one skipped."""
-    if not skipped:
-        return NO_RESIDUAL
-    return f"no usable residual site: {skipped} residual add(s) found but skipped (see the skipped sites and why)"
-
 
 def environment(settings: Settings) -> dict[str, Any]:
     """Where and how the numbers were computed (a probe always runs with TF32 off)."""
