@@ -62,6 +62,12 @@ def unpadded(inputs: Inputs) -> Inputs:
             if value.shape[:2] == mask.shape else value for key, value in inputs.items()}
 
 
+def batch(inputs: Inputs, index: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Samples `index` (one of `chunks`) as one model input on `device`: padding dropped, floating
+    tensors in `dtype`."""
+    return to(unpadded(take(inputs, index)), device, dtype)
+
+
 def run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
     return model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
 

@@ -6,7 +6,7 @@ import torch
 
 from ra_probe.capture import Captured, capture, logits_of
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.data import Samples, chunks, run_model, take, to, unpadded
+from ra_probe.load.data import Samples, batch, chunks, run_model, take
 from ra_probe.pipeline.settings import DTYPES, Settings
 from ra_probe.sites import SiteReport, find_sites
 from ra_probe.verify import verify_sites
@@ -17,7 +17,7 @@ def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> Si
     that the model treats samples independently (each sample's Jacobian is its own)."""
     report = find_sites(model)
     device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
-    first = to(unpadded(take(samples.inputs, chunks(samples.inputs, 4)[0])), device, dtype)
+    first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     try:
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
@@ -48,8 +48,7 @@ def _check_independent(batch: Captured, alone: Captured) -> None:
 
 def output_classes(model: torch.nn.Module, samples: Samples, settings: Settings) -> int | None:
     """How many classes the model's output scores: the width of its 2-D logits for one sample."""
-    one = to(unpadded(take(samples.inputs, chunks(samples.inputs, 1)[0])), settings.resolved_device(),
-             DTYPES[settings.dtype])
+    one = batch(samples.inputs, chunks(samples.inputs, 1)[0], settings.resolved_device(), DTYPES[settings.dtype])
     with torch.no_grad():
         logits = logits_of(run_model(model, one))
     return logits.shape[1] if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None

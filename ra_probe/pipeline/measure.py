@@ -13,7 +13,7 @@ import torch
 
 from ra_probe.capture import Captured, capture
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
-from ra_probe.load.data import Samples, chunks, take, to, unpadded
+from ra_probe.load.data import Samples, batch, chunks
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
 from ra_probe.pipeline.settings import DTYPES, Progress, Settings
@@ -99,7 +99,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     indices = chunks(samples.inputs, batch_size)
     total, done = len(sites) * len(indices), 0
     for index in indices:
-        chunk = to(unpadded(take(samples.inputs, index)), device, dtype)
+        chunk = batch(samples.inputs, index, device, dtype)
         captured = capture(model, chunk, sites)
         out.order.append(index)
         if captured.features is not None:
