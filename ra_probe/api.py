@@ -25,7 +25,7 @@ from ra_probe.pipeline.run import run
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.report.build import build_report
 from ra_probe.report.files import load_report as _read_report
-from ra_probe.report.files import write_json
+from ra_probe.report.files import write_text
 from ra_probe.sites import SiteReport
 
 Model = nn.Module | str | LoadedModel
@@ -75,7 +75,7 @@ class Report(Mapping):
         text = json.dumps(self._data, indent=1, allow_nan=False)
         if path is not None:
             _refuse_overwrite(Path(path), force)
-            write_json(self._data, Path(path))
+            write_text(text, Path(path))  # the text just made, not a second serialization
         return text
 
     def to_html(self, path: str | Path | None = None, *, force: bool = False) -> str:
@@ -183,6 +183,22 @@ def _checked(x: torch.Tensor, y: Any, settings: Settings) -> Samples:
     return Samples(x.detach().cpu(), labels, "tensor")
 
 
+def _inputs(model: Model, data: Any, settings: Settings | None,
+            options: dict[str, Any]) -> tuple[LoadedModel, Samples, Settings]:
+    """The loaded model, its samples and the settings, from what `probe`, `check` and `find_sites`
+    take: loading options are split from settings; a module the caller holds is probed where it lives
+    unless `device` says otherwise; a DataLoader's base-seed draw is kept off torch's global RNG."""
+    loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
+    settings = settings_from(options, settings)
+    loaded = as_loaded(model, **loading)
+    weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if settings.device is None and weight is not None:
+        settings = dataclasses.replace(settings, device=str(weight.device))
+    with torch.random.fork_rng(devices=[]):
+        samples = as_samples(data, loaded, settings)
+    return loaded, samples, settings
+
+
 def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
           progress: Progress | bool | None = None, cache: bool | str | Path = False, **options: Any) -> Report:
     """Probe `model` on `data` and return its Report.
@@ -196,14 +212,7 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     CLI's options as keywords (`k=16, samples=64, tol=1e-3, device="cuda"`...) or a `Settings`.
     `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the
     user's cache folder, or a folder."""
-    loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
-    settings = settings_from(options, settings)
-    loaded = as_loaded(model, **loading)
-    weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    if settings.device is None and weight is not None:  # a module the caller holds is probed where it lives
-        settings = dataclasses.replace(settings, device=str(weight.device))
-    with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws its base seed from torch's RNG
-        samples = as_samples(data, loaded, settings)
+    loaded, samples, settings = _inputs(model, data, settings, options)
     store = None if cache is False else ResultCache(None if cache is True else cache)
     if progress is True:
         with _progress_bar() as bar:
@@ -243,11 +252,7 @@ def load_report(path: str | Path) -> Report:
 def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
     """The residual sites of `model` found and verified on a forward of the first samples of `data`
     (as for `probe`), and those skipped with the reason, without measuring anything."""
-    loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
-    settings = settings_from({"samples": 4, **options})
-    loaded = as_loaded(model, **loading)
-    with torch.random.fork_rng(devices=[]):
-        samples = as_samples(data, loaded, settings)
+    loaded, samples, settings = _inputs(model, data, None, {"samples": 4, **options})
     with prepared(loaded.module, settings) as prepared_model:
         return discover(prepared_model, samples, settings)
 
@@ -272,15 +277,13 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
             raise UserError("data and settings apply to a model to probe, not to a finished report")
         report, made_with = report_or_model, report_or_model["settings"]
     else:
-        report, settings = None, settings_from(options, settings)
+        report = None
+        loaded, samples, settings = _inputs(report_or_model, data, settings, options)
         made_with = settings.as_dict()
     base = read_baseline(Path(baseline), made_with) if isinstance(baseline, (str, Path)) else baseline
     rules = GateRules(require=wanted, limits=limits, tolerance=tolerance, baseline=base)
     check_rules(rules, made_with["k"])
     if report is None:
-        loaded = as_loaded(report_or_model)
-        with torch.random.fork_rng(devices=[]):
-            samples = as_samples(data, loaded, settings)
         if base is not None:
             check_baseline_data(base, tensor_digest(samples.inputs, samples.labels), baseline or "baseline")
         report = probe(loaded, samples, settings, progress=progress, cache=cache)
