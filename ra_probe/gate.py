@@ -4,12 +4,12 @@ or agreement with a baseline report (verdicts no worse, metrics within a toleran
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ra_probe.errors import UserError, first_line
+from ra_probe.metrics.ra import median_rank
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
@@ -21,11 +21,7 @@ def _nc(key: str) -> Callable[[dict], float | None]:
 
 
 def _median_rank(report: dict) -> float | None:
-    """Median over sites of the median rank. A site whose rank reaches k counts as k, a lower bound: the
-    gate refuses --max-rank ≥ k, so against any allowed limit the bound decides as the rank would."""
-    ranks = [s["rank_median"] if s["rank_median"] is not None else s.get("rank_at_least")
-             for s in report["metrics"]["ra3"]["sites"]]
-    return statistics.median(ranks) if ranks and None not in ranks else None
+    return median_rank(report["metrics"]["ra3"]["sites"], report["settings"]["k"])
 
 
 def _mean_rank(report: dict) -> float | None:

@@ -13,7 +13,7 @@ from torch import nn
 from ra_probe.load.bundled.fcresnet import FCResNet
 from ra_probe.load.data import Samples, load_samples
 from ra_probe.errors import UserError
-from ra_probe.metrics.ra import rank_summary
+from ra_probe.metrics.ra import median_rank, rank_summary
 from ra_probe import Settings, probe
 from ra_probe.load.models import LoadedModel, load_model
 from conftest import TINY
@@ -48,6 +48,15 @@ def test_rank_summary_by_hand():
     assert saturated["rank_le_classes"] is None and "raise --k above C" in saturated["undetermined"]
     above = rank_summary(S[[1, 2, 2]], 1e-2, classes=3)  # median ≥ k = 4 > C = 3: known to exceed C
     assert above["rank_median"] is None and above["rank_le_classes"] is False and above["undetermined"] is None
+
+
+def test_median_rank_over_sites_by_hand():
+    def site(rank):
+        return {"rank_median": None, "rank_at_least": 16} if rank is None else {"rank_median": rank}
+    assert median_rank([site(9), site(9), site(None)], 16) == 9  # the saturated site sorts last
+    assert median_rank([site(9), site(10), site(12), site(None)], 16) == 11
+    assert median_rank([site(9), site(None), site(None)], 16) is None  # the median itself reaches k
+    assert median_rank([site(9), site(None)], 16) is None
 
 
 @pytest.mark.parametrize("name", ["random", "lowwd"])

@@ -4,7 +4,6 @@ Face callbacks are thin schedules around the same `LiveProbe` and `scalars`."""
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ra_probe.api import Report, as_loaded, as_samples, probe, settings_from
+from ra_probe.metrics.ra import median_rank
 
 # Cheap enough to run every epoch on small models (about 0.4 s per probe on the bundled FC ResNet, width
 # 128 and 8 blocks, one CPU thread): k = 16 still determines RA3 ranks up to 15 classes, and RA2 aligns the
@@ -32,18 +32,17 @@ def scalars(report: Report) -> Metrics:
     """The numbers logged for a report; a metric the probe could not determine is left out.
 
     `ra/alignment` RA2 mean alignment score a_ij; `ra/linearity` RA1 mean trajectory linearity;
-    `ra/rank_median` RA3, the median over sites of each site's median rank (sites whose rank is
-    undetermined left out); `ra/sigma1_mean` RA4 mean over sites of the top singular value and
+    `ra/rank_median` RA3, the median over sites of each site's median rank (left out when undetermined:
+    see `ra_probe.metrics.ra.median_rank`); `ra/sigma1_mean` RA4 mean over sites of the top singular value and
     `ra/L_sigma1` its sum (L times the mean); `nc/nc1`, `nc/nc2_equinorm_means`, `nc/nc2_equiangular`,
     `nc/nc3`, `nc/nc4`; `ra/verdict` and `nc/verdict` as absent 0, partial 0.5, present 1."""
     metrics = report.metrics
-    ranks = [s["rank_median"] for s in metrics["ra3"]["sites"] if s["rank_median"] is not None]
     ra4 = metrics["ra4"]
     nc = metrics["nc"] or {}
     values = {
         "ra/alignment": metrics["ra2"]["mean_score"],
         "ra/linearity": metrics["ra1"]["mean_linearity"],
-        "ra/rank_median": statistics.median(ranks) if ranks else None,
+        "ra/rank_median": median_rank(metrics["ra3"]["sites"], report["settings"]["k"]),
         "ra/sigma1_mean": ra4["L_times_mean_sigma1"] / ra4["depth"] if ra4["depth"] else None,
         "ra/L_sigma1": ra4["L_times_mean_sigma1"],
         **{f"nc/{name}": nc.get(name) for name in NC_METRICS},

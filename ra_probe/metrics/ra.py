@@ -1,6 +1,8 @@
 """Residual Alignment measurements, on plain tensors, per sample."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 
@@ -97,6 +99,16 @@ def rank_summary(S: torch.Tensor, tau: float, classes: int | None) -> dict:
     elif not exact:
         out["undetermined"] = f"the rank reaches k = {k}: raise --k"
     return out
+
+
+def median_rank(sites: list[dict], k: int) -> float | None:
+    """RA3 over a network: the median over sites of each site's median rank (`rank_summary` entries).
+    A site whose rank reaches k has rank ≥ k and sorts last whatever its true rank, so the median is
+    exact when its upper middle value is below k; otherwise it is undetermined (None)."""
+    ranks = [s["rank_median"] if s["rank_median"] is not None else s.get("rank_at_least") for s in sites]
+    if not ranks or None in ranks or statistics.median_high(ranks) >= k:
+        return None
+    return statistics.median(ranks)
 
 
 def singular_gap(S: torch.Tensor, c: int) -> torch.Tensor | None:

@@ -4,11 +4,10 @@ depth L (≈ −1 under RA4). Reads report dicts only; the console and the HTML 
 from __future__ import annotations
 
 import re
-import statistics
 from pathlib import Path
 from typing import Any
 
-from ra_probe.metrics.ra import depth_slope
+from ra_probe.metrics.ra import depth_slope, median_rank
 
 
 def family_of(model: str) -> str:
@@ -48,8 +47,8 @@ def summary(report: dict[str, Any], label: str) -> dict[str, Any]:
         "linearity": metrics["ra1"]["mean_linearity"], "alignment": metrics["ra2"]["mean_score"],
         "group_scores": ", ".join(f"{g['group']}: {g['score']:.3f}" for g in metrics["ra2"]["groups"]
                                   if g["score"] is not None) or None,
-        # a site whose rank reaches k has no known rank: no median or maximum over sites then
-        "rank_median": statistics.median(ranks) if ranks and None not in ranks else None,
+        "rank_median": median_rank(metrics["ra3"]["sites"], report["settings"]["k"]),
+        # a site whose rank reaches k has no known rank: no maximum over sites then
         "rank_max": max(ranks) if ranks and None not in ranks else None,
         "classes": metrics["ra3"]["classes"], "rank_share": metrics["ra3"]["share_rank_le_classes"],
         "sigma1": sigma1, "sigma1_first": sigma1[0] if sigma1 else None, "sigma1_last": sigma1[-1] if sigma1 else None,
