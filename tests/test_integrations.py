@@ -141,9 +141,9 @@ def test_network_picked():
     assert LiveProbe(None, model=lambda o: o.net.head).network(owner) is owner.net.head
 
 
-def fit_lightning(digits, folder, callbacks):
+def lightning_classifier():
+    """The test network as a LightningModule (`net`), trained with cross-entropy."""
     import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
 
     class Classifier(L.LightningModule):
         def __init__(self):
@@ -161,9 +161,16 @@ def fit_lightning(digits, folder, callbacks):
         def configure_optimizers(self):
             return optimizer(self.parameters())
 
+    return Classifier()
+
+
+def fit_lightning(digits, folder, callbacks):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
     x, y, _ = digits
     L.seed_everything(0, verbose=False)
-    module = Classifier()
+    module = lightning_classifier()
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=CSVLogger(folder, name="run"),
                         callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False, log_every_n_steps=1)
@@ -193,21 +200,12 @@ def test_lightning_callback(digits, tmp_path):
 
 def test_lightning_probe_keeps_module_dtype(digits):
     pytest.importorskip("lightning")
-    import lightning as L
     from ra_probe.integrations.lightning import ResidualAlignmentCallback
-
-    class Wrapped(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = network()
-
-        def forward(self, x):
-            return self.net(x)
 
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
     trainer = SimpleNamespace(global_rank=0, global_step=7, loggers=[logger], callback_metrics={})
-    module = Wrapped().to(torch.bfloat16)  # probed in float32, then put back
+    module = lightning_classifier().to(torch.bfloat16)  # probed in float32, then put back
     ResidualAlignmentCallback(digits[2]).probe(trainer, module)
     assert module.dtype == torch.bfloat16 and module.net.stem.weight.dtype == torch.bfloat16
     trainer.global_step = 8
