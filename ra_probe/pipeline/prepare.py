@@ -23,9 +23,10 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
     data = {p: p.data for p in model.parameters()}
     buffers = {m: dict(m._buffers) for m in model.modules()}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    model.eval().requires_grad_(False)
-    swapped = _affine_batch_norms(model)
-    try:
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    try:  # everything changed from here on is put back, whatever fails
+        model.eval().requires_grad_(False)
+        _affine_batch_norms(model, swapped)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         if dispatched(model):
             yield model.to(dtype=DTYPES[settings.dtype])
@@ -67,14 +68,12 @@ class _ChannelAffine(torch.nn.Module):
         return x * self.scale + self.shift
 
 
-def _affine_batch_norms(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+def _affine_batch_norms(model: torch.nn.Module, swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
     """Swap every BatchNorm2d that has running statistics for its `_ChannelAffine` (one without them
-    normalizes with its batch's statistics, which the independence check reports); returns what to
-    put back, as (parent, name, original)."""
-    swapped = []
+    normalizes with its batch's statistics, which the independence check reports), recording in
+    `swapped` what to put back, as (parent, name, original), as it goes."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is torch.nn.BatchNorm2d and child.running_mean is not None:
                 setattr(parent, name, _ChannelAffine(child))
                 swapped.append((parent, name, child))
-    return swapped
