@@ -227,12 +227,12 @@ def compare_site(build, args, device) -> dict:
         wider = [x for x in solves_ if x["width"] > solves_[0]["width"]] if solves_ else []
         if wider:
             products = sum(x["products"] for x in wider)
-            print(f"  {label_}: cluster re-solves of {'+'.join(str(x['samples']) for x in wider)} sample(s) at width "
+            print(f"  {label_}: wider blocks for clusters: {'+'.join(str(x['samples']) for x in wider)} sample(s) at width "
                   f"{'/'.join(str(x['width']) for x in wider)}: {products / batch:.0f} products per sample "
                   f"({100 * products / sum(x['products'] for x in solves_):.0f}% of the products), "
                   f"{100 * sum(x['seconds'] for x in wider) / seconds:.0f}% of the time")
         else:
-            print(f"  {label_}: no cluster re-solve")
+            print(f"  {label_}: no wider block")
     ours = rows[0]["ratio"]
     print(f"  goal ≤ {GOAL} × best scipy: {'met' if ours <= GOAL else 'NOT met'} ({ours:.2f})")
     return {"site": label, "ratio": ours}
@@ -241,16 +241,16 @@ def compare_site(build, args, device) -> dict:
 @contextmanager
 def logged_solves(device):
     """The block Krylov solves inside: width, samples, products, seconds of each (the first one, then
-    the cluster re-solves with wider blocks)."""
+    the wider blocks that samples with clusters go on with)."""
     log, original = [], engine_solvers._block_gkl
 
     def logged(op, k, width, **kw):
         start = time.perf_counter()
-        result, need = original(op, k, width, **kw)
+        result, need, handoffs = original(op, k, width, **kw)
         sync(device)
         log.append(dict(width=width, samples=op.shape[0], products=result.products,
                         seconds=time.perf_counter() - start))
-        return result, need
+        return result, need, handoffs
     engine_solvers._block_gkl = logged
     try:
         yield log

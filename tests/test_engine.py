@@ -200,6 +200,32 @@ def test_no_skipped_value_in_a_cluster(spectrum, block, dtype):
     assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all(), result.S[:, :14]
 
 
+def test_a_wider_block_goes_on_from_the_basis(monkeypatch):
+    """A sample whose block must grow keeps what it found: the wider solve starts from its Ritz vectors
+    and costs fewer products than solving the sample again from a random start at that width, with
+    the same values and honest bounds."""
+    from ra_probe.engine import solvers
+
+    calls, original = [], solvers._block_gkl
+
+    def logged(op, k, width, **kw):
+        result, need, handoffs = original(op, k, width, **kw)
+        calls.append((width, kw["start"] is not None, result.products))
+        return result, need, handoffs
+    monkeypatch.setattr(solvers, "_block_gkl", logged)
+    s = CLUSTERS["repeated 6"]
+    op, matrices, _ = known_operator(s, m=150, n=160)
+    result = krylov_svd(op, 16, block=2, tol=1e-3, max_basis=SMALL_BASIS)
+    assert result.converged.all() and ((result.S - s[:16].double()).abs() <= 1e-3).all()
+    left, right = true_residuals(matrices, result)
+    assert (result.res_left >= left).all() and (result.res_right >= right).all()
+    assert len(calls) >= 2 and not calls[0][1] and all(started for _, started, _ in calls[1:])
+    monkeypatch.setattr(solvers, "_block_gkl", original)
+    for width, _, products in calls[1:]:
+        again = krylov_svd(op, 16, block=width, tol=1e-3, max_basis=SMALL_BASIS)
+        assert products < again.products
+
+
 def test_bounds_are_honest_after_a_breakdown():
     """A rank-10 operator and blocks of 2: after five steps the Krylov space holds the range, so the
     next block is rounding noise, replaced by fresh directions. What the block had along them is not in

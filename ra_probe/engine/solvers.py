@@ -2,6 +2,7 @@
 every step is one batched product. Solvers see only `BatchedOperator`s."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -95,10 +96,11 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
 
     In Golub–Kahan–Lanczos a new block's large part lies along the basis' last block (w rows): a
     pass against that block alone (two w × w × d GEMMs) takes it off, then one pass over the whole
-    basis takes off the rest. When that pass keeps at least `KEPT_NORM` of each sample's norm, the
+    basis takes off the rest. When that pass keeps at least `KEPT_NORM` of a sample's norm, the
     remainder is as orthogonal as a second pass would make it; otherwise (after a restart, near a
-    breakdown) a second full pass runs. The GEMMs over the basis cost ~j/w times the local ones, so
-    this is about half the memory traffic of two full passes.
+    breakdown) a second full pass runs on that sample (on that sample only: its numbers must not
+    depend on the batch). The GEMMs over the basis cost ~j/w times the local ones, so this is about
+    half the memory traffic of two full passes.
 
     Directions Y lacks (|R_ii| at rounding level against `scale` (B,): a breakdown, an invariant
     subspace was found) are replaced by rows of `fresh(which)` (B, w, d), so the basis keeps growing;
@@ -113,8 +115,9 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
         C = Y @ basis.mT
         Y = Y - C @ basis
         C[:, :, j - w:] += L
-        if not bool((Y.norm(dim=(1, 2)) >= KEPT_NORM * before).all()):
-            C2 = Y @ basis.mT
+        again = Y.norm(dim=(1, 2)) < KEPT_NORM * before
+        if bool(again.any()):  # on those samples only, so that a sample's numbers do not depend on the others
+            C2 = (Y @ basis.mT) * again[:, None, None]
             Y = Y - C2 @ basis
             C = C + C2
     else:
@@ -190,6 +193,48 @@ def cluster_growth(S: torch.Tensor, settled: torch.Tensor, k: int, width: int, g
 CLUSTER_GAP = 1.0
 
 
+@dataclass
+class _Continuation:
+    """Where the solve of some samples goes on from with a wider block: every Ritz triplet of their
+    basis, best first (values S (B, r), vectors U (B, r, m) and V (B, r, n)), the next block of right
+    vectors N (B, w, n) that the Krylov relation Jᵀ U = V Σ + N R holds with, and what the bounds have
+    counted so far: `drift_left`, `drift_right` (B,) float64, `scale` (B,), `visited` columns and
+    `steps` (B,) int64. `rows` are the samples, in the operator they came from."""
+
+    rows: torch.Tensor
+    S: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    N: torch.Tensor
+    drift_left: torch.Tensor
+    drift_right: torch.Tensor
+    scale: torch.Tensor
+    visited: torch.Tensor
+    steps: torch.Tensor
+
+    def leading(self, r: int) -> _Continuation:
+        """The same, keeping only the leading `r` triplets: Jᵀ U_r = V_r Σ_r + N R_r still holds."""
+        return dataclasses.replace(self, S=self.S[:, :r], U=self.U[:, :r], V=self.V[:, :r])
+
+    def at(self, rows: torch.Tensor) -> _Continuation:
+        return _Continuation(self.rows[rows], *(getattr(self, f.name)[rows.to(getattr(self, f.name).device)]
+                                                for f in dataclasses.fields(self)[1:]))
+
+    @staticmethod
+    def join(parts: list[_Continuation]) -> _Continuation:
+        return _Continuation(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(_Continuation)))
+
+
+def _columns(k: int, width: int, m: int, n: int, device: torch.device, max_basis: int | None) -> int:
+    """Columns of a solve's basis per side (it restarts when they are full)."""
+    return min(max(max_basis or basis_size(k, width, min(m, n), device), k + 3 * width), min(m, n))
+
+
+def _kept(k: int, width: int, cols: int) -> int:
+    """Ritz vectors a thick restart keeps."""
+    return max(k + width, cols // 2)
+
+
 @_flushing_denormals
 def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3,
                max_basis: int | None = None, max_columns: int | None = None, seed: int = 0,
@@ -198,45 +243,59 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
     lock-step over the samples (`_block_gkl`), from `block` vectors per sample (at least 2).
 
     A sample whose settled Ritz values show a cluster with as many values as its block has vectors
-    may be missing copies (`cluster_growth`): it is solved again from its start with a block twice
-    the cluster, until the clusters it shows are smaller than its block. Every random vector of
-    sample b comes from (seed, sample_ids[b], step): a sample's numbers do not depend on the other
-    samples of the batch (default ids: 0 … B−1)."""
+    may be missing copies (`cluster_growth`): its solve goes on from its Ritz vectors with a block
+    twice the cluster, the new vectors drawn at random, until the clusters it shows are smaller than
+    its block. Every random vector of sample b comes from (seed, sample_ids[b], width, step): a
+    sample's numbers do not depend on the other samples of the batch (default ids: 0 … B−1)."""
     batch, m, n = op.shape
     k = min(k, m, n)
     ids = torch.arange(batch) if sample_ids is None else sample_ids.detach().cpu().long()
     out = _empty_result(op, k)
     products, iterations = 0, 0
-    pending = {max(MIN_BLOCK, block or default_block(k, batch, op.device)): torch.arange(batch)}
-    while pending:  # block width → the samples to solve with it
+    # block width → what to solve with it: op's samples from their start, and continuations
+    pending: dict[int, list] = {max(MIN_BLOCK, block or default_block(k, batch, op.device)): [torch.arange(batch)]}
+    while pending:
         width = min(pending)
-        rows = pending.pop(width)
-        sub = op if len(rows) == batch else op.select(rows.to(op.device))
-        if sub is None:  # an operator that cannot be split: solve all its samples, keep `rows`
-            sub, take = op, rows
-        else:
-            take = torch.arange(len(rows))
-        cols = min(max(max_basis or basis_size(k, width, min(m, n), op.device), k + 3 * width), min(m, n))
-        if cols + width > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
-            before = sub.products
-            result, need = dense_svd(sub, k), torch.zeros(sub.shape[0], dtype=torch.long)
-            result.products = sub.products - before
-        else:
-            result, need = _block_gkl(sub, k, width, tol=tol, cols=cols, seed=seed, ids=ids if sub is op else ids[rows],
-                                      max_columns=max_columns or MAX_COLUMNS_PER_K * k)
-        products += result.products
-        iterations = max(iterations, result.iterations)
-        need = need[take]
-        settled = need == 0
-        target, source = rows[settled].to(op.device), take[settled].to(op.device)
-        for name in ("S", "U", "V", "res_left", "res_right", "converged"):
-            getattr(out, name)[target] = getattr(result, name)[source].to(getattr(out, name).dtype)
-        for wider in need[~settled].unique().tolist():
-            pending[wider] = torch.cat([pending.get(wider, torch.empty(0, dtype=torch.long)), rows[need == wider]])
+        cols = _columns(k, width, m, n, op.device, max_basis)
+        starts = [part for part in pending[width] if isinstance(part, torch.Tensor)]
+        by_size: dict[int, list[_Continuation]] = {}
+        for part in pending.pop(width):
+            if isinstance(part, _Continuation):
+                part = part.leading(min(part.S.shape[1], _kept(k, width, cols)))
+                by_size.setdefault(part.S.shape[1], []).append(part)
+        groups = [(torch.cat(starts), None)] if starts else []
+        groups += [(start.rows, start) for start in map(_Continuation.join, by_size.values())]
+        for rows, start in groups:
+            sub = op if torch.equal(rows, torch.arange(batch)) else op.select(rows.to(op.device))
+            alone = sub is None  # an operator that cannot be split: solve all its samples from the start
+            if alone:
+                sub, start = op, None
+            if cols + width > min(m, n):  # the basis would fill the space: the dense SVD is exact and cheaper
+                before = sub.products
+                result, need, handoffs = dense_svd(sub, k), torch.zeros(sub.shape[0], dtype=torch.long), []
+                result.products = sub.products - before
+            else:
+                result, need, handoffs = _block_gkl(
+                    sub, k, width, tol=tol, cols=cols, seed=seed, ids=ids if sub is op else ids[rows],
+                    max_columns=max_columns or MAX_COLUMNS_PER_K * k, start=start)
+            products += result.products
+            iterations = max(iterations, result.iterations)
+            take = rows if alone else torch.arange(len(rows))  # our rows among sub's samples
+            settled = need[take] == 0
+            target, source = rows[settled].to(op.device), take[settled].to(op.device)
+            for name in ("S", "U", "V", "res_left", "res_right", "converged"):
+                getattr(out, name)[target] = getattr(result, name)[source].to(getattr(out, name).dtype)
+            if alone:
+                for wider in need[take][~settled].unique().tolist():
+                    pending.setdefault(wider, []).append(rows[need[take] == wider])
+            else:
+                for handoff in handoffs:
+                    wider = need[handoff.rows]
+                    handoff.rows = rows[handoff.rows]
+                    for width_ in wider.unique().tolist():
+                        pending.setdefault(width_, []).append(handoff.at((wider == width_).nonzero().flatten()))
     out.products, out.iterations = products, iterations
     return out
-
-
 def _empty_result(op: BatchedOperator, k: int) -> SVDResult:
     batch, m, n = op.shape
     zeros = functools.partial(torch.zeros, dtype=op.dtype, device=op.device)
@@ -245,7 +304,8 @@ def _empty_result(op: BatchedOperator, k: int) -> SVDResult:
 
 
 def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int, max_columns: int, seed: int,
-               ids: torch.Tensor) -> tuple[SVDResult, torch.Tensor]:
+               ids: torch.Tensor, start: _Continuation | None = None
+               ) -> tuple[SVDResult, torch.Tensor, list[_Continuation]]:
     """One block Golub–Kahan–Lanczos solve with blocks of `width` vectors, lock-step over the samples.
 
     From an orthonormal random block V_1 (n × w), each step applies J to one block and Jᵀ to one
@@ -260,37 +320,60 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
 
     When the `cols` columns are full, the basis is replaced by its leading Ritz vectors (half of it,
     at least k + w): T becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold
-    (Wu & Simon's thick restart). Done samples leave the batch once they are half of it, when the
-    operator can be split. Returns the result and the block width each sample needs (0: none)."""
+    (Wu & Simon's thick restart). A `start` goes on the same way from Ritz vectors and a next block
+    of fewer than w vectors, completed with random ones orthogonal to the basis: Jᵀ U = V Σ + N R
+    still holds, with zero rows of R for the new vectors. Such a solve is done only when the top k
+    plus as many triplets as it has new vectors have settled: right after the start the top k are the
+    settled ones from before, and a copy that only the new vectors can find shows up later. Done
+    samples leave the batch once they are half of it, when the operator can be split.
+
+    Returns the result, the block width each sample needs (0: none) and, for the samples that need
+    one, where to go on from (`rows` among op's samples)."""
     batch, m, n = op.shape
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
     w = width
-    keep = max(k + w, cols // 2)
+    keep = _kept(k, w, cols)
     steps_cap = -(-max_columns // w)
 
     out = _empty_result(op, k)
     need_out = torch.zeros(batch, dtype=torch.long)
+    handoffs: list[_Continuation] = []
     rows = torch.arange(batch)  # op's samples still in the working batch
     Vb = torch.empty(batch, cols + w, n, dtype=dtype, device=device)  # row-major bases
     Ub = torch.empty(batch, cols, m, dtype=dtype, device=device)
     T = torch.zeros(batch, cols, cols, dtype=torch.float64)  # the projected matrix, on the CPU
-    scale = torch.zeros(batch, dtype=dtype, device=device)
-    drift_left = torch.zeros(batch, dtype=torch.float64)
-    drift_right = torch.zeros(batch, dtype=torch.float64)
-    start = random_rows(seed, ids, w, n, dtype, device, 0)
-    Vb[:, :w] = torch.linalg.qr(start.mT)[0].mT
     done = torch.zeros(batch, dtype=torch.bool)  # working samples whose triplets are taken
     splittable = True
-    products, step, lo, iterations = -op.products, 0, 0, 0
+    products, step, iterations = -op.products, 0, 0
 
     def fresh(dim: int, side: int):
         def draw(lacking: torch.Tensor) -> torch.Tensor:
             which = lacking.any(dim=1)
-            rows_ = torch.zeros(lacking.shape[0], w, dim, dtype=dtype, device=device)
-            rows_[which] = random_rows(seed, ids[rows[which.cpu()]], w, dim, dtype, device, step, side)
+            rows_ = torch.zeros(lacking.shape[0], lacking.shape[1], dim, dtype=dtype, device=device)
+            rows_[which] = random_rows(seed, ids[rows[which.cpu()]], lacking.shape[1], dim, dtype, device,
+                                       w, step, side)
             return rows_
         return draw
+
+    watch = k  # Ritz triplets that must settle: a start's new vectors must also find what they are after
+    if start is None:
+        lo = 0
+        scale = torch.zeros(batch, dtype=dtype, device=device)
+        drift_left = torch.zeros(batch, dtype=torch.float64)
+        drift_right = torch.zeros(batch, dtype=torch.float64)
+        visited = torch.zeros(batch, dtype=torch.long)
+        steps = torch.zeros(batch, dtype=torch.long)
+        Vb[:, :w] = torch.linalg.qr(random_rows(seed, ids, w, n, dtype, device, 0).mT)[0].mT
+    else:
+        lo, carried = start.S.shape[1], start.N.shape[1]
+        watch = k + w - carried
+        scale, drift_left, drift_right = start.scale, start.drift_left, start.drift_right
+        visited, steps = start.visited, start.steps
+        Ub[:, :lo], Vb[:, :lo], Vb[:, lo:lo + carried] = start.U, start.V, start.N
+        T[:, :lo, :lo] = torch.diag_embed(start.S.cpu().double())
+        extra = random_rows(seed, ids, w - carried, n, dtype, device, w, 0)
+        Vb[:, lo + carried:lo + w] = _orthonormal_extension(extra, Vb[:, :lo + carried], scale, fresh(n, 0))[0]
 
     while True:
         hi = lo + w
@@ -313,28 +396,38 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
             lo = hi
             continue  # a Ritz check costs an SVD of T: large bases check every few steps
         # rounding relative to σ₁: of a product, of forming a Ritz vector from the basis, and of
-        # every rotation through the columns visited before (restarts)
-        rounding = eps * (math.sqrt(m + n) + hi + step * w)
+        # every rotation through the columns visited before (restarts, a narrower block's solve)
+        rounding = eps * (math.sqrt(m + n) + hi + visited[:, None].double() + step * w)
         P, S, Qh = torch.linalg.svd(T[:, :hi, :hi])
         sigma1 = S[:, :1]
         left = drift_left[:, None] + rounding * sigma1
-        right = (Rv.cpu().double() @ P[:, lo:hi, :k]).norm(dim=1) + drift_right[:, None] + rounding * sigma1
+        right = (Rv.cpu().double() @ P[:, lo:hi, :watch]).norm(dim=1) + drift_right[:, None] + rounding * sigma1
+        left = left.expand_as(right)
         settled = torch.maximum(left, right) <= tol * sigma1
         converged = settled.all(dim=1) | (sigma1[:, 0] <= 0)
         need = cluster_growth(S, settled, k, w, CLUSTER_GAP * tol)
         finished = (converged | (need > 0) | (step >= steps_cap)) & ~done
         if bool(finished.any()):
             at = finished.nonzero().flatten()
+            on = at.to(device)
             target = rows[at].to(device)
             Pk, Qk = (t[at, :hi, :k].to(device, dtype) for t in (P, Qh.mT))
             out.S[target] = S[at, :k].to(device, dtype)
-            out.U[target] = (Pk.mT @ Ub[at.to(device), :hi]).mT
-            out.V[target] = (Qk.mT @ Vb[at.to(device), :hi]).mT
-            out.res_left[target] = left[at].to(device, dtype)
-            out.res_right[target] = right[at].to(device, dtype)
+            out.U[target] = (Pk.mT @ Ub[on, :hi]).mT
+            out.V[target] = (Qk.mT @ Vb[on, :hi]).mT
+            out.res_left[target] = left[at, :k].to(device, dtype)
+            out.res_right[target] = right[at, :k].to(device, dtype)
             out.converged[target] = converged[at].to(device) & (need[at] == 0).to(device)
             need_out[rows[at]] = need[at]
-            iterations = max(iterations, step)
+            wider = at[need[at] > 0]
+            if len(wider):  # every Ritz triplet and the next block, to go on from with a wider block
+                Pw, Qw = (t[wider, :hi, :hi].to(device, dtype) for t in (P, Qh.mT))
+                on = wider.to(device)
+                handoffs.append(_Continuation(
+                    rows[wider], S[wider, :hi].to(device, dtype), Pw.mT @ Ub[on, :hi], Qw.mT @ Vb[on, :hi],
+                    Vb[on, hi:hi + w].clone(), drift_left[wider], drift_right[wider], scale[on],
+                    visited[wider] + step * w, steps[wider] + step))
+            iterations = max(iterations, int((steps[at] + step).max()))
         done |= finished
         active = (~done).nonzero().flatten()
         if len(active) == 0:
@@ -351,6 +444,7 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
                 Vb, Ub, scale = Vb[on], Ub[on], scale[on]
                 T, P, S, Qh = T[active], P[active], S[active], Qh[active]
                 drift_left, drift_right, done = drift_left[active], drift_right[active], done[active]
+                visited, steps = visited[active], steps[active]
         if full:  # restart from the leading Ritz vectors and the next block
             Pk, Qk = (t[:, :hi, :keep].to(device, dtype) for t in (P, Qh.mT))
             next_block = Vb[:, hi:hi + w].clone()
@@ -363,7 +457,7 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
         lo = hi
     products += op.products
     out.products, out.iterations = products, iterations
-    return out, need_out
+    return out, need_out, handoffs
 
 
 def block_krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3, seed: int = 0,
