@@ -460,9 +460,50 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
         for traced, plain, V in _linearize_pairs(ops):
             torch.testing.assert_close(traced.matmat(V), plain.matmat(V), rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(traced.matmat(V[..., :1]), plain.matmat(V[..., :1]), rtol=1e-10, atol=1e-10)
-            assert traced.linearize and traced._lin_fn is not None  # the traced program ran, no fallback
+            assert isinstance(traced._lin_fn, torch.fx.GraphModule)  # our program ran, no fallback
             sub = traced.select(torch.tensor([2, 0]))
             torch.testing.assert_close(sub.matmat(V[[2, 0]]), plain.matmat(V)[[2, 0]], rtol=1e-10, atol=1e-10)
+
+
+def _calls(program: torch.fx.GraphModule) -> list[str]:
+    return [node.target.__name__ for node in program.graph.nodes if node.op == "call_function"]
+
+
+def test_linearized_programs_do_only_the_work_that_depends_on_the_tangent():
+    """A conv block (BatchNorm, in-place ReLU): two convolutions (none with the weights' zero
+    tangents), no copies. A pre-norm GELU MLP: two matrix products, GELU's derivative a factor."""
+    from ra_probe.engine.linearized import linearize
+
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                         nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4)).eval().requires_grad_(False).double()
+    mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).requires_grad_(False).double()
+    for module, x in ((conv, torch.randn(3, 4, 5, 5, dtype=torch.float64)), (mlp, torch.randn(3, 7, 8, dtype=torch.float64))):
+        program = linearize(module, x)
+        v = torch.randn_like(x)
+        torch.testing.assert_close(program(v), torch.func.jvp(module, (x,), (v,))[1], rtol=1e-10, atol=1e-12)
+        calls = _calls(program)
+        assert not {"copy_", "_to_copy", "clone", "gelu_backward", "_new_zeros_with_same_feature_meta"} & set(calls)
+        assert calls.count("convolution.default") == (2 if module is conv else 0)
+        assert calls.count("mm.default") + calls.count("addmm.default") == (2 if module is mlp else 0)
+    before = x.clone()
+    program(torch.randn_like(x))
+    assert torch.equal(x, before)
+
+
+def test_a_program_that_cannot_be_rewritten_falls_back_to_torchs(monkeypatch):
+    """When the rewrite gives up (`Unsupported`), torch's linearized program gives J·V, with the same
+    numbers."""
+    from ra_probe.engine import linearized
+
+    def unsupported(f, x):
+        raise linearized.Unsupported("a test")
+    monkeypatch.setattr(linearized, "linearize", unsupported)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    op = JacobianOperator(CONV, x, linearize=True)
+    V = torch.randn(2, op.shape[2], 3, dtype=torch.float64)
+    expected = JacobianOperator(CONV, x, linearize=False).matmat(V)
+    torch.testing.assert_close(op.matmat(V), expected)
+    assert op.linearize and op._lin_fn is not None and not isinstance(op._lin_fn, torch.fx.GraphModule)
 
 
 def test_linearize_is_chosen_by_size_and_falls_back_to_jvp():

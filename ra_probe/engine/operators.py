@@ -9,15 +9,18 @@ from typing import Any, Callable
 import torch
 from torch.func import jvp, linearize, vjp, vmap
 
+from ra_probe.engine import linearized
+
 # torch's first forward-mode product loads decompositions through torch.jit.script, which warns
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
-# Sites with at least this many input dimensions per sample take J·V from `torch.func.linearize`:
-# traced once (~60 ms plus a few forwards on a CPU), each J·V then runs the tangent program only,
-# where `jvp` recomputes the primal every call. Measured on a CPU, 4 samples × 4 vectors per call:
-# resnet18 layer1 at 112 px (50k dims) 15.8 → 10.2 ms a call, vit_tiny MLP (38k) 41.7 → 30.7 ms;
-# on the 2k-4k sites (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
+# Sites with at least this many input dimensions per sample take J·V from a linearized program
+# (`linearized.linearize`): traced once (~65 ms plus a few forwards on a CPU), each J·V then runs the
+# tangent's operations only, where `jvp` recomputes the primal every call. Measured on a CPU, 4
+# samples × 4 vectors per call: resnet18 layer1 at 112 px (50k dims) jvp 15.8 ms a call,
+# torch.func.linearize 10.8, ours 8.6; vit_tiny MLP (38k) 41.7, 22.4 and 21.5; on the 2k-4k sites
+# (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
 LINEARIZE_MIN_DIM = 16384
 
 
@@ -87,8 +90,9 @@ class JacobianOperator(BatchedOperator):
     saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `chunk` vectors
     per call (memory: a call holds about `chunk` times the branch's activations of the B samples).
     With `linearize` (default: sites of at least `LINEARIZE_MIN_DIM` input dimensions), J·V comes from
-    a `torch.func.linearize` program traced on first use, which skips the primal recomputation; a
-    branch that cannot be traced or vmapped that way falls back to `jvp`, with the same results."""
+    a program of the tangent alone traced on first use (`linearized.linearize`, else torch's), which
+    skips the primal recomputation; a branch that cannot be traced or vmapped that way falls back to
+    `jvp`, with the same results."""
 
     def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Any = None,
                  chunk: int = 16, linearize: bool | None = None):
@@ -120,11 +124,18 @@ class JacobianOperator(BatchedOperator):
             try:
                 with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-                    self._lin_fn = linearize(self._fx, self.x)[1]
+                    self._lin_fn = self._linearized()
                 return self._blocks(self._jv, self._jvp_flat, v)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
                 self._lin_fn, self.linearize = None, False
         return self._blocks(self._jv, self._jvp_flat, v)
+
+    def _linearized(self):
+        """The J·v program: ours (what is known computed once), else torch's."""
+        try:
+            return linearized.linearize(self._fx, self.x)
+        except linearized.Unsupported:
+            return linearize(self._fx, self.x)[1]
 
     def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
         if self._vjp_fn is None:  # built once, outside vmap, on first use
