@@ -149,8 +149,9 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
                 at = fx.map_arg(args[1:], constants.get)
                 factor = node.target(torch.ones_like(at[0]), *at, **fx.map_arg(node.kwargs, constants.get))
                 emit(node, aten.mul.Tensor, (emitted[args[0]], hold(factor)), {})
-            else:
-                emit(node, node.target, fx.map_arg(node.args, new), fx.map_arg(node.kwargs, new))
+            else:  # a view may meet a batched tangent whose strides it cannot view: reshape copies then
+                target = aten.reshape.default if node.target is aten.view.default else node.target
+                emit(node, target, fx.map_arg(node.args, new), fx.map_arg(node.kwargs, new))
     graph.eliminate_dead_code()
     return fx.GraphModule(root, graph)
 

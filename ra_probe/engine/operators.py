@@ -107,8 +107,9 @@ class JacobianOperator(BatchedOperator):
         self._vjp_fn = None
         self.linearize = self.shape[2] >= LINEARIZE_MIN_DIM if linearize is None else linearize
         self._lin_fn = None  # the linearized program, traced on first use
-        self._jv = vmap(self._jvp_flat, in_dims=-1, out_dims=-1, randomness="same")
-        self._jtu = vmap(self._vjp_flat, in_dims=-1, out_dims=-1, randomness="same")
+        # over the rows of a (B, k, d) block: the solvers' bases are row-major, so no transposed copies
+        self._jv = vmap(self._jvp_flat, in_dims=1, out_dims=1, randomness="same")
+        self._jtu = vmap(self._vjp_flat, in_dims=1, out_dims=1, randomness="same")
 
     def _jvp_flat(self, v: torch.Tensor) -> torch.Tensor:
         if self._lin_fn is not None:
@@ -145,11 +146,13 @@ class JacobianOperator(BatchedOperator):
 
     def _blocks(self, batched, single, w: torch.Tensor) -> torch.Tensor:
         """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call; a single
-        column skips vmap (its batching rules cost more than they save for one vector)."""
+        column skips vmap (its batching rules cost more than they save for one vector). The columns
+        are taken as rows of wᵀ (B, k, d), copied only when those rows are not contiguous."""
         if w.shape[-1] == 1:
             return single(w[..., 0].contiguous()).unsqueeze(-1)
-        return torch.cat([batched(w[..., i:i + self.chunk].contiguous()) for i in range(0, w.shape[-1], self.chunk)],
-                         dim=-1)
+        rows = w.mT
+        chunks = (rows[:, i:i + self.chunk] for i in range(0, rows.shape[1], self.chunk))
+        return torch.cat([batched(c if c.stride(-1) == 1 else c.contiguous()) for c in chunks], dim=1).mT
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
