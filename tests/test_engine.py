@@ -395,6 +395,51 @@ def test_memory_estimate_counts_dense_jacobians():
     assert allocated <= dense <= 4 * allocated
     assert krylov < dense / 4
 
+def _status_bytes(key: str) -> int:
+    import re
+    with open("/proc/self/status") as status:
+        return int(re.search(key + r":\s+(\d+) kB", status.read()).group(1)) * 1024
+
+
+def test_a_probe_stays_within_its_memory_estimate():
+    """A conv ResNet whose three sites have 2048 dimensions (32 × 8 × 8), 64 samples in one chunk, k =
+    16, RA2 included: the peak of the process' resident memory while measuring (the kernel's high-water
+    mark, reset first) stays below the estimate the chunk size is chosen by, and the solves are Krylov."""
+    import math
+
+    from tiny_models import ResidualConv
+
+    from ra_probe.pipeline.measure import groups_of
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 32, 3, padding=1)
+            self.blocks = nn.Sequential(*(ResidualConv(32) for _ in range(3)))
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    settings = Settings(k=16, batch_size=64)
+    with prepared(Net(), settings) as model:
+        sites = discover(model, Samples(x, None, "synthetic"), settings).sites
+        measure(model, sites, Samples(x[:2], None, "warm-up"), Settings(k=16, batch_size=2))  # lazy imports, kernels
+        dims = [[(math.prod(s.in_shape), math.prod(s.out_shape), choose_method((64, 2048, 2048), k=16)) for s in group]
+                for group in groups_of(sites).values()]
+        estimate = 64 * bytes_per_sample(dims, k=16, align_k=16, block=default_block(16), chunk=settings.chunk,
+                                         itemsize=4)
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the high-water mark to the current resident size
+        measured = measure(model, sites, Samples(x, None, "synthetic"), settings)
+        peak = _status_bytes("VmHWM") - before
+    assert {measured.method(s.name) for s in sites} == {"block"} and len(sites) == 3
+    assert 0 < peak <= estimate, (peak, estimate)
+
+
 def test_memory_estimate_counts_the_linearized_program():
     """A site large enough to be linearized keeps the traced program's primals besides the vjp's."""
     from ra_probe.engine.memory import SAVED_PER_OPERATOR
