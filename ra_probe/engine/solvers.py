@@ -252,18 +252,18 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
     ids = torch.arange(batch) if sample_ids is None else sample_ids.detach().cpu().long()
     out = _empty_result(op, k)
     products, iterations = 0, 0
-    # block width → what to solve with it: op's samples from their start, and continuations
-    pending: dict[int, list] = {max(MIN_BLOCK, block or default_block(k, batch, op.device)): [torch.arange(batch)]}
-    while pending:
-        width = min(pending)
+    # by block width: samples to solve from a random start, and samples to go on with from their Ritz vectors
+    fresh: dict[int, list[torch.Tensor]] = {max(MIN_BLOCK, block or default_block(k, batch, op.device)):
+                                            [torch.arange(batch)]}
+    going_on: dict[int, list[_Continuation]] = {}
+    while fresh or going_on:
+        width = min(fresh.keys() | going_on.keys())
         cols = _columns(k, width, m, n, op.device, max_basis)
-        starts = [part for part in pending[width] if isinstance(part, torch.Tensor)]
-        by_size: dict[int, list[_Continuation]] = {}
-        for part in pending.pop(width):
-            if isinstance(part, _Continuation):
-                part = part.leading(min(part.S.shape[1], _kept(k, width, cols)))
-                by_size.setdefault(part.S.shape[1], []).append(part)
-        groups = [(torch.cat(starts), None)] if starts else []
+        groups = [(torch.cat(fresh.pop(width)), None)] if width in fresh else []
+        by_size: dict[int, list[_Continuation]] = {}  # joined when they keep as many Ritz vectors
+        for start in going_on.pop(width, []):
+            start = start.leading(min(start.S.shape[1], _kept(k, width, cols)))
+            by_size.setdefault(start.S.shape[1], []).append(start)
         groups += [(start.rows, start) for start in map(_Continuation.join, by_size.values())]
         for rows, start in groups:
             sub = op if torch.equal(rows, torch.arange(batch)) else op.select(rows.to(op.device))
@@ -287,15 +287,17 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
                 getattr(out, name)[target] = getattr(result, name)[source].to(getattr(out, name).dtype)
             if alone:
                 for wider in need[take][~settled].unique().tolist():
-                    pending.setdefault(wider, []).append(rows[need[take] == wider])
+                    fresh.setdefault(wider, []).append(rows[need[take] == wider])
             else:
                 for handoff in handoffs:
                     wider = need[handoff.rows]
                     handoff.rows = rows[handoff.rows]
                     for width_ in wider.unique().tolist():
-                        pending.setdefault(width_, []).append(handoff.at((wider == width_).nonzero().flatten()))
+                        going_on.setdefault(width_, []).append(handoff.at((wider == width_).nonzero().flatten()))
     out.products, out.iterations = products, iterations
     return out
+
+
 def _empty_result(op: BatchedOperator, k: int) -> SVDResult:
     batch, m, n = op.shape
     zeros = functools.partial(torch.zeros, dtype=op.dtype, device=op.device)
