@@ -195,8 +195,8 @@ CLUSTER_GAP = 1.0
 
 @dataclass
 class _Continuation:
-    """Where the solve of some samples goes on from with a wider block: every Ritz triplet of their
-    basis, best first (values S (B, r), vectors U (B, r, m) and V (B, r, n)), the next block of right
+    """Where the solve of some samples goes on from with a wider block: the leading Ritz triplets of
+    their basis, best first (values S (B, r), vectors U (B, r, m) and V (B, r, n)), the next block of right
     vectors N (B, w, n) that the Krylov relation Jᵀ U = V Σ + N R holds with, and what the bounds have
     counted so far: `drift_left`, `drift_right` (B,) float64, `scale` (B,), `visited` columns and
     `steps` (B,) int64. `rows` are the samples, in the operator they came from."""
@@ -422,11 +422,12 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
             out.converged[target] = converged[at].to(device) & (need[at] == 0).to(device)
             need_out[rows[at]] = need[at]
             wider = at[need[at] > 0]
-            if len(wider):  # every Ritz triplet and the next block, to go on from with a wider block
-                Pw, Qw = (t[wider, :hi, :hi].to(device, dtype) for t in (P, Qh.mT))
+            if len(wider):  # the leading Ritz triplets and the next block, to go on from with a wider block
+                r = min(hi, keep + int(need[wider].max()) - w)  # as many as a restart at that width keeps
+                Pw, Qw = (t[wider, :hi, :r].to(device, dtype) for t in (P, Qh.mT))
                 on = wider.to(device)
                 handoffs.append(_Continuation(
-                    rows[wider], S[wider, :hi].to(device, dtype), Pw.mT @ Ub[on, :hi], Qw.mT @ Vb[on, :hi],
+                    rows[wider], S[wider, :r].to(device, dtype), Pw.mT @ Ub[on, :hi], Qw.mT @ Vb[on, :hi],
                     Vb[on, hi:hi + w].clone(), drift_left[wider], drift_right[wider], scale[on],
                     visited[wider] + step * w, steps[wider] + step))
             iterations = max(iterations, int((steps[at] + step).max()))
