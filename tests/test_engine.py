@@ -528,6 +528,9 @@ def test_linearized_programs_do_only_the_work_that_depends_on_the_tangent():
         torch.testing.assert_close(program(v), torch.func.jvp(module, (x,), (v,))[1], rtol=1e-10, atol=1e-12)
         calls = _calls(program)
         assert not {"copy_", "_to_copy", "clone", "gelu_backward", "_new_zeros_with_same_feature_meta"} & set(calls)
+        # the weights it multiplies by are the module's own tensors, not copies
+        weights = {p.untyped_storage().data_ptr() for p in module.parameters() if p.ndim >= 2}
+        assert weights <= {b.untyped_storage().data_ptr() for b in program.buffers()}
         assert calls.count("convolution.default") == (2 if module is conv else 0)
         assert calls.count("mm.default") + calls.count("addmm.default") == (2 if module is mlp else 0)
     before = x.clone()

@@ -117,8 +117,9 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
             emitted[node] = graph.placeholder(node.name)
             emitted[node].meta = dict(node.meta)
         elif node.op == "get_attr":
-            value = operator.attrgetter(node.target)(traced)
-            constants[node] = value.clone() if isinstance(value, torch.Tensor) else value  # never the caller's
+            value = operator.attrgetter(node.target)(traced)  # the caller's tensors: the model's weights, x
+            written = isinstance(value, torch.Tensor) and _written_through(node, mutated)
+            constants[node] = value.clone() if written else value
         elif node.op == "output":
             graph.output(fx.map_arg(node.args[0], new))
         elif node.op != "call_function":
@@ -154,6 +155,27 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
                 emit(node, target, fx.map_arg(node.args, new), fx.map_arg(node.kwargs, new))
     graph.eliminate_dead_code()
     return fx.GraphModule(root, graph)
+
+
+def _written_through(node: fx.Node, mutated: set[fx.Node]) -> bool:
+    """Whether an in-place operation writes into `node`'s tensor, itself or through a view of it."""
+    views, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in mutated:
+            return True
+        for user in current.users:
+            if user not in views and user.op == "call_function" and _is_view(user):
+                views.add(user)
+                stack.append(user)
+    return False
+
+
+def _is_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and not a.alias_info.is_write
+                                      for a in schema.arguments[:1]) and bool(schema.returns) \
+        and schema.returns[0].alias_info is not None
 
 
 def _device(node: fx.Node):
