@@ -110,21 +110,21 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
     if REORTHOGONALIZE == "adaptive" and j > w:
         last = basis[:, j - w:]
         L = Y @ last.mT
-        Y = Y - L @ last
+        Y = torch.baddbmm(Y, L, last, alpha=-1)  # Y − L·last in one pass over memory
         before = Y.norm(dim=(1, 2))
         C = Y @ basis.mT
-        Y = Y - C @ basis
+        Y = torch.baddbmm(Y, C, basis, alpha=-1)
         C[:, :, j - w:] += L
         again = Y.norm(dim=(1, 2)) < KEPT_NORM * before
         if bool(again.any()):  # on those samples only, so that a sample's numbers do not depend on the others
             C2 = (Y @ basis.mT) * again[:, None, None]
-            Y = Y - C2 @ basis
+            Y = torch.baddbmm(Y, C2, basis, alpha=-1)
             C = C + C2
     else:
         C = Y @ basis.mT
-        Y = Y - C @ basis
+        Y = torch.baddbmm(Y, C, basis, alpha=-1)
         C2 = Y @ basis.mT
-        Y = Y - C2 @ basis
+        Y = torch.baddbmm(Y, C2, basis, alpha=-1)
         C = C + C2
     Qc, R = torch.linalg.qr(Y.mT)
     Q = Qc.mT
@@ -136,7 +136,7 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
         Q = torch.where(lacking[:, :, None], fresh(lacking), Q)
         R = R.masked_fill(lacking[:, :, None], 0.0)
         for _ in range(2):
-            Q = Q - (Q @ basis.mT) @ basis
+            Q = torch.baddbmm(Q, Q @ basis.mT, basis, alpha=-1)
         Qc, R2 = torch.linalg.qr(Q.mT)
         Q, R = Qc.mT, R2 @ R  # Y − C basis = Rᵀ Q_old (rows lacking dropped) = (R2 R)ᵀ Q_new
     return Q.contiguous(), C, R, dropped
