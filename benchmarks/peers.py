@@ -242,7 +242,8 @@ def compare_site(build, args, device) -> dict:
         wider = [x for x in solves_ if x["width"] > solves_[0]["width"]] if solves_ else []
         if wider:
             products = sum(x["products"] for x in wider)
-            print(f"  {label_}: wider blocks for clusters: {'+'.join(str(x['samples']) for x in wider)} sample(s) at width "
+            counts = "+".join(str(x["samples"]) for x in wider)
+            print(f"  {label_}: wider blocks for clusters: {counts} sample(s) at width "
                   f"{'/'.join(str(x['width']) for x in wider)}: {products / batch:.0f} products per sample "
                   f"({100 * products / sum(x['products'] for x in solves_):.0f}% of the products), "
                   f"{100 * sum(x['seconds'] for x in wider) / seconds:.0f}% of the time")

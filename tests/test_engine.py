@@ -522,7 +522,8 @@ def test_linearized_programs_do_only_the_work_that_depends_on_the_tangent():
     conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                          nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4)).eval().requires_grad_(False).double()
     mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).requires_grad_(False).double()
-    for module, x in ((conv, torch.randn(3, 4, 5, 5, dtype=torch.float64)), (mlp, torch.randn(3, 7, 8, dtype=torch.float64))):
+    cases = ((conv, torch.randn(3, 4, 5, 5, dtype=torch.float64)), (mlp, torch.randn(3, 7, 8, dtype=torch.float64)))
+    for module, x in cases:
         program = linearize(module, x)
         v = torch.randn_like(x)
         torch.testing.assert_close(program(v), torch.func.jvp(module, (x,), (v,))[1], rtol=1e-10, atol=1e-12)

@@ -69,7 +69,7 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
     root = torch.nn.Module()
     constants: dict[fx.Node, object] = {}  # nodes that do not depend on the tangent, with their values
     emitted: dict[fx.Node, fx.Node] = {}  # nodes that do, with their node in the new graph
-    held: dict[int, fx.Node] = {}  # a constant tensor's get_attr in the new graph, by id
+    held: dict[object, fx.Node] = {}  # a constant tensor's get_attr in the new graph, by id (or node)
     seen: dict[tuple, fx.Node] = {}  # emitted pure operations, by what they compute
     order = {node: i for i, node in enumerate(traced.graph.nodes)}
     # copy_(dst, src) into a tensor of its own that nothing reads afterwards: its value is src's
@@ -78,17 +78,22 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
                   and all(order[user] <= order[node] for user in node.args[0].users)}
     mutated = {node.args[0] for node in traced.graph.nodes if _is_inplace(node) and node not in overwrites}
 
-    def hold(value) -> fx.Node | object:
+    def hold(value, key=None) -> fx.Node | object:
         if not isinstance(value, torch.Tensor):
             return value
-        if id(value) not in held:
+        key = id(value) if key is None else key
+        if key not in held:
             name = f"c{len(held)}"
             root.register_buffer(name, value)
-            held[id(value)] = graph.get_attr(name)
-        return held[id(value)]
+            held[key] = graph.get_attr(name)
+        return held[key]
 
     def new(node: fx.Node):  # the node's input to the new graph
-        return emitted[node] if node in emitted else hold(constants[node])
+        if node in emitted:
+            return emitted[node]
+        if _written_through(node, mutated):  # written in place later on: its value as of now
+            return hold(constants[node].clone(), key=node)
+        return hold(constants[node])
 
     def emit(node: fx.Node, target, args, kwargs) -> None:  # args and kwargs in the new graph's terms
         pure = not _is_inplace(node) and node not in mutated
@@ -127,7 +132,8 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
         elif node in overwrites:
             emitted[node] = new(node.args[1])
         elif all(constant(a) for a in node.all_input_nodes):
-            constants[node] = node.target(*fx.map_arg(node.args, constants.get), **fx.map_arg(node.kwargs, constants.get))
+            args, kwargs = fx.map_arg(node.args, constants.get), fx.map_arg(node.kwargs, constants.get)
+            constants[node] = node.target(*args, **kwargs)
         elif _is_inplace(node) and node.args[0] in constants:
             raise Unsupported(f"{node.target} writes what depends on the tangent into a constant")
         else:
@@ -158,7 +164,10 @@ def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
 
 
 def _written_through(node: fx.Node, mutated: set[fx.Node]) -> bool:
-    """Whether an in-place operation writes into `node`'s tensor, itself or through a view of it."""
+    """Whether an in-place operation writes into `node`'s storage: into the tensor it views (if it is
+    a view), itself, or any view of them."""
+    while node.op == "call_function" and _is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
     views, stack = set(), [node]
     while stack:
         current = stack.pop()

@@ -196,10 +196,10 @@ CLUSTER_GAP = 1.0
 @dataclass
 class _Continuation:
     """Where the solve of some samples goes on from with a wider block: the leading Ritz triplets of
-    their basis, best first (values S (B, r), vectors U (B, r, m) and V (B, r, n)), the next block of right
-    vectors N (B, w, n) that the Krylov relation Jᵀ U = V Σ + N R holds with, and what the bounds have
-    counted so far: `drift_left`, `drift_right` (B,) float64, `scale` (B,), `visited` columns and
-    `steps` (B,) int64. `rows` are the samples, in the operator they came from."""
+    their basis, best first (values S (B, r), vectors U (B, r, m) and V (B, r, n)), the next block of
+    right vectors N (B, w, n) that the Krylov relation Jᵀ U = V Σ + N R holds with, and what the
+    bounds have counted so far: `drift_left`, `drift_right` (B,) float64, `scale` (B,), `visited`
+    columns and `steps` (B,) int64. `rows` are the samples, in the operator they came from."""
 
     rows: torch.Tensor
     S: torch.Tensor
@@ -222,7 +222,8 @@ class _Continuation:
 
     @staticmethod
     def join(parts: list[_Continuation]) -> _Continuation:
-        return _Continuation(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(_Continuation)))
+        fields = dataclasses.fields(_Continuation)
+        return _Continuation(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields))
 
 
 def _columns(k: int, width: int, m: int, n: int, device: torch.device, max_basis: int | None) -> int:
