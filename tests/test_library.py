@@ -19,14 +19,19 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def torch_flags() -> tuple:
+    """The global torch state a probe touches and must put back."""
+    return (torch.is_grad_enabled(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_num_threads(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+
+
 def test_the_readme_example_runs_as_written_and_leaves_torch_as_it_was(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    flags = (torch.is_grad_enabled(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_num_threads())
+    flags = torch_flags()
     scope: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), scope)
-    assert (torch.is_grad_enabled(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.get_num_threads()) == flags
+    assert torch_flags() == flags
     rng = torch.get_rng_state()  # the example draws its data; a probe draws nothing from the caller's RNG
     ra_probe.probe(scope["model"], scope["loader"], samples=8, k=2)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -41,6 +46,24 @@ def test_the_readme_example_runs_as_written_and_leaves_torch_as_it_was(tmp_path,
     # the model is as the caller left it: training mode, gradients on
     model = scope["model"]
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_vit_with_fused_attention_is_probed_as_it_is():
+    """timm builds ViTs with fused scaled-dot-product attention, whose kernels have no forward-mode
+    derivative: the probe runs attention on the math kernel (the same outputs) and puts the kernel
+    choice back. Before, every attention site failed with a traceback."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=4)
+    assert model.blocks[0].attn.fused_attn
+    flags = torch_flags()
+    report = ra_probe.probe(model, torch.randn(4, 3, 32, 32), k=4)
+    assert [s["name"] for s in report.sites] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    assert all(s["timing"]["converged"] == s["timing"]["samples"] == 4 and s["singular_values"][0] > 0
+               for s in report.sites)
+    assert torch_flags() == flags
 
 
 def test_runtime_adapter_claims_a_model_first():

@@ -147,3 +147,33 @@ def shared_block() -> nn.Module:
 def flat_guarded() -> nn.Module:
     torch.manual_seed(0)
     return FlatGuarded()
+
+
+class FlashAttentionBlock(nn.Module):
+    """A residual branch that calls the CPU flash-attention kernel itself, which has no forward-mode
+    derivative."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        q = self.proj(x).unsqueeze(1)
+        return x + torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0].squeeze(1)
+
+
+class FlashNet(nn.Module):
+    input_shape = (4, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(FlashAttentionBlock(8), FlashAttentionBlock(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(dim=1))
+
+
+def flash_net() -> nn.Module:
+    torch.manual_seed(0)
+    return FlashNet()

@@ -13,6 +13,7 @@ import torch
 
 from ra_probe.capture import Captured, capture
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
+from ra_probe.errors import UserError, first_line
 from ra_probe.load.data import Samples, batch, chunks
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
@@ -158,8 +159,12 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
         method = choose_method(jacobian.shape, settings.solver, settings.dense_limit, k=settings.k,
                                itemsize=jacobian.dtype.itemsize)
-        op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
-        result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed, sample_ids=sample_ids)
+        try:
+            op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
+            result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed,
+                           sample_ids=sample_ids)
+        except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
+            raise UserError(f"site {site.name}: {first_line(exc)}") from None
         ops[site.name] = op
         svds[site.name] = result
         formed = jacobian.products if op is not jacobian else 0

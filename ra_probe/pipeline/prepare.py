@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ra_probe.pipeline.settings import DTYPES, Settings
 
@@ -14,36 +15,39 @@ from ra_probe.pipeline.settings import DTYPES, Settings
 def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Module]:
     """`model` itself, never a copy, made ready to probe for the duration of the block: eval mode,
     parameters frozen, on the probe's device and dtype, eval-mode BatchNorm2d as the per-channel affine
-    map it computes, TF32 off (spectra in true float32). A model dispatched across devices (accelerate's
+    map it computes, TF32 off (spectra in true float32), and scaled dot-product attention on its math
+    kernel (the fused ones have no forward-mode derivative: a timm ViT made without `exportable` or an
+    HF model on "sdpa" attention works as it is). A model dispatched across devices (accelerate's
     big-model hooks, `device_map`) keeps every block where it is and only takes the dtype. On exit every
-    module's mode, every parameter's grad flag, device and dtype, the swapped BatchNorms and the TF32
-    flags are as they were."""
+    module's mode, every parameter's grad flag, device and dtype, the swapped BatchNorms, the TF32
+    flags and the attention kernels are as they were."""
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     data = {p: p.data for p in model.parameters()}
     buffers = {m: dict(m._buffers) for m in model.modules()}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-    try:  # everything changed from here on is put back, whatever fails
-        model.eval().requires_grad_(False)
-        _affine_batch_norms(model, swapped)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        if dispatched(model):
-            yield model.to(dtype=DTYPES[settings.dtype])
-        else:
-            yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        for parent, name, original in swapped:
-            setattr(parent, name, original)
-        for parameter, tensor in data.items():
-            parameter.data = tensor
-        for module, kept in buffers.items():
-            module._buffers.update(kept)
-        for parameter, flag in grads.items():
-            parameter.requires_grad_(flag)
-        for module, mode in modes.items():
-            module.training = mode
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no forward-mode derivative
+        try:  # everything changed from here on is put back, whatever fails
+            model.eval().requires_grad_(False)
+            _affine_batch_norms(model, swapped)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            if dispatched(model):
+                yield model.to(dtype=DTYPES[settings.dtype])
+            else:
+                yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            for parent, name, original in swapped:
+                setattr(parent, name, original)
+            for parameter, tensor in data.items():
+                parameter.data = tensor
+            for module, kept in buffers.items():
+                module._buffers.update(kept)
+            for parameter, flag in grads.items():
+                parameter.requires_grad_(flag)
+            for module, mode in modes.items():
+                module.training = mode
 
 
 def dispatched(model: torch.nn.Module) -> bool:
