@@ -66,6 +66,37 @@ def test_a_vit_with_fused_attention_is_probed_as_it_is():
     assert torch_flags() == flags
 
 
+def test_text_data_as_a_dict_of_tensors_or_dict_batches():
+    """A tokenizer's output (a dict, "labels" among it) is data as it is, for an HF model on "sdpa"
+    attention; dict batches padded to different lengths give the same spectra as one dict; a dict
+    that is not inputs is one clear error."""
+    import pytest
+    import transformers as tf
+
+    from ra_probe.errors import UserError
+
+    config = tf.BertConfig(vocab_size=100, max_position_embeddings=16, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(config)
+    ids = torch.randint(1, 100, (4, 8))
+    mask = torch.ones_like(ids)
+    mask[:2, 5:] = 0  # the first two sentences have 5 tokens, padded on the right
+    labels = torch.tensor([0, 1, 0, 1])
+    whole = ra_probe.probe(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, k=4)
+    assert whole["data"]["labelled"] and whole["data"]["tokens"] == [5, 5, 8, 8]
+    batches = [{"input_ids": ids[:2, :5], "attention_mask": mask[:2, :5], "labels": labels[:2]},
+               {"input_ids": ids[2:], "attention_mask": mask[2:], "labels": labels[2:]}]
+    joined = ra_probe.probe(model, batches, k=4)
+    assert joined["data"]["tokens"] == [5, 5, 8, 8]
+    for a, b in zip(whole.sites, joined.sites):
+        assert a["name"] == b["name"]
+        assert torch.allclose(torch.tensor(a["singular_values"]), torch.tensor(b["singular_values"]), rtol=1e-4)
+    with pytest.raises(UserError, match="a dict of data must map input names to batched tensors; "
+                                                 "not so: text"):
+        ra_probe.probe(model, {"input_ids": ids, "text": "hello"}, k=4)
+
+
 def test_runtime_adapter_claims_a_model_first():
     from ra_probe.sites import _RUNTIME, registered_adapters
 
