@@ -232,8 +232,12 @@ def _columns(k: int, width: int, m: int, n: int, device: torch.device, max_basis
 
 
 def _kept(k: int, width: int, cols: int) -> int:
-    """Ritz vectors a thick restart keeps."""
-    return max(k + width, cols // 2)
+    """Ritz vectors a thick restart keeps: the top k and two blocks more, or a quarter of a large basis.
+    Keeping fewer makes a restart's rotation (kept × basis × d) and the Gram–Schmidt passes until the
+    next one cheaper, for about the same products. Measured on a CPU against keeping half the basis:
+    resnet18 layer1 at 112 px, top 10, 752 vs 750 products and 0.90 vs 1.00 s a sample; a whole
+    resnet50 probe at 112 px (k = 16) 1055 vs 1212 network forwards a sample."""
+    return max(k + 2 * width, cols // 4)
 
 
 @_flushing_denormals
@@ -321,9 +325,9 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
     needs a wider block (`cluster_growth`), or after `max_columns` columns; its triplets are taken at
     that step, whatever the other samples still do.
 
-    When the `cols` columns are full, the basis is replaced by its leading Ritz vectors (half of it,
-    at least k + w): T becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold
-    (Wu & Simon's thick restart). A `start` goes on the same way from Ritz vectors and a next block
+    When the `cols` columns are full, the basis is replaced by its leading Ritz vectors (`_kept`): T
+    becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold (Wu & Simon's thick
+    restart). A `start` goes on the same way from Ritz vectors and a next block
     of fewer than w vectors, completed with random ones orthogonal to the basis: Jᵀ U = V Σ + N R
     still holds, with zero rows of R for the new vectors. Such a solve is done only when the top k
     plus as many triplets as it has new vectors have settled: right after the start the top k are the
