@@ -108,23 +108,17 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
     Frobenius norm `dropped` (B,), for the caller to add to its residual bounds."""
     w, j = Y.shape[1], basis.shape[1]
     if REORTHOGONALIZE == "adaptive" and j > w:
-        last = basis[:, j - w:]
-        L = Y @ last.mT
-        Y = torch.baddbmm(Y, L, last, alpha=-1)  # Y − L·last in one pass over memory
+        Y, L = _project_out(Y, basis[:, j - w:])
         before = Y.norm(dim=(1, 2))
-        C = Y @ basis.mT
-        Y = torch.baddbmm(Y, C, basis, alpha=-1)
+        Y, C = _project_out(Y, basis)
         C[:, :, j - w:] += L
         again = Y.norm(dim=(1, 2)) < KEPT_NORM * before
         if bool(again.any()):  # on those samples only, so that a sample's numbers do not depend on the others
-            C2 = (Y @ basis.mT) * again[:, None, None]
-            Y = torch.baddbmm(Y, C2, basis, alpha=-1)
+            Y, C2 = _project_out(Y, basis, again)
             C = C + C2
     else:
-        C = Y @ basis.mT
-        Y = torch.baddbmm(Y, C, basis, alpha=-1)
-        C2 = Y @ basis.mT
-        Y = torch.baddbmm(Y, C2, basis, alpha=-1)
+        Y, C = _project_out(Y, basis)
+        Y, C2 = _project_out(Y, basis)
         C = C + C2
     Qc, R = torch.linalg.qr(Y.mT)
     Q = Qc.mT
@@ -136,10 +130,20 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
         Q = torch.where(lacking[:, :, None], fresh(lacking), Q)
         R = R.masked_fill(lacking[:, :, None], 0.0)
         for _ in range(2):
-            Q = torch.baddbmm(Q, Q @ basis.mT, basis, alpha=-1)
+            Q = _project_out(Q, basis)[0]
         Qc, R2 = torch.linalg.qr(Q.mT)
         Q, R = Qc.mT, R2 @ R  # Y − C basis = Rᵀ Q_old (rows lacking dropped) = (R2 R)ᵀ Q_new
     return Q.contiguous(), C, R, dropped
+
+
+def _project_out(Y: torch.Tensor, basis: torch.Tensor, only: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One classical Gram–Schmidt pass: Y − C basis and C = Y basisᵀ, the subtraction fused into one
+    pass over memory; with `only` (B,) bool, samples outside it are left as they are (C = 0)."""
+    C = Y @ basis.mT
+    if only is not None:
+        C = C * only[:, None, None]
+    return torch.baddbmm(Y, C, basis, alpha=-1), C
 
 
 def flushing_denormals() -> bool:
@@ -416,17 +420,17 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
         finished = (converged | (need > 0) | (step >= steps_cap)) & ~done
         if bool(finished.any()):
             at = finished.nonzero().flatten()
-            on = at.to(device)
-            target = rows[at].to(device)
-            Pk, Qk = (t[at, :hi, :k].to(device, dtype) for t in (P, Qh.mT))
-            out.S[target] = S[at, :k].to(device, dtype)
-            out.U[target] = (Pk.mT @ Ub[on, :hi]).mT
-            out.V[target] = (Qk.mT @ Vb[on, :hi]).mT
-            out.res_left[target] = left[at, :k].to(device, dtype)
-            out.res_right[target] = right[at, :k].to(device, dtype)
-            out.converged[target] = converged[at].to(device) & (need[at] == 0).to(device)
             need_out[rows[at]] = need[at]
-            wider = at[need[at] > 0]
+            taken, wider = at[need[at] == 0], at[need[at] > 0]
+            if len(taken):  # their triplets (a sample going on with a wider block gets its own later)
+                on, target = taken.to(device), rows[taken].to(device)
+                Pk, Qk = (t[taken, :hi, :k].to(device, dtype) for t in (P, Qh.mT))
+                out.S[target] = S[taken, :k].to(device, dtype)
+                out.U[target] = (Pk.mT @ Ub[on, :hi]).mT
+                out.V[target] = (Qk.mT @ Vb[on, :hi]).mT
+                out.res_left[target] = left[taken, :k].to(device, dtype)
+                out.res_right[target] = right[taken, :k].to(device, dtype)
+                out.converged[target] = converged[taken].to(device)
             if len(wider):  # the leading Ritz triplets and the next block, to go on from with a wider block
                 r = min(hi, keep + int(need[wider].max()) - w)  # as many as a restart at that width keeps
                 Pw, Qw = (t[wider, :hi, :r].to(device, dtype) for t in (P, Qh.mT))
