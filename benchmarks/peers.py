@@ -38,6 +38,7 @@ from ra_probe.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import JacobianOperator, krylov_svd, solve
 from ra_probe.engine import operators as engine_operators
+from ra_probe.engine.operators import batch_rows
 from ra_probe.engine import solvers as engine_solvers
 from ra_probe.load.data import Samples, load_samples
 from ra_probe.pipeline.discover import discover
@@ -126,9 +127,8 @@ def scipy_svds(site, record, k: int, tol: float, solver: str, seed: int, lineari
     `linearize` ra-probe's own (J·v from its linearized program)."""
     values, products = [], 0
     for b in range(record.x.shape[0]):
-        ctx = record.ctx
-        op = JacobianOperator(site.branch, record.x[b:b + 1], _take(ctx, b, record.x.shape[0]), chunk=1,
-                              linearize=linearize)
+        ctx = batch_rows(record.ctx, slice(b, b + 1), record.x.shape[0])
+        op = JacobianOperator(site.branch, record.x[b:b + 1], ctx, chunk=1, linearize=linearize)
         _, m, n = op.shape
 
         def matvec(v, op=op):
@@ -147,16 +147,6 @@ def scipy_svds(site, record, k: int, tol: float, solver: str, seed: int, lineari
         values.append(torch.from_numpy(np.sort(np.asarray(s, dtype=np.float64))[::-1].copy()))
         products += op.products
     return torch.stack(values), products
-
-
-def _take(ctx, b: int, batch: int):
-    if isinstance(ctx, torch.Tensor) and ctx.ndim and ctx.shape[0] == batch:
-        return ctx[b:b + 1]
-    if isinstance(ctx, (tuple, list)):
-        return type(ctx)(_take(v, b, batch) for v in ctx)
-    if isinstance(ctx, dict):
-        return {key: _take(v, b, batch) for key, v in ctx.items()}
-    return ctx
 
 
 def randomized_svd(op, k: int, *, power: int, oversample: int, seed: int) -> torch.Tensor:

@@ -157,20 +157,22 @@ class JacobianOperator(BatchedOperator):
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
         whose side inputs do not slice that way (its output rows change) cannot be split: None."""
-        batch = self.shape[0]
-
-        def take(value):
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-                return value[rows]
-            if isinstance(value, (tuple, list)):
-                return type(value)(take(v) for v in value)
-            if isinstance(value, dict):
-                return {key: take(v) for key, v in value.items()}
-            return value
-
-        sub = JacobianOperator(self.f, self.x[rows], take(self.ctx), self.chunk, self.linearize)
+        sub = JacobianOperator(self.f, self.x[rows], batch_rows(self.ctx, rows, self.shape[0]), self.chunk,
+                               self.linearize)
         expected = self.out[rows]
         if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
                                                                  atol=1e-5 * expected.abs().max().item()):
             return None
         return sub
+
+
+def batch_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
+    """Side inputs for samples `rows`: every tensor batched like x (first dimension `batch`), in
+    tuples, lists and dicts too, takes those rows; anything else is shared by all samples."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, (tuple, list)):
+        return type(value)(batch_rows(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {key: batch_rows(v, rows, batch) for key, v in value.items()}
+    return value
