@@ -17,7 +17,7 @@ from ra_probe.errors import UserError
 from ra_probe.gate import GateResult, GateRules, check_baseline_data, check_rules, judge, read_baseline
 from ra_probe.load.data import Samples, load_samples, take
 from ra_probe.load.samples import first_tensor
-from ra_probe.load.models import LoadedModel, load_model
+from ra_probe.load.models import LoadedModel, load_model, module_loaded
 from ra_probe.metrics.verdict import Thresholds
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
 from ra_probe.pipeline.discover import discover
@@ -132,18 +132,17 @@ def settings_from(options: dict[str, Any], base: Settings | None = None) -> Sett
     return settings
 
 
-def as_loaded(model: Model, **loading: Any) -> LoadedModel:
-    """A model reference (what the CLI takes), an `nn.Module` or an already loaded model, loaded."""
+def as_loaded(model: Model, seed: int = 0, **loading: Any) -> LoadedModel:
+    """A model reference (what the CLI takes), an `nn.Module` or an already loaded model, loaded (what
+    is initialized at random, under `seed`)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str):
         return load_model(model, pretrained=loading.get("pretrained", True), weights=loading.get("weights"),
                           arch=loading.get("arch"), input_shape=loading.get("input_shape"),
-                          device_map=loading.get("device_map"))
+                          device_map=loading.get("device_map"), seed=seed)
     if isinstance(model, nn.Module):
-        shape = loading.get("input_shape") or getattr(model, "input_shape", None)
-        return LoadedModel(model, type(model).__name__, "module", input_shape=tuple(shape) if shape else None,
-                           num_classes=getattr(model, "num_classes", None) or None)
+        return module_loaded(model, type(model).__name__, "module", loading.get("input_shape"))
     raise UserError(f"model must be an nn.Module or a model reference string, got {type(model).__name__}")
 
 
@@ -232,7 +231,7 @@ def _inputs(model: Model, data: Any, settings: Settings | None,
     unless `device` says otherwise; a DataLoader's base-seed draw is kept off torch's global RNG."""
     loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
     settings = settings_from(options, settings)
-    loaded = as_loaded(model, **loading)
+    loaded = as_loaded(model, settings.seed, **loading)
     weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if settings.device is None and weight is not None:
         settings = dataclasses.replace(settings, device=str(weight.device))
@@ -269,21 +268,30 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
 
 
 class _progress_bar:
-    """A rich progress bar on stderr (it renders in terminals and notebooks alike), as a Progress callable."""
+    """Progress on stderr, as a Progress callable: a rich bar with the time left on a terminal or in a
+    notebook; elsewhere (CI logs, nohup) a plain line per site measured, with its seconds and products."""
 
     def __enter__(self) -> Callable[[str, int, int], None]:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        import sys
 
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        console = Console(stderr=True)
+        if not (console.is_terminal or console.is_jupyter):
+            self.bar = None
+            return lambda what, done, total: print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=Console(stderr=True), transient=True)
+                            TimeRemainingColumn(), console=console, transient=True)
         self.bar.__enter__()
         task = self.bar.add_task("probing", total=None)
-        return lambda name, done, total: self.bar.update(task, description=f"probing {name}", completed=done,
+        return lambda what, done, total: self.bar.update(task, description=f"probing {what}", completed=done,
                                                          total=total)
 
     def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def load_report(path: str | Path) -> Report:

@@ -67,10 +67,15 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
                                                                  "the device's free memory)")),
     "dtype": (str, typer.Option("float32", help="float32 | float64")),
     "device": (Optional[str], typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)")),
-    "seed": (int, typer.Option(0)),
+    "seed": (int, typer.Option(0, help="seed of the solver's random vectors and of random init")),
+    "null": (str, typer.Option("init", help="init: also measure RA on the same architecture at a seeded random "
+                                            "init, the control of the verdict | none")),
+    "null_samples": (int, typer.Option(8, min=1, help="samples of the random-init measurement (the first of the "
+                                                      "probe's)")),
     "no_cache": (bool, typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or "
                                                              "~/.cache/ra-probe)")),
-    "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="random init for timm models")),
+    "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="random init for timm models (drawn under "
+                                                                       "--seed)")),
     "weights": (Optional[Path], typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the "
                                                         "model")),
     "arch": (Optional[str], typer.Option(None, help="architecture of a checkpoint file, as a model reference")),
@@ -79,7 +84,8 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device_map": (Optional[str], typer.Option(None, help="auto | balanced | a JSON map {module: device}: a Hugging "
                                                           "Face model split across devices (needs accelerate)")),
 }
-SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed")
+SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed",
+            "null", "null_samples")
 
 
 @dataclass
@@ -101,7 +107,8 @@ class ProbeOptions:
         weights = self.values["weights"]
         return load_model(model, pretrained=not self.values["no_pretrained"], arch=self.values["arch"],
                           weights=None if weights is None else str(weights),
-                          input_shape=_shape(self.values["input_shape"]), device_map=self.values["device_map"])
+                          input_shape=_shape(self.values["input_shape"]), device_map=self.values["device_map"],
+                          seed=self.values["seed"] or 0)
 
     def samples(self, loaded, settings):
         from ra_probe.load.data import load_samples

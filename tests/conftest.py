@@ -30,6 +30,26 @@ def shared_cache(tmp_path_factory) -> Path:
         yield folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def every_report_validates():
+    """Every report the suite builds (probes, checks, sweeps, the CLI) is checked against the shipped
+    schema as it is built: a field the schema does not know, or one it requires and a model lacks, fails
+    the test that made it."""
+    import ra_probe.api
+    from ra_probe.report.schema import schema_errors
+
+    build = ra_probe.api.build_report
+
+    def validated(*args, **kwargs):
+        report = build(*args, **kwargs)
+        errors = schema_errors(report)
+        assert not errors, f"report of {report['model']['name']} fails the schema: {errors[:3]}"
+        return report
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ra_probe.api, "build_report", validated)
+        yield
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch, tmp_path, shared_cache):
     """Run `ra-probe ARGS` in an empty working folder: (exit code, stdout, stderr)."""

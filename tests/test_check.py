@@ -85,30 +85,30 @@ def test_second_identical_run_is_served_from_the_cache(cli, count_measurements, 
     monkeypatch.setenv("RA_PROBE_CACHE", str(tmp_path / "own-cache"))
     args = ("check", "bundled/fc-digits", "--require", "ra", "--samples", "32", "--batch-size", "16")
     assert cli(*args, "--json", "first.json")[0] == 0
-    assert len(count_measurements) == 2  # one group, two chunks
+    assert len(count_measurements) == 3  # one group, two chunks, and the random init's one chunk
     assert cli(*args, "--json", "second.json")[0] == 0
-    assert len(count_measurements) == 2  # nothing measured again
+    assert len(count_measurements) == 3  # nothing measured again
     first, second = (json.loads(Path(p).read_text()) for p in ("first.json", "second.json"))
     assert first["metrics"] == second["metrics"]
     assert not any("from the cache" in m for m in first["messages"])
-    assert any(m.startswith("2 of 2 group measurements served from the cache") for m in second["messages"])
+    assert any(m.startswith("3 of 3 group measurements served from the cache") for m in second["messages"])
     # settings applied after measuring (τ, thresholds) reuse the entries; --no-cache measures anew
     assert cli(*args, "--tau", "0.05", "--json", "third.json")[0] == 0
-    assert len(count_measurements) == 2
+    assert len(count_measurements) == 3
     assert cli(*args, "--no-cache", "--json", "fourth.json")[0] == 0
-    assert len(count_measurements) == 4
+    assert len(count_measurements) == 6
     # a setting that changes measurements misses
     assert cli(*args, "--k", "12", "--json", "fifth.json")[0] == 0
-    assert len(count_measurements) == 6
+    assert len(count_measurements) == 9
 
 
 def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("RA_PROBE_CACHE", str(tmp_path / "own-cache"))
-    real, calls = ra_probe.pipeline.measure.measure_group, []
+    real, calls, interrupt = ra_probe.pipeline.measure.measure_group, [], [True]
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2 and interrupt[0]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -121,8 +121,9 @@ def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_p
     assert not list((tmp_path / "own-cache").rglob("*.partial"))
 
     calls.clear()
+    interrupt[0] = False
     code, out, _ = cli(*args, "--json", "report.json")
-    assert code == 0 and len(calls) == 1  # the first chunk came from the cache
+    assert code == 0 and len(calls) == 2  # the first chunk came from the cache; the second, and the random init's
 
 
 def test_model_without_classifier_head_has_no_nc(cli):

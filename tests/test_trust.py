@@ -45,7 +45,7 @@ def test_rank_summary_by_hand():
     assert exact["rank_saturated"] and exact["rank_at_least"] is None
     saturated = rank_summary(S[[1, 2, 2]], 1e-2, classes=10)  # median 4 = k ≤ C: undetermined
     assert saturated["rank_median"] is None and saturated["rank_at_least"] == 4
-    assert saturated["rank_le_classes"] is None and "raise --k above C" in saturated["undetermined"]
+    assert saturated["rank_le_classes"] is None and "takes k > C triplets per site (--k 11)" in saturated["undetermined"]
     above = rank_summary(S[[1, 2, 2]], 1e-2, classes=3)  # median ≥ k = 4 > C = 3: known to exceed C
     assert above["rank_median"] is None and above["rank_le_classes"] is False and above["undetermined"] is None
 
@@ -67,7 +67,7 @@ def test_saturated_rank_with_k_at_most_classes_never_passes_ra3(name):
     assert ra3["classes"] == 10 and ra3["fully_connected"]
     saturated = [s for s in ra3["sites"] if s["rank_at_least"] == 8]
     assert saturated and all(s["rank_le_classes"] is None for s in saturated)
-    assert ra3["undetermined"] == ["the rank reaches k = 8 ≤ C = 10: raise --k above C"]
+    assert ra3["undetermined"] == ["the rank reaches k = 8 ≤ C = 10: whether rank ≤ C takes k > C triplets per site (--k 11) to settle"]
     assert ra3_check(report)["passed"] is not True
 
 

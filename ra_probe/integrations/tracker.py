@@ -20,7 +20,8 @@ from ra_probe.metrics.ra import median_rank
 # Cheap enough to run every epoch on small models (about 0.4 s per probe on the bundled FC ResNet, width
 # 128 and 8 blocks, one CPU thread): k = 16 still determines RA3 ranks up to 15 classes, and RA2 aligns the
 # top 8 singular vectors.
-DEFAULTS: dict[str, Any] = {"samples": 32, "k": 16, "align_k": 8}
+# No random-init control: the first probe, before training starts, is the network's own init.
+DEFAULTS: dict[str, Any] = {"samples": 32, "k": 16, "align_k": 8, "null": "none"}
 STATUS = {"absent": 0.0, "partial": 0.5, "present": 1.0}  # not_applicable: not logged
 NC_METRICS = ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4")
 

@@ -73,7 +73,7 @@ def _preprocess(paths: list[Path], model: LoadedModel) -> torch.Tensor:
                 images.append(image.convert("L" if channels == 1 else "RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise UserError(f"cannot read image {path}: {first_line(exc)}") from None
-    if model.preprocessor is not None and model.source == "hf":
+    if model.preprocessor is not None:  # a transformers image processor
         return model.preprocessor(images=images, return_tensors="pt")["pixel_values"].float()
     transform = _timm_transform(model)
     return torch.stack([transform(image) for image in images])

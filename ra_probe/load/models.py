@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ra_probe.errors import UserError, first_line
+from ra_probe.load.reinit import Builder, hf_builder, seeded, timm_builder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -34,43 +35,52 @@ class LoadedModel:
     data_config: dict[str, Any] = field(default_factory=dict)
     preprocessor: Any = None  # HF tokenizer or image processor
     weights_sha256: str | None = None
-    pretrained: bool | None = None
+    pretrained: bool | None = None  # weights from training (a download, a checkpoint, a saved folder)
+    weights_path: str | None = None  # the checkpoint or weights file loaded into the architecture
+    builder: Builder | None = None  # the architecture anew at random init (None: derived from the module)
+    preprocessing: str | None = None  # how images are normalized for it, when it takes images
 
 
 def load_model(ref: str, *, pretrained: bool = True, weights: str | None = None,
                arch: str | None = None, input_shape: tuple[int, ...] | None = None,
-               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
+               device_map: str | dict[str, Any] | None = None, seed: int = 0) -> LoadedModel:
     """Load `ref`: `bundled/<name>`, `timm/<name>`, `hf/<org>/<name>`, a local HF or timm folder, a
     checkpoint file with `arch`, or a factory `file.py:fn` / `package.module:fn`. Eval mode, parameters
     frozen. `device_map` ("auto", "balanced", a {module: device} map or its JSON text) splits a Hugging
-    Face model across devices with accelerate. Raises UserError for anything the user can fix."""
+    Face model across devices with accelerate. Whatever is initialized at random (`pretrained=False`, a
+    factory's layers) is drawn under `seed`, so the same call gives the same weights. Raises UserError
+    for anything the user can fix."""
     if device_map is not None:
         if ref.startswith(("bundled/", "timm/")) or ref.endswith(CHECKPOINT_SUFFIXES) or ":" in ref \
                 or (Path(ref).is_dir() and not _is_hf_folder(Path(ref))):
             raise UserError(f"device_map splits Hugging Face models (hf/<org>/<name> or a local folder), not {ref}")
         if weights is not None:
             raise UserError("device_map loads the folder's own weights; weights cannot be given with it")
-        loaded = _load_hf(ref.removeprefix("hf/"), display=ref, device_map=_device_map(device_map))
+        loaded = _load_hf(ref.removeprefix("hf/"), display=ref, device_map=_device_map(device_map), seed=seed)
     elif ref.startswith("bundled/"):
         loaded = _load_bundled(ref.removeprefix("bundled/"))
     elif ref.startswith("timm/"):
-        loaded = _load_timm(ref.removeprefix("timm/"), pretrained=pretrained)
+        loaded = _load_timm(ref.removeprefix("timm/"), pretrained=pretrained, seed=seed)
     elif ref.startswith("hf/"):
-        loaded = _load_hf(ref.removeprefix("hf/"), display=ref)
+        loaded = _load_hf(ref.removeprefix("hf/"), display=ref, seed=seed)
     elif Path(ref).is_dir():
-        loaded = _load_folder(Path(ref))
+        loaded = _load_folder(Path(ref), seed)
     elif ref.endswith(CHECKPOINT_SUFFIXES):
         if arch is None:
             raise UserError(f"checkpoint {ref!r} needs --arch to say which architecture it holds")
-        loaded = load_model(arch, pretrained=False, input_shape=input_shape)
+        if weights is not None:
+            raise UserError(f"checkpoint {ref!r} holds the weights; --weights cannot be given with it")
+        loaded = load_model(arch, pretrained=False, input_shape=input_shape, seed=seed)
+        loaded.name = ref  # the checkpoint is the model; its architecture is in `builder`
         weights = ref
     elif ":" in ref:
-        loaded = _load_factory(ref)
+        loaded = _load_factory(ref, seed)
     else:
         raise UserError(f"unknown model {ref!r}: expected bundled/<name>, timm/<name>, hf/<org>/<name>, "
                         "a folder, a checkpoint file with --arch, or a factory file.py:fn")
     if weights is not None:
         loaded.weights_sha256 = load_weights(loaded.module, weights)
+        loaded.weights_path, loaded.pretrained = str(weights), True
     if input_shape is not None:
         loaded.input_shape = tuple(input_shape)
     freeze(loaded.module)
@@ -139,7 +149,9 @@ def _load_bundled(name: str) -> LoadedModel:
     module = FCResNet(skip=spec.skip)
     digest = load_weights(module, spec.weights)
     return LoadedModel(module, f"bundled/{name}", "bundled", input_shape=(64,), num_classes=10,
-                       default_data="bundled/digits", weights_sha256=digest, pretrained=True)
+                       default_data="bundled/digits", weights_sha256=digest, pretrained=True,
+                       weights_path=str(spec.weights),
+                       builder=lambda: (FCResNet(skip=spec.skip), f"FCResNet(skip={spec.skip}) (torch's default init)"))
 
 
 def hub_offline_if_unreachable() -> bool:
@@ -160,7 +172,7 @@ def hub_offline_if_unreachable() -> bool:
     return False
 
 
-def _load_timm(name: str, *, pretrained: bool, **kwargs: Any) -> LoadedModel:
+def _load_timm(name: str, *, pretrained: bool, seed: int = 0, **kwargs: Any) -> LoadedModel:
     import timm
 
     if not timm.is_model(name):
@@ -168,20 +180,35 @@ def _load_timm(name: str, *, pretrained: bool, **kwargs: Any) -> LoadedModel:
     offline = pretrained and hub_offline_if_unreachable()
     try:
         # exportable=True: non-fused attention, which forward-mode AD needs
-        module = timm.create_model(name, pretrained=pretrained, exportable=True, **kwargs)
+        module = seeded(lambda: timm.create_model(name, pretrained=pretrained, exportable=True, **kwargs), seed)
     except Exception as exc:
         if pretrained:
             why = "no network and not in the local cache" if offline else first_line(exc)
             raise UserError(f"cannot download pretrained weights for timm/{name} ({why}); "
                             "use --no-pretrained for random init") from None
         raise UserError(f"cannot build timm/{name}: {first_line(exc)}") from None
+    loaded = timm_loaded(module, f"timm/{name}", "timm")
+    loaded.pretrained, loaded.builder = pretrained, timm_builder(name, **kwargs)
+    return loaded
+
+
+def timm_loaded(module: nn.Module, name: str, source: str) -> LoadedModel:
+    """A timm model as a LoadedModel, preprocessed by its own data config (`pretrained_cfg`)."""
+    import timm
+
     config = timm.data.resolve_data_config({}, model=module)
-    return LoadedModel(module, f"timm/{name}", "timm", input_shape=tuple(config["input_size"]),
+    return LoadedModel(module, name, source, input_shape=tuple(config["input_size"]),
                        num_classes=getattr(module, "num_classes", None) or None, modality="image",
-                       default_data="synthetic", data_config=config, pretrained=pretrained)
+                       default_data="synthetic", data_config=config,
+                       preprocessing=f"timm data config of the model (mean {_rounded(config['mean'])}, "
+                                     f"std {_rounded(config['std'])})")
 
 
-def _load_folder(folder: Path) -> LoadedModel:
+def _rounded(values) -> str:
+    return "/".join(f"{v:.3g}" for v in values)
+
+
+def _load_folder(folder: Path, seed: int) -> LoadedModel:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"folder {folder} has no config.json (expected a Hugging Face or timm model folder)")
@@ -191,12 +218,12 @@ def _load_folder(folder: Path) -> LoadedModel:
         raise UserError(f"cannot read {config_file}: {first_line(exc)}") from None
     if "architecture" in config and "model_type" not in config:  # timm layout
         weights = folder / "model.safetensors"
-        loaded = _load_timm(config["architecture"], pretrained=False,
+        loaded = _load_timm(config["architecture"], pretrained=False, seed=seed,
                             num_classes=config.get("num_classes", 1000))
         loaded.weights_sha256 = load_weights(loaded.module, weights)
-        loaded.name, loaded.source = str(folder), "folder"
+        loaded.name, loaded.source, loaded.weights_path, loaded.pretrained = str(folder), "folder", str(weights), True
         return loaded
-    return _load_hf(str(folder), display=str(folder))
+    return _load_hf(str(folder), display=str(folder), seed=seed)
 
 
 def _is_hf_folder(folder: Path) -> bool:
@@ -227,7 +254,8 @@ def _device_map(value: str | dict[str, Any]) -> str | dict[str, Any]:
     return value
 
 
-def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None = None) -> LoadedModel:
+def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None = None,
+             seed: int = 0) -> LoadedModel:
     import transformers
 
     offline = not Path(repo).is_dir() and hub_offline_if_unreachable()
@@ -239,11 +267,9 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
     archs = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
     placement = {} if device_map is None else {"device_map": device_map}
-    try:
-        if model_cls is None:
-            module = transformers.AutoModel.from_pretrained(repo, attn_implementation="eager", **placement)
-        else:
-            module = model_cls.from_pretrained(repo, attn_implementation="eager", **placement)
+    try:  # weights the files lack are initialized at random, under the seed
+        module, info = seeded(lambda: (model_cls or transformers.AutoModel).from_pretrained(
+            repo, attn_implementation="eager", output_loading_info=True, **placement), seed)
     except Exception as exc:
         raise UserError(f"cannot load Hugging Face model {display}: {first_line(exc)}") from None
     offloaded = [name for name, p in module.named_parameters() if p.device.type == "meta"]
@@ -262,8 +288,20 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
         modality, input_shape = "image", (channels, 224, 224)
     num_labels = getattr(config, "num_labels", None) if model_cls is not None and "For" in archs[0] else None
     preprocessor = _hf_preprocessor(repo, modality)
+    missing = set(info.get("missing_keys") or ())
+    trained = any(name not in missing for name, _ in module.named_parameters())
     return LoadedModel(module, display, "hf", input_shape=input_shape, num_classes=num_labels,
-                       modality=modality, default_data="synthetic", preprocessor=preprocessor, pretrained=True)
+                       modality=modality, default_data="synthetic", preprocessor=preprocessor, pretrained=trained,
+                       builder=None if device_map is not None else hf_builder(config, model_cls),
+                       preprocessing=_hf_preprocessing(preprocessor, modality))
+
+
+def _hf_preprocessing(preprocessor: Any, modality: str) -> str | None:
+    if modality != "image":
+        return None
+    if preprocessor is None:
+        return "ImageNet's mean/std (the model has no data config or image processor of its own)"
+    return f"the model's image processor ({type(preprocessor).__name__})"
 
 
 def _hf_preprocessor(repo: str, modality: str) -> Any:
@@ -276,7 +314,7 @@ def _hf_preprocessor(repo: str, modality: str) -> Any:
         return None
 
 
-def _load_factory(ref: str) -> LoadedModel:
+def _load_factory(ref: str, seed: int) -> LoadedModel:
     target, _, fn_name = ref.rpartition(":")
     if target.endswith(".py"):
         path = Path(target)
@@ -298,14 +336,38 @@ def _load_factory(ref: str) -> LoadedModel:
     if not callable(fn):
         raise UserError(f"{target} has no callable {fn_name!r}")
     try:
-        model = fn()
+        model = seeded(fn, seed)
     except Exception as exc:
         raise UserError(f"factory {ref} failed: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"factory {ref} returned {type(model).__name__}, not a torch.nn.Module")
-    input_shape = getattr(model, "input_shape", None) or _first_linear_input(model)
-    return LoadedModel(model, ref, "factory", input_shape=tuple(input_shape) if input_shape else None,
-                       num_classes=getattr(model, "num_classes", None))
+    loaded = module_loaded(model, ref, "factory")
+    loaded.builder = lambda: (fn(), f"{ref} called again")
+    return loaded
+
+
+def module_loaded(model: nn.Module, name: str, source: str, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """A module built elsewhere (a factory, a notebook) as a LoadedModel. A timm model keeps its own data
+    config and a transformers model its image processor where one can be found; others take vectors of
+    their first Linear's width, or images normalized with ImageNet's mean/std (said in `preprocessing`)."""
+    if (getattr(model, "pretrained_cfg", None) or {}).get("mean") is not None:
+        loaded = timm_loaded(model, name, source)
+        if input_shape is not None:
+            loaded.input_shape = tuple(input_shape)
+        return loaded
+    config = getattr(model, "config", None)
+    image_size = getattr(config, "image_size", None)
+    shape = input_shape or getattr(model, "input_shape", None) or _first_linear_input(model)
+    loaded = LoadedModel(model, name, source, input_shape=tuple(shape) if shape else None,
+                         num_classes=getattr(model, "num_classes", None) or None)
+    if isinstance(image_size, int) and hasattr(model, "_from_config"):  # a transformers vision model
+        origin = getattr(config, "_name_or_path", "")
+        loaded.modality = "image"
+        loaded.input_shape = loaded.input_shape or (getattr(config, "num_channels", 3), image_size, image_size)
+        loaded.preprocessor = _hf_preprocessor(origin, "image") if origin else None
+    if loaded.input_shape is not None and len(loaded.input_shape) == 3:
+        loaded.preprocessing = _hf_preprocessing(loaded.preprocessor, "image")
+    return loaded
 
 
 def _first_linear_input(model: nn.Module) -> tuple[int, ...] | None:

@@ -95,7 +95,8 @@ def rank_summary(S: torch.Tensor, tau: float, classes: int | None) -> dict:
         elif k > classes:
             out["rank_le_classes"] = False
         else:
-            out["undetermined"] = f"the rank reaches k = {k} ≤ C = {classes}: raise --k above C"
+            out["undetermined"] = (f"the rank reaches k = {k} ≤ C = {classes}: whether rank ≤ C takes k > C "
+                                   f"triplets per site (--k {classes + 1}) to settle")
     elif not exact:
         out["undetermined"] = f"the rank reaches k = {k}: raise --k"
     return out

@@ -12,6 +12,7 @@ class Thresholds:
     min_alignment: float = 0.5  # RA2: mean group score a_ij
     min_linearity: float = 0.9  # RA1: mean linearity of groups with ≥ 2 sites
     rank_share: float = 0.5  # RA3 (fully-connected nets): share of sites with rank ≤ C
+    min_init_ratio: float = 4.0  # RA2 over its value for the same architecture at random init
     max_nc1: float = 0.5
     max_nc2: float = 0.3  # equinorm of class means and equiangularity
     max_nc3: float = 0.5
@@ -39,6 +40,29 @@ def _overall(checks: list[dict[str, Any]]) -> str:
     return "partial" if any(judged) else "absent"
 
 
+# The RA headline metrics: (section, field) of the metrics dict, the same names in the null's values.
+HEADLINE = {"ra1": "mean_linearity", "ra2": "mean_score", "ra3": "median_rank", "ra4": "L_times_mean_sigma1"}
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """The RA headline metrics of a probe's metrics, by their own names: {"ra2": {"mean_score": …}, …}."""
+    return {section: {name: _finite(metrics[section].get(name))} for section, name in HEADLINE.items()}
+
+
+def null_ratios(metrics: dict[str, Any], null: dict[str, Any]) -> dict[str, float | None]:
+    """Each RA headline metric over its value at random init (None where either is undefined or the
+    init's is zero)."""
+    out = {}
+    for section, name in HEADLINE.items():
+        value, at_init = _finite(metrics[section].get(name)), null.get(section, {}).get(name)
+        out[section] = value / at_init if value is not None and at_init else None
+    return out
+
+
+def _finite(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def no_sites_message(skipped: int) -> str:
     """What a model without a usable site is told: none found, or found but every one skipped."""
     if not skipped:
@@ -47,31 +71,53 @@ def no_sites_message(skipped: int) -> str:
 
 
 def ra_verdict(metrics: dict[str, Any], t: Thresholds, skipped: int = 0) -> dict[str, Any]:
-    """RA from RA1–RA3 (`skipped`: residual adds found but not usable, for the reason given when no
-    site was measured)."""
+    """RA from RA1–RA3 and, when the architecture was measured at random init (`metrics["null"]`), RA2's
+    contrast with it: a model whose alignment does not stand out from its own init is judged absent,
+    whatever the fixed thresholds say. `skipped`: residual adds found but not usable, for the reason
+    given when no site was measured."""
+    null = metrics.get("null") or {"status": "off", "reason": "no null model"}
+    control = _control(null)
     if not metrics["ra2"]["groups"] and not metrics["ra3"]["sites"]:
-        return {"status": "not_applicable", "checks": [], "reason": no_sites_message(skipped)}
-    checks = [
-        _check("RA1", metrics["ra1"]["mean_linearity"], t.min_linearity, True, "mean trajectory linearity"),
-        _check("RA2", metrics["ra2"]["mean_score"], t.min_alignment, True, "mean alignment score a_ij"),
-    ]
+        return {"status": "not_applicable", "checks": [], "reason": no_sites_message(skipped), "control": control}
+    ra2 = _check("RA2", metrics["ra2"]["mean_score"], t.min_alignment, True, "mean alignment score a_ij")
+    if not metrics["ra2"]["groups"]:
+        ra2["reason"] = "no group has two sites: alignment needs a pair of sites"
+    checks = [_check("RA1", metrics["ra1"]["mean_linearity"], t.min_linearity, True, "mean trajectory linearity"),
+              ra2]
     ra3 = metrics["ra3"]
     if ra3["judged"] or (ra3["fully_connected"] and ra3["undetermined"]):
         # sites whose rank is undetermined (it reaches k ≤ C) do not count; none judged: no evidence
         rule = "share of sites with rank ≤ C" + (f" ({'; '.join(ra3['undetermined'])})" if ra3["undetermined"] else "")
         checks.append(_check("RA3", ra3["share_rank_le_classes"], t.rank_share, True, rule))
+    if null["status"] == "measured":
+        at_init = null["ra2"]["mean_score"]
+        contrast = _check("RA2 vs init", null_ratios(metrics, null)["ra2"], t.min_init_ratio, True,
+                          f"a_ij ÷ its value at random init ({at_init:.3g})" if at_init else "a_ij ÷ its value at random init")
+        if contrast["value"] is None:
+            contrast["reason"] = "RA2 is undefined for the model or its random init"
+        checks.append(contrast)
     if all(s["sigma1_mean"] == 0 for s in metrics["ra4"]["sites"]):
-        return {"status": "not_applicable", "checks": checks,
+        return {"status": "not_applicable", "checks": checks, "control": control,
                 "reason": "every residual branch is exactly zero (σ₁ = 0): nothing to align"}
-    return {"status": _overall(checks), "checks": checks}
+    if checks[-1]["name"] == "RA2 vs init" and checks[-1]["passed"] is False:
+        return {"status": "absent", "checks": checks, "control": control,
+                "reason": f"RA2 is {checks[-1]['value']:.3g}× its value at random init: the alignment does not stand "
+                          f"out from the untrained architecture (needs ≥ {t.min_init_ratio:g}×)"}
+    return {"status": _overall(checks), "checks": checks, "control": control}
+
+
+def _control(null: dict[str, Any]) -> str:
+    """What the verdict was compared with, in words."""
+    if null["status"] != "measured":
+        return f"none: {null['reason']}"
+    return f"the same architecture at random init ({null['init']}, seed {null['seed']}, {null['samples']} samples)"
 
 
 def nc_verdict(nc: dict[str, Any] | None, t: Thresholds) -> dict[str, Any]:
     if nc is None:
         return {"status": "not_applicable", "checks": [], "reason": "no linear classifier head found"}
-    if nc["classes"] < 2:  # one class has no between-class structure: NC1–NC4 say nothing
-        return {"status": "not_applicable", "checks": [],
-                "reason": f"the samples fall in {nc['classes']} class: NC needs at least 2"}
+    if nc["undetermined"]:  # too few samples per class: the values would carry no information
+        return {"status": "not_applicable", "checks": [], "reason": nc["undetermined"]}
     equinorm = nc["nc2_equinorm_means"]
     angle = nc["nc2_equiangular"]
     nc2 = None if angle is None else max(equinorm, angle)
@@ -81,4 +127,10 @@ def nc_verdict(nc: dict[str, Any] | None, t: Thresholds) -> dict[str, Any]:
         _check("NC3", nc["nc3"], t.max_nc3, False, "self-duality distance"),
         _check("NC4", nc["nc4"], t.max_nc4, False, "mismatch with nearest class mean"),
     ]
-    return {"status": _overall(checks), "checks": checks}
+    out = {"status": _overall(checks), "checks": checks}
+    total = nc["classifier_classes"]
+    if nc["classes_dropped"] or (total and nc["classes"] < total):
+        out["scope"] = (f"measured on {nc['classes']}" + (f" of the classifier's {total}" if total else "")
+                        + f" classes ({nc['samples']} samples)"
+                        + (f"; {nc['classes_dropped']} class(es) with one sample left out" if nc["classes_dropped"] else ""))
+    return out

@@ -7,7 +7,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -99,7 +99,13 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     out.batch_size = batch_size
     indices = chunks(samples.inputs, batch_size)
     total, done = len(sites) * len(indices), 0
-    for index in indices:
+
+    def site_done(what: str, seconds: float, products: int, advance: int = 1) -> None:
+        nonlocal done
+        done += advance
+        if progress:
+            progress(f"{what} ({seconds:.1f} s, {products} products)" if products else what, done, total)
+    for number, index in enumerate(indices, 1):
         chunk = batch(samples.inputs, index, device, dtype)
         captured = capture(model, chunk, sites)
         out.order.append(index)
@@ -109,13 +115,13 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
             out.finite_outputs &= bool(torch.isfinite(captured.logits).all())
             if captured.logits.ndim == 2:  # class scores; per-token outputs differ in length across chunks
                 out.logits.append(captured.logits.double().cpu())
+        where = f", chunk {number}/{len(indices)}" if len(indices) > 1 else ""
         for group, members in groups_of(sites).items():
-            if progress:
-                progress(members[0].name, done, total)
-            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index))
-            done += len(members)
-    if progress:
-        progress("done", total, total)
+            end = done + len(members)
+            say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)
+            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say))
+            if done < end:  # served from the cache: nothing was measured
+                site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)
     return out
 
 
@@ -134,20 +140,23 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
                            itemsize=dtype.itemsize)
 
 
+SiteDone = Callable[..., None]  # (what was measured, seconds, products): after each site's SVD and each alignment
+
+
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
-                          settings: Settings, sample_ids: torch.Tensor) -> GroupMeasurement:
+                          settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None) -> GroupMeasurement:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
     captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
     if cache is None:
-        return measure_group(group, members, captured, settings, sample_ids)
+        return measure_group(group, members, captured, settings, sample_ids, on_done)
     values = [sample_ids] + [t for s in members for t in (captured.sites[s.name].x, captured.sites[s.name].y)]
     return cache.get_or_compute([s.name for s in members], values,
-                                lambda: measure_group(group, members, captured, settings, sample_ids),
+                                lambda: measure_group(group, members, captured, settings, sample_ids, on_done),
                                 GroupMeasurement)
 
 
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
-                  sample_ids: torch.Tensor | None = None) -> GroupMeasurement:
+                  sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None) -> GroupMeasurement:
     """Top-k SVD of every site of a group on one chunk of samples (`sample_ids`, their indices in the
     data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
     alignment and RA1 trajectories."""
@@ -170,14 +179,21 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         formed = jacobian.products if op is not jacobian else 0
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": formed + result.products,
                                  "iterations": result.iterations,
-                                 "converged": int(result.converged.sum()), "samples": op.shape[0]}
+                                 "converged": int(result.converged.sum()), "samples": op.shape[0],
+                                 "align_seconds": 0.0, "align_products": 0}  # a site alone in its group aligns with none
         out.method[site.name] = result.method
         out.S[site.name] = result.S.double().cpu()
         out.residual[site.name] = torch.maximum(result.res_left, result.res_right).double().cpu()
         if op.shape[1] == op.shape[2]:
             out.overlap[site.name] = ra_metrics.singular_vector_overlap(result.U, result.V).double().cpu()
+        if on_done:
+            on_done(site.name, out.timing[site.name]["seconds"], out.timing[site.name]["products"])
     if len(members) >= 2:
         _measure_alignment(members, captured, svds, ops, settings, out)
+        if on_done:
+            timings = [out.timing[s.name] for s in members]
+            on_done(f"group {group} RA2 alignment", sum(t["align_seconds"] for t in timings),
+                    sum(t["align_products"] for t in timings), advance=0)
         first = captured.sites[members[0].name].x
         H = torch.stack([first] + [captured.sites[s.name].y.to(first.device) for s in members], dim=1)
         out.trajectory = {k: v.cpu() for k, v in ra_metrics.trajectory_stats(H).items()}

@@ -1,23 +1,29 @@
 """One probe from start to end: model prepared, labels checked, sites discovered, measured chunk by
-chunk, summarized and judged. Returns plain data; the report stage turns it into the report."""
+chunk, summarized, compared with the same architecture at random init, and judged. Returns plain data;
+the report stage turns it into the report."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ra_probe.load.data import Samples, check_labels
-from ra_probe.load.models import LoadedModel
-from ra_probe.metrics.verdict import nc_verdict, ra_verdict
+from ra_probe.load.data import check_labels, take
+from ra_probe.load.models import LoadedModel, freeze
+from ra_probe.load.reinit import random_init
+from ra_probe.load.samples import Samples
+from ra_probe.metrics.verdict import headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.discover import discover, output_classes
 from ra_probe.pipeline.measure import Measured, measure
-from ra_probe.pipeline.prepare import prepared
+from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.pipeline.summarize import summarize
 from ra_probe.sites import SiteReport
+
+NULL_SEED_OFFSET = 1  # the null is drawn under seed + 1: another draw than a --no-pretrained model's own
 
 
 @dataclass
@@ -29,22 +35,67 @@ class Outcome:
     metrics: dict[str, Any]
     verdict: dict[str, Any]
     seconds: float
+    null_cost: dict[str, float] = dataclasses.field(default_factory=lambda: {"seconds": 0.0, "products": 0})
 
 
 def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None = None,
         cache: ResultCache | None = None) -> Outcome:
-    """Probe `loaded` on `samples`. With a `cache`, group measurements already stored are reused and new
-    ones are stored. The caller's model and global torch state (RNG, TF32 flags) are left as they were."""
+    """Probe `loaded` on `samples`, and (unless `settings.null` is "none") its architecture at a seeded
+    random init on the first of them. With a `cache`, group measurements already stored are reused and
+    new ones are stored. The caller's model and global torch state (RNG, TF32 flags) are left as they were."""
     started = time.perf_counter()
+    site_report, measured, metrics = _probe_module(loaded, samples, settings, progress, cache, check=True)
+    cost = {"seconds": 0.0, "products": 0}
+    if not site_report.sites:
+        metrics["null"] = {"status": "off", "reason": "no residual site to compare with a random init"}
+    else:
+        metrics["null"], cost = _null(loaded, samples, settings, progress, cache)
+    if metrics["null"]["status"] == "measured":
+        metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
+    verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
+               "nc": nc_verdict(metrics["nc"], settings.thresholds)}
+    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started, cost)
+
+
+def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
+                  cache: ResultCache | None, check: bool = False) -> tuple[SiteReport, Measured, dict[str, Any]]:
+    """Sites discovered on `loaded`'s module, measured and summarized (`check`: labels checked first)."""
     device = settings.resolved_device()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
             prepared(loaded.module, settings) as model:
         torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
-        check_labels(samples, loaded.num_classes or output_classes(model, samples, settings))
+        if check:
+            check_labels(samples, loaded.num_classes or output_classes(model, samples, settings))
         site_report = discover(model, samples, settings)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
         metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
-    verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
-               "nc": nc_verdict(metrics["nc"], settings.thresholds)}
-    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started)
+    return site_report, measured, metrics
+
+
+def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
+          cache: ResultCache | None) -> tuple[dict[str, Any], dict[str, float]]:
+    """The RA headline metrics of the architecture at random init, on the first `null_samples` samples,
+    or why there are none; and what measuring them cost (seconds, products)."""
+    none = {"seconds": 0.0, "products": 0}
+    if settings.null == "none":
+        return {"status": "off", "reason": "--null none: the verdict has no control"}, none
+    if dispatched(loaded.module):
+        return {"status": "unavailable", "reason": "a model split across devices (device_map) is not rebuilt at "
+                                                  "random init: it would need its memory twice"}, none
+    seed = settings.seed + NULL_SEED_OFFSET
+    init = random_init(loaded.builder, loaded.module, seed)
+    if init.module is None:
+        return {"status": "unavailable", "reason": init.how, "seed": seed}, none
+    freeze(init.module)
+    n = min(settings.null_samples, len(samples))
+    subset = Samples(take(samples.inputs, slice(n)), None, samples.name)
+    null_settings = dataclasses.replace(settings, samples=n, null="none")
+    null_loaded = dataclasses.replace(loaded, module=init.module, name=f"{loaded.name} at random init")
+    tick = time.perf_counter()
+    say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
+    site_report, measured, metrics = _probe_module(null_loaded, subset, null_settings, say, cache)
+    timings = [measured.timing(s.name) for s in site_report.sites]
+    cost = {"seconds": time.perf_counter() - tick, "products": sum(t["products"] + t["align_products"] for t in timings)}
+    return {"status": "measured", "init": init.how, "seed": seed, "samples": n, "sites": len(site_report.sites),
+            **headline(metrics)}, cost

@@ -13,6 +13,7 @@ from ra_probe.metrics.verdict import Thresholds
 
 Progress = Callable[[str, int, int], None]  # (what is being measured, done, total)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NULLS = ("init", "none")
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Settings:
     dtype: str = "float32"
     device: str | None = None
     seed: int = 0
+    null: str = "init"  # init: RA metrics also measured on the architecture at random init | none
+    null_samples: int = 8  # samples of the null measurement (the first of the probe's)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def resolved_device(self) -> torch.device:
@@ -38,9 +41,11 @@ class Settings:
         """Refuse values no probe can run with, naming the setting (a UserError)."""
         if self.solver not in SOLVERS:
             raise UserError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.null not in NULLS:
+            raise UserError(f"null must be one of {', '.join(NULLS)}, got {self.null!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("k", "samples", "chunk"):
+        for name in ("k", "samples", "chunk", "null_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.tol < 0 or self.tau < 0:

@@ -59,7 +59,8 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
         "tool": {"name": "ra-probe", "version": __version__},
         "model": {"name": loaded.name, "source": loaded.source, "pretrained": loaded.pretrained,
                   "weights_sha256": loaded.weights_sha256, "num_classes": loaded.num_classes,
-                  "parameters": sum(p.numel() for p in loaded.module.parameters()), "adapter": site_report.adapter},
+                  "parameters": sum(p.numel() for p in loaded.module.parameters()), "adapter": site_report.adapter,
+                  "weights_path": loaded.weights_path, "preprocessing": loaded.preprocessing},
         "data": {"name": samples.name, "samples": len(samples), "labelled": samples.labels is not None,
                  "tokens": None if tokens is None else tokens.tolist(),
                  "digest": tensor_digest(samples.inputs, samples.labels)},
@@ -74,9 +75,10 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
         "messages": messages,
         "timings": {"total_seconds": seconds,
                     "sites_seconds": sum(s["timing"]["seconds"] for s in sites),
-                    "alignment_seconds": sum(s["timing"].get("align_seconds", 0.0) for s in sites),
-                    "products": sum(s["timing"]["products"] + s["timing"].get("align_products", 0) for s in sites),
-                    "samples_per_chunk": measured.batch_size},
+                    "alignment_seconds": sum(s["timing"]["align_seconds"] for s in sites),
+                    "products": sum(s["timing"]["products"] + s["timing"]["align_products"] for s in sites),
+                    "samples_per_chunk": measured.batch_size,
+                    "null_seconds": outcome.null_cost["seconds"], "null_products": outcome.null_cost["products"]},
     })
 
 

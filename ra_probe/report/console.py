@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ra_probe.report.format import fmt
+from ra_probe.report.format import fmt, null_rows
 
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "not_applicable": "dim"}
 
@@ -78,7 +78,9 @@ def spectra_table(report: dict[str, Any], width: int = 120) -> Table:
         rank = f"{r['rank_median']:g}" if r["rank_median"] is not None else f"≥{r['rank_at_least']}"
         rows.append([s["name"], fmt(sv[0]), rank, fmt(sv[1]), fmt(r["gap_mean"]), fmt(s["max_residual"], 2),
                      s["method"], fmt(sv[2]), f"{s['timing']['seconds']:.2f}"])
-    caption = (f"rank: median #{{σ > τσ₁}}, τ = {report['metrics']['ra3']['tau']:g}; gap: σ_C/σ_C+1; "
+    classes, k = report["metrics"]["ra3"]["classes"], report["settings"]["k"]
+    gap = "σ_C/σ_C+1" + (f" (needs k > C = {classes}: not measured)" if classes and k <= classes else "")
+    caption = (f"rank: median #{{σ > τσ₁}}, τ = {report['metrics']['ra3']['tau']:g}; gap: {gap}; "
                "residual: largest residual bound")
     return fitted(f"Residual Jacobian spectra (mean over {report['data']['samples']} samples)", columns, rows,
                   width, caption)
@@ -101,6 +103,13 @@ def ra_table(report: dict[str, Any], width: int = 120) -> Table:
                   f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}")
 
 
+def null_table(metrics: dict[str, Any], width: int = 120) -> Table:
+    null = metrics["null"]
+    columns = [Column(""), Column("model", "right"), Column("random init", "right"), Column("ratio", "right")]
+    return fitted("Against the same architecture at random init", columns, null_rows(metrics), width,
+                  f"{null['init']}, seed {null['seed']}, {null['samples']} samples")
+
+
 def nc_table(nc: dict[str, Any], width: int = 120) -> Table:
     columns = [Column("NC1", "right"), Column("NC2 μ norms", "right"), Column("NC2 angles", "right"),
                Column("NC3", "right"), Column("NC4", "right"), Column("NC2 w norms", "right", True)]
@@ -116,9 +125,11 @@ def verdict_table(verdict: dict[str, Any]) -> Table:
     for key in ("ra", "nc"):
         evidence = verdict["evidence"][key]
         lines = [f"{'✓' if c['passed'] else '✗' if c['passed'] is not None else '·'} {c['name']}: "
-                 f"{fmt(c['value'])} ({c['rule']})" for c in evidence["checks"]]
-        if evidence.get("reason"):
-            lines.append(evidence["reason"])
+                 + (f"{fmt(c['value'])} ({c['rule']})" if c["value"] is not None else
+                    f"undetermined ({c.get('reason') or c['rule']})") for c in evidence["checks"]]
+        lines += [text for text in (evidence.get("reason"), evidence.get("scope")) if text]
+        if evidence.get("control"):
+            lines.append(f"control: {evidence['control']}")
         status = verdict[key]
         table.add_row(key.upper(), f"[{STATUS_STYLE[status]}]{status}[/]", "\n".join(lines))
     return table
@@ -135,7 +146,9 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         console.print(spectra_table(report, console.width))
     if report["metrics"]["ra2"]["groups"]:
         console.print(ra_table(report, console.width))
-    if report["metrics"]["nc"] is not None:
+    if report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]:  # reports before 1.4 have none
+        console.print(null_table(report["metrics"], console.width))
+    if report["metrics"]["nc"] is not None and not report["metrics"]["nc"].get("undetermined"):
         console.print(nc_table(report["metrics"]["nc"], console.width))
     console.print(verdict_table(report["verdict"]))
     for message in report["messages"]:

@@ -13,3 +13,17 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
+
+
+HEADLINE_LABELS = {"ra1": "RA1 linearity", "ra2": "RA2 a_ij", "ra3": "RA3 median rank", "ra4": "RA4 L·mean σ₁"}
+
+
+def null_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Each RA headline metric as text: its label, the model's value, its value at random init and their
+    ratio (the console's table and the HTML's alike)."""
+    from ra_probe.metrics.verdict import HEADLINE
+
+    null = metrics["null"]
+    return [[HEADLINE_LABELS[section], fmt(metrics[section][name]), fmt(null[section][name]),
+             "–" if null["ratio"][section] is None else f"{null['ratio'][section]:.3g}×"]
+            for section, name in HEADLINE.items()]

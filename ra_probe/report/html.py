@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from ra_probe.report import plots
 from ra_probe.report.files import write_text
-from ra_probe.report.format import fmt
+from ra_probe.report.format import fmt, null_rows
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -43,7 +43,7 @@ def report_figures(report: dict[str, Any]) -> dict[str, Any]:
     for group in metrics["ra1"]["groups"]:
         if group.get("projection"):
             figures["trajectories"][group["group"]] = Markup(plots.trajectories(group))
-    if metrics["nc"] is not None:
+    if metrics["nc"] is not None and not metrics["nc"].get("undetermined"):
         figures["nc"] = Markup(plots.nc_bars(metrics["nc"], report["verdict"]["thresholds"]))
     return figures
 
@@ -52,8 +52,10 @@ def render_report(report: dict[str, Any]) -> str:
     """The HTML page of one report: verdict and evidence first, then the evidence's figures and tables."""
     ra1 = {g["group"]: g for g in report["metrics"]["ra1"]["groups"]}
     ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
+    measured = report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]  # none before 1.4
     return _environment().get_template("report.html.j2").render(
-        report=report, ra1=ra1, ra3=ra3, figures=report_figures(report))
+        report=report, ra1=ra1, ra3=ra3, figures=report_figures(report),
+        null_rows=null_rows(report["metrics"]) if measured else [])
 
 
 def render_comparison(comparison: dict[str, Any]) -> str:

@@ -52,7 +52,8 @@ def _grid(count: int, columns: int, size: tuple[float, float]) -> tuple[Figure, 
 
 
 def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
-    """Mean singular values σ_k (log scale) of every site against k, one panel per group, C marked."""
+    """Mean singular values σ_k (log scale) of every site against k, one panel per group; C marked when
+    it falls within the k values shown (the axis spans k, never a C of a thousand classes)."""
     groups: dict[int, list[dict[str, Any]]] = {}
     for site in sites:
         groups.setdefault(site["group"], []).append(site)
@@ -63,10 +64,15 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
             sv = _positive(site["singular_values"])
             ax.plot(range(1, len(sv) + 1), sv, marker=".", label=site["name"])
             shown.append(sv)
-        if classes:
+        k = max(len(sv) for sv in shown)
+        if classes and classes <= k:
             ax.axvline(classes, color="0.4", linestyle="--", linewidth=1)
             ax.annotate(f"C = {classes}", (classes, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
                         textcoords="offset points", fontsize=8, color="0.3")
+        elif classes:
+            ax.annotate(f"C = {classes} > k: not shown", (1, 1), xycoords="axes fraction", xytext=(-3, -12),
+                        textcoords="offset points", fontsize=8, color="0.3", ha="right")
+        ax.set_xlim(0.5, k + 0.5)
         _log_y(ax, np.concatenate(shown))
         ax.set(title=f"group {group}", xlabel="k", ylabel="σ_k")
         ax.legend(fontsize=7, ncol=2 if len(members) > 6 else 1)
