@@ -49,6 +49,9 @@ def test_tiny_hf_model_from_a_folder_all_sites_found_verified_and_measured(famil
         assert site["verify_error"] < 1e-5
         assert site["singular_values"][0] > 0 and all(math.isfinite(s) for s in site["singular_values"])
         assert site["max_residual"] < 1e-3
+    null = report["metrics"]["null"]  # the architecture rebuilt from its config, at random init
+    assert null["status"] == "measured" and null["sites"] == count and "from its config" in null["init"]
+    assert report["model"]["pretrained"] is True
 
 
 def test_text_file_goes_through_the_model_tokenizer(tmp_path):

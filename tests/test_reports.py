@@ -362,3 +362,29 @@ def test_default_report_paths_and_no_overwrite(tmp_path, monkeypatch, capsys):
     assert "one.json exists; pass --force" in capsys.readouterr().err
     assert (tmp_path / "one.json").read_text() == before
     assert _run([*args, "--json", "one.json", "--force"]) == 0
+
+
+def test_a_deep_report_grows_linearly_and_renders_without_warnings():
+    import warnings
+
+    import torch
+
+    from ra_probe import probe
+    from ra_probe.metrics.ra import heatmap_pairs
+    from tiny_models import DeepMLP
+
+    torch.manual_seed(0)
+    reports = {depth: probe(DeepMLP(depth), torch.randn(2, 6), samples=2, k=4, null="none") for depth in (20, 40)}
+    size = {depth: len(report.to_json()) for depth, report in reports.items()}
+    assert size[40] < 2.2 * size[20]  # linear in depth: the K×K maps of neighbours and of 8 spread sites
+    group = reports[40]["metrics"]["ra2"]["groups"][0]
+    names = group["sites"]
+    assert len(names) == 40 and len(group["matrix"]) == 40  # a_ij keeps every pair
+    assert set(group["heatmaps"]) == {f"{i}|{j}" for i, j in heatmap_pairs(names)}
+    assert len(group["heatmaps"]) == 8 * 7 + 2 * 39  # the spread sites of 40 are never neighbours
+    assert f"{names[0]}|{names[1]}" in group["heatmaps"] and f"{names[0]}|{names[2]}" not in group["heatmaps"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a library warning (matplotlib's layout) fails the test
+        page = reports[40].to_html()
+    maps = set(re.findall(r'id="(heatmap-0-\d+-\d+)"', page))
+    assert len(maps) == 8 * 7 and "8 of 40 sites, evenly spread" in page

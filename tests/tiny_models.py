@@ -177,3 +177,17 @@ class FlashNet(nn.Module):
 def flash_net() -> nn.Module:
     torch.manual_seed(0)
     return FlashNet()
+
+
+class DeepMLP(nn.Module):
+    """A stem, `depth` residual MLP blocks of width 8 in one chain, a head: a deep report."""
+
+    input_shape = (6,)
+
+    def __init__(self, depth: int = 60):
+        super().__init__()
+        self.stem, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.blocks = nn.Sequential(*(ResidualMLP(8) for _ in range(depth)))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))

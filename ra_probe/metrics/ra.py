@@ -64,6 +64,32 @@ def alignment_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
     return (diag / total.clamp_min(torch.finfo(S_i.dtype).tiny)).masked_fill(total == 0, float("nan"))
 
 
+HEATMAP_SITES = 8  # a group's K×K maps are kept for every pair among this many sites, and for neighbours
+
+
+def _spread(m: int) -> list[int]:
+    """Up to `HEATMAP_SITES` indices spread evenly from the first site to the last."""
+    if m <= HEATMAP_SITES:
+        return list(range(m))
+    return sorted({round(a * (m - 1) / (HEATMAP_SITES - 1)) for a in range(HEATMAP_SITES)})
+
+
+def spread_sites(names: list[str]) -> list[str]:
+    """The sites of a group among which every K×K map is kept (see `heatmap_pairs`), in order."""
+    return [names[i] for i in _spread(len(names))]
+
+
+def heatmap_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """The ordered pairs (i, j) of a group whose K×K maps |U_jᵀ J_i V_j| a report keeps: every pair when
+    the group has at most `HEATMAP_SITES` sites; else every pair among that many sites spread evenly
+    from the first to the last, and each site with its neighbours. So a report grows linearly with
+    depth, not as L² (the a_ij matrix itself keeps every pair)."""
+    spread, m = _spread(len(names)), len(names)
+    pairs = {(a, b) for a in spread for b in spread if a != b}
+    pairs |= {(a, a + 1) for a in range(m - 1)} | {(a + 1, a) for a in range(m - 1)}
+    return [(names[a], names[b]) for a, b in sorted(pairs)]
+
+
 def singular_vector_overlap(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """|⟨u_k, v_k⟩| of a site's own singular pairs (input and output spaces equal): (B, k)."""
     return (U * V).sum(dim=1).abs()

@@ -67,7 +67,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         undefined = torch.stack(list(alignment.values())).isnan().any(dim=0)
         count = sum(len(t) for t in measured.site_values("S", names[0]))
         heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
-                    for i in names for j in names if i != j}
+                    for i, j in ra_metrics.heatmap_pairs(names)}
         ra2_groups.append({"group": group, "sites": names, "score": sum(pairs) / len(pairs), "matrix": matrix,
                            "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())})
 

@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
+from ra_probe.metrics.ra import spread_sites
+
 NO_VALUE_FLOOR = 1e-4  # where a zero or missing value sits on a log axis
 
 
@@ -41,6 +43,15 @@ def _log_y(ax, values: np.ndarray) -> None:
                 color="0.4", fontsize=8)
 
 
+LABELLED = 16  # sites up to which every tick and cell of a figure is labelled
+LEGEND_SITES = 12  # sites of a group up to which the spectra have a legend
+
+
+def _ticks(m: int) -> list[int]:
+    """Indices of the sites to label on an axis of m: all up to `LABELLED`, else about that many."""
+    return list(range(0, m, max(1, math.ceil(m / LABELLED))))
+
+
 def _grid(count: int, columns: int, size: tuple[float, float]) -> tuple[Figure, list]:
     cols = min(columns, count)
     rows = math.ceil(count / cols)
@@ -60,9 +71,11 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
     fig, axes = _grid(len(groups), 3, (4.2, 3.2))
     for ax, (group, members) in zip(axes, groups.items()):
         shown = []
-        for site in members:
+        colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(members)))
+        for color, site in zip(colors, members):
             sv = _positive(site["singular_values"])
-            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=site["name"])
+            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=site["name"],
+                    color=color if len(members) > LEGEND_SITES else None)
             shown.append(sv)
         k = max(len(sv) for sv in shown)
         if classes and classes <= k:
@@ -75,7 +88,11 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
         ax.set_xlim(0.5, k + 0.5)
         _log_y(ax, np.concatenate(shown))
         ax.set(title=f"group {group}", xlabel="k", ylabel="σ_k")
-        ax.legend(fontsize=7, ncol=2 if len(members) > 6 else 1)
+        if len(members) <= LEGEND_SITES:
+            ax.legend(fontsize=7, ncol=2 if len(members) > 6 else 1)
+        else:  # a deep group: colour runs with depth, first (dark) to last (light)
+            ax.text(0.02, 0.02, f"{members[0]['name']} (dark) → {members[-1]['name']} (light)",
+                    transform=ax.transAxes, fontsize=7, color="0.3")
     return _svg(fig, "spectra")
 
 
@@ -83,47 +100,59 @@ def alignment_matrix(group: dict[str, Any]) -> str:
     """RA2 scores a_ij of one group: row i (the Jacobian J_i), column j (the singular pairs of J_j)."""
     names, matrix = group["sites"], np.array(group["matrix"], dtype=float)
     m = len(names)
-    fig = Figure(figsize=(1.2 + 0.55 * m, 0.9 + 0.5 * m), layout="constrained")
+    cell = 0.55 if m <= LABELLED else max(0.1, 9.0 / m)  # a deep group: the same page width, no numbers
+    fig = Figure(figsize=(1.2 + cell * m + 1.2, 0.9 + cell * 0.9 * m + 1.2), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    for i in range(m):
-        for j in range(m):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if matrix[i, j] > 0.6 else "white")
-    ax.set_xticks(range(m), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(m), names, fontsize=8)
+    if m <= LABELLED:
+        for i in range(m):
+            for j in range(m):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if matrix[i, j] > 0.6 else "white")
+    ticks = _ticks(m)
+    ax.set_xticks(ticks, [names[t] for t in ticks], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=8)
     ax.set(xlabel="j (singular pairs of J_j)", ylabel="i (Jacobian J_i)", title=f"group {group['group']}: a_ij")
     fig.colorbar(image, ax=ax, shrink=0.8)
     return _svg(fig, f"alignment-{group['group']}")
 
 
 def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:
-    """The K×K maps |U_jᵀ J_i V_j| of one group, row i and column j, each divided by σ₁(J_i) so rows
-    share a scale: a bright diagonal means J_j's singular pairs also diagonalize J_i (RA2)."""
-    names = group["sites"]
+    """The K×K maps |U_jᵀ J_i V_j| of one group (of at most `HEATMAP_SITES` sites spread over a deep
+    one), row i and column j, each divided by σ₁(J_i) so rows share a scale: a bright diagonal means
+    J_j's singular pairs also diagonalize J_i (RA2). One axes, each map an image placed in its cell."""
+    from matplotlib.patches import Rectangle
+
+    names = spread_sites(group["sites"])
     m = len(names)
-    fig = Figure(figsize=(1.0 + 1.25 * m, 0.8 + 1.25 * m), layout="constrained")
-    axes = fig.subplots(m, m, squeeze=False)
-    image = None
+    K = len(next(iter(group["heatmaps"].values()), [[0.0]]))
+    step = K + 1  # a map and a gap
+    fig = Figure(figsize=(1.6 + 1.1 * m, 1.2 + 1.1 * m), layout="constrained")
+    fig.suppressComposite = True  # each map its own SVG image, with its id
+    ax = fig.subplots()
+    norm, image = PowerNorm(0.5, vmin=0, vmax=1), None
     for i, site_i in enumerate(names):
         scale = sigma1.get(site_i) or 1.0
         for j, site_j in enumerate(names):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
             if i == j:
-                ax.set_facecolor("0.93")
-            else:
-                image = ax.imshow(np.array(group["heatmaps"][f"{site_i}|{site_j}"], dtype=float) / scale,
-                                  norm=PowerNorm(0.5, vmin=0, vmax=1), cmap="magma")
-                image.set_gid(f"heatmap-{group['group']}-{i}-{j}")  # the SVG element's id
-            if i == 0:
-                ax.set_title(site_j, fontsize=7)
-            if j == 0:
-                ax.set_ylabel(site_i, fontsize=7)
+                ax.add_patch(Rectangle((j * step, i * step), K, K, color="0.93"))
+                continue
+            image = ax.imshow(np.array(group["heatmaps"][f"{site_i}|{site_j}"], dtype=float) / scale, norm=norm,
+                              cmap="magma", extent=(j * step, j * step + K, i * step + K, i * step),
+                              interpolation="nearest")
+            image.set_gid(f"heatmap-{group['group']}-{i}-{j}")  # the SVG element's id
+    centers = [a * step + K / 2 for a in range(m)]
+    ax.set_xlim(-0.5, m * step - 0.5)
+    ax.set_ylim(m * step - 0.5, -0.5)
+    ax.xaxis.tick_top()
+    ax.set_xticks(centers, names, rotation=60, ha="left", fontsize=7)
+    ax.set_yticks(centers, names, fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_frame_on(False)
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="|U_jᵀ J_i V_j| / σ₁(J_i)  (square-root scale)")
-    fig.suptitle(f"group {group['group']}: rows J_i, columns (U_j, V_j)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.6, label="|U_jᵀ J_i V_j| / σ₁(J_i)  (square-root scale)")
+    sampled = "" if m == len(group["sites"]) else f" ({m} of {len(group['sites'])} sites, evenly spread)"
+    ax.set_title(f"group {group['group']}: rows J_i, columns (U_j, V_j){sampled}", fontsize=9)
     return _svg(fig, f"heatmaps-{group['group']}")
 
 
@@ -149,7 +178,7 @@ def trajectories(group: dict[str, Any]) -> str:
 
 def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int]) -> str:
     """RA4 within a model: σ₁ (mean ± std over samples, log scale) of each site against its depth."""
-    fig = Figure(figsize=(max(4.5, 0.32 * len(ra4_sites) + 2), 3.4), layout="constrained")
+    fig = Figure(figsize=(min(12.0, max(4.5, 0.32 * len(ra4_sites) + 2)), 3.4), layout="constrained")
     ax = fig.subplots()
     depth = [s["depth"] for s in ra4_sites]
     mean = _positive([s["sigma1_mean"] for s in ra4_sites])
@@ -157,7 +186,8 @@ def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int]) -> str
     ax.errorbar(depth, mean, yerr=std, color="0.6", linewidth=1, capsize=2, zorder=1)
     ax.scatter(depth, mean, c=[groups.get(s["site"], 0) for s in ra4_sites], cmap="tab10", zorder=2, s=18)
     _log_y(ax, mean)
-    ax.set_xticks(depth, [s["site"] for s in ra4_sites], rotation=60, ha="right", fontsize=7)
+    ticks = _ticks(len(ra4_sites))
+    ax.set_xticks([depth[t] for t in ticks], [ra4_sites[t]["site"] for t in ticks], rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="σ₁", title="σ₁ against depth (colour: group)")
     return _svg(fig, "sigma1")
 
