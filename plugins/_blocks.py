@@ -66,13 +66,17 @@ def _is_cache(value) -> bool:
     return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
+def without_cache(kwargs: dict) -> dict:
+    """Captured keyword arguments without a key/value cache (replayed, it would grow at every call)."""
+    return {key: value for key, value in kwargs.items() if key not in CACHE_ARGUMENTS and not _is_cache(value)}
+
+
 def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
     """`module(x, *side inputs)`: the call captured in `ctx` with its main input replaced by `x` (a
     captured keyword for the first parameter, as in `attn(hidden_states=h, ...)`, is dropped) and
     without a key/value cache."""
     first = next(iter(inspect.signature(module.forward).parameters))
-    kwargs = {key: value for key, value in ctx.get("kwargs", {}).items()
-              if key != first and key not in CACHE_ARGUMENTS and not _is_cache(value)}
+    kwargs = {key: value for key, value in without_cache(ctx.get("kwargs", {})).items() if key != first}
     return module(x, *ctx.get("args", ()), **kwargs)
 
 

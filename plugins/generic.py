@@ -84,8 +84,13 @@ class _Graph:
         self.dom: dict[fx.Node, set[fx.Node]] = {self.x: {self.x}}
         for node in self.nodes:  # topological order: dom(n) = {n} ∪ ⋂ dom(inputs from x)
             inputs = [p for p in node.all_input_nodes if p in self.dom]
-            if node is not self.x and inputs and node.op != "output" and not _metadata(node):
+            if node is not self.x and inputs and node.op != "output":
                 self.dom[node] = {node} | set.intersection(*(self.dom[p] for p in inputs))
+        # the values computed from x's values, not only from its shape (a position embedding sized to x)
+        self.values = {self.x}
+        for node in self.nodes:
+            if not _metadata(node) and any(p in self.values for p in node.all_input_nodes):
+                self.values.add(node)
 
     def idom(self, node: fx.Node) -> fx.Node:
         return max(self.dom[node] - {node}, key=self.order.__getitem__)
@@ -174,8 +179,8 @@ def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
     a, b = add.args
     if (a in g.dom) != (b in g.dom) and any(n.op == "placeholder" for n in (a, b)):
         raise Untraceable("an add takes a side input (a skip passed in by the caller?)")
-    if a not in g.dom or b not in g.dom:
-        return None  # an operand does not depend on x (a position embedding, a bias)
+    if a not in g.values or b not in g.values:
+        return None  # an operand does not depend on x's values (a position embedding, a bias)
     d = g.idom(add)
     if d.users and all(u.op == "call_function" and u.target is operator.getitem for u in d.users):
         if d is g.x:

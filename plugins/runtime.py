@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ra_probe.plugins._blocks import NORMS, name_sites
+from ra_probe.plugins._blocks import NORMS, name_sites, without_cache
 from ra_probe.sites import Context, Site, Skipped, Tap, main_input, output_tensor, per_sample
 
 ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
@@ -181,9 +181,10 @@ def _flags(skip: _Value, branch: _Value, x: _Value | None) -> tuple[bool, bool, 
             continue
         seen.add(node)
         order.append(node)
-        pending.extend(node.parents)
+        if node is not x:  # what the block's input was computed from lies outside the block
+            pending.extend(node.parents)
     for node in sorted(order, key=lambda n: n.seq):
-        reach[node] = any(reach.get(p, False) for p in node.parents)
+        reach[node] = node is not x and any(reach.get(p, False) for p in node.parents)
         param[node] = reach[node] and (node.parametric or any(param.get(p, False) for p in node.parents))
         other[node] = other.get(node, False) or any(other.get(p, False) for p in node.parents)
     return reach.get(branch, False), param.get(branch, False), other.get(branch, False)
@@ -264,7 +265,7 @@ def _roles(frame: _Frame, add: _Add) -> tuple[_Value, _Value, int | str | None] 
             return skip, branch, None
     for skip, branch in pairs:
         if skip in frame.side and frame.input is not None and all(_flags(frame.input, branch, None)[:2]) \
-                and not _flags(skip, branch, None)[0]:
+                and not _flags(skip, branch, frame.input)[0]:
             return frame.input, branch, frame.side[skip]
     return None
 
@@ -284,8 +285,10 @@ def sites_of(frame: _Frame) -> tuple[list[Site], list[Skipped]]:
             continue
         entry, branch, side = roles
         exit, post, post_name = _exit(frame, add.result)
-        if exit is None or (side is not None and exit.module != frame.path and
-                            frame.outputs.get((exit.module, exit.call)) is not frame.output):
+        if side is not None and (exit is None or exit.module != frame.path and
+                                 frame.outputs.get((exit.module, exit.call)) is not frame.output):
+            continue  # a side input added inside (a position bias on attention scores): not a skip
+        if exit is None:
             skipped.append(Skipped(f"{frame.path or 'model'}:add{add.index}", "a residual add whose result the "
                                    "forward exposes nowhere (no module takes or returns it)"))
             continue
@@ -385,7 +388,7 @@ def replay(block: nn.Module, entry: Tap, path: str, index: int, position: int, i
                         stack.callback(h.remove)
             with grab:
                 args = ((ctx["input"],) if "input" in ctx else ()) + tuple(ctx.get("args", ()))
-                block(*args, **ctx.get("kwargs", {}))
+                block(*args, **without_cache(ctx.get("kwargs", {})))
         if grab.value is None:
             raise RuntimeError("the replayed forward took another path: the add was not reached")
         return per_sample(grab.value, len(v))

@@ -55,6 +55,31 @@ def test_a_transformers_model_torch_fx_cannot_trace_is_seen_on_its_real_forward(
     torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-6)
 
 
+SMALL = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+             attn_implementation="eager")
+DECODERS = [  # layouts no adapter knows, each with a pitfall: config, sites, kinds
+    # a key/value cache among the captured arguments (replayed, it would grow); one parallel residual
+    (lambda: tf.GPTNeoXModel(tf.GPTNeoXConfig(intermediate_size=32, **SMALL)), ["layers.0", "layers.1"]),
+    # the MLP's add on tokens flattened with the batch (B·T, d) and read back reshaped
+    (lambda: tf.OPTModel(tf.OPTConfig(ffn_dim=32, word_embed_proj_dim=16, **SMALL)),
+     [f"decoder.layers.{i}.{b}" for i in (0, 1) for b in ("self_attn", "fc1")]),
+    # the skip passed into the attention and the MLP by their layer
+    (lambda: tf.BloomModel(tf.BloomConfig(vocab_size=40, hidden_size=16, n_layer=2, n_head=2,
+                                          attn_implementation="eager")),
+     [f"h.{i}.{b}" for i in (0, 1) for b in ("self_attention", "mlp")]),
+]
+
+
+@pytest.mark.parametrize("make,names", DECODERS, ids=["gpt-neox", "opt", "bloom"])
+def test_decoders_without_adapter_have_every_residual_site_verified(make, names):
+    torch.manual_seed(0)
+    model = make().eval().requires_grad_(False)
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    report, _ = found(model, None, input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert report.skipped == [] and [s.name for s in report.sites] == names
+    assert all(s.verify_error < 1e-5 for s in report.sites)
+
+
 def test_a_resnet_family_model_with_block_classes_the_adapter_does_not_know_gets_every_block():
     torch.manual_seed(0)
     model = timm.create_model("skresnet18", pretrained=False).eval().requires_grad_(False)
