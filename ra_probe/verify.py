@@ -7,6 +7,7 @@ import torch
 from dataclasses import replace
 
 from ra_probe.capture import Captured, SiteRecord
+from ra_probe.errors import first_line
 from ra_probe.sites import Site, SiteReport, Skipped, each_call, per_sample
 
 VERIFY_RTOL = 1e-3
@@ -40,7 +41,8 @@ def verify_sites(report: SiteReport, captured: Captured) -> SiteReport:
                 rebuilt = site.output_from(record.x, record.ctx)
             site.verify_error = relative_error(rebuilt, record.y)
         except Exception as exc:  # an adapter's branch that cannot run is a skipped site, not a crash
-            skipped.append(Skipped(site.name, f"branch failed: {type(exc).__name__}: {exc}".splitlines()[0]))
+            skipped.append(Skipped(site.name, f"its branch cannot be recomputed from the captured input "
+                                              f"({first_line(exc)})"))
             continue
         if not site.verify_error <= VERIFY_RTOL:
             skipped.append(Skipped(site.name, f"post(skip(x)+F(x)) differs from the block output "
