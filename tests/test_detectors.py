@@ -124,11 +124,28 @@ def test_windowed_tensors_are_measured_per_sample_and_do_not_count_as_interactin
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 
 
+class ResizedPosition(torch.nn.Module):
+    """A position embedding resized to the input's grid and added (as SAM 2's Hiera does), then a
+    residual conv block."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(1, 3, 2, 2))
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = x + torch.nn.functional.interpolate(self.pos, size=x.shape[-2:])
+        return x + self.conv(x)
+
+
 def test_two_heads_averaged_and_a_position_embedding_are_not_residual_sites():
     torch.manual_seed(0)
     model = timm.create_model("levit_128s", pretrained=False, img_size=32).eval()  # distillation heads averaged
     names = [s.name for s in find_sites(model).sites]
     assert names and "model" not in names
+    report, _ = found(ResizedPosition().eval(), torch.randn(2, 3, 4, 4))
+    assert [(s.name, s.input_tap.where) for s in report.sites] == [("model", "input")] and report.skipped == []
+    assert report.sites[0].verify_error < 1e-6
 
 
 ZOO = [  # one model per mechanism: (reference, options, sites)
