@@ -65,6 +65,7 @@ HF = [
                                          "groups_width": 8}),
     ("vision", "clip_vision_model", "CLIPVisionModel", {"image_size": 32, "patch_size": 8}),
     ("audio", "whisper", "WhisperModel", {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2,
+                                          "decoder_layers": 2, "decoder_attention_heads": 2, "decoder_ffn_dim": 64,
                                             "encoder_ffn_dim": 64, "num_mel_bins": 8, "max_source_positions": 16}),
 ]
 
@@ -102,6 +103,9 @@ def hf_folder(model_type: str, cls: str, overrides: dict, root: Path) -> Path:
     default = tf.AutoConfig.for_model(model_type)
     small = {key: value for key, value in TEXT.items() if hasattr(default, key)}
     config = tf.AutoConfig.for_model(model_type, **small, **overrides)  # derived fields follow (stage names)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= TEXT["vocab_size"]:
+            setattr(config, key, 0)  # special tokens inside the tiny vocabulary
     config.architectures = [cls]
     torch.manual_seed(0)
     folder = root / model_type

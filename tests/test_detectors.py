@@ -174,3 +174,23 @@ def test_a_forward_torch_fx_cannot_trace_has_its_adds_found_and_a_module_without
     assert code == 0 and "│ model │ identity" in out and "Skipped" not in out
     code, out, _ = cli("sites", f"{TINY}:flat_hidden")  # one add found, read by no module: one skip, in words
     assert code == 0 and "1 residual add(s) found but skipped" in out and "exposes nowhere" in out
+
+
+class TextAndImage(torch.nn.Module):
+    """Needs token ids and pixel values (as CLIP does); a forward without the pixels fails on None."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv = torch.nn.Embedding(10, 4), torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, input_ids=None, pixel_values=None):
+        return self.embed(input_ids).mean(1) + self.conv(pixel_values).mean((2, 3))
+
+
+def test_a_model_given_only_some_of_the_inputs_it_needs_is_one_line_naming_them():
+    from ra_probe.errors import UserError
+
+    samples = Samples({"input_ids": torch.randint(0, 10, (2, 3))}, None, "synthetic")
+    with pytest.raises(UserError, match="^data 'synthetic' does not fit the model: the model also takes "
+                                        "pixel_values, which the data does not give$"):
+        discover(TextAndImage().eval(), samples, Settings(k=2))  # before: AttributeError on None.shape

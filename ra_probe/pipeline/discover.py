@@ -2,6 +2,8 @@
 measured: whether its samples are independent, and how many classes it scores."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ra_probe.capture import Captured, capture, logits_of
@@ -21,10 +23,24 @@ def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> Si
         report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise UserError(f"data {samples.name!r} does not fit the model: {first_line(exc)}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
+        missing = _missing_inputs(model, first)
+        why = f"the model also takes {', '.join(missing)}, which the data does not give" if missing \
+            else first_line(exc)
+        raise UserError(f"data {samples.name!r} does not fit the model: {why}") from None
     _check_independent(captured, alone)
     return verify_sites(report, captured)
+
+
+# the inputs of a modality a model may need besides the ones given (a text-and-image model given text)
+MODALITY_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values", "decoder_input_ids")
+
+
+def _missing_inputs(model: torch.nn.Module, inputs) -> list[str]:
+    """The modality inputs the model's forward names that the data does not hold."""
+    given = {"input_ids"} if isinstance(inputs, torch.Tensor) else set(inputs)
+    names = inspect.signature(model.forward).parameters
+    return [name for name in MODALITY_INPUTS if name in names and name not in given] if given & set(names) else []
 
 
 def _check_independent(batch: Captured, alone: Captured) -> None:
