@@ -194,3 +194,38 @@ def test_a_model_given_only_some_of_the_inputs_it_needs_is_one_line_naming_them(
     with pytest.raises(UserError, match="^data 'synthetic' does not fit the model: the model also takes "
                                         "pixel_values, which the data does not give$"):
         discover(TextAndImage().eval(), samples, Settings(k=2))  # before: AttributeError on None.shape
+
+
+class OldStyleGelu(torch.autograd.Function):
+    """A custom op written without setup_context (as Bloom's GELU is): torch.func cannot use it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class OldGelu(torch.nn.Module):
+    def forward(self, x):
+        return OldStyleGelu.apply(x)
+
+
+class CustomFunctionNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.act, self.head = torch.nn.Linear(4, 4), OldGelu(), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x + self.act(self.f(x)))
+
+
+def test_a_branch_with_a_custom_function_torch_func_cannot_differentiate_is_one_line_naming_the_site():
+    from ra_probe import probe
+    from ra_probe.errors import UserError
+
+    with pytest.raises(UserError, match="^site model: its branch calls a custom autograd.Function"):
+        probe(CustomFunctionNet().eval(), torch.randn(2, 4), k=2, samples=2)
