@@ -4,6 +4,7 @@ a call that forwards a module's captured side inputs, and the Site records of th
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from typing import Callable, Iterable
 
 import torch
@@ -12,11 +13,27 @@ from torch import nn
 from ra_probe.sites import Branch, Context, Site, Tap
 
 
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
+
+
+def name_sites(path: str, sites: list[Site]) -> list[Site]:
+    """Names of the sites a detector found in one module, each named by its branch's main child: one
+    site takes the module's path; several take path.<child>, numbered @1, @2... where branches share
+    that child (weights applied several times in one forward)."""
+    uses, seen = Counter(s.name for s in sites), Counter()
+    for site in sites:
+        seen[site.name] += 1
+        suffix = f"@{seen[site.name]}" if uses[site.name] > 1 else ""
+        site.name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name))) + suffix
+    return sites
+
+
 class FamilyAdapter:
     """An adapter made of two functions: `claims(model)` says whether the model is of the family,
     `sites_of(path, module)` returns the sites of one of its blocks (None or [] for other modules)."""
 
     fallback = False
+    partial = True  # blocks of classes it does not know go to the generic detector
 
     def __init__(self, name: str, description: str, claims: Callable[[nn.Module], bool],
                  sites_of: Callable[[str, nn.Module], list[Site] | None]):
@@ -49,13 +66,17 @@ def _is_cache(value) -> bool:
     return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
+def without_cache(kwargs: dict) -> dict:
+    """Captured keyword arguments without a key/value cache (replayed, it would grow at every call)."""
+    return {key: value for key, value in kwargs.items() if key not in CACHE_ARGUMENTS and not _is_cache(value)}
+
+
 def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
     """`module(x, *side inputs)`: the call captured in `ctx` with its main input replaced by `x` (a
     captured keyword for the first parameter, as in `attn(hidden_states=h, ...)`, is dropped) and
     without a key/value cache."""
     first = next(iter(inspect.signature(module.forward).parameters))
-    kwargs = {key: value for key, value in ctx.get("kwargs", {}).items()
-              if key != first and key not in CACHE_ARGUMENTS and not _is_cache(value)}
+    kwargs = {key: value for key, value in without_cache(ctx.get("kwargs", {})).items() if key != first}
     return module(x, *ctx.get("args", ()), **kwargs)
 
 

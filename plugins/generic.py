@@ -21,10 +21,11 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
-from ra_probe.sites import Site, SiteReport, Skipped, Tap
+from ra_probe.plugins import runtime
+from ra_probe.plugins._blocks import NORMS, name_sites
+from ra_probe.sites import Site, SiteReport, Skipped, Tap, in_module_order
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
 
 
 class _ChildrenAsLeaves(fx.Tracer):
@@ -85,6 +86,11 @@ class _Graph:
             inputs = [p for p in node.all_input_nodes if p in self.dom]
             if node is not self.x and inputs and node.op != "output":
                 self.dom[node] = {node} | set.intersection(*(self.dom[p] for p in inputs))
+        # the values computed from x's values, not only from its shape (a position embedding sized to x)
+        self.values = {self.x}
+        for node in self.nodes:
+            if not _metadata(node) and any(p in self.values for p in node.all_input_nodes):
+                self.values.add(node)
 
     def idom(self, node: fx.Node) -> fx.Node:
         return max(self.dom[node] - {node}, key=self.order.__getitem__)
@@ -141,6 +147,15 @@ class _Graph:
         return fx.GraphModule(self.gm, graph), side
 
 
+def _metadata(node: fx.Node) -> bool:
+    """A read of x's shape, dtype or device: what follows from it (a position embedding resized to the
+    input) does not depend on x's values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device",
+                                                                                      "ndim")
+
+
 def _is_add(node: fx.Node) -> bool:
     return (node.op in ("call_function", "call_method") and node.target in ADD_TARGETS and len(node.args) == 2
             and all(isinstance(a, fx.Node) for a in node.args))
@@ -162,14 +177,22 @@ class _Rejected(Exception):
 def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
     """The site of one add, None when the add is not residual (see the module docstring)."""
     a, b = add.args
-    if a not in g.dom or b not in g.dom:
-        return None  # an operand does not depend on x (a position embedding, a bias)
+    if (a in g.dom) != (b in g.dom) and any(n.op == "placeholder" for n in (a, b)):
+        raise Untraceable("an add takes a side input (a skip passed in by the caller?)")
+    if a not in g.values or b not in g.values:
+        return None  # an operand does not depend on x's values (a position embedding, a bias)
     d = g.idom(add)
+    if d.users and all(u.op == "call_function" and u.target is operator.getitem for u in d.users):
+        if d is g.x:
+            raise _Rejected("the block's input is a tuple, not one tensor: no Jacobian of one tensor to measure")
+        return None  # operands taken from a tuple of chunks (Res2Net's, FocalNet's hierarchical sums)
     paths = {n: g.between(d, n) for n in (a, b)}
     weight = {n: sum(map(g.parametric, paths[n])) for n in (a, b)}
     skip_node, branch_node = (a, b) if a is d or (b is not d and weight[a] < weight[b]) else (b, a)
-    if weight[branch_node] == 0:
-        return None  # arithmetic on x (a GELU polynomial...), not a residual branch
+    if weight[branch_node] == 0 or weight[branch_node] == weight[skip_node] > 0:
+        return None  # arithmetic on x (a GELU polynomial...), or two alike branches summed (an average of heads)
+    if any(sum(p is d or p in paths[skip_node] for p in n.all_input_nodes) > 1 for n in paths[skip_node]):
+        return None  # the "skip" multiplies values of x together (attention scores plus a position bias)
     branch_gm, side = g.extract(d, branch_node)
     skip, kind = None, "identity"
     if skip_node is not d and not all(isinstance(g.module(n), nn.Identity) for n in paths[skip_node]):
@@ -187,8 +210,9 @@ def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
     largest = max((n for n in g.nodes if n in paths[branch_node] and n.op == "call_module"), default=None,
                   key=lambda n: sum(p.numel() for p in g.module(n).parameters()))  # ties: the first called
     return Site(name=largest.target if largest is not None else add.name, module_path=g.path,
-                branch=lambda x, ctx, f=branch_gm: f(x, *_side_values(module, side, ctx)),
-                input_tap=entry, output_tap=exit, kind=kind, skip=skip, post=post,
+                branch=lambda x, ctx, f=branch_gm: f.forward(x, *_side_values(module, side, ctx)),
+                input_tap=entry, output_tap=exit, kind=kind, skip=None if skip is None else skip.forward,
+                post=None if post is None else post.forward,
                 post_name="+".join(_op_name(g, n) for n in post_nodes) or None,
                 ctx_module=g.path if side else None)
 
@@ -215,17 +239,19 @@ def _op_name(g: _Graph, node: fx.Node) -> str:
     return type(module).__name__.lower() if module is not None else getattr(node.target, "__name__", str(node.target))
 
 
+class Untraceable(Exception):
+    """torch.fx cannot trace a module's forward; the message says why, in one line."""
+
+
 def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
     """The residual sites of one module's own forward (its children are leaves), and those found but
-    not extractable."""
+    not extractable. Raises Untraceable when torch.fx cannot trace the forward."""
     if type(module).__module__.startswith("torch.nn"):
         return [], []  # torch's own layers, containers and activations hold no residual add
     try:
         gm = _trace(module)
-    except Exception as exc:  # its adds cannot be seen: say so rather than report no residual connection
-        why = f"{type(exc).__name__}: {exc}".splitlines()[0].split(". ")[0]  # torch.fx's hints are long
-        return [], [Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds not looked for "
-                                             f"({why})")]
+    except Exception as exc:  # noqa: BLE001 - any tracer failure: another strategy looks at it
+        raise Untraceable(f"{type(exc).__name__}: {exc}".splitlines()[0].split(". ")[0]) from None
     if not any(n.op == "placeholder" for n in gm.graph.nodes):
         return [], []
     g = _Graph(path, gm)
@@ -238,27 +264,43 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
             continue
         if site is not None:
             sites.append(site)
-    # one site: the module's path; several: path.<branch's main child>, numbered @1, @2... where
-    # branches share that child (weights applied several times in one forward)
-    uses, seen = Counter(s.name for s in sites), Counter()
-    for site in sites:
-        seen[site.name] += 1
-        suffix = f"@{seen[site.name]}" if uses[site.name] > 1 else ""
-        site.name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name))) + suffix
-    return sites, skipped
+    return name_sites(path, sites), skipped
 
 
 class GenericDetector:
-    name = "generic"
-    description = "fallback: adds of x and a parametric branch of x, found by tracing each module (torch.fx)"
-    fallback = True
+    """Every module's own forward, traced with torch.fx; the modules it cannot trace are watched on a
+    real forward (`runtime`) when the caller gives one (`run`), else reported as not looked at."""
 
-    def find(self, model: nn.Module) -> SiteReport:
-        report = SiteReport(self.name, [])
+    name = "generic"
+    description = ("fallback: adds of x and a parametric branch of x in any module's forward, found with torch.fx "
+                   "or, where it cannot trace, on a real forward (tensor provenance)")
+    fallback = True
+    any_module = True  # also given the modules a family adapter leaves
+
+    def find(self, model: nn.Module, run=None, exclude=()) -> SiteReport:
+        report, untraceable = SiteReport(self.name, []), {}
         for path, module in model.named_modules():
-            sites, skipped = sites_in(path, module)
+            if any(path == p or path.startswith(f"{p}.") or not p for p in exclude):
+                continue
+            try:
+                sites, skipped = sites_in(path, module)
+            except Untraceable as why:
+                untraceable[path] = str(why)
+                continue
             report.sites.extend(sites)
             report.skipped.extend(skipped)
+        if untraceable and run is not None:
+            frames: dict[str, runtime._Frame] = {}
+            for frame in runtime.record(model, run, set(untraceable)):
+                frames.setdefault(frame.path, frame)  # a block called again: each_call repeats its sites
+            for frame in frames.values():
+                sites, skipped = runtime.sites_of(frame)
+                report.sites.extend(sites)
+                report.skipped.extend(skipped)
+        elif untraceable:
+            report.skipped.extend(Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds "
+                                                           f"not looked for ({why})") for path, why in untraceable.items())
+        report.sites = in_module_order(model, report.sites)
         return report
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ra_probe.load.data import Inputs, run_model
-from ra_probe.sites import Context, Site, each_call, module_at
+from ra_probe.load.samples import first_tensor
+from ra_probe.sites import Context, Site, each_call, main_input, module_at, output_tensor
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Captured:
     features: torch.Tensor | None = None  # the classifier's input, flattened per sample
     extra: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)  # times each site's block was called
+    batch: int = 0  # samples in the forward
 
 
 def find_classifier(model: nn.Module) -> nn.Linear | None:
@@ -74,14 +76,10 @@ def _moved(value: Any, device: torch.device | None) -> Any:
     return value
 
 
-def _first_tensor_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-
-
-def _output_tensor(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
+def _copy(value: Any) -> Any:
+    """A tensor read is copied (later in-place ops must not change it); anything else is kept as it is
+    and verification says why it cannot be a site's input or output."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 @torch.no_grad()
@@ -108,16 +106,18 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
             if path in blocks:
                 open_calls[path].append(tick)
             if (path, "input") in wanted:
-                reads[path, "input"].append((tick, _first_tensor_arg(args, kwargs).clone()))
-            if (path, "call") in wanted:
-                reads[path, "call"].append((tick, {"args": tuple(args[1:]), "kwargs": dict(kwargs)}))
+                reads[path, "input"].append((tick, _copy(main_input(args, kwargs))))
+            if (path, "call") in wanted:  # the main input too, for branches that replay the whole call
+                reads[path, "call"].append((tick, {"args": tuple(args[1:]), "kwargs": dict(kwargs),
+                                                   **({"input": args[0]} if args else {})}))
         return hook
 
     def post_hook(path):
         def hook(module, args, kwargs, output):
             tick = next(ticks)
             if (path, "output") in wanted:
-                reads[path, "output"].append((tick, _output_tensor(output).clone()))
+                main = output_tensor(output)
+                reads[path, "output"].append((tick, _copy(output if main is None else main)))
             if path in blocks:
                 spans[path].append((open_calls[path].pop(), tick))
         return hook
@@ -139,6 +139,7 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         return inside[index] if index < len(inside) else None
 
     calls = {path: len(spans[path]) for path in blocks}
+    batch = len(first_tensor(inputs))
     records = {}
     for site in each_call(sites, calls):
         if site.call >= calls[site.module_path]:
@@ -149,12 +150,13 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
             continue
         ctx = read(site.ctx_module, "call", span) if site.ctx_module is not None else None
         device = _device_of(module_at(model, site.module_path))
-        records[site.name] = SiteRecord(*_moved((site.input_tap.read(x), site.output_tap.read(y),
-                                                 ctx or {"args": (), "kwargs": {}}), device))
+        x, y = (tap.read(v, batch) if isinstance(v, torch.Tensor) else v for tap, v in ((site.input_tap, x),
+                                                                                 (site.output_tap, y)))
+        records[site.name] = SiteRecord(*_moved((x, y, ctx or {"args": (), "kwargs": {}}), device))
     logits = logits_of(output)
     # the head's input counts as classifier features only when the head's output is the model's output
     # (a model without a classifier still has Linear layers, e.g. inside its branches)
     head_out = features[0][1] if features else None
     is_head = isinstance(head_out, torch.Tensor) and logits is not None and head_out.shape == logits.shape \
         and torch.equal(head_out, logits)
-    return Captured(records, logits, features[0][0].flatten(1) if is_head else None, calls=calls)
+    return Captured(records, logits, features[0][0].flatten(1) if is_head else None, calls=calls, batch=batch)

@@ -2,7 +2,7 @@
 group `ra_probe.adapters`), grouping into stages, and numerical verification of every site."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib.metadata import entry_points
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -27,15 +27,25 @@ class Tap:
     where: str = "output"  # "input" | "output"
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     call: int = 0
+    rows: bool = False  # the first dimension holds each sample's rows in turn (windows, flattened tokens)
 
-    def read(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.fn is None else self.fn(tensor)
+    def read(self, tensor: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """The value for `batch` samples: through `fn`, and as (samples, rows, ...) for a `rows` tap."""
+        tensor = tensor if self.fn is None else self.fn(tensor)
+        return per_sample(tensor, batch) if self.rows and batch is not None else tensor
+
+
+def per_sample(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """A tensor whose first dimension holds the rows of each of `batch` samples in turn (windows,
+    patches, tokens flattened with the batch) as (batch, rows, ...); a batch-first tensor as it is."""
+    return tensor if tensor.shape[0] == batch else tensor.unflatten(0, (batch, -1))
 
 
 @dataclass
 class Site:
     """One `out = post(skip(x) + F(x))`. `branch(x, ctx)` recomputes F on a batch of captured site
-    inputs x; `skip`/`post` are None for the identity. `ctx_module` names the module whose extra call
+    inputs x; `skip`/`post` are None for the identity (a skip the block's caller computes and passes
+    in is read from the captured call by `side_skip`). `ctx_module` names the module whose extra call
     arguments (attention masks, rotary embeddings...) the branch needs as `ctx`. Its taps are read in
     the `call`-th call of the block at `module_path`; None (as adapters return it) stands for every
     call, one site each (see `each_call`)."""
@@ -57,10 +67,14 @@ class Site:
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
     verify_error: float | None = None
+    side_skip: Callable[[Context], torch.Tensor] | None = None  # a skip the caller passes the block
 
     def output_from(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         """post(skip(x) + F(x)): what the block should output."""
-        skip = x if self.skip is None else self.skip(x)
+        if self.side_skip is not None:
+            skip = self.side_skip(ctx)
+        else:
+            skip = x if self.skip is None else self.skip(x)
         out = skip + self.branch(x, ctx)
         return out if self.post is None else self.post(out)
 
@@ -78,7 +92,9 @@ class Skipped:
 
 class Adapter(Protocol):
     """An architecture family. `find(model)` returns its sites, or None when the model is not of the
-    family. `fallback` adapters are tried only when no other adapter claims the model."""
+    family. `fallback` adapters are tried only when no other adapter claims the model. Optional flags:
+    `partial` (the modules it leaves go to the fallback detectors) and `any_module` (a detector that
+    also takes `run=`, a forward on example inputs, and `exclude=`, module paths to leave alone)."""
 
     name: str
     description: str
@@ -119,18 +135,71 @@ def registered_adapters() -> list[Adapter]:
     return sorted(adapters, key=lambda a: (bool(getattr(a, "fallback", False)), a not in _RUNTIME, a.name))
 
 
-def find_sites(model: nn.Module, adapters: list[Adapter] | None = None) -> SiteReport:
+def _found(adapter: Adapter, model: nn.Module, run: Callable[[], Any] | None, **kwargs) -> SiteReport | None:
+    """What one adapter finds, as a SiteReport with its name on every site. Detectors that look at any
+    module (`any_module`) also get `run`, a forward on example inputs, for strategies that watch one."""
+    found = adapter.find(model, run=run, **kwargs) if getattr(adapter, "any_module", False) else adapter.find(model)
+    if found is None:
+        return None
+    report = found if isinstance(found, SiteReport) else SiteReport(adapter.name, found)
+    report.adapter = adapter.name
+    for site in report.sites:
+        site.adapter = adapter.name
+    return report
+
+
+def find_sites(model: nn.Module, adapters: list[Adapter] | None = None,
+               run: Callable[[], Any] | None = None) -> SiteReport:
     """The sites of `model` from the first adapter that claims it (unverified; see `verify_sites`). An
-    adapter returns its sites, or a SiteReport when it also found residual adds it cannot use."""
-    for adapter in adapters if adapters is not None else registered_adapters():
-        found = adapter.find(model)
-        if found is not None:
-            report = found if isinstance(found, SiteReport) else SiteReport(adapter.name, found)
-            report.adapter = adapter.name
-            for site in report.sites:
-                site.adapter = adapter.name
-            return report
+    adapter returns its sites, or a SiteReport when it also found residual adds it cannot use. The
+    modules a `partial` adapter leaves (neither its sites' blocks nor inside them: block classes it does
+    not know) go to the fallback detectors that look at any module, so every residual block gets its
+    sites; an adapter without that flag speaks for the whole model."""
+    adapters = adapters if adapters is not None else registered_adapters()
+    for adapter in adapters:
+        report = _found(adapter, model, run)
+        if report is None:
+            continue
+        if getattr(adapter, "partial", False) and not getattr(adapter, "fallback", False):
+            claimed = {site.module_path for site in report.sites}
+            for detector in (a for a in adapters if getattr(a, "any_module", False)):
+                rest = _found(detector, model, run, exclude=claimed)
+                report.sites, report.skipped = in_module_order(model, report.sites + rest.sites), \
+                    report.skipped + rest.skipped
+        return report
     return SiteReport("none", [])
+
+
+def in_module_order(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """Sites sorted by where their blocks are registered in the model (the order of its forward, as a
+    rule), the sites of one block kept in their order."""
+    index = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(sites, key=lambda site: index.get(site.module_path, -1))
+
+
+def main_input(args: tuple, kwargs: dict) -> Any:
+    """A module call's main input: its first positional argument, else its first tensor keyword."""
+    if args:
+        return args[0]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def output_tensor(output: Any) -> torch.Tensor | None:
+    """A module's main output: the output itself, or the first item of a tuple, list, dict or
+    dataclass (attention modules return (output, weights); Hugging Face layers a ModelOutput); None
+    when that is not a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        items = iter(output)
+    elif isinstance(output, dict):
+        items = iter(output.values())
+    elif is_dataclass(output):
+        items = (getattr(output, f.name) for f in fields(output))
+    else:
+        return None
+    first = next(items, None)
+    return first if isinstance(first, torch.Tensor) else None
 
 
 def each_call(sites: list[Site], calls: dict[str, int]) -> list[Site]:

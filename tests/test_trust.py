@@ -249,13 +249,13 @@ def test_baseline_made_on_other_data_or_settings_is_refused(cli, tmp_path):
 
 
 def test_a_model_whose_residual_adds_were_all_skipped_is_not_called_residual_free(cli):
-    code, out, _ = cli("sites", f"{TINY}:flat_guarded")
+    code, out, _ = cli("sites", f"{TINY}:flat_hidden")
     assert code == 0 and "no usable residual site: 1 residual add(s) found but skipped" in out
     assert "no residual connections found" not in out
 
 
 def test_the_verdict_of_a_model_whose_adds_were_all_skipped_says_so(tmp_path):
-    report = probe(f"{TINY}:flat_guarded", "synthetic", samples=2, k=2)
+    report = probe(f"{TINY}:flat_hidden", "synthetic", samples=2, k=2)
     reason = report["verdict"]["evidence"]["ra"]["reason"]
     assert report.verdict["ra"] == "not_applicable" and reason.startswith("no usable residual site: 1")
     assert reason in report.to_html()

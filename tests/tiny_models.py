@@ -149,6 +149,27 @@ def flat_guarded() -> nn.Module:
     return FlatGuarded()
 
 
+class FlatHidden(FlatMLP):
+    """Not traceable by torch.fx, and its residual add's result is read by no module (it is doubled
+    into a concatenation first): an add that is found but cannot be measured."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.f2(self.act(self.f1(h)))
+        if torch.isinf(h).any():
+            h = h.clamp(-1e4, 1e4)
+        return self.head(torch.cat([h, h], dim=-1))
+
+
+def flat_hidden() -> nn.Module:
+    torch.manual_seed(0)
+    return FlatHidden()
+
+
 class FlashAttentionBlock(nn.Module):
     """A residual branch that calls the CPU flash-attention kernel itself, which has no forward-mode
     derivative."""
@@ -191,3 +212,100 @@ class DeepMLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
+
+class PairOut(nn.Module):
+    """A block that returns (output, attention-like weights), as attention layers do."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+
+    def forward(self, x):
+        h = self.f(x)
+        return x + h, h.softmax(-1)
+
+
+class DictOut(PairOut):
+    def forward(self, x):
+        return {"hidden_states": x + self.f(x)}
+
+
+class PairIn(PairOut):
+    """A block that takes a tuple (features, gate) and adds its skip inside."""
+
+    def forward(self, pair):
+        x, gate = pair
+        return x + self.f(x) * gate
+
+
+class OutputShapes(nn.Module):
+    """Blocks returning a tuple, a dict, and one taking a tuple."""
+
+    input_shape = (8,)
+
+    def __init__(self):
+        super().__init__()
+        self.pair, self.dict, self.pair_in = PairOut(), DictOut(), PairIn()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.pair(x)
+        h = self.dict(h)["hidden_states"]
+        return self.head(self.pair_in((h, torch.sigmoid(h))))
+
+
+class WindowAttention(nn.Module):
+    """Pre-norm self-attention within windows: (B·windows, tokens, C) in and out."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        return x + self.proj((q @ k.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1) @ v)
+
+
+class Windowed(nn.Module):
+    """4×4 feature maps cut into four 2×2 windows whose tokens attend to each other: every tensor inside
+    the window blocks holds four rows per sample (as Swin, HaloNet, SAM's ViT do)."""
+
+    input_shape = (4, 4, 4)
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.blocks = nn.Sequential(WindowAttention(width), WindowAttention(width))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        windows = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, 4, c)
+        return self.head(self.blocks(windows).reshape(b, 16, c).mean(1))
+
+
+class ShortcutBlock(nn.Module):
+    """A block whose skip its caller computes and passes in (as DLA's trees do)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(cin, cout), nn.Tanh(), nn.Linear(cout, cout))
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        out = self.f(x)
+        out += shortcut
+        return torch.relu(out)
+
+
+class ShortcutTree(nn.Module):
+    input_shape = (6,)
+
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Linear(6, 8)
+        self.tree1, self.tree2 = ShortcutBlock(6, 8), ShortcutBlock(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.tree2(self.tree1(x, self.project(x))))

@@ -2,6 +2,8 @@
 measured: whether its samples are independent, and how many classes it scores."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ra_probe.capture import Captured, capture, logits_of
@@ -15,35 +17,58 @@ from ra_probe.verify import verify_sites
 def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> SiteReport:
     """Sites found by the adapters and verified on a real forward of the first samples, after checking
     that the model treats samples independently (each sample's Jacobian is its own)."""
-    report = find_sites(model)
     device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     try:
+        report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise UserError(f"data {samples.name!r} does not fit the model: {first_line(exc)}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
+        missing = _missing_inputs(model, first)
+        why = f"the model also takes {', '.join(missing)}, which the data does not give" if missing \
+            else first_line(exc)
+        raise UserError(f"data {samples.name!r} does not fit the model: {why}") from None
     _check_independent(captured, alone)
     return verify_sites(report, captured)
+
+
+# the inputs of a modality a model may need besides the ones given (a text-and-image model given text)
+MODALITY_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values", "decoder_input_ids")
+
+
+def _missing_inputs(model: torch.nn.Module, inputs) -> list[str]:
+    """The modality inputs the model's forward names that the data does not hold."""
+    given = {"input_ids"} if isinstance(inputs, torch.Tensor) else set(inputs)
+    names = inspect.signature(model.forward).parameters
+    return [name for name in MODALITY_INPUTS if name in names and name not in given] if given & set(names) else []
 
 
 def _check_independent(batch: Captured, alone: Captured) -> None:
     """The first sample's output and site values must not depend on the other samples of its batch:
     batch statistics (BatchNorm in training mode or without running statistics) or any other layer
-    that mixes samples would make every Jacobian wrong."""
+    that mixes samples would make every Jacobian wrong. A tensor whose first dimension holds several
+    rows per sample (windows, patches) is compared on the first sample's rows; the tolerance follows
+    the dtype (a batch may take other kernels than one sample) and each tensor's scale."""
     pairs = [(batch.logits, alone.logits)] + [(batch.sites[name].y, record.y) for name, record in alone.sites.items()
                                               if name in batch.sites]
     for together, single in pairs:
-        if not isinstance(together, torch.Tensor) or len(together) < 2 or together.shape[1:] != single.shape[1:]:
+        if not (isinstance(together, torch.Tensor) and isinstance(single, torch.Tensor)) or single.ndim == 0 \
+                or together.shape[1:] != single.shape[1:] or len(together) != batch.batch * len(single):
             continue
-        finite = torch.isfinite(single) & torch.isfinite(together[:1])  # NaN weights are flagged elsewhere
-        gap = (together[:1] - single)[finite].abs()
-        scale = single[finite].abs().max() if gap.numel() else None
-        if gap.numel() and not bool(gap.max() <= 1e-4 * scale.clamp_min(torch.finfo(single.dtype).tiny)):
+        if batch.batch > 1 and _differ(together[:len(single)], single):
             raise UserError("the model's samples interact: a sample's output changes with the other samples of its "
                             "batch (BatchNorm in training mode or without running statistics, or another "
                             "batch-dependent layer); per-sample Jacobians need a model that treats samples "
                             "independently")
+
+
+def _differ(together: torch.Tensor, single: torch.Tensor) -> bool:
+    finite = torch.isfinite(single) & torch.isfinite(together)  # NaN weights are flagged elsewhere
+    if not finite.any() or not single.is_floating_point():
+        return False
+    gap = (together - single)[finite].abs().max()
+    tolerance = min(1e-2, 1e3 * torch.finfo(single.dtype).eps)  # float32: 1.2e-4 of the scale
+    return bool(gap > tolerance * single[finite].abs().max().clamp_min(torch.finfo(single.dtype).tiny))
 
 
 def output_classes(model: torch.nn.Module, samples: Samples, settings: Settings) -> int | None:

@@ -174,6 +174,12 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
                            sample_ids=sample_ids)
         except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
             raise UserError(f"site {site.name}: {first_line(exc)}") from None
+        except RuntimeError as exc:
+            if "autograd.Function" not in str(exc):
+                raise
+            raise UserError(f"site {site.name}: its branch calls a custom autograd.Function that torch.func "
+                            "cannot differentiate (no setup_context), so its Jacobian products cannot be "
+                            "computed") from None
         ops[site.name] = op
         svds[site.name] = result
         formed = jacobian.products if op is not jacobian else 0

@@ -1,0 +1,231 @@
+"""The generic detector beyond torch.fx: modules watched on a real forward (a transformers model
+without adapter), blocks a family adapter leaves, blocks that return tuples or dicts, skips passed in
+by the caller, windowed tensors, and a fixed sample of the model zoo through the command line."""
+from __future__ import annotations
+
+import pytest
+import timm
+import tiny_models
+import torch
+import transformers as tf
+from torch.func import jacrev
+
+from ra_probe import Settings
+from ra_probe.capture import capture
+from ra_probe.engine import JacobianOperator
+from ra_probe.load.data import Samples
+from ra_probe.pipeline.discover import discover
+from ra_probe.sites import find_sites
+from ra_probe.verify import verify_sites
+from conftest import TINY
+
+
+def found(model, x, **inputs):
+    """Sites found with a real forward available (as the pipeline does) and verified on `x`."""
+    run = (lambda: model(x[:1])) if x is not None else (lambda: model(**{k: v[:1] for k, v in inputs.items()}))
+    report = find_sites(model, run=run)
+    captured = capture(model, x if x is not None else inputs, report.sites, with_head=False)
+    return verify_sites(report, captured), captured
+
+
+def tiny_distilbert():
+    torch.manual_seed(0)
+    config = tf.DistilBertConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+                                 max_position_embeddings=16, attn_implementation="eager")
+    return tf.DistilBertModel(config).eval().requires_grad_(False)
+
+
+def test_a_transformers_model_torch_fx_cannot_trace_is_seen_on_its_real_forward():
+    model = tiny_distilbert()
+    ids = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    blind = find_sites(model)  # without a forward, torch.fx alone: the layers are not traceable
+    assert blind.sites == [] and any("not traceable by torch.fx" in s.reason for s in blind.skipped)
+    report, captured = found(model, None, input_ids=ids, attention_mask=mask)
+    assert report.adapter == "generic" and report.skipped == []
+    assert [(s.name, s.kind, s.post_name) for s in report.sites] == \
+           [(f"transformer.layer.{i}.{b}", "identity", "layernorm") for i in (0, 1) for b in ("attention", "ffn")]
+    assert max(s.verify_error for s in report.sites) < 1e-6
+    # the replayed branch is the layer's attention, per sample (no padding: no mask)
+    site, layer = report.sites[0], model.transformer.layer[0]
+    record = captured.sites[site.name]
+    dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
+    expected = torch.stack([jacrev(lambda v: layer.attention(v[None], attention_mask=None)[0][0])(v)
+                            for v in record.x]).reshape(dense.shape)
+    torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-6)
+
+
+SMALL = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+             attn_implementation="eager")
+DECODERS = [  # layouts no adapter knows, each with a pitfall: config, sites, kinds
+    # a key/value cache among the captured arguments (replayed, it would grow); one parallel residual
+    (lambda: tf.GPTNeoXModel(tf.GPTNeoXConfig(intermediate_size=32, **SMALL)), ["layers.0", "layers.1"]),
+    # the MLP's add on tokens flattened with the batch (B·T, d) and read back reshaped
+    (lambda: tf.OPTModel(tf.OPTConfig(ffn_dim=32, word_embed_proj_dim=16, **SMALL)),
+     [f"decoder.layers.{i}.{b}" for i in (0, 1) for b in ("self_attn", "fc1")]),
+    # the skip passed into the attention and the MLP by their layer
+    (lambda: tf.BloomModel(tf.BloomConfig(vocab_size=40, hidden_size=16, n_layer=2, n_head=2,
+                                          attn_implementation="eager")),
+     [f"h.{i}.{b}" for i in (0, 1) for b in ("self_attention", "mlp")]),
+]
+
+
+@pytest.mark.parametrize("make,names", DECODERS, ids=["gpt-neox", "opt", "bloom"])
+def test_decoders_without_adapter_have_every_residual_site_verified(make, names):
+    torch.manual_seed(0)
+    model = make().eval().requires_grad_(False)
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    report, _ = found(model, None, input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert report.skipped == [] and [s.name for s in report.sites] == names
+    assert all(s.verify_error < 1e-5 for s in report.sites)
+
+
+def test_a_resnet_family_model_with_block_classes_the_adapter_does_not_know_gets_every_block():
+    torch.manual_seed(0)
+    model = timm.create_model("skresnet18", pretrained=False).eval().requires_grad_(False)
+    report, _ = found(model, torch.randn(2, 3, 32, 32))
+    assert report.adapter == "timm-resnet" and report.skipped == []
+    assert len(report.sites) == 8 and sum(s.kind == "projection" for s in report.sites) == 3
+    assert [s.module_path for s in report.sites] == [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
+    assert all(s.post_name == "relu" and s.verify_error < 1e-5 for s in report.sites)
+
+
+def test_blocks_returning_tuples_or_dicts_are_sites_and_a_block_taking_a_tuple_is_skipped_in_words():
+    torch.manual_seed(0)
+    model = tiny_models.OutputShapes().eval()
+    report, _ = found(model, torch.randn(4, 8))
+    assert [s.name for s in report.sites] == ["pair", "dict"]
+    assert all(s.verify_error < 1e-6 for s in report.sites)
+    assert [(s.name, s.reason) for s in report.skipped] == \
+           [("pair_in:add", "the block's input is a tuple, not one tensor: no Jacobian of one tensor to measure")]
+
+
+def test_a_skip_the_caller_passes_in_is_a_projection_site_and_a_functional_relu_its_post_op():
+    torch.manual_seed(0)
+    model = tiny_models.ShortcutTree().eval()
+    report, _ = found(model, torch.randn(4, 6))
+    assert [(s.name, s.kind, s.post_name) for s in report.sites] == [("tree1", "projection", "relu"),
+                                                                     ("tree2", "identity", "relu")]
+    assert all(s.verify_error < 1e-6 for s in report.sites)
+
+
+def test_windowed_tensors_are_measured_per_sample_and_do_not_count_as_interacting_samples():
+    torch.manual_seed(0)
+    model = tiny_models.Windowed().eval()
+    x = torch.randn(3, 4, 4, 4)
+    report = discover(model, Samples(x, None, "x"), Settings(k=2))  # before: refused as "samples interact"
+    assert [s.name for s in report.sites] == ["blocks.0", "blocks.1"]
+    assert all(s.in_shape == s.out_shape == (4, 4, 4) for s in report.sites)  # 4 windows of 4 tokens
+    # a sample's Jacobian spans its four windows: block-diagonal, one block per window
+    site, block = report.sites[0], model.blocks[0]
+    record = capture(model, x, [site], with_head=False).sites[site.name]
+    dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
+    expected = torch.stack([jacrev(lambda v: block(v) - v)(v) for v in record.x]).reshape(dense.shape)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
+
+
+class ResizedPosition(torch.nn.Module):
+    """A position embedding resized to the input's grid and added (as SAM 2's Hiera does), then a
+    residual conv block."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(1, 3, 2, 2))
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = x + torch.nn.functional.interpolate(self.pos, size=x.shape[-2:])
+        return x + self.conv(x)
+
+
+def test_two_heads_averaged_and_a_position_embedding_are_not_residual_sites():
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, img_size=32).eval()  # distillation heads averaged
+    names = [s.name for s in find_sites(model).sites]
+    assert names and "model" not in names
+    report, _ = found(ResizedPosition().eval(), torch.randn(2, 3, 4, 4))
+    assert [(s.name, s.input_tap.where) for s in report.sites] == [("model", "input")] and report.skipped == []
+    assert report.sites[0].verify_error < 1e-6
+
+
+ZOO = [  # one model per mechanism: (reference, options, sites)
+    ("timm/skresnet18", ["--no-pretrained", "--input-shape", "3,32,32"], 8),  # family adapter + generic
+    ("timm/dla46x_c", ["--no-pretrained", "--input-shape", "3,32,32"], 12),  # skip passed in, runtime trace
+    ("tests/tiny_models.py:Windowed", [], 2),  # windows: rows per sample
+]
+
+
+@pytest.mark.parametrize("ref,options,count", ZOO, ids=[z[0] for z in ZOO])
+def test_zoo_sample_is_probed_from_the_command_line(cli, ref, options, count, request):
+    ref = str(request.config.rootpath / ref) if ref.startswith("tests/") else ref
+    code, out, err = cli(ref, *options, "--data", "synthetic", "--samples", "1", "--k", "2", "--json", "r.json",
+                         "--quiet", "--no-cache")
+    assert code == 0 and "Traceback" not in out + err
+    import json
+    from pathlib import Path
+
+    report = json.loads(Path("r.json").read_text())
+    assert len(report["sites"]) == count and report["skipped"] == []
+    assert all(s["singular_values"][0] > 0 for s in report["sites"])
+
+
+def test_a_forward_torch_fx_cannot_trace_has_its_adds_found_and_a_module_without_adds_is_not_skipped(cli):
+    code, out, _ = cli("sites", f"{TINY}:flat_guarded")  # a test on values: before, "not traceable", no site
+    assert code == 0 and "│ model │ identity" in out and "Skipped" not in out
+    code, out, _ = cli("sites", f"{TINY}:flat_hidden")  # one add found, read by no module: one skip, in words
+    assert code == 0 and "1 residual add(s) found but skipped" in out and "exposes nowhere" in out
+
+
+class TextAndImage(torch.nn.Module):
+    """Needs token ids and pixel values (as CLIP does); a forward without the pixels fails on None."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv = torch.nn.Embedding(10, 4), torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, input_ids=None, pixel_values=None):
+        return self.embed(input_ids).mean(1) + self.conv(pixel_values).mean((2, 3))
+
+
+def test_a_model_given_only_some_of_the_inputs_it_needs_is_one_line_naming_them():
+    from ra_probe.errors import UserError
+
+    samples = Samples({"input_ids": torch.randint(0, 10, (2, 3))}, None, "synthetic")
+    with pytest.raises(UserError, match="^data 'synthetic' does not fit the model: the model also takes "
+                                        "pixel_values, which the data does not give$"):
+        discover(TextAndImage().eval(), samples, Settings(k=2))  # before: AttributeError on None.shape
+
+
+class OldStyleGelu(torch.autograd.Function):
+    """A custom op written without setup_context (as Bloom's GELU is): torch.func cannot use it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class OldGelu(torch.nn.Module):
+    def forward(self, x):
+        return OldStyleGelu.apply(x)
+
+
+class CustomFunctionNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.act, self.head = torch.nn.Linear(4, 4), OldGelu(), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x + self.act(self.f(x)))
+
+
+def test_a_branch_with_a_custom_function_torch_func_cannot_differentiate_is_one_line_naming_the_site():
+    from ra_probe import probe
+    from ra_probe.errors import UserError
+
+    with pytest.raises(UserError, match="^site model: its branch calls a custom autograd.Function"):
+        probe(CustomFunctionNet().eval(), torch.randn(2, 4), k=2, samples=2)
