@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 import typer
 from rich.console import Console
 
 from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.errors import UserError
+from ra_probe.host import own_process
 
 try:  # recent Typer releases vendor click
     from typer._click.exceptions import ClickException
@@ -408,9 +408,7 @@ def sweep(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    # Flush subnormal floats to zero (engine.solvers: ~100× slower on x86) in torch's CPU threads too:
-    # they inherit the mode from this thread when they start, so it is set before any tensor work.
-    torch.set_flush_denormal(True)
+    own_process()  # before any tensor work: torch's CPU threads take the denormal mode when they start
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0].startswith("-") and args[0] not in ("--help", "-h")):
         args = ["probe", DEFAULT_MODEL, *args]  # the embedded default: the bundled trained ResNet

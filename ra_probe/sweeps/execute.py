@@ -32,10 +32,11 @@ def measure_run(run: Run, threads: int | None = None, cwd: str | None = None) ->
     import torch
 
     from ra_probe.api import probe
+    from ra_probe.host import own_process
 
     if threads is not None:  # a worker of its own: its threads and folder are the run's to set
+        own_process()  # as the command line does
         torch.set_num_threads(threads)
-        torch.set_flush_denormal(True)  # as the command line does (subnormal Krylov vectors are ~100× slower)
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)
     started = time.perf_counter()
