@@ -68,6 +68,9 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "dtype": (str, typer.Option("float32", help="float32 | float64")),
     "device": (Optional[str], typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)")),
     "seed": (int, typer.Option(0)),
+    "threads": (Optional[int], typer.Option(None, min=1, help="torch CPU threads while probing (default: torch's; "
+                                                             "never more than the CPUs this process may use: "
+                                                             "affinity and cgroup quota)")),
     "no_cache": (bool, typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or "
                                                              "~/.cache/ra-probe)")),
     "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="random init for timm models")),
@@ -79,7 +82,8 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device_map": (Optional[str], typer.Option(None, help="auto | balanced | a JSON map {module: device}: a Hugging "
                                                           "Face model split across devices (needs accelerate)")),
 }
-SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed")
+SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed",
+            "threads")
 
 
 @dataclass
@@ -383,7 +387,7 @@ def sweep(
                                               "this process)"),
     address: Optional[str] = typer.Option(None, help="join a Ray cluster: auto or ray://host:port (default: a "
                                                      "local Ray instance started in this process)"),
-    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: all)"),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: those this process may use)"),
     gpus_per_run: Optional[float] = typer.Option(None, min=0.0, help="GPUs per run (default: 1 when there are "
                                                  "GPUs; 0.5 lets two runs share one, 2 spans a --device-map run)"),
     cpus_per_run: Optional[int] = typer.Option(None, min=1, help="CPUs (and torch threads) per run (default: an "

@@ -1,11 +1,18 @@
 """The machine a probe runs on: the CPUs it may use, torch's threads, and a process ra-probe owns."""
 from __future__ import annotations
 
+import json
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from ra_probe import host, probe
+from ra_probe.errors import UserError
+from ra_probe.host import available_cpus
 
 REFAULTS = """
 import resource, sys, torch
@@ -34,3 +41,53 @@ def test_a_process_ra_probe_owns_keeps_freed_memory():
     pages = 3 * (24 << 20) // 4096
     assert faults("default") >= pages  # each of the last four steps faults at least one block in anew
     assert faults("owned") < pages // 10
+
+
+ONE_CORE = """
+import json, os, torch
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+torch.set_num_threads(4)  # more than the process may use: the probe must not take them
+from ra_probe import probe
+seen = []
+report = probe("bundled/fc-digits", samples=16, k=4, device="cpu", progress=lambda *a: seen.append(torch.get_num_threads()))
+print(json.dumps({"during": sorted(set(seen)), "after": torch.get_num_threads(),
+                  "threads": report["environment"]["threads"], "values": [s["singular_values"] for s in report.sites]}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_a_probe_limited_to_one_core_uses_one_thread_and_gives_the_same_numbers():
+    """A process allowed one core (its affinity) whose torch has 4 threads: the probe runs on one thread,
+    records it, puts the caller's 4 back, and its spectra are those of a probe with all the CPUs."""
+    done = subprocess.run([sys.executable, "-c", ONE_CORE], capture_output=True, text=True, check=True)
+    alone = json.loads(done.stdout.strip().splitlines()[-1])
+    assert alone["during"] == [1] and alone["threads"] == 1 and alone["after"] == 4
+    before = torch.get_num_threads()
+    report = probe("bundled/fc-digits", samples=16, k=4, device="cpu", threads=available_cpus())
+    assert torch.get_num_threads() == before and report["environment"]["threads"] == available_cpus()
+    for ours, theirs in zip(alone["values"], [s["singular_values"] for s in report.sites]):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_threads_never_exceed_the_cpus_and_are_put_back():
+    before = torch.get_num_threads()
+    seen = []
+    report = probe("bundled/fc-digits", samples=8, k=2, device="cpu", threads=available_cpus() + 7,
+                   progress=lambda *a: seen.append(torch.get_num_threads()))
+    assert set(seen) == {available_cpus()} == {report["environment"]["threads"]}
+    assert report["settings"]["threads"] == available_cpus() + 7 and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("text, cpus", [("150000 100000\n", 2), ("100000 100000\n", 1), ("max 100000\n", None)])
+def test_the_cgroup_quota_caps_the_cpus(tmp_path, monkeypatch, text, cpus):
+    (tmp_path / "cpu.max").write_text(text)
+    monkeypatch.setattr(host, "CGROUP_V2", str(tmp_path / "cpu.max"))
+    assert host.cgroup_quota() == cpus
+    assert host.available_cpus() == min(len(os.sched_getaffinity(0)), cpus or 10 ** 6)
+
+
+def test_threads_must_be_positive(cli):
+    code, _, err = cli("bundled/fc-digits", "--threads", "0", "--samples", "8")
+    assert code == 2 and "threads" in err and "Traceback" not in err
+    with pytest.raises(UserError, match="threads must be a positive integer"):
+        probe("bundled/fc-digits", samples=8, threads=0)

@@ -28,7 +28,8 @@ REFERENCE = ROOT / FOLDER
 # The schema's structure (descriptions aside) per version: editing the schema without a new
 # schema_version fails here. Record the new fingerprint when you bump the version.
 SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3a2da4ef0a737f10",
-                       "1.3": "dffdcbdb4979b68fecab8b5cc75201a588103cbdf5f46781d9439b60a23938b5"}
+                       "1.3": "dffdcbdb4979b68fecab8b5cc75201a588103cbdf5f46781d9439b60a23938b5",
+                       "1.4": "f4df998aad10458452a5548b7a58f3adc959333a2f712c13f7f4e31bf8c49845"}
 
 
 @pytest.fixture(scope="module")

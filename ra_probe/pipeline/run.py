@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ra_probe.host import probe_threads, torch_threads
 from ra_probe.load.data import Samples, check_labels
 from ra_probe.load.models import LoadedModel
 from ra_probe.metrics.verdict import nc_verdict, ra_verdict
@@ -34,11 +35,12 @@ class Outcome:
 def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None = None,
         cache: ResultCache | None = None) -> Outcome:
     """Probe `loaded` on `samples`. With a `cache`, group measurements already stored are reused and new
-    ones are stored. The caller's model and global torch state (RNG, TF32 flags) are left as they were."""
+    ones are stored. torch runs `host.probe_threads(settings.threads)` CPU threads meanwhile. The caller's
+    model and global torch state (RNG, TF32 flags, threads) are left as they were."""
     started = time.perf_counter()
     device = settings.resolved_device()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
-            prepared(loaded.module, settings) as model:
+            torch_threads(probe_threads(settings.threads)), prepared(loaded.module, settings) as model:
         torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
         check_labels(samples, loaded.num_classes or output_classes(model, samples, settings))
         site_report = discover(model, samples, settings)

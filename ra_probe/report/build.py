@@ -12,6 +12,7 @@ from ra_probe import __version__
 from ra_probe.load.data import Samples, real_tokens
 from ra_probe.load.models import LoadedModel
 from ra_probe.metrics.verdict import no_sites_message
+from ra_probe.host import probe_threads
 from ra_probe.pipeline.cache import tensor_digest
 from ra_probe.pipeline.run import Outcome
 from ra_probe.pipeline.settings import Settings
@@ -24,7 +25,7 @@ def environment(settings: Settings) -> dict[str, Any]:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": settings.dtype, "seed": settings.seed,
-            "tf32": False}
+            "tf32": False, "threads": probe_threads(settings.threads)}
 
 
 def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outcome: Outcome) -> dict[str, Any]:
