@@ -91,3 +91,17 @@ def test_threads_must_be_positive(cli):
     assert code == 2 and "threads" in err and "Traceback" not in err
     with pytest.raises(UserError, match="threads must be a positive integer"):
         probe("bundled/fc-digits", samples=8, threads=0)
+
+
+def test_by_default_a_probe_leaves_out_the_cpus_busy_with_other_work(monkeypatch):
+    """Of four CPUs the process may use, one is busy with another process: by default the probe takes
+    at most the three idle ones (a thread on a busy core stalls every parallel kernel); asked for
+    threads, it gets them up to the four."""
+    looks = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (0, 0), 9: (0, 0)},
+                  {0: (10, 100), 1: (90, 100), 2: (100, 100), 3: (60, 100), 9: (100, 100)}])
+    monkeypatch.setattr(host, "_cpu_times", lambda: next(looks))
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(host, "cgroup_quota", lambda: None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert host.probe_threads(None) == 3
+    assert host.probe_threads(4) == 4 and host.probe_threads(8) == 4

@@ -30,6 +30,7 @@ class Outcome:
     metrics: dict[str, Any]
     verdict: dict[str, Any]
     seconds: float
+    threads: int  # torch CPU threads it ran with
 
 
 def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None = None,
@@ -38,9 +39,9 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     ones are stored. torch runs `host.probe_threads(settings.threads)` CPU threads meanwhile. The caller's
     model and global torch state (RNG, TF32 flags, threads) are left as they were."""
     started = time.perf_counter()
-    device = settings.resolved_device()
+    device, threads = settings.resolved_device(), probe_threads(settings.threads)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
-            torch_threads(probe_threads(settings.threads)), prepared(loaded.module, settings) as model:
+            torch_threads(threads), prepared(loaded.module, settings) as model:
         torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
         check_labels(samples, loaded.num_classes or output_classes(model, samples, settings))
         site_report = discover(model, samples, settings)
@@ -49,4 +50,4 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
                "nc": nc_verdict(metrics["nc"], settings.thresholds)}
-    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started)
+    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started, threads)
