@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 import typer
 from rich.console import Console
 
 from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.errors import UserError
+from ra_probe.host import own_process
 
 try:  # recent Typer releases vendor click
     from typer._click.exceptions import ClickException
@@ -72,6 +72,9 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
                                             "init, the control of the verdict | none")),
     "null_samples": (int, typer.Option(8, min=1, help="samples of the random-init measurement (the first of the "
                                                       "probe's)")),
+    "threads": (Optional[int], typer.Option(None, min=1, help="torch CPU threads while probing (default: torch's; "
+                                                             "never more than the CPUs this process may use: "
+                                                             "affinity and cgroup quota)")),
     "no_cache": (bool, typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or "
                                                              "~/.cache/ra-probe)")),
     "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="random init for timm models (drawn under "
@@ -85,7 +88,7 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
                                                           "Face model split across devices (needs accelerate)")),
 }
 SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed",
-            "null", "null_samples")
+            "null", "null_samples", "threads")
 
 
 @dataclass
@@ -390,7 +393,7 @@ def sweep(
                                               "this process)"),
     address: Optional[str] = typer.Option(None, help="join a Ray cluster: auto or ray://host:port (default: a "
                                                      "local Ray instance started in this process)"),
-    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: all)"),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: those this process may use)"),
     gpus_per_run: Optional[float] = typer.Option(None, min=0.0, help="GPUs per run (default: 1 when there are "
                                                  "GPUs; 0.5 lets two runs share one, 2 spans a --device-map run)"),
     cpus_per_run: Optional[int] = typer.Option(None, min=1, help="CPUs (and torch threads) per run (default: an "
@@ -415,9 +418,7 @@ def sweep(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    # Flush subnormal floats to zero (engine.solvers: ~100× slower on x86) in torch's CPU threads too:
-    # they inherit the mode from this thread when they start, so it is set before any tensor work.
-    torch.set_flush_denormal(True)
+    own_process()  # before any tensor work: torch's CPU threads take the denormal mode when they start
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0].startswith("-") and args[0] not in ("--help", "-h")):
         args = ["probe", DEFAULT_MODEL, *args]  # the embedded default: the bundled trained ResNet

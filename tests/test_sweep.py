@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from ra_probe.errors import UserError
 from ra_probe.load.bundled import MODELS
 from ra_probe.sweeps.summary import sweep_schema_errors
 
@@ -201,3 +202,55 @@ def test_the_schema_refuses_what_a_sweep_never_writes():
 def test_importing_ra_probe_imports_neither_ray_nor_accelerate():
     code = "import sys, ra_probe; print(sorted({'ray', 'accelerate'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_checkpoints_of_the_same_file_name_in_folders_of_their_own_are_named_by_their_folders(tmp_path, monkeypatch):
+    """Every checkpoint called model.safetensors, each in its run's folder: the runs are named by as many
+    folders as tell them apart, instead of a refused sweep; names that were given still must differ."""
+    from ra_probe.sweeps.spec import read_spec
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("runs/a/final", "runs/b/final", "other/a"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "model.safetensors").write_bytes(MODELS["fc-digits"].weights.read_bytes())
+    spec = read_spec("bundled/fc-digits", {"weights": "runs/*/final/model.safetensors"})
+    assert [run.name for run in spec.runs] == ["a-final-model", "b-final-model"]
+    (tmp_path / "sweep.toml").write_text('[[run]]\nmodel = "bundled/fc-digits"\nweights = "runs/a/final/model.safetensors"\n'
+                                         '[[run]]\nmodel = "bundled/fc-digits"\nweights = "other/a/model.safetensors"\n')
+    assert [run.name for run in read_spec("sweep.toml").runs] == ["final-model", "a-model"]
+    (tmp_path / "named.toml").write_text('[[run]]\nmodel = "bundled/fc-digits"\nname = "x"\n'
+                                         '[[run]]\nmodel = "bundled/fc-digits"\nweights = "other/a/model.safetensors"\n'
+                                         'name = "x"\n')
+    with pytest.raises(UserError, match="repeated: x"):
+        read_spec("named.toml")
+
+
+LISTENING = """
+import sys
+from ra_probe.sweeps.execute import executor
+
+def listening():
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            found |= {line.split()[1] for line in list(lines)[1:] if line.split()[3] == "0A"}
+    return found
+
+before = listening()
+with executor("ray", [], cpus=1) as pool:
+    address = pool.describe()["address"]
+    opened = listening() - before
+print(address, " ".join(sorted(opened)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket tables")
+def test_a_local_ray_instance_listens_on_loopback_only():
+    """Ray's ports take commands from whoever reaches them: the instance a sweep starts opens every
+    listening socket on 127.0.0.1 (or ::1), none on the machine's network address."""
+    pytest.importorskip("ray")
+    done = subprocess.run([sys.executable, "-c", LISTENING], capture_output=True, text=True, timeout=300)
+    address, *opened = done.stdout.split()
+    loopback = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1 (also IPv4-mapped), ::1
+    assert address.startswith("127.0.0.1:") and opened, done.stderr[-2000:]
+    assert all(socket.split(":")[0].endswith(loopback) for socket in opened), opened

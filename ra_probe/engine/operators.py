@@ -41,10 +41,12 @@ class BatchedOperator:
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         return self.rmatmat(u.unsqueeze(-1)).squeeze(-1)
 
-    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+    def matmat(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """J v, written into `out` (B, m, k) when given (solvers reuse one buffer for every step)."""
         raise NotImplementedError
 
-    def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
+    def rmatmat(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Jᵀ u, written into `out` (B, n, k) when given."""
         raise NotImplementedError
 
     def select(self, rows: torch.Tensor) -> BatchedOperator | None:
@@ -67,13 +69,13 @@ class DenseOperator(BatchedOperator):
         self.dtype, self.device = matrices.dtype, matrices.device
         self.products = 0
 
-    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+    def matmat(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.products += v.shape[0] * v.shape[-1]
-        return self.matrices @ v
+        return _into(self.matrices @ v, out)
 
-    def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
+    def rmatmat(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.products += u.shape[0] * u.shape[-1]
-        return self.matrices.mT @ u
+        return _into(self.matrices.mT @ u, out)
 
     def select(self, rows: torch.Tensor) -> DenseOperator:
         return DenseOperator(self.matrices[rows])
@@ -119,17 +121,17 @@ class JacobianOperator(BatchedOperator):
     def _vjp_flat(self, u: torch.Tensor) -> torch.Tensor:
         return self._vjp_fn(u.reshape(self.out.shape))[0].reshape(self.shape[0], -1)
 
-    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+    def matmat(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.products += v.shape[0] * v.shape[-1]
         if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
             try:
                 with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
                     self._lin_fn = self._linearized()
-                return self._blocks(self._jv, self._jvp_flat, v)
+                return self._blocks(self._jv, self._jvp_flat, v, out)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
                 self._lin_fn, self.linearize = None, False
-        return self._blocks(self._jv, self._jvp_flat, v)
+        return self._blocks(self._jv, self._jvp_flat, v, out)
 
     def _linearized(self):
         """The J·v program: ours (what is known computed once), else torch's."""
@@ -138,21 +140,23 @@ class JacobianOperator(BatchedOperator):
         except linearized.Unsupported:
             return linearize(self._fx, self.x)[1]
 
-    def rmatmat(self, u: torch.Tensor) -> torch.Tensor:
+    def rmatmat(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._vjp_fn is None:  # built once, outside vmap, on first use
             _, self._vjp_fn = vjp(self._fx, self.x)
         self.products += u.shape[0] * u.shape[-1]
-        return self._blocks(self._jtu, self._vjp_flat, u)
+        return self._blocks(self._jtu, self._vjp_flat, u, out)
 
-    def _blocks(self, batched, single, w: torch.Tensor) -> torch.Tensor:
-        """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call; a single
-        column skips vmap (its batching rules cost more than they save for one vector). The columns
-        are taken as rows of wᵀ (B, k, d), copied only when those rows are not contiguous."""
+    def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call, into `out`
+        when given; a single column skips vmap (its batching rules cost more than they save for one
+        vector). The columns are taken as rows of wᵀ (B, k, d), copied only when those rows are not
+        contiguous."""
         if w.shape[-1] == 1:
-            return single(w[..., 0].contiguous()).unsqueeze(-1)
+            return _into(single(w[..., 0].contiguous()).unsqueeze(-1), out)
         rows = w.mT
         chunks = (rows[:, i:i + self.chunk] for i in range(0, rows.shape[1], self.chunk))
-        return torch.cat([batched(c if c.stride(-1) == 1 else c.contiguous()) for c in chunks], dim=1).mT
+        results = (batched(c if c.stride(-1) == 1 else c.contiguous()) for c in chunks)
+        return torch.cat(list(results), dim=1).mT if out is None else _columns_into(results, out)
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
@@ -164,6 +168,19 @@ class JacobianOperator(BatchedOperator):
                                                                  atol=1e-5 * expected.abs().max().item()):
             return None
         return sub
+
+
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
+
+
+def _columns_into(parts, out: torch.Tensor) -> torch.Tensor:
+    """Blocks of columns given as rows (B, c, d), written one after another into the columns of `out` (B, d, k)."""
+    at = 0
+    for part in parts:
+        out.mT[:, at:at + part.shape[1]] = part
+        at += part.shape[1]
+    return out
 
 
 def batch_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:

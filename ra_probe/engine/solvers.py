@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ra_probe.engine.memory import basis_size
+from ra_probe.engine.memory import basis_size, kept_columns
 from ra_probe.engine.operators import BatchedOperator
 
 SOLVERS = ("auto", "dense", "block")
@@ -88,11 +88,13 @@ REORTHOGONALIZE = "adaptive"
 KEPT_NORM = 0.5
 
 
-def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, fresh
+def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, fresh,
+                           out: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows Y (B, w, d) = C basis + Rᵀ Q with Q (B, w, d) orthonormal rows orthogonal to the rows of
     `basis` (B, j, d), C (B, w, j), R (B, w, w) upper triangular: classical Gram–Schmidt (GEMMs on
-    row-major blocks), then a QR of the d × w remainder.
+    row-major blocks), then a QR of the d × w remainder. Y is overwritten (the passes subtract in
+    place); Q is written into `out` (B, w, d) when given (contiguous), else into a new tensor.
 
     In Golub–Kahan–Lanczos a new block's large part lies along the basis' last block (w rows): a
     pass against that block alone (two w × w × d GEMMs) takes it off, then one pass over the whole
@@ -108,42 +110,45 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
     Frobenius norm `dropped` (B,), for the caller to add to its residual bounds."""
     w, j = Y.shape[1], basis.shape[1]
     if REORTHOGONALIZE == "adaptive" and j > w:
-        Y, L = _project_out(Y, basis[:, j - w:])
+        L = _project_out(Y, basis[:, j - w:])
         before = Y.norm(dim=(1, 2))
-        Y, C = _project_out(Y, basis)
+        C = _project_out(Y, basis)
         C[:, :, j - w:] += L
         again = Y.norm(dim=(1, 2)) < KEPT_NORM * before
         if bool(again.any()):  # on those samples only, so that a sample's numbers do not depend on the others
-            Y, C2 = _project_out(Y, basis, again)
-            C = C + C2
+            C = C + _project_out(Y, basis, again)
     else:
-        Y, C = _project_out(Y, basis)
-        Y, C2 = _project_out(Y, basis)
-        C = C + C2
-    Qc, R = torch.linalg.qr(Y.mT)
-    Q = Qc.mT
+        C = _project_out(Y, basis)
+        C = C + _project_out(Y, basis)
+    if out is None:
+        out = torch.empty_like(Y)
+    R = Y.new_empty(Y.shape[0], w, w)
+    torch.linalg.qr(Y.mT, out=(out.mT, R))  # Q's columns are out's rows: no copy
+    Q = out
     eps = torch.finfo(Y.dtype).eps
     lacking = R.diagonal(dim1=1, dim2=2).abs() <= 100 * eps * scale[:, None]
     dropped = torch.zeros_like(scale)
-    if bool(lacking.any()):
+    if bool(lacking.any()):  # rare (a breakdown): new tensors are fine here
         dropped = (R * lacking[:, :, None]).norm(dim=(1, 2))
         Q = torch.where(lacking[:, :, None], fresh(lacking), Q)
         R = R.masked_fill(lacking[:, :, None], 0.0)
         for _ in range(2):
-            Q = _project_out(Q, basis)[0]
+            _project_out(Q, basis)
         Qc, R2 = torch.linalg.qr(Q.mT)
-        Q, R = Qc.mT, R2 @ R  # Y − C basis = Rᵀ Q_old (rows lacking dropped) = (R2 R)ᵀ Q_new
-    return Q.contiguous(), C, R, dropped
+        out.copy_(Qc.mT)
+        Q, R = out, R2 @ R  # Y − C basis = Rᵀ Q_old (rows lacking dropped) = (R2 R)ᵀ Q_new
+    return Q, C, R, dropped
 
 
-def _project_out(Y: torch.Tensor, basis: torch.Tensor, only: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One classical Gram–Schmidt pass: Y − C basis and C = Y basisᵀ, the subtraction fused into one
-    pass over memory; with `only` (B,) bool, samples outside it are left as they are (C = 0)."""
+def _project_out(Y: torch.Tensor, basis: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
+    """One classical Gram–Schmidt pass in place, Y ← Y − C basis, the subtraction fused into one pass
+    over memory; returns C = Y basisᵀ. With `only` (B,) bool, samples outside it are left as they
+    are (C = 0)."""
     C = Y @ basis.mT
     if only is not None:
         C = C * only[:, None, None]
-    return torch.baddbmm(Y, C, basis, alpha=-1), C
+    Y.baddbmm_(C, basis, alpha=-1)
+    return C
 
 
 def flushing_denormals() -> bool:
@@ -235,15 +240,6 @@ def _columns(k: int, width: int, m: int, n: int, device: torch.device, max_basis
     return min(max(max_basis or basis_size(k, width, min(m, n), device), k + 3 * width), min(m, n))
 
 
-def _kept(k: int, width: int, cols: int) -> int:
-    """Ritz vectors a thick restart keeps: the top k and two blocks more, or a quarter of a large basis.
-    Keeping fewer makes a restart's rotation (kept × basis × d) and the Gram–Schmidt passes until the
-    next one cheaper, for about the same products. Measured on a CPU against keeping half the basis:
-    resnet18 layer1 at 112 px, top 10, 752 vs 750 products and 0.90 vs 1.00 s a sample; a whole
-    resnet50 probe at 112 px (k = 16) 1055 vs 1212 network forwards a sample."""
-    return max(k + 2 * width, cols // 4)
-
-
 @_flushing_denormals
 def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3,
                max_basis: int | None = None, max_columns: int | None = None, seed: int = 0,
@@ -271,7 +267,7 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
         groups = [(torch.cat(fresh.pop(width)), None)] if width in fresh else []
         by_size: dict[int, list[_Continuation]] = {}  # joined when they keep as many Ritz vectors
         for start in going_on.pop(width, []):
-            start = start.leading(min(start.S.shape[1], _kept(k, width, cols)))
+            start = start.leading(min(start.S.shape[1], kept_columns(k, width, cols)))
             by_size.setdefault(start.S.shape[1], []).append(start)
         groups += [(start.rows, start) for start in map(_Continuation.join, by_size.values())]
         for rows, start in groups:
@@ -329,10 +325,10 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
     needs a wider block (`cluster_growth`), or after `max_columns` columns; its triplets are taken at
     that step, whatever the other samples still do.
 
-    When the `cols` columns are full, the basis is replaced by its leading Ritz vectors (`_kept`): T
-    becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold (Wu & Simon's thick
-    restart). A `start` goes on the same way from Ritz vectors and a next block
-    of fewer than w vectors, completed with random ones orthogonal to the basis: Jᵀ U = V Σ + N R
+    When the `cols` columns are full, the basis is replaced by its leading Ritz vectors
+    (`kept_columns`): T becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold
+    (Wu & Simon's thick restart). A `start` goes on the same way from Ritz vectors and a next block of
+    fewer than w vectors, completed with random ones orthogonal to the basis: Jᵀ U = V Σ + N R
     still holds, with zero rows of R for the new vectors. Such a solve is done only when the top k
     plus as many triplets as it has new vectors have settled: right after the start the top k are the
     settled ones from before, and a copy that only the new vectors can find shows up later. Done
@@ -340,136 +336,238 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
 
     Returns the result, the block width each sample needs (0: none) and, for the samples that need
     one, where to go on from (`rows` among op's samples)."""
-    batch, m, n = op.shape
-    dtype, device = op.dtype, op.device
-    eps = torch.finfo(dtype).eps
-    w = width
-    keep = _kept(k, w, cols)
-    steps_cap = -(-max_columns // w)
+    solve = _BlockGKL(op, k, width, tol=tol, cols=cols, max_columns=max_columns, seed=seed, ids=ids, start=start)
+    return solve.run()
 
-    out = _empty_result(op, k)
-    need_out = torch.zeros(batch, dtype=torch.long)
-    handoffs: list[_Continuation] = []
-    rows = torch.arange(batch)  # op's samples still in the working batch
-    Vb = torch.empty(batch, cols + w, n, dtype=dtype, device=device)  # row-major bases
-    Ub = torch.empty(batch, cols, m, dtype=dtype, device=device)
-    T = torch.zeros(batch, cols, cols, dtype=torch.float64)  # the projected matrix, on the CPU
-    done = torch.zeros(batch, dtype=torch.bool)  # working samples whose triplets are taken
-    splittable = True
-    products, step, iterations = -op.products, 0, 0
 
-    def fresh(dim: int, side: int):
+class _Workspace:
+    """What every step of a solve writes into, allocated once per solve: the rows of J V (B, w, m) and
+    of Jᵀ U (B, w, n), their orthonormal parts, and the rotated vectors of a restart (B·kept·max(m, n)
+    elements). Steps that allocated these anew had the kernel map and zero fresh pages for them every
+    time (glibc hands large freed blocks back to the system): a third of a probe's CPU time. The batch
+    only shrinks, so a smaller batch uses the leading samples of each buffer."""
+
+    def __init__(self, batch: int, w: int, m: int, n: int, kept: int, dtype: torch.dtype, device: torch.device):
+        new = functools.partial(torch.empty, dtype=dtype, device=device)
+        self.left, self.right = new(batch, w, m), new(batch, w, n)
+        self.left_q, self.right_q = new(batch, w, m), new(batch, w, n)
+        self._rotated = new(batch * kept * max(m, n))
+
+    def rotated(self, batch: int, rows: int, dim: int) -> torch.Tensor:
+        return self._rotated[:batch * rows * dim].view(batch, rows, dim)
+
+
+@dataclass
+class _Ritz:
+    """A Ritz check: T = P diag(S) Qhᵀ, the bounds `left`, `right` (B, watched) of the leading
+    triplets, which samples converged and the block width each needs (`cluster_growth`)."""
+
+    P: torch.Tensor
+    S: torch.Tensor
+    Qh: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    converged: torch.Tensor
+    need: torch.Tensor
+
+    def at(self, rows: torch.Tensor) -> _Ritz:
+        return _Ritz(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+def _compact(basis: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The samples `rows` (increasing) of `basis` moved to its front in place, as a view of them: no
+    copy of the whole basis is allocated when the batch shrinks."""
+    for to, source in enumerate(rows.tolist()):
+        if to != source:  # source ≥ to, and every source still to read lies after `to`
+            basis[to].copy_(basis[source])
+    return basis[:len(rows)]
+
+
+class _BlockGKL:
+    """The state of one `_block_gkl` solve and its steps: `extend` both bases by a block, `check` the
+    Ritz triplets, `take` those of finished samples, `shrink` the batch to the samples still working,
+    `restart` from the leading Ritz vectors."""
+
+    def __init__(self, op: BatchedOperator, k: int, width: int, *, tol: float, cols: int, max_columns: int,
+                 seed: int, ids: torch.Tensor, start: _Continuation | None):
+        batch, self.m, self.n = op.shape
+        self.op, self.k, self.w, self.tol, self.cols, self.seed, self.ids = op, k, width, tol, cols, seed, ids
+        self.dtype, self.device = op.dtype, op.device
+        self.keep = kept_columns(k, width, cols)
+        self.steps_cap = -(-max_columns // width)
+        self.out = _empty_result(op, k)
+        self.need_out = torch.zeros(batch, dtype=torch.long)
+        self.handoffs: list[_Continuation] = []
+        self.rows = torch.arange(batch)  # op's samples still in the working batch
+        new = functools.partial(torch.empty, dtype=self.dtype, device=self.device)
+        self.Vb, self.Ub = new(batch, cols + width, self.n), new(batch, cols, self.m)  # row-major bases
+        self.T = torch.zeros(batch, cols, cols, dtype=torch.float64)  # the projected matrix, on the CPU
+        self.work = _Workspace(batch, width, self.m, self.n, self.keep, self.dtype, self.device)
+        self.done = torch.zeros(batch, dtype=torch.bool)  # working samples whose triplets are taken
+        self.splittable = True
+        self.products, self.step, self.iterations = -op.products, 0, 0
+        self.watch = k  # Ritz triplets that must settle: a start's new vectors must also find what they are after
+        self.Rv = torch.zeros(batch, width, width, dtype=self.dtype, device=self.device)
+        if start is None:
+            self.lo = 0
+            self.scale = torch.zeros(batch, dtype=self.dtype, device=self.device)
+            self.drift_left = torch.zeros(batch, dtype=torch.float64)
+            self.drift_right = torch.zeros(batch, dtype=torch.float64)
+            self.visited = torch.zeros(batch, dtype=torch.long)
+            self.steps = torch.zeros(batch, dtype=torch.long)
+            first = random_rows(seed, ids, width, self.n, self.dtype, self.device, 0)
+            self.Vb[:, :width] = torch.linalg.qr(first.mT)[0].mT
+        else:
+            self.lo, carried = start.S.shape[1], start.N.shape[1]
+            lo = self.lo
+            self.watch = k + width - carried
+            self.scale, self.drift_left, self.drift_right = start.scale, start.drift_left, start.drift_right
+            self.visited, self.steps = start.visited, start.steps
+            self.Ub[:, :lo], self.Vb[:, :lo], self.Vb[:, lo:lo + carried] = start.U, start.V, start.N
+            self.T[:, :lo, :lo] = torch.diag_embed(start.S.cpu().double())
+            extra = random_rows(seed, ids, width - carried, self.n, self.dtype, self.device, width, 0)
+            self.Vb[:, lo + carried:lo + width] = _orthonormal_extension(
+                extra, self.Vb[:, :lo + carried], self.scale, self._fresh(self.n, 0))[0]
+
+    def _fresh(self, dim: int, side: int):
+        """Random rows for the directions a block lacks (`_orthonormal_extension`), from the sample's
+        generator at this step."""
         def draw(lacking: torch.Tensor) -> torch.Tensor:
             which = lacking.any(dim=1)
-            rows_ = torch.zeros(lacking.shape[0], lacking.shape[1], dim, dtype=dtype, device=device)
-            rows_[which] = random_rows(seed, ids[rows[which.cpu()]], lacking.shape[1], dim, dtype, device,
-                                       w, step, side)
-            return rows_
+            rows = torch.zeros(lacking.shape[0], lacking.shape[1], dim, dtype=self.dtype, device=self.device)
+            rows[which] = random_rows(self.seed, self.ids[self.rows[which.cpu()]], lacking.shape[1], dim, self.dtype,
+                                      self.device, self.w, self.step, side)
+            return rows
         return draw
 
-    watch = k  # Ritz triplets that must settle: a start's new vectors must also find what they are after
-    if start is None:
-        lo = 0
-        scale = torch.zeros(batch, dtype=dtype, device=device)
-        drift_left = torch.zeros(batch, dtype=torch.float64)
-        drift_right = torch.zeros(batch, dtype=torch.float64)
-        visited = torch.zeros(batch, dtype=torch.long)
-        steps = torch.zeros(batch, dtype=torch.long)
-        Vb[:, :w] = torch.linalg.qr(random_rows(seed, ids, w, n, dtype, device, 0).mT)[0].mT
-    else:
-        lo, carried = start.S.shape[1], start.N.shape[1]
-        watch = k + w - carried
-        scale, drift_left, drift_right = start.scale, start.drift_left, start.drift_right
-        visited, steps = start.visited, start.steps
-        Ub[:, :lo], Vb[:, :lo], Vb[:, lo:lo + carried] = start.U, start.V, start.N
-        T[:, :lo, :lo] = torch.diag_embed(start.S.cpu().double())
-        extra = random_rows(seed, ids, w - carried, n, dtype, device, w, 0)
-        Vb[:, lo + carried:lo + w] = _orthonormal_extension(extra, Vb[:, :lo + carried], scale, fresh(n, 0))[0]
+    def run(self) -> tuple[SVDResult, torch.Tensor, list[_Continuation]]:
+        while True:
+            hi = self.extend()
+            full = hi + self.w > self.cols
+            if hi < self.k or not (full or self.step % (1 + hi // 256) == 0 or self.step >= self.steps_cap):
+                self.lo = hi
+                continue  # a Ritz check costs an SVD of T: large bases check every few steps
+            ritz = self.check(hi)
+            finished = (ritz.converged | (ritz.need > 0) | (self.step >= self.steps_cap)) & ~self.done
+            if bool(finished.any()):
+                self.take(ritz, finished, hi)
+            self.done |= finished
+            active = (~self.done).nonzero().flatten()
+            if len(active) == 0:
+                break
+            if len(active) < len(self.rows) and self.splittable and 2 * len(active) <= len(self.rows):
+                ritz = self.shrink(active, ritz)
+            if full:
+                hi = self.restart(ritz, hi)
+            self.lo = hi
+        self.products += self.op.products
+        self.out.products, self.out.iterations = self.products, self.iterations
+        return self.out, self.need_out, self.handoffs
 
-    while True:
+    def extend(self) -> int:
+        """One step: J on the right basis' last block, Jᵀ on the new left block, each orthogonalized
+        against its basis into the workspace; T and the drifts of the bounds take what they give.
+        Returns the left basis' new size."""
+        lo, w, batch = self.lo, self.w, len(self.rows)
         hi = lo + w
-        step += 1
-        Y = op.matmat(Vb[:, lo:hi].mT).mT.contiguous()
-        Q, C, R, dropped = _orthonormal_extension(Y, Ub[:, :lo], scale, fresh(m, 1))
-        scale = torch.maximum(scale, R.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
-        Ub[:, lo:hi] = Q
-        T[:, :lo, lo:hi] = C.mT.cpu().double()
-        T[:, lo:hi, lo:hi] = R.cpu().double()
-        Z = op.rmatmat(Q.mT).mT.contiguous()
-        Qv, Cv, Rv, dropped_v = _orthonormal_extension(Z, Vb[:, :hi], scale, fresh(n, 2))
-        scale = torch.maximum(scale, Rv.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
-        Vb[:, hi:hi + w] = Qv
-        drift_left += dropped.cpu().double()
-        drift_right += dropped_v.cpu().double() + (Cv.cpu().double() - T[:, lo:hi, :hi]).norm(dim=(1, 2))
+        self.step += 1
+        Y = self.work.left[:batch]
+        self.op.matmat(self.Vb[:, lo:hi].mT, out=Y.mT)
+        Q, C, R, dropped = _orthonormal_extension(Y, self.Ub[:, :lo], self.scale, self._fresh(self.m, 1),
+                                                  out=self.work.left_q[:batch])
+        self.scale = torch.maximum(self.scale, R.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
+        self.Ub[:, lo:hi] = Q
+        self.T[:, :lo, lo:hi] = C.mT.cpu().double()
+        self.T[:, lo:hi, lo:hi] = R.cpu().double()
+        Z = self.work.right[:batch]
+        self.op.rmatmat(Q.mT, out=Z.mT)
+        Qv, Cv, self.Rv, dropped_v = _orthonormal_extension(Z, self.Vb[:, :hi], self.scale, self._fresh(self.n, 2),
+                                                            out=self.work.right_q[:batch])
+        self.scale = torch.maximum(self.scale, self.Rv.diagonal(dim1=1, dim2=2).abs().amax(dim=1))
+        self.Vb[:, hi:hi + w] = Qv
+        self.drift_left += dropped.cpu().double()
+        self.drift_right += dropped_v.cpu().double() + (Cv.cpu().double() - self.T[:, lo:hi, :hi]).norm(dim=(1, 2))
+        return hi
 
-        full = hi + w > cols
-        if hi < k or not (full or step % (1 + hi // 256) == 0 or step >= steps_cap):
-            lo = hi
-            continue  # a Ritz check costs an SVD of T: large bases check every few steps
-        # rounding relative to σ₁: of a product, of forming a Ritz vector from the basis, and of
-        # every rotation through the columns visited before (restarts, a narrower block's solve)
-        rounding = eps * (math.sqrt(m + n) + hi + visited[:, None].double() + step * w)
-        P, S, Qh = torch.linalg.svd(T[:, :hi, :hi])
+    def check(self, hi: int) -> _Ritz:
+        """The Ritz triplets of T and their bounds: rounding relative to σ₁ (of a product, of forming a
+        Ritz vector from the basis, and of every rotation through the columns visited before: restarts,
+        a narrower block's solve), plus what breakdowns dropped and how far C' is from T."""
+        eps = torch.finfo(self.dtype).eps
+        rounding = eps * (math.sqrt(self.m + self.n) + hi + self.visited[:, None].double() + self.step * self.w)
+        P, S, Qh = torch.linalg.svd(self.T[:, :hi, :hi])
         sigma1 = S[:, :1]
-        left = drift_left[:, None] + rounding * sigma1
-        right = (Rv.cpu().double() @ P[:, lo:hi, :watch]).norm(dim=1) + drift_right[:, None] + rounding * sigma1
+        left = self.drift_left[:, None] + rounding * sigma1
+        right = (self.Rv.cpu().double() @ P[:, self.lo:hi, :self.watch]).norm(dim=1) + self.drift_right[:, None] \
+            + rounding * sigma1
         left = left.expand_as(right)
-        settled = torch.maximum(left, right) <= tol * sigma1
+        settled = torch.maximum(left, right) <= self.tol * sigma1
         converged = settled.all(dim=1) | (sigma1[:, 0] <= 0)
-        need = cluster_growth(S, settled, k, w, CLUSTER_GAP * tol)
-        finished = (converged | (need > 0) | (step >= steps_cap)) & ~done
-        if bool(finished.any()):
-            at = finished.nonzero().flatten()
-            need_out[rows[at]] = need[at]
-            taken, wider = at[need[at] == 0], at[need[at] > 0]
-            if len(taken):  # their triplets (a sample going on with a wider block gets its own later)
-                on, target = taken.to(device), rows[taken].to(device)
-                Pk, Qk = (t[taken, :hi, :k].to(device, dtype) for t in (P, Qh.mT))
-                out.S[target] = S[taken, :k].to(device, dtype)
-                out.U[target] = (Pk.mT @ Ub[on, :hi]).mT
-                out.V[target] = (Qk.mT @ Vb[on, :hi]).mT
-                out.res_left[target] = left[taken, :k].to(device, dtype)
-                out.res_right[target] = right[taken, :k].to(device, dtype)
-                out.converged[target] = converged[taken].to(device)
-            if len(wider):  # the leading Ritz triplets and the next block, to go on from with a wider block
-                r = min(hi, keep + int(need[wider].max()) - w)  # as many as a restart at that width keeps
-                Pw, Qw = (t[wider, :hi, :r].to(device, dtype) for t in (P, Qh.mT))
-                on = wider.to(device)
-                handoffs.append(_Continuation(
-                    rows[wider], S[wider, :r].to(device, dtype), Pw.mT @ Ub[on, :hi], Qw.mT @ Vb[on, :hi],
-                    Vb[on, hi:hi + w].clone(), drift_left[wider], drift_right[wider], scale[on],
-                    visited[wider] + step * w, steps[wider] + step))
-            iterations = max(iterations, int((steps[at] + step).max()))
-        done |= finished
-        active = (~done).nonzero().flatten()
-        if len(active) == 0:
-            break
-        if len(active) < len(rows) and splittable and 2 * len(active) <= len(rows):
-            smaller = op.select(active.to(device))
-            if smaller is None:
-                splittable = False
-            else:
-                products += op.products
-                op, rows = smaller, rows[active]
-                products -= op.products
-                on = active.to(device)
-                Vb, Ub, scale = Vb[on], Ub[on], scale[on]
-                T, P, S, Qh = T[active], P[active], S[active], Qh[active]
-                drift_left, drift_right, done = drift_left[active], drift_right[active], done[active]
-                visited, steps = visited[active], steps[active]
-        if full:  # restart from the leading Ritz vectors and the next block
-            Pk, Qk = (t[:, :hi, :keep].to(device, dtype) for t in (P, Qh.mT))
-            next_block = Vb[:, hi:hi + w].clone()
-            Ub[:, :keep] = Pk.mT @ Ub[:, :hi]
-            Vb[:, :keep] = Qk.mT @ Vb[:, :hi]
-            Vb[:, keep:keep + w] = next_block
-            T.zero_()
-            T[:, :keep, :keep] = torch.diag_embed(S[:, :keep])
-            hi = keep
-        lo = hi
-    products += op.products
-    out.products, out.iterations = products, iterations
-    return out, need_out, handoffs
+        need = cluster_growth(S, settled, self.k, self.w, CLUSTER_GAP * self.tol)
+        return _Ritz(P, S, Qh, left, right, converged, need)
+
+    def _basis(self, basis: torch.Tensor, at: torch.Tensor, hi: int) -> torch.Tensor:
+        """The first `hi` rows of samples `at` (increasing) of a basis: a view when that is all of them."""
+        return basis[:, :hi] if len(at) == basis.shape[0] else basis[at.to(self.device), :hi]
+
+    def take(self, ritz: _Ritz, finished: torch.Tensor, hi: int) -> None:
+        """The top-k triplets of the finished samples, or, for a sample that needs a wider block, its
+        leading Ritz triplets and next block to go on from (as many as a restart at that width keeps)."""
+        device, dtype, k = self.device, self.dtype, self.k
+        at = finished.nonzero().flatten()
+        need = ritz.need
+        self.need_out[self.rows[at]] = need[at]
+        taken, wider = at[need[at] == 0], at[need[at] > 0]
+        if len(taken):  # a sample going on with a wider block gets its own later
+            target = self.rows[taken].to(device)
+            Pk, Qk = (t[taken, :hi, :k].to(device, dtype) for t in (ritz.P, ritz.Qh.mT))
+            self.out.S[target] = ritz.S[taken, :k].to(device, dtype)
+            self.out.U[target] = (Pk.mT @ self._basis(self.Ub, taken, hi)).mT
+            self.out.V[target] = (Qk.mT @ self._basis(self.Vb, taken, hi)).mT
+            self.out.res_left[target] = ritz.left[taken, :k].to(device, dtype)
+            self.out.res_right[target] = ritz.right[taken, :k].to(device, dtype)
+            self.out.converged[target] = ritz.converged[taken].to(device)
+        if len(wider):
+            r = min(hi, self.keep + int(need[wider].max()) - self.w)
+            Pw, Qw = (t[wider, :hi, :r].to(device, dtype) for t in (ritz.P, ritz.Qh.mT))
+            on = wider.to(device)
+            self.handoffs.append(_Continuation(
+                self.rows[wider], ritz.S[wider, :r].to(device, dtype), Pw.mT @ self.Ub[on, :hi],
+                Qw.mT @ self.Vb[on, :hi], self.Vb[on, hi:hi + self.w].clone(), self.drift_left[wider],
+                self.drift_right[wider], self.scale[on], self.visited[wider] + self.step * self.w,
+                self.steps[wider] + self.step))
+        self.iterations = max(self.iterations, int((self.steps[at] + self.step).max()))
+
+    def shrink(self, active: torch.Tensor, ritz: _Ritz) -> _Ritz:
+        """The batch reduced to the samples `active` when the operator can be split (else it stays)."""
+        smaller = self.op.select(active.to(self.device))
+        if smaller is None:
+            self.splittable = False
+            return ritz
+        self.products += self.op.products
+        self.op, self.rows = smaller, self.rows[active]
+        self.products -= self.op.products
+        self.Vb, self.Ub = _compact(self.Vb, active), _compact(self.Ub, active)
+        on = active.to(self.device)
+        self.scale, self.Rv = self.scale[on], self.Rv[on]
+        self.T, self.done = self.T[active], self.done[active]
+        self.drift_left, self.drift_right = self.drift_left[active], self.drift_right[active]
+        self.visited, self.steps = self.visited[active], self.steps[active]
+        return ritz.at(active)
+
+    def restart(self, ritz: _Ritz, hi: int) -> int:
+        """Replace the bases by their leading Ritz vectors and the next block; T becomes their values."""
+        keep, batch = self.keep, len(self.rows)
+        Pk, Qk = (t[:, :hi, :keep].to(self.device, self.dtype) for t in (ritz.P, ritz.Qh.mT))
+        next_block = self.work.right_q[:batch].copy_(self.Vb[:, hi:hi + self.w])
+        for basis, rotation, dim in ((self.Ub, Pk, self.m), (self.Vb, Qk, self.n)):
+            rotated = self.work.rotated(batch, keep, dim)
+            torch.bmm(rotation.mT, basis[:, :hi], out=rotated)
+            basis[:, :keep] = rotated
+        self.Vb[:, keep:keep + self.w] = next_block
+        self.T.zero_()
+        self.T[:, :keep, :keep] = torch.diag_embed(ritz.S[:, :keep])
+        return keep
 
 
 def block_krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3, seed: int = 0,

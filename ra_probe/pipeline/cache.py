@@ -26,7 +26,7 @@ from ra_probe.files import atomic_write
 
 T = TypeVar("T")
 # Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
-NOT_IN_KEY = frozenset({"samples", "batch_size", "tau", "thresholds", "null", "null_samples"})
+NOT_IN_KEY = frozenset({"samples", "batch_size", "tau", "thresholds", "null", "null_samples", "threads"})
 
 
 def default_dir() -> Path:

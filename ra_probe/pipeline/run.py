@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ra_probe.host import probe_threads, torch_threads
 from ra_probe.load.data import check_labels, take
 from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
@@ -35,6 +36,7 @@ class Outcome:
     metrics: dict[str, Any]
     verdict: dict[str, Any]
     seconds: float
+    threads: int  # torch CPU threads it ran with
     null_cost: dict[str, float] = dataclasses.field(default_factory=lambda: {"seconds": 0.0, "products": 0})
 
 
@@ -42,19 +44,22 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         cache: ResultCache | None = None) -> Outcome:
     """Probe `loaded` on `samples`, and (unless `settings.null` is "none") its architecture at a seeded
     random init on the first of them. With a `cache`, group measurements already stored are reused and
-    new ones are stored. The caller's model and global torch state (RNG, TF32 flags) are left as they were."""
+    new ones are stored. torch runs `host.probe_threads(settings.threads)` CPU threads meanwhile. The
+    caller's model and global torch state (RNG, TF32 flags, threads) are left as they were."""
     started = time.perf_counter()
-    site_report, measured, metrics = _probe_module(loaded, samples, settings, progress, cache, check=True)
-    cost = {"seconds": 0.0, "products": 0}
-    if not site_report.sites:
-        metrics["null"] = {"status": "off", "reason": "no residual site to compare with a random init"}
-    else:
-        metrics["null"], cost = _null(loaded, samples, settings, progress, cache)
+    threads = probe_threads(settings.threads)
+    with torch_threads(threads):
+        site_report, measured, metrics = _probe_module(loaded, samples, settings, progress, cache, check=True)
+        cost = {"seconds": 0.0, "products": 0}
+        if not site_report.sites:
+            metrics["null"] = {"status": "off", "reason": "no residual site to compare with a random init"}
+        else:
+            metrics["null"], cost = _null(loaded, samples, settings, progress, cache)
     if metrics["null"]["status"] == "measured":
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
                "nc": nc_verdict(metrics["nc"], settings.thresholds)}
-    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started, cost)
+    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started, threads, cost)
 
 
 def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,

@@ -32,6 +32,7 @@ class Settings:
     seed: int = 0
     null: str = "init"  # init: RA metrics also measured on the architecture at random init | none
     null_samples: int = 8  # samples of the null measurement (the first of the probe's)
+    threads: int | None = None  # torch CPU threads while probing; None: the caller's (host.probe_threads caps both)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def resolved_device(self) -> torch.device:
@@ -48,6 +49,9 @@ class Settings:
         for name in ("k", "samples", "chunk", "null_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise UserError(f"threads must be a positive integer, got {self.threads!r}")
         if self.tol < 0 or self.tau < 0:
             raise UserError("tol and tau must be ≥ 0")
         device = self.resolved_device()

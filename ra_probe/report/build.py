@@ -17,14 +17,14 @@ from ra_probe.pipeline.run import Outcome
 from ra_probe.pipeline.settings import Settings
 from ra_probe.report.schema import SCHEMA_VERSION
 
-def environment(settings: Settings) -> dict[str, Any]:
+def environment(settings: Settings, threads: int) -> dict[str, Any]:
     """Where and how the numbers were computed (a probe always runs with TF32 off)."""
     device = settings.resolved_device()
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": settings.dtype, "seed": settings.seed,
-            "tf32": False}
+            "tf32": False, "threads": threads}
 
 
 def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outcome: Outcome) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
                  "tokens": None if tokens is None else tokens.tolist(),
                  "digest": tensor_digest(samples.inputs, samples.labels)},
         "settings": settings.as_dict(),
-        "environment": environment(settings),
+        "environment": environment(settings, outcome.threads),
         "sites": sites,
         "skipped": [{"name": s.name, "reason": s.reason} for s in site_report.skipped],
         "metrics": metrics,

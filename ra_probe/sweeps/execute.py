@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ra_probe.errors import UserError, first_line
+from ra_probe.host import available_cpus
 from ra_probe.sweeps.spec import Run
 
 RAY_MISSING = "Ray is not installed (pip install 'ra-probe[ray]'): the runs go one after another in this process"
@@ -32,10 +33,11 @@ def measure_run(run: Run, threads: int | None = None, cwd: str | None = None) ->
     import torch
 
     from ra_probe.api import probe
+    from ra_probe.host import own_process
 
     if threads is not None:  # a worker of its own: its threads and folder are the run's to set
+        own_process()  # as the command line does
         torch.set_num_threads(threads)
-        torch.set_flush_denormal(True)  # as the command line does (subnormal Krylov vectors are ~100× slower)
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)
     started = time.perf_counter()
@@ -131,8 +133,7 @@ def executor(kind: str, runs: list[Run], *, address: str | None = None, cpus: in
             if address is not None:
                 ray.init(address=address, logging_level=logging.ERROR)
             else:
-                ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR,
-                         log_to_driver=False)
+                _start_local_ray(cpus or available_cpus())
         except Exception as exc:  # noqa: BLE001 - no cluster at that address, no room for a local one
             raise UserError(f"cannot start Ray{'' if address is None else f' at {address}'}: {first_line(exc)}") \
                 from None
@@ -141,6 +142,24 @@ def executor(kind: str, runs: list[Run], *, address: str | None = None, cpus: in
     finally:
         if started:
             ray.shutdown()
+
+
+def _start_local_ray(cpus: int) -> None:
+    """A Ray instance on this machine that listens on the loopback address only: Ray's ports take
+    commands from anyone who reaches them, and by default it binds the machine's network address.
+    Ray keeps single machines on loopback where it does not support clusters (its ENABLE_RAY_CLUSTER,
+    read when it picks the node's address); that choice is made for this start and put back."""
+    import logging
+
+    import ray
+    from ray._private import ray_constants
+
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
 
 
 def ray_installed() -> bool:

@@ -83,7 +83,7 @@ def read_spec(spec: str | Path | Sequence[str], options: dict[str, Any] | None =
     for index, table in enumerate(tables, 1):
         where = f"{source}: run {index}" + (f" ({table['name']})" if "name" in table else "")
         runs.extend(_runs({**common, **table, **options}, where))
-    runs = _with_steps(runs)
+    runs = _with_steps(_distinct_names(runs))
     names = [run.name for run in runs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -156,14 +156,44 @@ def _run(model: str, table: dict[str, Any], where: str) -> Run:
         raise UserError(f"{where}: cache must be true or false, got {cache!r}")
     if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
         raise UserError(f"{where}: step must be an integer, got {step!r}")
-    checkpoint = _checkpoint(model, loading)
     if name is None:
-        name = Path(checkpoint).stem if checkpoint else file_safe(model)
+        name = _default_name(model, loading)
     if not isinstance(name, str) or file_safe(name) != name:
         raise UserError(f"{where}: name {name!r} must be usable as a file name (letters, digits, '.', '_', '-')")
     run = Run(name, model, data, settings, loading, cache, step)
     _check_files(run, where)
     return run
+
+
+def _default_name(model: str, loading: dict[str, Any]) -> str:
+    """A run's name when none is given: its checkpoint's file name without suffix, else the model reference."""
+    checkpoint = _checkpoint(model, loading)
+    return Path(checkpoint).stem if checkpoint else file_safe(model)
+
+
+def _distinct_names(runs: list[Run]) -> list[Run]:
+    """Runs named after their checkpoints whose names collide (every one `model.safetensors`, each in a
+    folder of its own) named by as many of their folders as tell them apart: `a-model`, `b-model`. A
+    name that was given stays, and collides as it does."""
+    from dataclasses import replace
+
+    by_name: dict[str, list[int]] = {}
+    for index, run in enumerate(runs):
+        by_name.setdefault(run.name, []).append(index)
+    renamed = list(runs)
+    for name, indices in by_name.items():
+        paths = [_checkpoint(runs[i].model, runs[i].loading) for i in indices]
+        if len(indices) < 2 or None in paths or any(runs[i].name != _default_name(runs[i].model, runs[i].loading)
+                                                    for i in indices):
+            continue
+        parts = [Path(path).resolve().with_suffix("").parts for path in paths]
+        for depth in range(2, max(map(len, parts)) + 1):
+            names = [file_safe("-".join(p[-depth:])) for p in parts]
+            if len(set(names)) == len(names):
+                for i, new in zip(indices, names):
+                    renamed[i] = replace(runs[i], name=new)
+                break
+    return renamed
 
 
 def _checked_loading(loading: dict[str, Any], where: str) -> dict[str, Any]:
