@@ -293,10 +293,10 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
     return LoadedModel(module, display, "hf", input_shape=input_shape, num_classes=num_labels,
                        modality=modality, default_data="synthetic", preprocessor=preprocessor, pretrained=trained,
                        builder=None if device_map is not None else hf_builder(config, model_cls),
-                       preprocessing=_hf_preprocessing(preprocessor, modality))
+                       preprocessing=_image_preprocessing(preprocessor, modality))
 
 
-def _hf_preprocessing(preprocessor: Any, modality: str) -> str | None:
+def _image_preprocessing(preprocessor: Any, modality: str) -> str | None:
     if modality != "image":
         return None
     if preprocessor is None:
@@ -366,7 +366,7 @@ def module_loaded(model: nn.Module, name: str, source: str, input_shape: tuple[i
         loaded.input_shape = loaded.input_shape or (getattr(config, "num_channels", 3), image_size, image_size)
         loaded.preprocessor = _hf_preprocessor(origin, "image") if origin else None
     if loaded.input_shape is not None and len(loaded.input_shape) == 3:
-        loaded.preprocessing = _hf_preprocessing(loaded.preprocessor, "image")
+        loaded.preprocessing = _image_preprocessing(loaded.preprocessor, "image")
     return loaded
 
 
