@@ -117,6 +117,12 @@ def _assert_close(fresh, ref, path="", rtol=1e-3, atol=1e-5):
         assert fresh == ref, f"{path}: {fresh!r} vs reference {ref!r}"
 
 
+def test_reports_of_bundled_models_name_no_path_of_this_machine(fresh):
+    # the committed references must read the same from any checkout
+    for name in MODELS:
+        assert str(ROOT) not in json.dumps(fresh[name]), name
+
+
 def test_regenerated_numbers_match_the_committed_references(fresh):
     for name in MODELS:
         reference = json.loads((REFERENCE / f"{name}.json").read_text())

@@ -36,7 +36,7 @@ class LoadedModel:
     preprocessor: Any = None  # HF tokenizer or image processor
     weights_sha256: str | None = None
     pretrained: bool | None = None  # weights from training (a download, a checkpoint, a saved folder)
-    weights_path: str | None = None  # the checkpoint or weights file loaded into the architecture
+    weights_path: str | None = None  # the user's checkpoint loaded into the architecture (bundled: named, not pathed)
     builder: Builder | None = None  # the architecture anew at random init (None: derived from the module)
     preprocessing: str | None = None  # how images are normalized for it, when it takes images
 
@@ -150,7 +150,6 @@ def _load_bundled(name: str) -> LoadedModel:
     digest = load_weights(module, spec.weights)
     return LoadedModel(module, f"bundled/{name}", "bundled", input_shape=(64,), num_classes=10,
                        default_data="bundled/digits", weights_sha256=digest, pretrained=True,
-                       weights_path=str(spec.weights),
                        builder=lambda: (FCResNet(skip=spec.skip), f"FCResNet(skip={spec.skip}) (torch's default init)"))
 
 
