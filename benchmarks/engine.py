@@ -24,11 +24,11 @@ from contextlib import ExitStack
 import timm
 import torch
 
-from ra_probe.capture import capture
+from ra_probe.sites.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, krylov_svd
 from ra_probe.load.data import Samples
-from ra_probe.pipeline.discover import discover
+from ra_probe.sites.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
 
@@ -119,7 +119,7 @@ def main() -> None:
     held = ExitStack()  # kept until the run ends: a dropped one would put the model back at once
     model = held.enter_context(prepared(module, settings))
     samples = Samples(x.cpu(), None, "synthetic")
-    sites = discover(model, samples, settings).sites
+    sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
     captured = capture(model, x, sites)
     print(f"{args.model} at {args.image_size}px on {device} ({torch.get_num_threads()} threads), "
           f"{args.samples} samples, {len(sites)} sites, k={args.k}, tol={args.tol:g}, float32, TF32 off")

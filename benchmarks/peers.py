@@ -34,17 +34,16 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from engine import digits_trained
-from ra_probe.capture import capture
+from ra_probe.sites.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import JacobianOperator, krylov_svd, solve
 from ra_probe.engine import operators as engine_operators
 from ra_probe.engine.operators import batch_rows
 from ra_probe.engine import solvers as engine_solvers
 from ra_probe.load.data import Samples, load_samples
-from ra_probe.pipeline.discover import discover
+from ra_probe.sites.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
-from ra_probe.pipeline.settings import DTYPES
 
 GOAL = 0.5  # ra-probe's time over the best scipy peer's, on every site
 # the prepared models stay prepared for the rest of the run: an ExitStack dropped at once would be
@@ -113,7 +112,7 @@ def site_operator(module, x, name: str, device, dtype=torch.float32):
     inputs = x.to(device, dtype) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
     samples = Samples(inputs.cpu() if isinstance(inputs, torch.Tensor) else {k: v.cpu() for k, v in inputs.items()},
                       None, "bench")
-    sites = discover(model, samples, settings).sites
+    sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
     site = next(s for s in sites if s.name == name)
     record = capture(model, inputs, [site]).sites[site.name]
     return site, record
@@ -319,8 +318,8 @@ def probe_split(args, device) -> None:
     model = PREPARED.enter_context(prepared(module, settings))
     x = torch.randn(samples, 3, size, size)
     data = Samples(x, None, "synthetic")
-    sites = discover(model, data, settings).sites
-    xd = x.to(device, DTYPES[settings.dtype])
+    sites = discover(model, data, settings.resolved_device(), settings.resolved_dtype()).sites
+    xd = x.to(device, settings.resolved_dtype())
     with torch.no_grad():
         model(xd)
         network = min(_time(lambda: model(xd), device) for _ in range(3)) / samples

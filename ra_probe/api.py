@@ -20,14 +20,14 @@ from ra_probe.load.samples import first_tensor
 from ra_probe.load.models import LoadedModel, load_model, module_loaded
 from ra_probe.metrics.verdict import Thresholds
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
-from ra_probe.pipeline.discover import discover
+from ra_probe.sites.discover import discover
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.run import run
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.report.build import build_report
 from ra_probe.report.files import load_report as _read_report
 from ra_probe.report.files import write_text
-from ra_probe.sites import SiteReport
+from ra_probe.sites.records import SiteReport
 
 Model = nn.Module | str | LoadedModel
 LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape", "device_map")
@@ -304,7 +304,7 @@ def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
     (as for `probe`), and those skipped with the reason, without measuring anything."""
     loaded, samples, settings = _inputs(model, data, None, {"samples": 4, **options})
     with prepared(loaded.module, settings) as prepared_model:
-        return discover(prepared_model, samples, settings)
+        return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype())
 
 
 def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[str] = (),
@@ -346,7 +346,7 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
 def register_adapter(adapter: Any) -> None:
     """Add an adapter at runtime (an object with `name`, `description`, `fallback` and `find(model)`),
     tried before the registered ones of the same role: a notebook can teach ra-probe a new family."""
-    from ra_probe.sites import register_adapter as register
+    from ra_probe.sites.registry import register_adapter as register
 
     register(adapter)
 

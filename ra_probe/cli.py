@@ -77,8 +77,8 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
                                                              "affinity and cgroup quota)")),
     "no_cache": (bool, typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or "
                                                              "~/.cache/ra-probe)")),
-    "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="random init for timm models (drawn under "
-                                                                       "--seed)")),
+    "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="the architecture at random init (drawn under "
+                                                                       "--seed), without its trained weights")),
     "weights": (Optional[Path], typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the "
                                                         "model")),
     "arch": (Optional[str], typer.Option(None, help="architecture of a checkpoint file, as a model reference")),
@@ -331,7 +331,7 @@ def adapters() -> None:
     """List the registered adapters (entry-point group ra_probe.adapters)."""
     from rich.table import Table
 
-    from ra_probe.sites import registered_adapters
+    from ra_probe.sites.registry import registered_adapters
 
     table = Table(title="Registered adapters", title_justify="left")
     for column in ("name", "role", "description"):

@@ -10,14 +10,14 @@ from conftest import TINY
 from torch import nn
 from torch.func import jacrev
 
-from ra_probe.capture import capture
+from ra_probe.sites.capture import capture
 from ra_probe.load.data import Samples
 from ra_probe.engine import JacobianOperator
 from ra_probe.plugins import generic, timm_resnet
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain
 from ra_probe import Settings, probe
-from ra_probe.sites import find_sites, registered_adapters
-from ra_probe.verify import verify_sites
+from ra_probe.sites.registry import find_sites, registered_adapters
+from ra_probe.sites.verify import verify_sites
 from ra_probe.load.models import load_model
 
 

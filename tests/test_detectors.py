@@ -11,12 +11,12 @@ import transformers as tf
 from torch.func import jacrev
 
 from ra_probe import Settings
-from ra_probe.capture import capture
+from ra_probe.sites.capture import capture
 from ra_probe.engine import JacobianOperator
 from ra_probe.load.data import Samples
-from ra_probe.pipeline.discover import discover
-from ra_probe.sites import find_sites
-from ra_probe.verify import verify_sites
+from ra_probe.sites.discover import discover
+from ra_probe.sites.registry import find_sites
+from ra_probe.sites.verify import verify_sites
 from conftest import TINY
 
 
@@ -113,7 +113,7 @@ def test_windowed_tensors_are_measured_per_sample_and_do_not_count_as_interactin
     torch.manual_seed(0)
     model = tiny_models.Windowed().eval()
     x = torch.randn(3, 4, 4, 4)
-    report = discover(model, Samples(x, None, "x"), Settings(k=2))  # before: refused as "samples interact"
+    report = discover(model, Samples(x, None, "x"), torch.device("cpu"), torch.float32)  # before: refused as "samples interact"
     assert [s.name for s in report.sites] == ["blocks.0", "blocks.1"]
     assert all(s.in_shape == s.out_shape == (4, 4, 4) for s in report.sites)  # 4 windows of 4 tokens
     # a sample's Jacobian spans its four windows: block-diagonal, one block per window
@@ -193,7 +193,7 @@ def test_a_model_given_only_some_of_the_inputs_it_needs_is_one_line_naming_them(
     samples = Samples({"input_ids": torch.randint(0, 10, (2, 3))}, None, "synthetic")
     with pytest.raises(UserError, match="^data 'synthetic' does not fit the model: the model also takes "
                                         "pixel_values, which the data does not give$"):
-        discover(TextAndImage().eval(), samples, Settings(k=2))  # before: AttributeError on None.shape
+        discover(TextAndImage().eval(), samples, torch.device("cpu"), torch.float32)  # before: AttributeError on None.shape
 
 
 class OldStyleGelu(torch.autograd.Function):

@@ -20,7 +20,7 @@ from ra_probe import Settings, probe
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.engine.solvers import choose_method, flushing_denormals
 from ra_probe.load.models import LoadedModel, load_model
-from ra_probe.pipeline.discover import discover
+from ra_probe.sites.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
 
@@ -285,7 +285,7 @@ def test_jacobian_operator_matches_jacrev_and_is_adjoint():
 def per_sample_spectra(loaded: LoadedModel, samples: Samples, **settings) -> dict[str, torch.Tensor]:
     settings = Settings(dtype="float64", **settings)
     with prepared(loaded.module, settings) as model:
-        sites = discover(model, samples, settings).sites
+        sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
         measured = measure(model, sites, samples, settings)
     return {s.name: torch.cat(measured.site_values("S", s.name)) for s in sites}
 
@@ -300,14 +300,14 @@ def assert_spectra_agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_matrix_free_agrees_with_dense_on_the_bundled_model(solver):
     """Every site of the bundled model (128 dimensions, solved by Krylov steps in a smaller basis)."""
-    from ra_probe.capture import capture
+    from ra_probe.sites.capture import capture
     from ra_probe.load.data import load_samples
 
     loaded = load_model("bundled/fc-digits")
     samples = load_samples(None, loaded, limit=3)
     settings = Settings(dtype="float64")
     with prepared(loaded.module, settings) as model:
-        sites = discover(model, samples, settings).sites
+        sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
         captured = capture(model, samples.inputs.double(), sites)
         for site in sites:
             record = captured.sites[site.name]
@@ -428,7 +428,7 @@ def test_a_probe_stays_within_its_memory_estimate():
     x = torch.randn(64, 3, 8, 8)
     settings = Settings(k=16, batch_size=64)
     with prepared(Net(), settings) as model:
-        sites = discover(model, Samples(x, None, "synthetic"), settings).sites
+        sites = discover(model, Samples(x, None, "synthetic"), settings.resolved_device(), settings.resolved_dtype()).sites
         measure(model, sites, Samples(x[:2], None, "warm-up"), Settings(k=16, batch_size=2))  # lazy imports, kernels
         dims = [[(math.prod(s.in_shape), math.prod(s.out_shape), choose_method((64, 2048, 2048), k=16)) for s in group]
                 for group in groups_of(sites).values()]
@@ -483,7 +483,7 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
     """The linearize path (large sites) against forward-mode jvp: a conv block with BatchNorm and an
     in-place ReLU, and every site of a BERT whose attention takes a padding mask as a side input."""
     import transformers as tf
-    from ra_probe.capture import capture
+    from ra_probe.sites.capture import capture
     from ra_probe.load.data import load_samples
 
     conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
@@ -497,7 +497,7 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
     samples = load_samples(None, loaded, limit=3)
     settings = Settings(dtype="float64")
     with prepared(loaded.module, settings) as model:
-        sites = discover(model, samples, settings).sites
+        sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
         inputs = dict(samples.inputs)
         inputs["attention_mask"] = inputs["attention_mask"].clone()
         inputs["attention_mask"][0, -3:] = 0  # padding in the first sample: the mask matters

@@ -98,7 +98,7 @@ def test_text_data_as_a_dict_of_tensors_or_dict_batches():
 
 
 def test_runtime_adapter_claims_a_model_first():
-    from ra_probe.sites import _RUNTIME, registered_adapters
+    from ra_probe.sites.registry import _RUNTIME, registered_adapters
 
     class Nothing:
         name, description, fallback = "nothing", "claims every model, finds no site", False
@@ -160,7 +160,7 @@ def test_the_package_has_no_import_circle():
 
 
 def test_render_writes_the_html_of_a_json_report(cli, tmp_path):
-    reference = ROOT / "reports" / "reference" / "fc-digits.json"
+    reference = ROOT / "examples" / "reports" / "fc-digits.json"
     code, _, err = cli("render", reference, "--html", "page.html")
     assert code == 0, err
     page = (tmp_path / "page.html").read_text()

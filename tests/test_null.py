@@ -211,6 +211,20 @@ def test_no_pretrained_twice_gives_the_same_numbers_and_hits_the_cache(cli, tmp_
     assert not torch.equal(one.module.conv1.weight, other.module.conv1.weight)
 
 
+def test_no_pretrained_builds_a_trained_source_at_random_init(cli, tmp_path):
+    """Before: --no-pretrained was ignored for every source but timm: the bundled model kept its trained
+    weights and the verdict stayed "RA present"."""
+    trained = load_model("bundled/fc-digits")
+    fresh, again = (load_model("bundled/fc-digits", pretrained=False, seed=1) for _ in range(2))
+    assert fresh.pretrained is False and fresh.weights_sha256 is None
+    weight = "blocks.0.branch.0.weight"
+    assert not torch.equal(trained.module.state_dict()[weight], fresh.module.state_dict()[weight])
+    assert torch.equal(fresh.module.state_dict()[weight], again.module.state_dict()[weight])
+    code, out, err = cli("bundled/fc-digits", "--no-pretrained", "--samples", "32", "-q", "--json", "r.json")
+    assert code == 0 and "RA absent" in out, err
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["pretrained"] is False
+
+
 def test_a_checkpoint_is_named_and_recorded_as_trained(tmp_path):
     from safetensors.torch import save_file
 

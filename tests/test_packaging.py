@@ -1,4 +1,4 @@
-"""The wheel carries everything a non-editable install needs: every module of ra_probe/ and plugins/,
+"""The wheel carries everything a non-editable install needs: every module of ra_probe/ (its adapters included),
 the bundled weights, the templates and the JSON schema, and the adapters' entry points."""
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ def test_wheel_holds_every_module_and_data_file(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"ra_probe/{p.relative_to(ROOT / 'ra_probe').as_posix()}" for p in (ROOT / "ra_probe").rglob("*")
                 if p.is_file() and p.suffix in (".py", ".json", ".j2", ".safetensors") and "__pycache__" not in p.parts}
-    expected |= {f"ra_probe/plugins/{p.name}" for p in (ROOT / "plugins").glob("*.py")}
     assert expected - names == set()
     assert any(n.endswith(".safetensors") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

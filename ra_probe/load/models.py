@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.reinit import Builder, hf_builder, seeded, timm_builder
+from ra_probe.load.reinit import Builder, hf_builder, random_init, seeded, timm_builder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -78,6 +78,8 @@ def load_model(ref: str, *, pretrained: bool = True, weights: str | None = None,
     else:
         raise UserError(f"unknown model {ref!r}: expected bundled/<name>, timm/<name>, hf/<org>/<name>, "
                         "a folder, a checkpoint file with --arch, or a factory file.py:fn")
+    if not pretrained and loaded.pretrained and weights is None:
+        _at_random_init(loaded, seed)
     if weights is not None:
         loaded.weights_sha256 = load_weights(loaded.module, weights)
         loaded.weights_path, loaded.pretrained = str(weights), True
@@ -85,6 +87,15 @@ def load_model(ref: str, *, pretrained: bool = True, weights: str | None = None,
         loaded.input_shape = tuple(input_shape)
     freeze(loaded.module)
     return loaded
+
+
+def _at_random_init(loaded: LoadedModel, seed: int) -> None:
+    """`loaded`'s architecture built anew at random init under `seed`, in place of the trained weights its
+    source gave (a bundled model, a Hugging Face model or folder asked for without its weights)."""
+    fresh = random_init(loaded.builder, loaded.module, seed)
+    if fresh.module is None:
+        raise UserError(f"{loaded.name} cannot be built at random init: {fresh.how}")
+    loaded.module, loaded.pretrained, loaded.weights_sha256, loaded.weights_path = fresh.module, False, None, None
 
 
 def freeze(module: nn.Module) -> None:

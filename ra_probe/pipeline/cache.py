@@ -69,7 +69,7 @@ def adapter_digest(name: str) -> str | None:
     import inspect
     import sys
 
-    from ra_probe.sites import registered_adapters
+    from ra_probe.sites.registry import registered_adapters
 
     for adapter in registered_adapters():
         if adapter.name == name:

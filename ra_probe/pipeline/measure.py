@@ -11,14 +11,14 @@ from typing import Any, Callable
 
 import torch
 
-from ra_probe.capture import Captured, capture
+from ra_probe.sites.capture import Captured, capture
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.data import Samples, batch, chunks
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
-from ra_probe.pipeline.settings import DTYPES, Progress, Settings
-from ra_probe.sites import Site
+from ra_probe.pipeline.settings import Progress, Settings
+from ra_probe.sites.records import Site
 
 PROJECTED_SAMPLES = 16  # RA1 trajectories kept per group for the report's picture
 
@@ -93,7 +93,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     """Spectra, alignment and trajectories of every site, chunk of samples by chunk (each group and
     chunk served from `cache` when it holds it)."""
     out = Measured()
-    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
     n = len(samples)
     batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
     out.batch_size = batch_size
@@ -127,7 +127,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
 
 def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
     """Samples per chunk from the device's free memory and the sites' sizes and solvers (engine.memory)."""
-    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
 
     def sized(site: Site) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ra_probe.pipeline.settings import DTYPES, Settings
+from ra_probe.pipeline.settings import Settings
 
 
 @contextmanager
@@ -33,9 +33,9 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
             _affine_batch_norms(model, swapped)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             if dispatched(model):
-                yield model.to(dtype=DTYPES[settings.dtype])
+                yield model.to(dtype=settings.resolved_dtype())
             else:
-                yield model.to(settings.resolved_device(), DTYPES[settings.dtype])
+                yield model.to(settings.resolved_device(), settings.resolved_dtype())
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             for parent, name, original in swapped:

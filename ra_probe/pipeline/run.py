@@ -17,12 +17,12 @@ from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples
 from ra_probe.metrics.verdict import headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
-from ra_probe.pipeline.discover import discover, output_classes
 from ra_probe.pipeline.measure import Measured, measure
 from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.pipeline.summarize import summarize
-from ra_probe.sites import SiteReport
+from ra_probe.sites.discover import discover, output_classes
+from ra_probe.sites.records import SiteReport
 
 NULL_SEED_OFFSET = 1  # the null is drawn under seed + 1: another draw than a --no-pretrained model's own
 
@@ -65,13 +65,13 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
 def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
                   cache: ResultCache | None, check: bool = False) -> tuple[SiteReport, Measured, dict[str, Any]]:
     """Sites discovered on `loaded`'s module, measured and summarized (`check`: labels checked first)."""
-    device = settings.resolved_device()
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
             prepared(loaded.module, settings) as model:
         torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
         if check:
-            check_labels(samples, loaded.num_classes or output_classes(model, samples, settings))
-        site_report = discover(model, samples, settings)
+            check_labels(samples, loaded.num_classes or output_classes(model, samples, device, dtype))
+        site_report = discover(model, samples, device, dtype)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
         metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)

@@ -38,6 +38,9 @@ class Settings:
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def resolved_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
     def validate(self) -> None:
         """Refuse values no probe can run with, naming the setting (a UserError)."""
         if self.solver not in SOLVERS:

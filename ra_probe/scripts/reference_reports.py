@@ -1,4 +1,4 @@
-"""Reference reports of the bundled models, committed under reports/reference/ so a reader sees what
+"""Reference reports of the bundled models, committed under examples/reports/ so a reader sees what
 the diagnosis looks like with RA (fc-digits) and without (the two controls), and so tests can check
 that the numbers still come out the same. Regenerate them from the repository root with
 `python -m ra_probe.scripts.reference_reports` (about a minute on one core)."""
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("fc-digits", "fc-digits-lowwd", "fc-digits-noskip")
-FOLDER = Path("reports/reference")
+FOLDER = Path("examples/reports")
 
 
 def reference_settings():

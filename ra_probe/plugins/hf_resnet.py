@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain, has_layout, hf_layout, module_name
-from ra_probe.sites import Site
+from ra_probe.sites.records import Site
 
 LAYOUT = ("layer", "shortcut", "activation")
 

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ra_probe.sites import Branch, Context, Site, Tap
+from ra_probe.sites.records import Branch, Context, Site, Tap
 
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))

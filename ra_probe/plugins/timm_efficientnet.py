@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain, is_instance_of
-from ra_probe.sites import Site
+from ra_probe.sites.records import Site
 
 # each block's forward, its children in order (timm/models/_efficientnet_blocks.py)
 BRANCHES = {

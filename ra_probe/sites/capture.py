@@ -13,7 +13,7 @@ from torch import nn
 
 from ra_probe.load.data import Inputs, run_model
 from ra_probe.load.samples import first_tensor
-from ra_probe.sites import Context, Site, each_call, main_input, module_at, output_tensor
+from ra_probe.sites.records import Context, Site, each_call, main_input, module_at, output_tensor
 
 
 @dataclass

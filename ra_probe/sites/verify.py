@@ -6,9 +6,9 @@ import torch
 
 from dataclasses import replace
 
-from ra_probe.capture import Captured, SiteRecord
+from ra_probe.sites.capture import Captured, SiteRecord
 from ra_probe.errors import first_line
-from ra_probe.sites import Site, SiteReport, Skipped, each_call, per_sample
+from ra_probe.sites.records import Site, SiteReport, Skipped, each_call, per_sample
 
 VERIFY_RTOL = 1e-3
 CHAIN_RTOL = 1e-5  # a site's input "is" the previous site's output up to float32 rounding of a copy

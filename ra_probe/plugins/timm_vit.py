@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, is_instance_of, side_inputs, transformer_sites
-from ra_probe.sites import Site, Tap
+from ra_probe.sites.records import Site, Tap
 
 
 def _scale(block: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:

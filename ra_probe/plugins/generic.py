@@ -23,7 +23,8 @@ from torch import fx, nn
 
 from ra_probe.plugins import runtime
 from ra_probe.plugins._blocks import NORMS, name_sites
-from ra_probe.sites import Site, SiteReport, Skipped, Tap, in_module_order
+from ra_probe.sites.records import Site, SiteReport, Skipped, Tap
+from ra_probe.sites.registry import in_module_order
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, call_with, first_output, has_layout, hf_layout
-from ra_probe.sites import Site, Tap
+from ra_probe.sites.records import Site, Tap
 
 LAYOUT = ("attention.self", "attention.output.dense", "attention.output.LayerNorm", "intermediate",
           "output.dense", "output.LayerNorm")

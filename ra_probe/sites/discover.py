@@ -6,18 +6,17 @@ import inspect
 
 import torch
 
-from ra_probe.capture import Captured, capture, logits_of
+from ra_probe.sites.capture import Captured, capture, logits_of
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.data import Samples, batch, chunks, run_model, take
-from ra_probe.pipeline.settings import DTYPES, Settings
-from ra_probe.sites import SiteReport, find_sites
-from ra_probe.verify import verify_sites
+from ra_probe.sites.records import SiteReport
+from ra_probe.sites.registry import find_sites
+from ra_probe.sites.verify import verify_sites
 
 
-def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> SiteReport:
+def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype) -> SiteReport:
     """Sites found by the adapters and verified on a real forward of the first samples, after checking
     that the model treats samples independently (each sample's Jacobian is its own)."""
-    device, dtype = settings.resolved_device(), DTYPES[settings.dtype]
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     try:
         report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
@@ -71,9 +70,9 @@ def _differ(together: torch.Tensor, single: torch.Tensor) -> bool:
     return bool(gap > tolerance * single[finite].abs().max().clamp_min(torch.finfo(single.dtype).tiny))
 
 
-def output_classes(model: torch.nn.Module, samples: Samples, settings: Settings) -> int | None:
+def output_classes(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype) -> int | None:
     """How many classes the model's output scores: the width of its 2-D logits for one sample."""
-    one = batch(samples.inputs, chunks(samples.inputs, 1)[0], settings.resolved_device(), DTYPES[settings.dtype])
+    one = batch(samples.inputs, chunks(samples.inputs, 1)[0], device, dtype)
     with torch.no_grad():
         logits = logits_of(run_model(model, one))
     return logits.shape[1] if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None

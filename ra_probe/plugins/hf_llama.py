@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, has_layout, hf_layout, pre_norm_sites
-from ra_probe.sites import Site
+from ra_probe.sites.records import Site
 
 LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 

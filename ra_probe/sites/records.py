@@ -1,17 +1,14 @@
-"""Residual sites: the `Site` record adapters return, the adapter registry (entry-point
-group `ra_probe.adapters`), grouping into stages, and numerical verification of every site."""
+"""The records of the sites stage: the `Site` an adapter returns, the adapter protocol, a model's
+`SiteReport`, and the helpers that read a branch's inputs and outputs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from importlib.metadata import entry_points
 from itertools import groupby
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
-
-ENTRY_POINT_GROUP = "ra_probe.adapters"
 
 Context = dict[str, Any]  # side inputs of a branch: {"args": tuple, "kwargs": dict}
 Branch = Callable[[torch.Tensor, Context], torch.Tensor]
@@ -108,73 +105,6 @@ class SiteReport:
     adapter: str
     sites: list[Site]
     skipped: list[Skipped] = field(default_factory=list)
-
-
-_RUNTIME: list[Adapter] = []  # adapters added with register_adapter, in this process
-
-
-def register_adapter(adapter: Adapter) -> None:
-    """Add an adapter for this process (besides the entry-point group): it is tried before the
-    installed adapters of the same role. Registering an adapter of the same name again replaces it."""
-    for attribute in ("name", "description", "fallback", "find"):
-        if not hasattr(adapter, attribute):
-            raise TypeError(f"an adapter needs name, description, fallback and find(model); {adapter!r} has no "
-                            f"{attribute}")
-    _RUNTIME[:] = [a for a in _RUNTIME if a.name != adapter.name] + [adapter]
-
-
-def registered_adapters() -> list[Adapter]:
-    """Adapters registered at runtime and from the entry-point group: specific ones first, fallbacks
-    last; within each, runtime ones first, then by name."""
-    adapters, seen = list(_RUNTIME), {a.name for a in _RUNTIME}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in seen:
-            continue
-        seen.add(ep.name)
-        adapters.append(ep.load())
-    return sorted(adapters, key=lambda a: (bool(getattr(a, "fallback", False)), a not in _RUNTIME, a.name))
-
-
-def _found(adapter: Adapter, model: nn.Module, run: Callable[[], Any] | None, **kwargs) -> SiteReport | None:
-    """What one adapter finds, as a SiteReport with its name on every site. Detectors that look at any
-    module (`any_module`) also get `run`, a forward on example inputs, for strategies that watch one."""
-    found = adapter.find(model, run=run, **kwargs) if getattr(adapter, "any_module", False) else adapter.find(model)
-    if found is None:
-        return None
-    report = found if isinstance(found, SiteReport) else SiteReport(adapter.name, found)
-    report.adapter = adapter.name
-    for site in report.sites:
-        site.adapter = adapter.name
-    return report
-
-
-def find_sites(model: nn.Module, adapters: list[Adapter] | None = None,
-               run: Callable[[], Any] | None = None) -> SiteReport:
-    """The sites of `model` from the first adapter that claims it (unverified; see `verify_sites`). An
-    adapter returns its sites, or a SiteReport when it also found residual adds it cannot use. The
-    modules a `partial` adapter leaves (neither its sites' blocks nor inside them: block classes it does
-    not know) go to the fallback detectors that look at any module, so every residual block gets its
-    sites; an adapter without that flag speaks for the whole model."""
-    adapters = adapters if adapters is not None else registered_adapters()
-    for adapter in adapters:
-        report = _found(adapter, model, run)
-        if report is None:
-            continue
-        if getattr(adapter, "partial", False) and not getattr(adapter, "fallback", False):
-            claimed = {site.module_path for site in report.sites}
-            for detector in (a for a in adapters if getattr(a, "any_module", False)):
-                rest = _found(detector, model, run, exclude=claimed)
-                report.sites, report.skipped = in_module_order(model, report.sites + rest.sites), \
-                    report.skipped + rest.skipped
-        return report
-    return SiteReport("none", [])
-
-
-def in_module_order(model: nn.Module, sites: list[Site]) -> list[Site]:
-    """Sites sorted by where their blocks are registered in the model (the order of its forward, as a
-    rule), the sites of one block kept in their order."""
-    index = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    return sorted(sites, key=lambda site: index.get(site.module_path, -1))
 
 
 def main_input(args: tuple, kwargs: dict) -> Any:

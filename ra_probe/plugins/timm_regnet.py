@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain, is_instance_of, module_name
-from ra_probe.sites import Site
+from ra_probe.sites.records import Site
 
 BOTTLENECK = ("conv1", "conv2", "se", "conv3", "drop_path")
 PRE_BOTTLENECK = ("norm1", "conv1", "norm2", "conv2", "se", "norm3", "conv3", "drop_path")

@@ -6,7 +6,7 @@ from torch import nn
 
 from ra_probe.plugins._blocks import (FamilyAdapter, call_with, first_output, has_layout, hf_layout,
                                       transformer_sites)
-from ra_probe.sites import Site, Tap
+from ra_probe.sites.records import Site, Tap
 
 LAYOUT = ("layernorm_before", "attention", "layernorm_after", "mlp", "dropout")
 

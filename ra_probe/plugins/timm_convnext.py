@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, is_instance_of
-from ra_probe.sites import Context, Site
+from ra_probe.sites.records import Context, Site
 
 
 def _branch(block: nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain, is_instance_of
-from ra_probe.sites import Site
+from ra_probe.sites.records import Site
 
 BOTTLENECK = ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3", "se", "drop_path")
 BASIC = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2", "se", "drop_path")
