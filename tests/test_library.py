@@ -159,6 +159,27 @@ def test_the_package_has_no_import_circle():
             visit(module, [])
 
 
+# the package's parts in the order data flows through them: each may import only from itself and those before it
+STAGES = ("errors", "files", "host", "config", "load", "sites", "plugins", "engine", "metrics", "pipeline", "report",
+          "gate", "api", "integrations", "sweeps", "cli", "scripts")
+
+
+def test_nothing_imports_upward():
+    package = ROOT / "ra_probe"
+    upward = []
+    for path in package.rglob("*.py"):
+        part = path.relative_to(package).parts[0].removesuffix(".py")
+        if part == "__init__":  # the package's front re-exports the library
+            continue
+        for name in imports_of(path, package):
+            target = name.split(".")[1]
+            if target in STAGES and STAGES.index(target) > STAGES.index(part):
+                upward.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert upward == []
+    assert {p.name.removesuffix(".py") for p in package.iterdir() if p.name not in ("__init__.py", "__pycache__")
+            and (p.suffix == ".py" or p.is_dir())} == set(STAGES)
+
+
 def test_render_writes_the_html_of_a_json_report(cli, tmp_path):
     reference = ROOT / "examples" / "reports" / "fc-digits.json"
     code, _, err = cli("render", reference, "--html", "page.html")
