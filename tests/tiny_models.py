@@ -309,3 +309,34 @@ class ShortcutTree(nn.Module):
 
     def forward(self, x):
         return self.head(self.tree2(self.tree1(x, self.project(x))))
+
+
+HF_TEXT = {"vocab_size": 40, "max_position_embeddings": 8}
+HF_LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+
+
+def hf_config(family: str):
+    """The config of a tiny transformers model of `family` (bert, gpt2, llama, vit, resnet), two layers."""
+    import transformers as tf
+
+    return {
+        "bert": lambda: tf.BertConfig(**HF_TEXT, **HF_LAYERS, architectures=["BertForSequenceClassification"]),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                      eos_token_id=0, architectures=["GPT2LMHeadModel"]),
+        "llama": lambda: tf.LlamaConfig(**HF_TEXT, **HF_LAYERS, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                                        architectures=["LlamaForCausalLM"]),
+        "vit": lambda: tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, **HF_LAYERS, num_labels=3,
+                                    architectures=["ViTForImageClassification"]),
+        "resnet": lambda: tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1],
+                                          layer_type="basic", num_labels=3,
+                                          architectures=["ResNetForImageClassification"]),
+    }[family]()
+
+
+def saved(config, folder) -> str:
+    """A model of `config`'s first architecture, seeded, saved to `folder` (a local Hugging Face folder)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    getattr(tf, config.architectures[0])(config).save_pretrained(folder)
+    return str(folder)

@@ -23,7 +23,7 @@ from ra_probe.report.html import render_comparison, render_report
 from ra_probe.report.files import load_report
 from ra_probe.report.schema import SCHEMA_VERSION, schema, schema_errors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / FOLDER
 # The schema's structure (descriptions aside) per version: editing the schema without a new
 # schema_version fails here. Record the new fingerprint when you bump the version.

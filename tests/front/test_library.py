@@ -10,7 +10,7 @@ import torch
 
 import ra_probe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_example() -> str:

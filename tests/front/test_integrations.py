@@ -78,7 +78,7 @@ def train_plain(digits, tracker_of=None):
 
 
 def reference(name: str) -> ra_probe.Report:
-    return ra_probe.load_report(Path(__file__).parents[1] / "examples" / "reports" / f"{name}.json")
+    return ra_probe.load_report(Path(__file__).parents[2] / "examples" / "reports" / f"{name}.json")
 
 
 def test_scalars_of_reports():

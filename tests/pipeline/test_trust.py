@@ -17,8 +17,7 @@ from ra_probe.metrics.ra import median_rank, rank_summary
 from ra_probe import Settings, probe
 from ra_probe.load.models import LoadedModel, load_model
 from conftest import TINY
-from tiny_models import ResidualMLP
-from test_hf_adapters import CONFIGS, saved
+from tiny_models import ResidualMLP, hf_config, saved
 
 
 def random_fc_resnet() -> LoadedModel:
@@ -90,7 +89,7 @@ def text_samples(rows: list[list[int]], side: str = "right") -> Samples:
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_a_sentence_spectrum_does_not_depend_on_its_batch_or_padding_side(family, tmp_path):
-    loaded = load_model(saved(CONFIGS[family][0], tmp_path))
+    loaded = load_model(saved(hf_config(family), tmp_path))
     short, long = [5, 6, 7], [5, 8, 9, 6, 7, 3]
     settings = Settings(k=3, samples=2, solver="dense")
 

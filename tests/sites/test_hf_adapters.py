@@ -12,28 +12,12 @@ from ra_probe.cli import main
 from ra_probe.load.data import Samples, load_samples
 from ra_probe import Settings, probe
 from ra_probe.load.models import load_model
+from tiny_models import hf_config, saved
 
-TEXT = {"vocab_size": 40, "max_position_embeddings": 8}
-LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
 SHAPES = {"resnet": (1, 32, 32)}  # HF ResNet configs name no image size (224 by default): keep it small
-CONFIGS = {  # config, sites, adapter
-    "bert": (tf.BertConfig(**TEXT, **LAYERS, architectures=["BertForSequenceClassification"]), 4, "hf-bert"),
-    "gpt2": (tf.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
-                           eos_token_id=0, architectures=["GPT2LMHeadModel"]), 4, "hf-gpt2"),
-    "llama": (tf.LlamaConfig(**TEXT, **LAYERS, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
-                             architectures=["LlamaForCausalLM"]), 4, "hf-llama"),
-    "vit": (tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, **LAYERS, num_labels=3,
-                         architectures=["ViTForImageClassification"]), 4, "hf-vit"),
-    "resnet": (tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1],
-                               layer_type="basic", num_labels=3, architectures=["ResNetForImageClassification"]),
-               2, "hf-resnet"),
-}
-
-
-def saved(config, folder) -> str:
-    torch.manual_seed(0)
-    getattr(tf, config.architectures[0])(config).save_pretrained(folder)
-    return str(folder)
+SITES = {"bert": (4, "hf-bert"), "gpt2": (4, "hf-gpt2"), "llama": (4, "hf-llama"), "vit": (4, "hf-vit"),
+         "resnet": (2, "hf-resnet")}  # sites found, adapter
+CONFIGS = {family: (hf_config(family), *SITES[family]) for family in SITES}
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
