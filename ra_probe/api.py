@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,9 +17,9 @@ from ra_probe.gate import GateResult, GateRules, check_baseline_data, check_rule
 from ra_probe.load.data import Samples, load_samples, take
 from ra_probe.load.samples import first_tensor
 from ra_probe.load.models import LoadedModel, load_model, module_loaded
-from ra_probe.metrics.verdict import Thresholds
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
 from ra_probe.pipeline.discover import discover
+from ra_probe.pipeline.options import names, normalized, refuse_bad
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.run import run
 from ra_probe.pipeline.settings import Progress, Settings
@@ -30,7 +29,7 @@ from ra_probe.report.files import write_text
 from ra_probe.sites import SiteReport
 
 Model = nn.Module | str | LoadedModel
-LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape", "device_map")
+LOADING_OPTIONS = names("loading")
 
 
 class Report(Mapping):
@@ -119,22 +118,26 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 def settings_from(options: dict[str, Any], base: Settings | None = None) -> Settings:
     """Settings from keyword options named like the CLI's (`k`, `samples`, `tol`, `device`...), and
-    thresholds by their names (`min_alignment`, `max_nc1`...). Unknown names are a UserError."""
-    known = {f.name for f in fields(Settings)} - {"thresholds"}
-    limits = {f.name for f in fields(Thresholds)}
-    unknown = sorted(set(options) - known - limits)
+    verdict thresholds by their names (`min_alignment`, `max_nc1`...), each refused as the command
+    line refuses it. Unknown names are a UserError."""
+    thresholds = names("threshold")
+    known = names("setting") + thresholds
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known | limits))}")
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(known + LOADING_OPTIONS))}")
     settings = copy.deepcopy(base) if base is not None else Settings()
     for name, value in options.items():
-        setattr(settings.thresholds if name in limits else settings, name, value)
+        setattr(settings.thresholds if name in thresholds else settings, name, value)
     settings.validate()
     return settings
 
 
 def as_loaded(model: Model, seed: int = 0, **loading: Any) -> LoadedModel:
     """A model reference (what the CLI takes), an `nn.Module` or an already loaded model, loaded (what
-    is initialized at random, under `seed`)."""
+    is initialized at random, under `seed`). Loading options are refused as the command line refuses them."""
+    loading = {name: normalized(name, value) for name, value in loading.items()}
+    refuse_bad(loading)
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str):
@@ -253,6 +256,7 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     CLI's options as keywords (`k=16, samples=64, tol=1e-3, device="cuda"`...) or a `Settings`.
     `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the
     user's cache folder, or a folder."""
+    refuse_bad({"cache": cache})
     loaded, samples, settings = _inputs(model, data, settings, options)
     store = None if cache is False else ResultCache(None if cache is True else cache)
     if progress is True:
@@ -316,9 +320,9 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
     and metrics not move beyond `tolerance`; limits by name: `min_alignment`, `min_linearity`,
     `max_rank`, `max_nc1`, `max_nc4`. Returns a GateResult: `.passed`, `.checks`, `.failures`, and
     `.report`, the report judged."""
-    from ra_probe.gate import LIMITS
+    from ra_probe.gate import LIMITS, given_limits
 
-    limits = {name: options.pop(name) for name in list(options) if name in LIMITS}
+    limits = given_limits({name: options.pop(name) for name in list(options) if name in LIMITS})
     wanted = (require,) if isinstance(require, str) else tuple(require)
     if not set(wanted) <= {"ra", "nc"}:
         raise UserError(f"require takes ra or nc, got {', '.join(wanted)}")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ra_probe.errors import UserError, first_line
 from ra_probe.metrics.ra import median_rank
+from ra_probe.pipeline.options import Option, Real
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
@@ -44,9 +45,40 @@ METRICS: dict[str, tuple[str, Callable[[dict], float | None]]] = {
     "nc3": ("NC3", _nc("nc3")),
     "nc4": ("NC4", _nc("nc4")),
 }
-# Metric limits of the gate: option name → (metric, True for a lower bound).
-LIMITS = {"min_linearity": ("linearity", True), "min_alignment": ("alignment", True),
-          "max_rank": ("median_rank", False), "max_nc1": ("nc1", False), "max_nc4": ("nc4", False)}
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A metric limit of the gate: the option that sets it (`--min-alignment`, `min_alignment=`, the key
+    of ra-probe.toml), the metric it bounds, and whether it is a lower bound."""
+
+    option: Option
+    metric: str
+    lower: bool
+
+
+def _limit(name: str, metric: str, lower: bool, what: str) -> Limit:
+    help = f"fail if {what} is {'lower' if lower else 'higher'}"
+    return Limit(Option(name, None, Real(), help, "limit", cli_type=Optional[float]), metric, lower)
+
+
+LIMITS: dict[str, Limit] = {limit.option.name: limit for limit in (
+    _limit("min_alignment", "alignment", True, "the RA2 mean alignment a_ij"),
+    _limit("min_linearity", "linearity", True, "the RA1 mean linearity"),
+    _limit("max_rank", "median_rank", False, "the median over sites of the RA3 rank"),
+    _limit("max_nc1", "nc1", False, "NC1"),
+    _limit("max_nc4", "nc4", False, "NC4"),
+)}
+
+
+def given_limits(values: dict[str, Any]) -> dict[str, float]:
+    """The limits among `values` that are set (not None), each refused as the command line refuses it."""
+    limits = {name: value for name, value in values.items() if name in LIMITS and value is not None}
+    for name, value in limits.items():
+        line = LIMITS[name].option.refusal(value)
+        if line is not None:
+            raise UserError(line)
+    return limits
 
 
 @dataclass
@@ -97,7 +129,7 @@ def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
                        "detail": f"{what.upper()} {status}" if status == "present" else
                        f"{what.upper()} {status}, required present ({', '.join(w for w in why if w)})"})
     for option, limit in rules.limits.items():
-        metric, lower = LIMITS[option]
+        metric, lower = LIMITS[option].metric, LIMITS[option].lower
         label, value_of = METRICS[metric]
         value = value_of(report)
         passed = value is not None and (value >= limit if lower else value <= limit)
