@@ -28,7 +28,6 @@ class Captured:
     sites: dict[str, SiteRecord]
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None  # the classifier's input, flattened per sample
-    extra: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)  # times each site's block was called
     batch: int = 0  # samples in the forward
 

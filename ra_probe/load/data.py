@@ -2,7 +2,6 @@
 Validated here, once, at the door: deeper stages trust the shapes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
 from ra_probe.load.samples import Inputs, Samples, first_tensor
+
 
 def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
     """The same rows of a tensor or of every tensor of a dict."""
