@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ra_probe.load.data import Inputs, run_model
-from ra_probe.load.samples import first_tensor
+from ra_probe.load.samples import Inputs, first_tensor, run_model
 from ra_probe.sites import Context, Site, each_call, main_input, module_at, output_tensor
 
 

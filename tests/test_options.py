@@ -57,9 +57,10 @@ def expected(option) -> str:
 
 
 def test_the_table_is_the_settings():
-    assert {f.name for f in fields(Settings)} - {"thresholds"} == {n for n, o in OPTIONS.items() if o.group == "setting"}
+    settings = {name: option for name, option in OPTIONS.items() if option.group == "setting"}
+    assert {f.name for f in fields(Settings)} - {"thresholds"} == set(settings)
     defaults = Settings()
-    assert all(getattr(defaults, name) == option.default for name, option in OPTIONS.items() if option.group == "setting")
+    assert all(getattr(defaults, name) == option.default for name, option in settings.items())
     assert all(option.refusal(option.default) is None for option in OPTIONS.values())
 
 

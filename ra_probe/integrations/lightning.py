@@ -23,9 +23,10 @@ class ResidualAlignmentCallback(Callback):
     step=trainer.global_step)`) and put in `trainer.callback_metrics`, so that EarlyStopping or
     ModelCheckpoint placed after this callback can monitor them: the report's headline numbers as
     `ra/<name>` and `nc/<name>` (`ra/alignment`, `ra/linearity`, `ra/median_rank`, `ra/mean_sigma1`,
-    `nc/nc1`…), `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`; a metric the
-    probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`). `log_report`:
-    True to also write each full JSON report to `<log_dir>/ra-probe/step-<step>.json`, or a folder.
+    `nc/nc1`…), `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`;
+    a metric the probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`).
+    `log_report`: True to also write each full JSON report to `<log_dir>/ra-probe/step-<step>.json`, or
+    a folder.
 
     `data`: anything `ra_probe.probe` takes (a held-out (x, y) pair is best); its first `samples` are
     taken once and measured at every probe. `model`: which network to probe, the LightningModule

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ra_probe.api import Report, as_loaded, as_samples, probe, settings_from
+from ra_probe.api import Report, probe, settings_from
+from ra_probe.load.inputs import as_loaded, as_samples
 from ra_probe.report.headline import HEADLINE, headline
 
 # Cheap enough to run every epoch on small models (about 0.4 s per probe on the bundled FC ResNet, width
@@ -83,7 +84,8 @@ class LiveProbe:
         module = self.network(owner)
         with preserved_rng():
             if self.samples is None:
-                self.samples = as_samples(self.data, as_loaded(module), self.settings)
+                self.samples = as_samples(self.data, as_loaded(module), limit=self.settings.samples,
+                                          seed=self.settings.seed)
             report = probe(module, self.samples, self.settings)
         metrics = scalars(report)
         metrics["ra/probe_seconds"] = time.perf_counter() - started

@@ -8,7 +8,7 @@ import torch
 
 from ra_probe.capture import Captured, capture, logits_of
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.data import Samples, batch, chunks, run_model, take
+from ra_probe.load.samples import Samples, batch, chunks, run_model, take
 from ra_probe.pipeline.settings import DTYPES, Settings
 from ra_probe.sites import SiteReport, find_sites
 from ra_probe.verify import verify_sites

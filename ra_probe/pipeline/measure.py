@@ -14,7 +14,7 @@ import torch
 from ra_probe.capture import Captured, capture
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.data import Samples, batch, chunks
+from ra_probe.load.samples import Samples, batch, chunks
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
 from ra_probe.pipeline.settings import DTYPES, Progress, Settings

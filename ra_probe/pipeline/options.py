@@ -162,15 +162,16 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("dtype", "float32", OneOf(DTYPES), "float32 | float64", cli_type=str),
     Option("device", None, Kind((str,), "text"), "cpu, cuda, cuda:1… (default: cuda when present)",
            cli_type=Optional[str]),
-    Option("seed", 0, Kind((int,), "an integer"), "seed of the solver's random vectors and of random init", cli_type=int),
+    Option("seed", 0, Kind((int,), "an integer"), "seed of the solver's random vectors and of random init",
+           cli_type=int),
     Option("null", "init", OneOf(NULLS), "init: also measure RA on the same architecture at a seeded random "
            "init, the control of the verdict | none", cli_type=str),
     Option("null_samples", 8, Integer(1), "samples of the random-init measurement (the first of the probe's)",
            cli_type=int),
     Option("threads", None, Integer(1), "torch CPU threads while probing (default: torch's; never more than the "
            "CPUs this process may use: affinity and cgroup quota)", cli_type=Optional[int]),
-    Option("cache", True, Kind((bool, str, Path), "true, false or a folder"), "measure everything anew (cache: $RA_PROBE_CACHE or "
-           "~/.cache/ra-probe)", "cache", cli="--no-cache", cli_type=bool),
+    Option("cache", True, Kind((bool, str, Path), "true, false or a folder"), "measure everything anew (cache: "
+           "$RA_PROBE_CACHE or ~/.cache/ra-probe)", "cache", cli="--no-cache", cli_type=bool),
     Option("pretrained", True, Kind((bool,), "true or false"), "random init for timm models (drawn under --seed)",
            "loading", cli="--no-pretrained", cli_type=bool),
     Option("weights", None, Kind((str, Path), "a path"), "state dict (safetensors or torch) loaded strictly into "
