@@ -7,9 +7,10 @@ import inspect
 import json
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -291,8 +292,8 @@ def compare(
     """Reports side by side: verdicts, RA1–RA4, NC; RA4 slope across depths within a model family."""
     from ra_probe.report.compare import compare as compare_reports
     from ra_probe.report.console import print_comparison
-    from ra_probe.report.html import render_comparison, write_html
     from ra_probe.report.files import load_report
+    from ra_probe.report.html import render_comparison, write_html
 
     if len(reports) < 2:
         raise UserError("compare needs at least two reports")

@@ -2,14 +2,14 @@
 group `ra_probe.adapters`), grouping into stages, and numerical verification of every site."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib.metadata import entry_points
 from itertools import groupby
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-
 
 ENTRY_POINT_GROUP = "ra_probe.adapters"
 

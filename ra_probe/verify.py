@@ -2,9 +2,9 @@
 reproduces the block's captured output; the kept sites are then grouped into stages that chain."""
 from __future__ import annotations
 
-import torch
-
 from dataclasses import replace
+
+import torch
 
 from ra_probe.capture import Captured, SiteRecord
 from ra_probe.errors import first_line

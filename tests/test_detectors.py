@@ -8,6 +8,7 @@ import timm
 import tiny_models
 import torch
 import transformers as tf
+from conftest import TINY
 from torch.func import jacrev
 
 from ra_probe import Settings
@@ -17,7 +18,6 @@ from ra_probe.load.data import Samples
 from ra_probe.pipeline.discover import discover
 from ra_probe.sites import find_sites
 from ra_probe.verify import verify_sites
-from conftest import TINY
 
 
 def found(model, x, **inputs):

@@ -13,12 +13,18 @@ from torch.func import jacrev
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ra_probe.load.data import Samples
-from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, default_block,
-                             dense_svd, krylov_svd)
 from ra_probe import Settings, probe
+from ra_probe.engine import (
+    DenseOperator,
+    JacobianOperator,
+    auto_batch_size,
+    default_block,
+    dense_svd,
+    krylov_svd,
+)
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.engine.solvers import choose_method, flushing_denormals
+from ra_probe.load.data import Samples
 from ra_probe.load.models import LoadedModel, load_model
 from ra_probe.pipeline.discover import discover
 from ra_probe.pipeline.measure import measure
@@ -483,6 +489,7 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
     """The linearize path (large sites) against forward-mode jvp: a conv block with BatchNorm and an
     in-place ReLU, and every site of a BERT whose attention takes a padding mask as a side input."""
     import transformers as tf
+
     from ra_probe.capture import capture
     from ra_probe.load.data import load_samples
 

@@ -6,7 +6,6 @@ import pytest
 from ra_probe.errors import UserError
 from ra_probe.gate import GateRules, check_baseline_data, judge, read_baseline, summary_line
 
-
 SETTINGS = {"k": 16, "align_k": 16, "tau": 0.01, "samples": 64, "dtype": "float32", "tol": 1e-3, "solver": "auto"}
 
 

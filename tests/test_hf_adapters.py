@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers as tf
 
+from ra_probe import Settings, probe
 from ra_probe.cli import main
 from ra_probe.load.data import Samples, load_samples
-from ra_probe import Settings, probe
 from ra_probe.load.models import load_model
 
 TEXT = {"vocab_size": 40, "max_position_embeddings": 8}

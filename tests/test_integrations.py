@@ -272,6 +272,7 @@ def test_transformers_callback(digits, tmp_path):
 
 def test_transformers_callback_without_trainer(digits):
     from transformers import TrainerControl, TrainerState
+
     from ra_probe.integrations.transformers import ResidualAlignmentCallback
 
     state, control = TrainerState(), TrainerControl()

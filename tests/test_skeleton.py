@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from ra_probe.capture import capture
 from ra_probe.engine import JacobianOperator, dense_svd, krylov_svd
+from ra_probe.load.models import load_model
 from ra_probe.sites import find_sites
 from ra_probe.verify import verify_sites
-from ra_probe.load.models import load_model
 
 
 def test_cli_writes_report_with_ra_present(tmp_path, cli):

@@ -22,9 +22,10 @@ class ResidualAlignmentCallback(TrainerCallback):
     and `epoch`) and reaches every reporting integration (`report_to`): the report's headline numbers
     as `ra/<name>` and `nc/<name>` (`ra/alignment`, `ra/linearity`, `ra/median_rank`, `ra/mean_sigma1`,
     `nc/nc1`…), `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`;
-    a metric the probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`). Without `trainer` (a callback made before its Trainer; set
-    `callback.trainer` later), the metrics only go to `state.log_history`. `log_report`: True to also
-    write each full JSON report to `<output_dir>/ra-probe/step-<step>.json`, or a folder.
+    a metric the probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`).
+    Without `trainer` (a callback made before its Trainer; set `callback.trainer` later), the metrics
+    only go to `state.log_history`. `log_report`: True to also write each full JSON report to
+    `<output_dir>/ra-probe/step-<step>.json`, or a folder.
 
     `data`: anything `ra_probe.probe` takes; its first `samples` are taken once and measured at every
     probe. `model`: which network to probe, the Trainer's model by default, an attribute path or a

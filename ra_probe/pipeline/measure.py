@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -118,7 +119,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         where = f", chunk {number}/{len(indices)}" if len(indices) > 1 else ""
         for group, members in groups_of(sites).items():
             end = done + len(members)
-            say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)
+            say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
             out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say))
             if done < end:  # served from the cache: nothing was measured
                 site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)

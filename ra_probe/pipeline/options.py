@@ -5,9 +5,10 @@ files are all made from `OPTIONS`, so a value one of them refuses every one refu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 from ra_probe.engine.solvers import DENSE_LIMIT, SOLVERS
 from ra_probe.errors import UserError

@@ -2,8 +2,9 @@
 the cache key. Its fields, defaults and valid values are those of `pipeline.options.OPTIONS`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -4,8 +4,9 @@ baseline, what `compare` and sweeps show, and what the training callbacks log (a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ra_probe.metrics.ra import median_rank
 

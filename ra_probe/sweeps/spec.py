@@ -7,9 +7,10 @@ import glob
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ra_probe.api import LOADING_OPTIONS, settings_from
 from ra_probe.errors import UserError, first_line
@@ -179,7 +180,7 @@ def _distinct_names(runs: list[Run]) -> list[Run]:
     for index, run in enumerate(runs):
         by_name.setdefault(run.name, []).append(index)
     renamed = list(runs)
-    for name, indices in by_name.items():
+    for indices in by_name.values():
         paths = [_checkpoint(runs[i].model, runs[i].loading) for i in indices]
         if len(indices) < 2 or None in paths or any(runs[i].name != _default_name(runs[i].model, runs[i].loading)
                                                     for i in indices):
