@@ -24,13 +24,13 @@ from contextlib import ExitStack
 import timm
 import torch
 
-from ra_probe.sites.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, krylov_svd
 from ra_probe.load.data import Samples
-from ra_probe.sites.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
+from ra_probe.sites.capture import capture
+from ra_probe.sites.discover import discover
 
 
 def timed(fn, device: torch.device, repeat: int = 3) -> float:
@@ -139,8 +139,8 @@ def main() -> None:
     for width in (1, op.chunk):
         V = torch.randn(args.samples, n, width, device=device)
         U = torch.randn(args.samples, m, width, device=device)
-        jv = timed(lambda: op.matmat(V), device) / width
-        jtu = timed(lambda: op.rmatmat(U), device) / width
+        jv = timed(lambda: op.matmat(V), device) / width  # noqa: B023
+        jtu = timed(lambda: op.rmatmat(U), device) / width  # noqa: B023
         print(f"    block of {width:2d}: J·v {jv / forward:.2f}×   Jᵀ·u {jtu / forward:.2f}×   (target ≤ 2×)")
 
     # 2. the whole probe in network forwards per sample
@@ -155,7 +155,8 @@ def main() -> None:
     triplets = sum(t["converged"] for t in timings) * args.k
     svd_seconds = sum(t["seconds"] for t in timings)
     align_seconds = sum(t.get("align_seconds", 0.0) for t in timings)
-    print(f"\n[2] whole probe ({measured.batch_size} samples per chunk): {probe_seconds:.1f} s = {probe_seconds / network:.1f} network forwards per sample "
+    print(f"\n[2] whole probe ({measured.batch_size} samples per chunk): {probe_seconds:.1f} s = "
+          f"{probe_seconds / network:.1f} network forwards per sample "
           f"(target ≤ 60); SVDs {svd_seconds:.1f} s, RA2 alignment {align_seconds:.1f} s")
     print(f"    products per converged triplet: {svd_products / max(triplets, 1):.1f} "
           f"({svd_products:,} SVD products, {triplets} converged triplets; RA2 {align_products:,} products)")

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from ra_probe.load.data import load_samples
-from ra_probe.report.html import render_report
 from ra_probe import Settings, probe
+from ra_probe.load.data import load_samples
 from ra_probe.load.models import load_model
+from ra_probe.report.html import render_report
 
 BUDGET = 3_000_000
 

@@ -31,19 +31,19 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import timm
 import torch
+from engine import digits_trained
 from threadpoolctl import threadpool_limits
 
-from engine import digits_trained
-from ra_probe.sites.capture import capture
 from ra_probe import Settings
 from ra_probe.engine import JacobianOperator, krylov_svd, solve
 from ra_probe.engine import operators as engine_operators
-from ra_probe.engine.operators import batch_rows
 from ra_probe.engine import solvers as engine_solvers
+from ra_probe.engine.operators import batch_rows
 from ra_probe.load.data import Samples, load_samples
-from ra_probe.sites.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
+from ra_probe.sites.capture import capture
+from ra_probe.sites.discover import discover
 
 GOAL = 0.5  # ra-probe's time over the best scipy peer's, on every site
 # the prepared models stay prepared for the rest of the run: an ExitStack dropped at once would be
@@ -131,12 +131,12 @@ def scipy_svds(site, record, k: int, tol: float, solver: str, seed: int, lineari
         _, m, n = op.shape
 
         def matvec(v, op=op):
-            return op.matvec(torch.from_numpy(np.asarray(v, dtype=np.float32).reshape(1, n)).to(op.device)
-                             ).reshape(m).cpu().numpy()
+            return op.matvec(torch.from_numpy(np.asarray(v, dtype=np.float32).reshape(1, n)).to(op.device)  # noqa: B023
+                             ).reshape(m).cpu().numpy()  # noqa: B023
 
         def rmatvec(u, op=op):
-            return op.rmatvec(torch.from_numpy(np.asarray(u, dtype=np.float32).reshape(1, m)).to(op.device)
-                              ).reshape(n).cpu().numpy()
+            return op.rmatvec(torch.from_numpy(np.asarray(u, dtype=np.float32).reshape(1, m)).to(op.device)  # noqa: B023
+                              ).reshape(n).cpu().numpy()  # noqa: B023
 
         linear = sla.LinearOperator((m, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float32)
         extra = {"maxiter": 60 * k} if solver == "propack" else {}  # its default (10 k steps) stops short

@@ -5,32 +5,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ra_probe.errors import UserError
 from ra_probe.gate import GateResult, GateRules, check_baseline_data, check_rules, judge, read_baseline
-from ra_probe.load.data import Samples, load_samples, take
-from ra_probe.load.samples import first_tensor
-from ra_probe.load.models import LoadedModel, load_model, module_loaded
-from ra_probe.metrics.verdict import Thresholds
+from ra_probe.load.inputs import Model, as_loaded, as_samples
+from ra_probe.load.models import LoadedModel
+from ra_probe.load.samples import Samples
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
-from ra_probe.sites.discover import discover
+from ra_probe.pipeline.options import names, normalized, refuse_bad
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.run import run
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.report.build import build_report
 from ra_probe.report.files import load_report as _read_report
 from ra_probe.report.files import write_text
+from ra_probe.sites.discover import discover
 from ra_probe.sites.records import SiteReport
 
-Model = nn.Module | str | LoadedModel
-LOADING_OPTIONS = ("pretrained", "weights", "arch", "input_shape", "device_map")
+LOADING_OPTIONS = names("loading")
 
 
 class Report(Mapping):
@@ -119,109 +117,19 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 def settings_from(options: dict[str, Any], base: Settings | None = None) -> Settings:
     """Settings from keyword options named like the CLI's (`k`, `samples`, `tol`, `device`...), and
-    thresholds by their names (`min_alignment`, `max_nc1`...). Unknown names are a UserError."""
-    known = {f.name for f in fields(Settings)} - {"thresholds"}
-    limits = {f.name for f in fields(Thresholds)}
-    unknown = sorted(set(options) - known - limits)
+    verdict thresholds by their names (`min_alignment`, `max_nc1`...), each refused as the command
+    line refuses it. Unknown names are a UserError."""
+    thresholds = names("threshold")
+    known = names("setting") + thresholds
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known | limits))}")
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(known + LOADING_OPTIONS))}")
     settings = copy.deepcopy(base) if base is not None else Settings()
     for name, value in options.items():
-        setattr(settings.thresholds if name in limits else settings, name, value)
+        setattr(settings.thresholds if name in thresholds else settings, name, value)
     settings.validate()
     return settings
-
-
-def as_loaded(model: Model, seed: int = 0, **loading: Any) -> LoadedModel:
-    """A model reference (what the CLI takes), an `nn.Module` or an already loaded model, loaded (what
-    is initialized at random, under `seed`)."""
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, str):
-        return load_model(model, pretrained=loading.get("pretrained", True), weights=loading.get("weights"),
-                          arch=loading.get("arch"), input_shape=loading.get("input_shape"),
-                          device_map=loading.get("device_map"), seed=seed)
-    if isinstance(model, nn.Module):
-        return module_loaded(model, type(model).__name__, "module", loading.get("input_shape"))
-    raise UserError(f"model must be an nn.Module or a model reference string, got {type(model).__name__}")
-
-
-def as_samples(data: Any, loaded: LoadedModel, settings: Settings) -> Samples:
-    """Samples from a tensor (N, …), an (x, y) pair, a dict of tensors (a tokenizer's output; "labels"
-    taken as labels), a DataLoader or any iterable of such batches (taken up to `settings.samples`), a
-    `--data` reference string, or None (the model's own data)."""
-    if isinstance(data, Samples):
-        return data
-    if data is None or isinstance(data, (str, Path)):
-        return load_samples(None if data is None else str(data), loaded, limit=settings.samples, seed=settings.seed)
-    if isinstance(data, Mapping):
-        return _checked(*_inputs_and_labels(data), settings)
-    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and len(data) == 2
-                                          and isinstance(data[0], torch.Tensor)):
-        x, y = (data, None) if isinstance(data, torch.Tensor) else data
-        return _checked(x, y, settings)
-    if isinstance(data, Iterable):
-        xs, ys = [], []
-        for batch in data:
-            if isinstance(batch, Mapping):
-                x, y = _inputs_and_labels(batch)
-            else:
-                x, y = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1])
-            xs.append(x)
-            ys.append(y)
-            if sum(len(first_tensor(t)) for t in xs) >= settings.samples:
-                break
-        if not xs:
-            raise UserError("data holds no batches")
-        labels = None if any(y is None for y in ys) else torch.cat([torch.as_tensor(y) for y in ys])
-        return _checked(_joined(xs), labels, settings)
-    raise UserError(f"data must be a tensor, an (x, y) pair, a dict of tensors, a DataLoader or a data reference, "
-                    f"got {type(data).__name__}")
-
-
-def _inputs_and_labels(batch: Mapping) -> tuple[dict[str, torch.Tensor], Any]:
-    """A dict batch as model inputs (keyword arguments) and its "labels", if any."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    bad = [key for key, value in inputs.items() if not isinstance(value, torch.Tensor) or value.ndim == 0]
-    if bad or not inputs:
-        raise UserError("a dict of data must map input names to batched tensors"
-                        + (f"; not so: {', '.join(bad)}" if bad else "; it is empty"))
-    if len({len(value) for value in inputs.values()}) != 1:
-        raise UserError(f"the tensors of a dict of data must have the same number of samples, got "
-                        f"{ {key: len(value) for key, value in inputs.items()} }")
-    return inputs, batch.get("labels")
-
-
-def _joined(xs: list) -> Any:
-    """Batches joined along the samples. Token batches padded to different lengths are padded on the
-    right to the longest, with a zero attention mask there (the probe drops padding anyway)."""
-    if not isinstance(xs[0], dict):
-        return torch.cat(xs)
-    if any(x.keys() != xs[0].keys() for x in xs):
-        raise UserError("the dict batches of data must all have the same keys")
-    longest = max(x["attention_mask"].shape[1] for x in xs) if "attention_mask" in xs[0] else None
-
-    def padded(x: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-        value = x[key]
-        if longest is None or value.shape[:2] != x["attention_mask"].shape or value.shape[1] == longest:
-            return value
-        return torch.nn.functional.pad(value, [0, 0] * (value.ndim - 2) + [0, longest - value.shape[1]])
-    try:
-        return {key: torch.cat([padded(x, key) for x in xs]) for key in xs[0]}
-    except RuntimeError as exc:
-        raise UserError(f"cannot join the dict batches of data: {str(exc).splitlines()[0]}") from None
-
-
-def _checked(x: Any, y: Any, settings: Settings) -> Samples:
-    x = take(x, slice(settings.samples))
-    n = len(first_tensor(x))
-    labels = None if y is None else torch.as_tensor(y)[:settings.samples].long()
-    if n == 0:
-        raise UserError("data holds no samples")
-    if labels is not None and labels.shape != (n,):
-        raise UserError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    inputs = x.detach().cpu() if isinstance(x, torch.Tensor) else {k: v.detach().cpu() for k, v in x.items()}
-    return Samples(inputs, labels, "tensor")
 
 
 def _inputs(model: Model, data: Any, settings: Settings | None,
@@ -229,14 +137,15 @@ def _inputs(model: Model, data: Any, settings: Settings | None,
     """The loaded model, its samples and the settings, from what `probe`, `check` and `find_sites`
     take: loading options are split from settings; a module the caller holds is probed where it lives
     unless `device` says otherwise; a DataLoader's base-seed draw is kept off torch's global RNG."""
-    loading = {key: options.pop(key) for key in LOADING_OPTIONS if key in options}
+    loading = {key: normalized(key, options.pop(key)) for key in LOADING_OPTIONS if key in options}
     settings = settings_from(options, settings)
+    refuse_bad(loading)
     loaded = as_loaded(model, settings.seed, **loading)
     weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if settings.device is None and weight is not None:
         settings = dataclasses.replace(settings, device=str(weight.device))
     with torch.random.fork_rng(devices=[]):
-        samples = as_samples(data, loaded, settings)
+        samples = as_samples(data, loaded, limit=settings.samples, seed=settings.seed)
     return loaded, samples, settings
 
 
@@ -253,6 +162,7 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     CLI's options as keywords (`k=16, samples=64, tol=1e-3, device="cuda"`...) or a `Settings`.
     `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the
     user's cache folder, or a folder."""
+    refuse_bad({"cache": cache})
     loaded, samples, settings = _inputs(model, data, settings, options)
     store = None if cache is False else ResultCache(None if cache is True else cache)
     if progress is True:
@@ -275,8 +185,14 @@ class _progress_bar:
         import sys
 
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = Console(stderr=True)
         if not (console.is_terminal or console.is_jupyter):
@@ -316,9 +232,9 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
     and metrics not move beyond `tolerance`; limits by name: `min_alignment`, `min_linearity`,
     `max_rank`, `max_nc1`, `max_nc4`. Returns a GateResult: `.passed`, `.checks`, `.failures`, and
     `.report`, the report judged."""
-    from ra_probe.gate import LIMITS
+    from ra_probe.gate import LIMITS, given_limits
 
-    limits = {name: options.pop(name) for name in list(options) if name in LIMITS}
+    limits = given_limits({name: options.pop(name) for name in list(options) if name in LIMITS})
     wanted = (require,) if isinstance(require, str) else tuple(require)
     if not set(wanted) <= {"ra", "nc"}:
         raise UserError(f"require takes ra or nc, got {', '.join(wanted)}")

@@ -7,16 +7,17 @@ import inspect
 import json
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
-from ra_probe.engine.solvers import DENSE_LIMIT
 from ra_probe.errors import UserError
 from ra_probe.host import own_process
+from ra_probe.pipeline.options import OPTIONS, Option, default, names, refuse_bad
 
 try:  # recent Typer releases vendor click
     from typer._click.exceptions import ClickException
@@ -32,127 +33,75 @@ DEFAULT_OUT = "reports"
 err = Console(stderr=True)
 
 
-def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"--input-shape must be integers like 3,224,224, got {text!r}") from None
-    if not shape or min(shape) <= 0:
-        raise UserError(f"--input-shape must be positive integers, got {text!r}")
-    return shape
-
-
 ModelArg = typer.Argument(..., help="bundled/<name>, timm/<name>, hf/<org>/<name>, a folder, a checkpoint "
                                     "(with --arch), or a factory file.py:fn / package.module:fn")
 Force = typer.Option(False, "--force", help="overwrite an existing report file")
 
-# The options of every command that probes a model (probe, check), declared once: `probe_options`
-# adds them to a command, which receives them as one `ProbeOptions`.
-PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "data": (Optional[str], typer.Option(None, help="bundled/digits, a .npz with x (and y), a .txt file (one example "
-                                               "per line, text models), an image folder (class sub-folders give "
-                                               "labels), or synthetic; default: the model's own")),
-    "samples": (int, typer.Option(64, min=1, help="at most this many samples")),
-    "k": (int, typer.Option(16, min=1, help="singular triplets per site and sample")),
-    "align_k": (Optional[int], typer.Option(None, min=1, help="K of the RA2 alignment (default: k)")),
-    "tol": (float, typer.Option(1e-3, min=0.0, help="relative residual tolerance of the iterative solver")),
-    "solver": (str, typer.Option("auto", help="auto (dense where forming J costs fewer products than a Krylov "
-                                              "solve, else block) | dense | block")),
-    "dense_limit": (int, typer.Option(DENSE_LIMIT, min=0, help="auto solver: never form J for sites with more "
-                                                               "dimensions than this")),
-    "tau": (float, typer.Option(1e-2, min=0.0, help="RA3 numerical rank threshold σ_k > τ σ₁")),
-    "batch_size": (Optional[int], typer.Option(None, min=1, help="samples per chunk (default: the most that fit in "
-                                                                 "the device's free memory)")),
-    "dtype": (str, typer.Option("float32", help="float32 | float64")),
-    "device": (Optional[str], typer.Option(None, help="cpu, cuda, cuda:1… (default: cuda when present)")),
-    "seed": (int, typer.Option(0, help="seed of the solver's random vectors and of random init")),
-    "null": (str, typer.Option("init", help="init: also measure RA on the same architecture at a seeded random "
-                                            "init, the control of the verdict | none")),
-    "null_samples": (int, typer.Option(8, min=1, help="samples of the random-init measurement (the first of the "
-                                                      "probe's)")),
-    "threads": (Optional[int], typer.Option(None, min=1, help="torch CPU threads while probing (default: torch's; "
-                                                             "never more than the CPUs this process may use: "
-                                                             "affinity and cgroup quota)")),
-    "no_cache": (bool, typer.Option(False, "--no-cache", help="measure everything anew (cache: $RA_PROBE_CACHE or "
-                                                             "~/.cache/ra-probe)")),
-    "no_pretrained": (bool, typer.Option(False, "--no-pretrained", help="the architecture at random init (drawn under "
-                                                                       "--seed), without its trained weights")),
-    "weights": (Optional[Path], typer.Option(None, help="state dict (safetensors or torch) loaded strictly into the "
-                                                        "model")),
-    "arch": (Optional[str], typer.Option(None, help="architecture of a checkpoint file, as a model reference")),
-    "input_shape": (Optional[str], typer.Option(None, help="per-sample input shape, e.g. 3,224,224 (factories, "
-                                                           "synthetic data)")),
-    "device_map": (Optional[str], typer.Option(None, help="auto | balanced | a JSON map {module: device}: a Hugging "
-                                                          "Face model split across devices (needs accelerate)")),
-}
-SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed",
-            "null", "null_samples", "threads")
+# The options of every command that probes a model (probe, check, sites, sweep), made from the one
+# table of options: `probe_options` adds them to a command, which receives them as one `ProbeOptions`.
+PROBE_OPTIONS: dict[str, Option] = {option.name: option for option in OPTIONS.values() if option.flag}
 
 
 @dataclass
 class ProbeOptions:
-    """The probe options of one command line."""
+    """The probe options of one command line, as the library takes them (`cache`, not `no_cache`),
+    and the gate's limits that are set."""
 
     values: dict[str, Any]
+    limits: dict[str, float]
 
     def settings(self):
         from ra_probe.pipeline.settings import Settings
 
-        settings = Settings(**{name: self.values[name] for name in SETTINGS})
+        settings = Settings(**{name: self.values[name] for name in names("setting") if name in self.values})
         settings.validate()
         return settings
 
     def load(self, model: str):
         from ra_probe.load.models import load_model
 
-        weights = self.values["weights"]
-        return load_model(model, pretrained=not self.values["no_pretrained"], arch=self.values["arch"],
-                          weights=None if weights is None else str(weights),
-                          input_shape=_shape(self.values["input_shape"]), device_map=self.values["device_map"],
-                          seed=self.values["seed"] or 0)
+        return load_model(model, **{name: self.values.get(name, default(name)) for name in names("loading")},
+                          seed=self.values.get("seed") or 0)
 
     def samples(self, loaded, settings):
         from ra_probe.load.data import load_samples
 
         return load_samples(self.values["data"], loaded, limit=settings.samples, seed=settings.seed)
 
-    def as_library(self, names) -> dict[str, Any]:
-        """The options `names` as `ra_probe.probe` takes them (--no-cache is cache=False…)."""
-        out = {}
-        for name in names:
-            value = self.values[name]
-            if name in ("no_cache", "no_pretrained"):
-                name, value = name.removeprefix("no_"), not value
-            elif name == "weights" and value is not None:
-                value = str(value)
-            elif name == "input_shape":
-                value = _shape(value)
-            out[name] = value
-        return out
+
+def _parameter(option: Option) -> inspect.Parameter:
+    """The Typer parameter of an option: its flag and help; a `--no-…` flag is a switch. Its values are
+    checked by the option's constraint (so with the library's message), not by Typer."""
+    default = False if option.negated else option.default
+    return inspect.Parameter(option.cli_name, inspect.Parameter.KEYWORD_ONLY,
+                             default=typer.Option(default, option.flag, help=option.help),
+                             annotation=bool if option.negated else option.cli_type)
 
 
-def probe_options(*names: str) -> Callable[[Callable], Callable]:
-    """Give a command the probe options `names` (all by default) after its own; it receives them as
-    `options: ProbeOptions`."""
-    names = names or tuple(PROBE_OPTIONS)
+def probe_options(*wanted: str, limits: bool = False) -> Callable[[Callable], Callable]:
+    """Give a command the probe options `wanted` (all by default), and the gate's limits with `limits`,
+    after its own; it receives them as `options: ProbeOptions`, every value checked."""
+    from ra_probe.gate import LIMITS, given_limits
+
+    added = [PROBE_OPTIONS[name] for name in wanted or PROBE_OPTIONS]
+    added += [limit.option for limit in LIMITS.values()] if limits else []
 
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=PROBE_OPTIONS[name][1],
-                                   annotation=PROBE_OPTIONS[name][0]) for name in names]
+        parameters = [_parameter(option) for option in added]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
-            values = {name: kwargs.pop(name) for name in names}
-            return command(**kwargs, options=ProbeOptions({**dict.fromkeys(PROBE_OPTIONS), **values}))
+            given = {option.name: option.library_value(kwargs.pop(option.cli_name)) for option in added}
+            values = {name: value for name, value in given.items() if name not in LIMITS}
+            refuse_bad(values)
+            return command(**kwargs, options=ProbeOptions(values, given_limits(given)))
 
         del wrapper.__wrapped__  # Typer reads the signature below, not the command's own
-        wrapper.__signature__ = inspect.Signature(own + added)
+        wrapper.__signature__ = inspect.Signature(own + parameters)
         hints = typing.get_type_hints(command)
         wrapper.__annotations__ = {**{p.name: hints[p.name] for p in own},
-                                   **{name: PROBE_OPTIONS[name][0] for name in names}}
+                                   **{p.name: p.annotation for p in parameters}}
         return wrapper
     return decorate
 
@@ -186,7 +135,7 @@ def probe(
     settings = options.settings()
     loaded = options.load(model)
     report = _run_probe(loaded, options.samples(loaded, settings), settings, quiet=quiet,
-                        no_cache=options.values["no_cache"])
+                        no_cache=not options.values["cache"])
     console = Console(quiet=quiet)
     print_report(report, console)
     if ".json" in paths:
@@ -222,7 +171,7 @@ def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
 
 
 @app.command()
-@probe_options()
+@probe_options(limits=True)
 def check(
     model: str = typer.Argument(DEFAULT_MODEL, help="the model to gate, as for probe"),
     require: Optional[list[str]] = typer.Option(None, help="ra | nc: fail unless that verdict is present (repeatable)"),
@@ -230,11 +179,6 @@ def check(
                                                         "moves beyond --tolerance"),
     tolerance: float = typer.Option(0.05, min=0.0, help="allowed move from the baseline: relative for values above "
                                                         "1, absolute below"),
-    min_alignment: Optional[float] = typer.Option(None, help="fail if the RA2 mean alignment a_ij is lower"),
-    min_linearity: Optional[float] = typer.Option(None, help="fail if the RA1 mean linearity is lower"),
-    max_rank: Optional[float] = typer.Option(None, help="fail if the median over sites of the RA3 rank is higher"),
-    max_nc1: Optional[float] = typer.Option(None, help="fail if NC1 is higher"),
-    max_nc4: Optional[float] = typer.Option(None, help="fail if NC4 is higher"),
     config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_apply_config,
                                           help="settings file (default: ./ra-probe.toml, or the tool.ra-probe "
                                                "table of ./pyproject.toml)"),
@@ -252,9 +196,7 @@ def check(
     from ra_probe.report.files import file_safe, write_json
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
-    limits = {name: value for name, value in (("min_alignment", min_alignment), ("min_linearity", min_linearity),
-                                              ("max_rank", max_rank), ("max_nc1", max_nc1), ("max_nc4", max_nc4))
-              if value is not None}
+    limits = options.limits
     if not wanted and not limits and baseline is None:
         raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
                         "--min-alignment (or a config file that sets them)")
@@ -265,7 +207,7 @@ def check(
         raise UserError(f"{out} exists; pass --force to overwrite it")
     result = run_check(loaded, require=wanted, baseline=baseline, tolerance=tolerance,
                        data=options.samples(loaded, settings), settings=settings, progress=verbose,
-                       cache=not options.values["no_cache"], **limits)
+                       cache=options.values["cache"], **limits)
     report = result.report
     if verbose:
         print_report(report, err)
@@ -309,7 +251,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device_map", "device")
+@probe_options("data", "pretrained", "weights", "arch", "input_shape", "device_map", "device")
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites
@@ -350,8 +292,8 @@ def compare(
     """Reports side by side: verdicts, RA1–RA4, NC; RA4 slope across depths within a model family."""
     from ra_probe.report.compare import compare as compare_reports
     from ra_probe.report.console import print_comparison
-    from ra_probe.report.html import render_comparison, write_html
     from ra_probe.report.files import load_report
+    from ra_probe.report.html import render_comparison, write_html
 
     if len(reports) < 2:
         raise UserError("compare needs at least two reports")
@@ -406,10 +348,11 @@ def sweep(
     with the same settings are skipped. Exit 0 all done, 1 a run failed, 2 a bad sweep."""
     from ra_probe.sweeps import sweep as run_sweep
 
-    given = [name for name in PROBE_OPTIONS if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")]
+    given = [name for name, option in PROBE_OPTIONS.items()
+             if ctx.get_parameter_source(option.cli_name).name in ("COMMANDLINE", "ENVIRONMENT")]
     document = run_sweep(spec[0] if len(spec) == 1 else spec, out, executor=executor, address=address, cpus=cpus,
                          gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, progress=not quiet,
-                         **options.as_library(given))
+                         **{name: options.values[name] for name in given})
     counts = document["counts"]
     typer.echo(f"sweep of {len(document['runs'])} runs: {counts['done']} done, {counts['skipped']} skipped, "
                f"{counts['failed']} failed [{out / 'sweep.json'}, {out / 'sweep.html'}]")

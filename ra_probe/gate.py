@@ -6,47 +6,49 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Optional
 
 from ra_probe.errors import UserError, first_line
-from ra_probe.metrics.ra import median_rank
+from ra_probe.pipeline.options import Option, Real
+from ra_probe.report.headline import HEADLINE, headline
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
 COMPARABLE_SETTINGS = ("k", "align_k", "tau", "samples", "dtype", "tol", "solver")
 
 
-def _nc(key: str) -> Callable[[dict], float | None]:
-    return lambda r: (r["metrics"]["nc"] or {}).get(key)
+@dataclass(frozen=True)
+class Limit:
+    """A metric limit of the gate: the option that sets it (`--min-alignment`, `min_alignment=`, the key
+    of ra-probe.toml), the metric it bounds, and whether it is a lower bound."""
+
+    option: Option
+    metric: str
+    lower: bool
 
 
-def _median_rank(report: dict) -> float | None:
-    return median_rank(report["metrics"]["ra3"]["sites"], report["settings"]["k"])
+def _limit(name: str, metric: str, lower: bool, what: str) -> Limit:
+    help = f"fail if {what} is {'lower' if lower else 'higher'}"
+    return Limit(Option(name, None, Real(), help, "limit", cli_type=Optional[float]), metric, lower)
 
 
-def _mean_rank(report: dict) -> float | None:
-    """Mean over sites of the mean rank; undefined when any site's rank reaches k."""
-    ranks = [s["rank_mean"] for s in report["metrics"]["ra3"]["sites"]]
-    return sum(ranks) / len(ranks) if ranks and None not in ranks else None
+LIMITS: dict[str, Limit] = {limit.option.name: limit for limit in (
+    _limit("min_alignment", "alignment", True, "the RA2 mean alignment a_ij"),
+    _limit("min_linearity", "linearity", True, "the RA1 mean linearity"),
+    _limit("max_rank", "median_rank", False, "the median over sites of the RA3 rank"),
+    _limit("max_nc1", "nc1", False, "NC1"),
+    _limit("max_nc4", "nc4", False, "NC4"),
+)}
 
 
-# Scalar metrics of a report by name: what limits and baselines compare.
-METRICS: dict[str, tuple[str, Callable[[dict], float | None]]] = {
-    "linearity": ("RA1 mean linearity", lambda r: r["metrics"]["ra1"]["mean_linearity"]),
-    "alignment": ("RA2 mean alignment a_ij", lambda r: r["metrics"]["ra2"]["mean_score"]),
-    "rank_share": ("RA3 share of sites with rank ≤ C", lambda r: r["metrics"]["ra3"]["share_rank_le_classes"]),
-    "median_rank": ("RA3 median site rank", _median_rank),
-    "mean_rank": ("RA3 mean site rank", _mean_rank),
-    "l_sigma1": ("RA4 L·mean σ₁", lambda r: r["metrics"]["ra4"]["L_times_mean_sigma1"]),
-    "nc1": ("NC1", _nc("nc1")),
-    "nc2_equinorm": ("NC2 equinorm", _nc("nc2_equinorm_means")),
-    "nc2_equiangular": ("NC2 equiangularity", _nc("nc2_equiangular")),
-    "nc3": ("NC3", _nc("nc3")),
-    "nc4": ("NC4", _nc("nc4")),
-}
-# Metric limits of the gate: option name → (metric, True for a lower bound).
-LIMITS = {"min_linearity": ("linearity", True), "min_alignment": ("alignment", True),
-          "max_rank": ("median_rank", False), "max_nc1": ("nc1", False), "max_nc4": ("nc4", False)}
+def given_limits(values: dict[str, Any]) -> dict[str, float]:
+    """The limits among `values` that are set (not None), each refused as the command line refuses it."""
+    limits = {name: value for name, value in values.items() if name in LIMITS and value is not None}
+    for name, value in limits.items():
+        line = LIMITS[name].option.refusal(value)
+        if line is not None:
+            raise UserError(line)
+    return limits
 
 
 @dataclass
@@ -97,9 +99,8 @@ def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
                        "detail": f"{what.upper()} {status}" if status == "present" else
                        f"{what.upper()} {status}, required present ({', '.join(w for w in why if w)})"})
     for option, limit in rules.limits.items():
-        metric, lower = LIMITS[option]
-        label, value_of = METRICS[metric]
-        value = value_of(report)
+        metric, lower = LIMITS[option].metric, LIMITS[option].lower
+        label, value = HEADLINE[metric].label, HEADLINE[metric].value(report)
         passed = value is not None and (value >= limit if lower else value <= limit)
         sign = ("≥" if passed else "<") if lower else ("≤" if passed else ">")
         checks.append({"name": option, "passed": passed, "value": value, "limit": limit,
@@ -117,8 +118,9 @@ def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[di
         passed = VERDICT_ORDER[now] >= VERDICT_ORDER[before]
         checks.append({"name": f"baseline {what}", "passed": passed,
                        "detail": f"{what.upper()} {before} → {now}" + ("" if passed else " (worse than baseline)")})
-    for metric, (label, value_of) in METRICS.items():
-        before, now = value_of(baseline), value_of(report)
+    earlier, current = headline(baseline), headline(report)
+    for metric in (name for name, metric in HEADLINE.items() if metric.held):
+        label, before, now = HEADLINE[metric].label, earlier[metric], current[metric]
         if before is None and now is None:
             continue
         if before is None or now is None:
@@ -174,7 +176,7 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"cannot read baseline {path}: {first_line(exc)}") from None
     try:
         verdicts = [report["verdict"][what] for what in ("ra", "nc")]
-        values = [value_of(report) for _, value_of in METRICS.values()]
+        values = list(headline(report).values())
         baseline_settings = dict(report["settings"])
         valid = all(v in VERDICT_ORDER for v in verdicts) and all(
             isinstance(s["name"], str) for s in report["sites"] + report["skipped"]) and all(

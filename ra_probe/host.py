@@ -7,8 +7,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

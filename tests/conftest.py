@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ra_probe.scripts.reference_reports import MODELS, reference_report
 from ra_probe.cli import main
+from ra_probe.scripts.reference_reports import MODELS, reference_report
 
 # The tests' models are tiny: one thread is faster than several, by far on a loaded CI machine.
 torch.set_num_threads(1)

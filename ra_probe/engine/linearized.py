@@ -12,7 +12,7 @@ multiplied by, and identical operations run once."""
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD

@@ -4,7 +4,8 @@ solvers; solvers know nothing of networks."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.func import jvp, linearize, vjp, vmap

@@ -21,11 +21,12 @@ class ResidualAlignmentCallback(Callback):
 
     Each probe is logged through every logger of the trainer (`log_metrics(metrics,
     step=trainer.global_step)`) and put in `trainer.callback_metrics`, so that EarlyStopping or
-    ModelCheckpoint placed after this callback can monitor them: `ra/alignment`, `ra/linearity`, `ra/rank_median`, `ra/sigma1_mean`,
-    `ra/L_sigma1`, `nc/nc1`, `nc/nc2_equinorm_means`, `nc/nc2_equiangular`, `nc/nc3`, `nc/nc4`,
-    `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`; a metric the
-    probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`). `log_report`:
-    True to also write each full JSON report to `<log_dir>/ra-probe/step-<step>.json`, or a folder.
+    ModelCheckpoint placed after this callback can monitor them: the report's headline numbers as
+    `ra/<name>` and `nc/<name>` (`ra/alignment`, `ra/linearity`, `ra/median_rank`, `ra/mean_sigma1`,
+    `nc/nc1`…), `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`;
+    a metric the probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`).
+    `log_report`: True to also write each full JSON report to `<log_dir>/ra-probe/step-<step>.json`, or
+    a folder.
 
     `data`: anything `ra_probe.probe` takes (a held-out (x, y) pair is best); its first `samples` are
     taken once and measured at every probe. `model`: which network to probe, the LightningModule

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ra_probe.api import Report, as_loaded, as_samples, probe, settings_from
-from ra_probe.metrics.ra import median_rank
+from ra_probe.api import Report, probe, settings_from
+from ra_probe.load.inputs import as_loaded, as_samples
+from ra_probe.report.headline import HEADLINE, headline
 
 # Cheap enough to run every epoch on small models (about 0.4 s per probe on the bundled FC ResNet, width
 # 128 and 8 blocks, one CPU thread): k = 16 still determines RA3 ranks up to 15 classes, and RA2 aligns the
@@ -23,33 +24,20 @@ from ra_probe.metrics.ra import median_rank
 # No random-init control: the first probe, before training starts, is the network's own init.
 DEFAULTS: dict[str, Any] = {"samples": 32, "k": 16, "align_k": 8, "null": "none"}
 STATUS = {"absent": 0.0, "partial": 0.5, "present": 1.0}  # not_applicable: not logged
-NC_METRICS = ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4")
 
 Metrics = dict[str, float]
 ModelPicker = str | Callable[[Any], nn.Module] | None
 
 
 def scalars(report: Report) -> Metrics:
-    """The numbers logged for a report; a metric the probe could not determine is left out.
-
-    `ra/alignment` RA2 mean alignment score a_ij; `ra/linearity` RA1 mean trajectory linearity;
-    `ra/rank_median` RA3, the median over sites of each site's median rank (left out when undetermined:
-    see `ra_probe.metrics.ra.median_rank`); `ra/sigma1_mean` RA4 mean over sites of the top singular value and
-    `ra/L_sigma1` its sum (L times the mean); `nc/nc1`, `nc/nc2_equinorm_means`, `nc/nc2_equiangular`,
-    `nc/nc3`, `nc/nc4`; `ra/verdict` and `nc/verdict` as absent 0, partial 0.5, present 1."""
-    metrics = report.metrics
-    ra4 = metrics["ra4"]
-    nc = metrics["nc"] or {}
-    values = {
-        "ra/alignment": metrics["ra2"]["mean_score"],
-        "ra/linearity": metrics["ra1"]["mean_linearity"],
-        "ra/rank_median": median_rank(metrics["ra3"]["sites"], report["settings"]["k"]),
-        "ra/sigma1_mean": ra4["L_times_mean_sigma1"] / ra4["depth"] if ra4["depth"] else None,
-        "ra/L_sigma1": ra4["L_times_mean_sigma1"],
-        **{f"nc/{name}": nc.get(name) for name in NC_METRICS},
-        "ra/verdict": STATUS.get(report.verdict["ra"]),
-        "nc/verdict": STATUS.get(report.verdict["nc"]),
-    }
+    """The numbers logged for a report: its headline numbers (`ra_probe.report.headline`) named
+    `ra/<name>` and `nc/<name>` — `ra/alignment` RA2 mean alignment score a_ij, `ra/linearity` RA1 mean
+    trajectory linearity, `ra/median_rank` RA3 median over sites of each site's median rank,
+    `ra/mean_sigma1` RA4 mean over sites of the top singular value and `ra/L_times_mean_sigma1` its
+    sum, `nc/nc1` … `nc/nc4` — and `ra/verdict` and `nc/verdict` as absent 0, partial 0.5, present 1.
+    A number the probe could not determine (a rank that reaches k, no classifier head) is left out."""
+    values = {f"{HEADLINE[name].family}/{name}": value for name, value in headline(report).items()}
+    values.update({"ra/verdict": STATUS.get(report.verdict["ra"]), "nc/verdict": STATUS.get(report.verdict["nc"])})
     return {name: float(value) for name, value in values.items() if value is not None}
 
 
@@ -96,7 +84,8 @@ class LiveProbe:
         module = self.network(owner)
         with preserved_rng():
             if self.samples is None:
-                self.samples = as_samples(self.data, as_loaded(module), self.settings)
+                self.samples = as_samples(self.data, as_loaded(module), limit=self.settings.samples,
+                                          seed=self.settings.seed)
             report = probe(module, self.samples, self.settings)
         metrics = scalars(report)
         metrics["ra/probe_seconds"] = time.perf_counter() - started

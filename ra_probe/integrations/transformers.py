@@ -19,13 +19,13 @@ class ResidualAlignmentCallback(TrainerCallback):
         trainer.add_callback(ResidualAlignmentCallback((x_val, y_val), trainer=trainer))
 
     Each probe is logged with `trainer.log`, so it lands in `trainer.state.log_history` (with `step`
-    and `epoch`) and reaches every reporting integration (`report_to`): `ra/alignment`, `ra/linearity`,
-    `ra/rank_median`, `ra/sigma1_mean`, `ra/L_sigma1`, `nc/nc1`, `nc/nc2_equinorm_means`,
-    `nc/nc2_equiangular`, `nc/nc3`, `nc/nc4`, `ra/verdict`, `nc/verdict` (absent 0, partial 0.5,
-    present 1) and `ra/probe_seconds`; a metric the probe could not determine is left out (see
-    `ra_probe.integrations.tracker.scalars`). Without `trainer` (a callback made before its Trainer; set
-    `callback.trainer` later), the metrics only go to `state.log_history`. `log_report`: True to also
-    write each full JSON report to `<output_dir>/ra-probe/step-<step>.json`, or a folder.
+    and `epoch`) and reaches every reporting integration (`report_to`): the report's headline numbers
+    as `ra/<name>` and `nc/<name>` (`ra/alignment`, `ra/linearity`, `ra/median_rank`, `ra/mean_sigma1`,
+    `nc/nc1`…), `ra/verdict`, `nc/verdict` (absent 0, partial 0.5, present 1) and `ra/probe_seconds`;
+    a metric the probe could not determine is left out (see `ra_probe.integrations.tracker.scalars`).
+    Without `trainer` (a callback made before its Trainer; set `callback.trainer` later), the metrics
+    only go to `state.log_history`. `log_report`: True to also write each full JSON report to
+    `<output_dir>/ra-probe/step-<step>.json`, or a folder.
 
     `data`: anything `ra_probe.probe` takes; its first `samples` are taken once and measured at every
     probe. `model`: which network to probe, the Trainer's model by default, an attribute path or a

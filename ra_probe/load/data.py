@@ -2,74 +2,14 @@
 Validated here, once, at the door: deeper stages trust the shapes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
-from ra_probe.load.samples import Inputs, Samples, first_tensor
-
-def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
-    """The same rows of a tensor or of every tensor of a dict."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[index]
-    return {key: value[index] for key, value in inputs.items()}
-
-
-def to(inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
-    """Move to `device`; floating tensors also take `dtype` (token ids stay integers)."""
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
-    return move(inputs) if isinstance(inputs, torch.Tensor) else {k: move(v) for k, v in inputs.items()}
-
-
-def real_tokens(inputs: Inputs) -> torch.Tensor | None:
-    """Tokens per sample (N,) from a text batch's attention mask; None for other inputs."""
-    if isinstance(inputs, dict) and "attention_mask" in inputs:
-        return inputs["attention_mask"].bool().sum(dim=1)
-    return None
-
-
-def chunks(inputs: Inputs, batch_size: int) -> list[torch.Tensor]:
-    """Sample indices in chunks of at most `batch_size`. Text samples are grouped by their number of
-    real tokens, so that every chunk can drop its padding (see `unpadded`): a sentence is then
-    measured alone, whatever the other sentences of the data or the tokenizer's padding side."""
-    tokens = real_tokens(inputs)
-    n = len(first_tensor(inputs))
-    if tokens is None:
-        groups = [torch.arange(n)]
-    else:
-        groups = [(tokens == length).nonzero().squeeze(1) for length in tokens.unique()]
-    return [group[start:start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
-
-
-def unpadded(inputs: Inputs) -> Inputs:
-    """The real tokens of a text batch whose samples have equal numbers of them: every per-token
-    tensor (input ids, mask, token types...) keeps only the attention mask's positions, wherever the
-    padding was (left or right). Other inputs are returned as they are."""
-    tokens = real_tokens(inputs)
-    if tokens is None:
-        return inputs
-    mask = inputs["attention_mask"].bool()
-    length = int(tokens[0])
-    if not bool((tokens == length).all()):
-        raise ValueError("unpadded() needs samples with equal numbers of real tokens (see chunks())")
-    return {key: value[mask].reshape(len(value), length, *value.shape[2:])
-            if value.shape[:2] == mask.shape else value for key, value in inputs.items()}
-
-
-def batch(inputs: Inputs, index: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Inputs:
-    """Samples `index` (one of `chunks`) as one model input on `device`: padding dropped, floating
-    tensors in `dtype`."""
-    return to(unpadded(take(inputs, index)), device, dtype)
-
-
-def run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
-    return model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
+from ra_probe.load.samples import Samples, take
 
 
 def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = None, seed: int = 0) -> Samples:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ra_probe.load.samples import Samples
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
+from ra_probe.load.samples import Samples
 
 
 def image_files(folder: Path) -> list[Path]:

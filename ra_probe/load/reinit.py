@@ -6,8 +6,8 @@ and its layers' `reset_parameters` run. All under a seed, with torch's global RN
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

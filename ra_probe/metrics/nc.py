@@ -5,7 +5,6 @@ from typing import Any
 
 import torch
 
-
 MIN_PER_CLASS = 2  # a class of one sample has no within-class spread: Σ_W and NC4 would be zero by construction
 
 # NC codes in use differ in their conventions; these are the ones followed here, recorded in every report.

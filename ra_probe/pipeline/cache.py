@@ -15,9 +15,10 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -100,7 +101,7 @@ class ResultCache:
         self.folder = Path(folder) if folder is not None else default_dir()
         self.hits = self.misses = 0
 
-    def for_run(self, module: torch.nn.Module, name: str, settings, adapter: str = "") -> "RunCache":
+    def for_run(self, module: torch.nn.Module, name: str, settings, adapter: str = "") -> RunCache:
         """The entries of one run: keyed by tool and library versions, the adapter, the model's identity
         and weights, and the settings."""
         kept = {k: v for k, v in settings.as_dict().items() if k not in NOT_IN_KEY}

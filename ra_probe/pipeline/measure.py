@@ -6,18 +6,19 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ra_probe.sites.capture import Captured, capture
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.data import Samples, batch, chunks
+from ra_probe.load.samples import Samples, batch, chunks
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
 from ra_probe.pipeline.settings import Progress, Settings
+from ra_probe.sites.capture import Captured, capture
 from ra_probe.sites.records import Site
 
 PROJECTED_SAMPLES = 16  # RA1 trajectories kept per group for the report's picture
@@ -118,7 +119,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         where = f", chunk {number}/{len(indices)}" if len(indices) > 1 else ""
         for group, members in groups_of(sites).items():
             end = done + len(members)
-            say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)
+            say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
             out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say))
             if done < end:  # served from the cache: nothing was measured
                 site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ra_probe.host import probe_threads, torch_threads
-from ra_probe.load.data import check_labels, take
+from ra_probe.load.data import check_labels
 from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
-from ra_probe.load.samples import Samples
+from ra_probe.load.samples import Samples, take
 from ra_probe.metrics.verdict import headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.measure import Measured, measure

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from ra_probe.sites.capture import find_classifier
 from ra_probe.load.models import LoadedModel
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.measure import Measured, groups_of
 from ra_probe.pipeline.settings import Settings
+from ra_probe.sites.capture import find_classifier
 from ra_probe.sites.records import Site
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ra_probe.sites.records import Branch, Context, Site, Tap
-
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
 

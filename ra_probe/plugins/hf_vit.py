@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ra_probe.plugins._blocks import (FamilyAdapter, call_with, first_output, has_layout, hf_layout,
-                                      transformer_sites)
+from ra_probe.plugins._blocks import FamilyAdapter, call_with, first_output, has_layout, hf_layout, transformer_sites
 from ra_probe.sites.records import Site, Tap
 
 LAYOUT = ("layernorm_before", "attention", "layernorm_after", "mlp", "dropout")

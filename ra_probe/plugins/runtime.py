@@ -223,7 +223,7 @@ def _replayed(chain: list[_Value]):
     def post(t: torch.Tensor) -> torch.Tensor:
         for node in chain:
             func, args, kwargs, source = node.call
-            swap = lambda a: t if a is source else a  # noqa: E731
+            swap = lambda a: t if a is source else a  # noqa: B023, E731
             t = func(*tree_map(swap, args), **tree_map(swap, kwargs))
         return t
     return post

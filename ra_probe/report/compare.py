@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ra_probe.metrics.ra import depth_slope, median_rank
+from ra_probe.metrics.ra import depth_slope
+from ra_probe.report.headline import HEADLINE, headline
 
 
 def family_of(model: str) -> str:
@@ -28,43 +29,32 @@ def _status(evidence: dict[str, Any]) -> str:
     return f"{evidence['status']} ({reason})" if reason else evidence["status"]
 
 
-def _positive_mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None and v > 0]
-    return sum(kept) / len(kept) if kept else None
-
-
 def summary(report: dict[str, Any], label: str) -> dict[str, Any]:
-    """The numbers `compare` shows for one report."""
+    """The numbers `compare` shows for one report: its headline numbers, by their names, and more."""
     metrics, evidence = report["metrics"], report["verdict"]["evidence"]
     sigma1 = [s["sigma1_mean"] for s in metrics["ra4"]["sites"]]
-    ranks = [s["rank_median"] for s in metrics["ra3"]["sites"]]
-    nc = metrics["nc"] or {}
     return {
         "label": label, "model": report["model"]["name"], "family": family_of(report["model"]["name"]),
         "ra": report["verdict"]["ra"], "nc": report["verdict"]["nc"],
         "ra_status": _status(evidence["ra"]), "nc_status": _status(evidence["nc"]),
-        "samples": report["data"]["samples"], "depth": metrics["ra4"]["depth"],
-        "linearity": metrics["ra1"]["mean_linearity"], "alignment": metrics["ra2"]["mean_score"],
+        "samples": report["data"]["samples"], "classes": metrics["ra3"]["classes"],
         "group_scores": ", ".join(f"{g['group']}: {g['score']:.3f}" for g in metrics["ra2"]["groups"]
                                   if g["score"] is not None) or None,
-        "rank_median": median_rank(metrics["ra3"]["sites"], report["settings"]["k"]),
-        # a site whose rank reaches k has no known rank: no maximum over sites then
-        "rank_max": max(ranks) if ranks and None not in ranks else None,
-        "classes": metrics["ra3"]["classes"], "rank_share": metrics["ra3"]["share_rank_le_classes"],
         "sigma1": sigma1, "sigma1_first": sigma1[0] if sigma1 else None, "sigma1_last": sigma1[-1] if sigma1 else None,
-        "mean_sigma1": _positive_mean(sigma1), "L_times_mean_sigma1": metrics["ra4"]["L_times_mean_sigma1"],
-        **{key: nc.get(key) for key in ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4")},
+        **headline(report),
     }
+
+
+def _rows(*keys: str) -> tuple[tuple[str, str], ...]:
+    return tuple((HEADLINE[key].label, key) for key in keys)
 
 
 # (row label, summary key): the side-by-side table, one column per report
 ROWS = (("RA verdict", "ra_status"), ("NC verdict", "nc_status"), ("samples", "samples"),
-        ("sites L", "depth"), ("RA1 mean linearity", "linearity"), ("RA2 mean score a_ij", "alignment"),
-        ("RA2 score by group", "group_scores"), ("RA3 median rank", "rank_median"),
-        ("RA3 largest rank", "rank_max"), ("classes C", "classes"), ("RA3 share rank ≤ C", "rank_share"),
-        ("σ₁ first site", "sigma1_first"), ("σ₁ last site", "sigma1_last"), ("mean σ₁", "mean_sigma1"),
-        ("RA4 L·mean σ₁", "L_times_mean_sigma1"), ("NC1", "nc1"), ("NC2 equinorm μ", "nc2_equinorm_means"),
-        ("NC2 equiangular", "nc2_equiangular"), ("NC3", "nc3"), ("NC4", "nc4"))
+        *_rows("depth", "linearity", "alignment"), ("RA2 score by group", "group_scores"),
+        *_rows("median_rank", "largest_rank"), ("classes C", "classes"), *_rows("rank_share"),
+        ("σ₁ first site", "sigma1_first"), ("σ₁ last site", "sigma1_last"),
+        *_rows("mean_sigma1", "L_times_mean_sigma1", "nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4"))
 
 
 def compare(reports: list[tuple[str, dict[str, Any]]], labels: list[str] | None = None) -> dict[str, Any]:

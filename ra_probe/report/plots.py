@@ -14,6 +14,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from ra_probe.metrics.ra import spread_sites
+from ra_probe.report.headline import HEADLINE
 
 NO_VALUE_FLOOR = 1e-4  # where a zero or missing value sits on a log axis
 
@@ -253,9 +254,8 @@ def depth_slopes(families: list[dict[str, Any]]) -> str:
     return _svg(fig, "compare-slopes")
 
 
-STEP_METRICS = (("RA1 mean linearity", "linearity", False), ("RA2 mean score a_ij", "alignment", False),
-                ("RA3 median rank", "rank_median", False), ("mean σ₁", "mean_sigma1", True),
-                ("NC1", "nc1", True), ("NC4", "nc4", False))  # (title, summary key, log scale)
+STEP_METRICS = (("linearity", False), ("alignment", False), ("median_rank", False), ("mean_sigma1", True),
+                ("nc1", True), ("nc4", False))  # (headline name, log scale)
 
 
 def metrics_by_step(stepped: list[tuple[int, dict[str, Any]]]) -> str:
@@ -263,7 +263,8 @@ def metrics_by_step(stepped: list[tuple[int, dict[str, Any]]]) -> str:
     stepped = sorted(stepped, key=lambda pair: pair[0])
     steps = [step for step, _ in stepped]
     fig, axes = _grid(len(STEP_METRICS), 3, (3.4, 2.6))
-    for ax, (title, key, log) in zip(axes, STEP_METRICS):
+    for ax, (key, log) in zip(axes, STEP_METRICS):
+        title = HEADLINE[key].label
         values = [row[key] for _, row in stepped]
         shown = _positive(values) if log else np.array([np.nan if v is None else v for v in values], dtype=float)
         ax.plot(steps, shown, marker=".")

@@ -21,8 +21,8 @@ def reference_settings():
 
 def reference_report(name: str) -> dict[str, Any]:
     """The report of `bundled/<name>` on its own data, exactly as `ra-probe bundled/<name> --device cpu` makes it."""
-    from ra_probe.load.data import load_samples
     from ra_probe.api import probe
+    from ra_probe.load.data import load_samples
     from ra_probe.load.models import load_model
 
     settings = reference_settings()
@@ -33,8 +33,8 @@ def reference_report(name: str) -> dict[str, Any]:
 def main(folder: Path = FOLDER) -> None:
     """Write <name>.json and <name>.html for every bundled model, and compare.html of the three."""
     from ra_probe.report.compare import compare
-    from ra_probe.report.html import render_comparison, render_report, write_html
     from ra_probe.report.files import write_json
+    from ra_probe.report.html import render_comparison, render_report, write_html
 
     reports = []
     for name in MODELS:

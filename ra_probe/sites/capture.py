@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ra_probe.load.data import Inputs, run_model
-from ra_probe.load.samples import first_tensor
+from ra_probe.load.samples import Inputs, first_tensor, run_model
 from ra_probe.sites.records import Context, Site, each_call, main_input, module_at, output_tensor
 
 
@@ -28,7 +27,6 @@ class Captured:
     sites: dict[str, SiteRecord]
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None  # the classifier's input, flattened per sample
-    extra: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)  # times each site's block was called
     batch: int = 0  # samples in the forward
 

@@ -6,9 +6,9 @@ import inspect
 
 import torch
 
-from ra_probe.sites.capture import Captured, capture, logits_of
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.data import Samples, batch, chunks, run_model, take
+from ra_probe.load.samples import Samples, batch, chunks, run_model, take
+from ra_probe.sites.capture import Captured, capture, logits_of
 from ra_probe.sites.records import SiteReport
 from ra_probe.sites.registry import find_sites
 from ra_probe.sites.verify import verify_sites

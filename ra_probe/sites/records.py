@@ -2,13 +2,13 @@
 `SiteReport`, and the helpers that read a branch's inputs and outputs."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from itertools import groupby
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-
 
 Context = dict[str, Any]  # side inputs of a branch: {"args": tuple, "kwargs": dict}
 Branch = Callable[[torch.Tensor, Context], torch.Tensor]

@@ -2,8 +2,9 @@
 registered at runtime, and `find_sites`, which asks them for a model's sites."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

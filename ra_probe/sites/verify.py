@@ -2,12 +2,12 @@
 reproduces the block's captured output; the kept sites are then grouped into stages that chain."""
 from __future__ import annotations
 
-import torch
-
 from dataclasses import replace
 
-from ra_probe.sites.capture import Captured, SiteRecord
+import torch
+
 from ra_probe.errors import first_line
+from ra_probe.sites.capture import Captured, SiteRecord
 from ra_probe.sites.records import Site, SiteReport, Skipped, each_call, per_sample
 
 VERIFY_RTOL = 1e-3

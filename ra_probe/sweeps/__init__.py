@@ -5,9 +5,10 @@ the runs whose model, files or settings changed, and those that failed."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ra_probe.errors import UserError
 from ra_probe.report.files import load_report, write_json
@@ -130,7 +131,7 @@ class _Display:
                                 console=Console(stderr=True, highlight=False), transient=True)
             self.task = self.bar.add_task("sweep", total=total)
 
-    def __enter__(self) -> "_Display":
+    def __enter__(self) -> _Display:
         if self.bar is not None:
             self.bar.__enter__()
         return self

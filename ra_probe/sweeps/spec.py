@@ -7,14 +7,16 @@ import glob
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ra_probe.api import LOADING_OPTIONS, settings_from
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import CHECKPOINT_SUFFIXES, sha256_of
-from ra_probe.metrics.verdict import Thresholds
+from ra_probe.pipeline.options import OPTIONS as PROBE_OPTIONS
+from ra_probe.pipeline.options import normalized, refuse_bad
 from ra_probe.pipeline.settings import Settings
 from ra_probe.report.files import file_safe
 
@@ -24,9 +26,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 RUN_KEYS = ("model", "name", "step")  # keys of a run that are not probe options
-OPTIONS = (*(f.name for f in fields(Settings) if f.name != "thresholds"), *(f.name for f in fields(Thresholds)),
-           *LOADING_OPTIONS, "data", "cache")
-NEGATED = {"no_cache": "cache", "no_pretrained": "pretrained"}  # the command line's spelling of two options
+OPTIONS = tuple(PROBE_OPTIONS)  # every probe option, by the library's name
+NEGATED = {option.cli_name: name for name, option in PROBE_OPTIONS.items() if option.negated}  # no_cache: cache
 GLOB = re.compile(r"[*?\[]")
 
 
@@ -144,16 +145,14 @@ def _run(model: str, table: dict[str, Any], where: str) -> Run:
     table = dict(table)
     name, step, data = table.pop("name", None), table.pop("step", None), table.pop("data", None)
     cache = table.pop("cache", True)
-    loading = {key: table.pop(key) for key in LOADING_OPTIONS if key in table}
+    loading = {key: normalized(key, table.pop(key)) for key in LOADING_OPTIONS if key in table}
     try:
         settings = settings_from(table)
+        refuse_bad({**loading, "cache": cache})
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    loading = _checked_loading(loading, where)
     if data is not None and not isinstance(data, str):
         raise UserError(f"{where}: data must be a data reference (text), got {data!r}")
-    if not isinstance(cache, bool):
-        raise UserError(f"{where}: cache must be true or false, got {cache!r}")
     if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
         raise UserError(f"{where}: step must be an integer, got {step!r}")
     if name is None:
@@ -181,7 +180,7 @@ def _distinct_names(runs: list[Run]) -> list[Run]:
     for index, run in enumerate(runs):
         by_name.setdefault(run.name, []).append(index)
     renamed = list(runs)
-    for name, indices in by_name.items():
+    for indices in by_name.values():
         paths = [_checkpoint(runs[i].model, runs[i].loading) for i in indices]
         if len(indices) < 2 or None in paths or any(runs[i].name != _default_name(runs[i].model, runs[i].loading)
                                                     for i in indices):
@@ -194,30 +193,6 @@ def _distinct_names(runs: list[Run]) -> list[Run]:
                     renamed[i] = replace(runs[i], name=new)
                 break
     return renamed
-
-
-def _checked_loading(loading: dict[str, Any], where: str) -> dict[str, Any]:
-    """Loading options in the types `load_model` takes: weights and arch as text, pretrained as a
-    flag, input_shape as a tuple of positive integers."""
-    out = dict(loading)
-    for key in ("weights", "arch"):
-        if key in out:
-            if not isinstance(out[key], (str, Path)):
-                raise UserError(f"{where}: {key} must be text, got {out[key]!r}")
-            out[key] = str(out[key])
-    if "device_map" in out and not isinstance(out["device_map"], (str, dict)):
-        raise UserError(f"{where}: device_map must be auto, balanced or a table of module = device, got "
-                        f"{out['device_map']!r}")
-    if "pretrained" in out and not isinstance(out["pretrained"], bool):
-        raise UserError(f"{where}: pretrained must be true or false, got {out['pretrained']!r}")
-    if "input_shape" in out:
-        shape = out["input_shape"]
-        shape = tuple(shape) if isinstance(shape, (list, tuple)) else ()
-        if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
-            raise UserError(f"{where}: input_shape must be positive integers like [3, 224, 224], got "
-                            f"{out['input_shape']!r}")
-        out["input_shape"] = shape
-    return out
 
 
 def _check_files(run: Run, where: str) -> None:

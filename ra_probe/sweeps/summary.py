@@ -9,25 +9,22 @@ from typing import Any
 
 from ra_probe import __version__
 from ra_probe.metrics.ra import depth_fit
-from ra_probe.report.compare import summary as report_summary
+from ra_probe.report.headline import headline
 from ra_probe.report.schema import schema_errors
 from ra_probe.sweeps.spec import Run
 
-SCHEMA_VERSION = "1.0"  # also in sweep.schema.json; MINOR for added fields, MAJOR for changed ones
+SCHEMA_VERSION = "2.0"  # also in sweep.schema.json; MINOR for added fields, MAJOR for changed ones
 SCHEMA_PATH = Path(__file__).with_name("sweep.schema.json")
-HEADLINE = ("depth", "linearity", "alignment", "rank_median", "mean_sigma1", "L_times_mean_sigma1",
-            "nc1", "nc3", "nc4")  # per run, from report.compare's summary
 
 
 def run_entry(run: Run, key: str, status: str, report: dict[str, Any] | None, error: str | None,
               seconds: float | None) -> dict[str, Any]:
     """A run's line in sweep.json: what it is, how it went, and its verdicts and headline metrics."""
-    row = report_summary(report, run.name) if report is not None else None
     return {"name": run.name, "model": run.model, "weights": run.loading.get("weights"), "data": run.data,
             "step": run.step, "key": key, "status": status,
             "report": f"{run.name}.json" if report is not None else None, "error": error, "seconds": seconds,
             "verdict": {"ra": report["verdict"]["ra"], "nc": report["verdict"]["nc"]} if report else None,
-            "metrics": {name: row[name] for name in HEADLINE} if row else None}
+            "metrics": headline(report) if report else None}
 
 
 def ra4_across(entries: list[dict[str, Any]]) -> dict[str, Any] | None:

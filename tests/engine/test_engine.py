@@ -13,16 +13,22 @@ from torch.func import jacrev
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ra_probe.load.data import Samples
-from ra_probe.engine import (DenseOperator, JacobianOperator, auto_batch_size, block_krylov_svd, default_block,
-                             dense_svd, krylov_svd)
 from ra_probe import Settings, probe
+from ra_probe.engine import (
+    DenseOperator,
+    JacobianOperator,
+    auto_batch_size,
+    default_block,
+    dense_svd,
+    krylov_svd,
+)
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.engine.solvers import choose_method, flushing_denormals
+from ra_probe.load.data import Samples
 from ra_probe.load.models import LoadedModel, load_model
-from ra_probe.sites.discover import discover
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
+from ra_probe.sites.discover import discover
 
 # a basis smaller than the test operators' dimensions, so that they are solved by Krylov steps
 SMALL_BASIS = 64
@@ -300,8 +306,8 @@ def assert_spectra_agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_matrix_free_agrees_with_dense_on_the_bundled_model(solver):
     """Every site of the bundled model (128 dimensions, solved by Krylov steps in a smaller basis)."""
-    from ra_probe.sites.capture import capture
     from ra_probe.load.data import load_samples
+    from ra_probe.sites.capture import capture
 
     loaded = load_model("bundled/fc-digits")
     samples = load_samples(None, loaded, limit=3)
@@ -483,8 +489,9 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
     """The linearize path (large sites) against forward-mode jvp: a conv block with BatchNorm and an
     in-place ReLU, and every site of a BERT whose attention takes a padding mask as a side input."""
     import transformers as tf
-    from ra_probe.sites.capture import capture
+
     from ra_probe.load.data import load_samples
+    from ra_probe.sites.capture import capture
 
     conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                          nn.Conv2d(6, 4, 3, padding=1)).eval().requires_grad_(False).double()

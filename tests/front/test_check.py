@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 import ra_probe.pipeline.measure
-from conftest import TINY
 from ra_probe.report.schema import schema_errors
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import save_file
 
-from conftest import TINY
 from ra_probe.load.bundled import MODELS
 
 BUNDLED_WEIGHTS = MODELS["fc-digits"].weights

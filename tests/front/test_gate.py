@@ -6,7 +6,6 @@ import pytest
 from ra_probe.errors import UserError
 from ra_probe.gate import GateRules, check_baseline_data, judge, read_baseline, summary_line
 
-
 SETTINGS = {"k": 16, "align_k": 16, "tau": 0.01, "samples": 64, "dtype": "float32", "tol": 1e-3, "solver": "auto"}
 
 
@@ -24,7 +23,8 @@ def report(alignment=0.8, linearity=0.99, ranks=(12, 9, 9), nc1=0.05, ra="presen
         "metrics": {"ra1": {"mean_linearity": linearity}, "ra2": {"mean_score": alignment},
                     "ra3": {"share_rank_le_classes": 0.5,
                             "sites": [{"rank_median": r, "rank_mean": r} for r in ranks]},
-                    "ra4": {"L_times_mean_sigma1": 20.0},
+                    "ra4": {"L_times_mean_sigma1": 20.0, "depth": 3,
+                            "sites": [{"sigma1_mean": 20.0 / 3} for _ in range(3)]},
                     "nc": None if nc1 is None else {"nc1": nc1, "nc2_equinorm_means": 0.1, "nc2_equiangular": 0.1,
                                                     "nc3": 0.2, "nc4": 0.0}},
     }

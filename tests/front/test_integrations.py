@@ -24,7 +24,7 @@ from ra_probe.load.bundled.fcresnet import FCResNet
 EPOCHS, BATCH, TRAIN = 4, 64, 700
 STEPS = -(-TRAIN // BATCH)  # optimizer steps per epoch
 PROBED = [STEPS * epoch for epoch in range(EPOCHS + 1)]  # before training, then after each epoch
-LOGGED = {"ra/alignment", "ra/linearity", "ra/sigma1_mean", "ra/L_sigma1", "nc/nc1", "nc/nc2_equinorm_means",
+LOGGED = {"ra/depth", "ra/alignment", "ra/linearity", "ra/mean_sigma1", "ra/L_times_mean_sigma1", "nc/nc1", "nc/nc2_equinorm_means",
           "nc/nc2_equiangular", "nc/nc3", "nc/nc4", "ra/verdict", "nc/verdict", "ra/probe_seconds"}
 
 
@@ -84,19 +84,21 @@ def reference(name: str) -> ra_probe.Report:
 def test_scalars_of_reports():
     report = reference("fc-digits")  # RA and NC present; the first site's rank reaches k
     metrics, values = report.metrics, scalars(report)
-    assert set(values) == LOGGED - {"ra/probe_seconds"} | {"ra/rank_median"}
+    # mean and largest rank are undetermined (the first site's rank reaches k)
+    assert set(values) == LOGGED - {"ra/probe_seconds"} | {"ra/median_rank", "ra/rank_share"}
     assert values["ra/alignment"] == metrics["ra2"]["mean_score"] > 0.5
     assert values["ra/linearity"] == metrics["ra1"]["mean_linearity"]
-    assert values["ra/rank_median"] == 9.0  # the median of 14, 10, 9, 9, 9, 9, 9
-    assert values["ra/L_sigma1"] == metrics["ra4"]["L_times_mean_sigma1"]
-    assert values["ra/sigma1_mean"] == pytest.approx(sum(s["sigma1_mean"] for s in metrics["ra4"]["sites"]) / 8)
+    assert values["ra/median_rank"] == 9.0  # the median of 14, 10, 9, 9, 9, 9, 9
+    assert values["ra/L_times_mean_sigma1"] == metrics["ra4"]["L_times_mean_sigma1"]
+    assert values["ra/depth"] == 8 and values["ra/rank_share"] == metrics["ra3"]["share_rank_le_classes"]
+    assert values["ra/mean_sigma1"] == pytest.approx(sum(s["sigma1_mean"] for s in metrics["ra4"]["sites"]) / 8)
     assert all(values[f"nc/{name}"] == metrics["nc"][name] for name in
                ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4"))
     assert values["ra/verdict"] == values["nc/verdict"] == 1.0
     lowwd = scalars(reference("fc-digits-lowwd"))  # RA absent, every rank reaches k
-    assert lowwd["ra/verdict"] == 0.0 and "ra/rank_median" not in lowwd
+    assert lowwd["ra/verdict"] == 0.0 and "ra/median_rank" not in lowwd
     assert set(scalars(reference("fc-digits-noskip"))) == {  # no residual sites: RA not applicable
-        "nc/nc1", "nc/nc2_equinorm_means", "nc/nc2_equiangular", "nc/nc3", "nc/nc4", "nc/verdict"}
+        "ra/depth", "nc/nc1", "nc/nc2_equinorm_means", "nc/nc2_equiangular", "nc/nc3", "nc/nc4", "nc/verdict"}
     partial = ra_probe.Report(dict(report, verdict={**report["verdict"], "nc": "partial"}))
     assert scalars(partial)["nc/verdict"] == 0.5
 
@@ -270,6 +272,7 @@ def test_transformers_callback(digits, tmp_path):
 
 def test_transformers_callback_without_trainer(digits):
     from transformers import TrainerControl, TrainerState
+
     from ra_probe.integrations.transformers import ResidualAlignmentCallback
 
     state, control = TrainerState(), TrainerControl()

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ra_probe.sites.capture import capture
 from ra_probe.engine import JacobianOperator, dense_svd, krylov_svd
+from ra_probe.load.models import load_model
+from ra_probe.sites.capture import capture
 from ra_probe.sites.registry import find_sites
 from ra_probe.sites.verify import verify_sites
-from ra_probe.load.models import load_model
 
 
 def test_cli_writes_report_with_ra_present(tmp_path, cli):

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
-from conftest import TINY
-from ra_probe.load.data import load_samples
 from ra_probe.errors import UserError
+from ra_probe.load.data import load_samples
 from ra_probe.load.models import load_model
 
 MODES = ["RGB", "L", "RGBA", "P", "CMYK"]

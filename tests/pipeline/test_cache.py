@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ra_probe import Settings
 from ra_probe.load.bundled import MODELS
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
-from ra_probe import Settings
 from ra_probe.pipeline.measure import GroupMeasurement
 
 

@@ -7,6 +7,8 @@ import re
 
 import pytest
 import torch
+from conftest import TINY
+from tiny_models import ResidualMLP
 from torch import nn
 
 import ra_probe
@@ -17,8 +19,6 @@ from ra_probe.load.reinit import random_init, timm_builder
 from ra_probe.metrics.nc import neural_collapse
 from ra_probe.report.console import print_report
 from ra_probe.report.schema import schema_errors
-from conftest import TINY
-from tiny_models import ResidualMLP
 
 
 def digits(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

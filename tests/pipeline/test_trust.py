@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
 import torch
-from torch import nn
-
-from ra_probe.load.bundled.fcresnet import FCResNet
-from ra_probe.load.data import Samples, load_samples
-from ra_probe.errors import UserError
-from ra_probe.metrics.ra import median_rank, rank_summary
-from ra_probe import Settings, probe
-from ra_probe.load.models import LoadedModel, load_model
 from conftest import TINY
 from tiny_models import ResidualMLP, hf_config, saved
+from torch import nn
+
+from ra_probe import Settings, probe
+from ra_probe.errors import UserError
+from ra_probe.load.bundled.fcresnet import FCResNet
+from ra_probe.load.data import Samples, load_samples
+from ra_probe.load.models import LoadedModel, load_model
+from ra_probe.metrics.ra import median_rank, rank_summary
 
 
 def random_fc_resnet() -> LoadedModel:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from ra_probe.scripts.reference_reports import FOLDER, MODELS
 from ra_probe.cli import main
-from ra_probe.report.compare import compare, family_of
 from ra_probe.errors import UserError
-from ra_probe.report.html import render_comparison, render_report
+from ra_probe.report.compare import compare, family_of
 from ra_probe.report.files import load_report
+from ra_probe.report.html import render_comparison, render_report
 from ra_probe.report.schema import SCHEMA_VERSION, schema, schema_errors
+from ra_probe.scripts.reference_reports import FOLDER, MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / FOLDER
@@ -374,10 +374,10 @@ def test_a_deep_report_grows_linearly_and_renders_without_warnings():
     import warnings
 
     import torch
+    from tiny_models import DeepMLP
 
     from ra_probe import probe
     from ra_probe.metrics.ra import heatmap_pairs
-    from tiny_models import DeepMLP
 
     torch.manual_seed(0)
     reports = {depth: probe(DeepMLP(depth), torch.randn(2, 6), samples=2, k=4, null="none") for depth in (20, 40)}

@@ -10,15 +10,15 @@ from conftest import TINY
 from torch import nn
 from torch.func import jacrev
 
-from ra_probe.sites.capture import capture
-from ra_probe.load.data import Samples
+from ra_probe import Settings, probe
 from ra_probe.engine import JacobianOperator
+from ra_probe.load.data import Samples
+from ra_probe.load.models import load_model
 from ra_probe.plugins import generic, timm_resnet
 from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain
-from ra_probe import Settings, probe
+from ra_probe.sites.capture import capture
 from ra_probe.sites.registry import find_sites, registered_adapters
 from ra_probe.sites.verify import verify_sites
-from ra_probe.load.models import load_model
 
 
 def discover(model: nn.Module, x, adapters=None):
@@ -110,7 +110,7 @@ def test_generic_detector_finds_the_sites_of_an_unseen_module_with_side_inputs()
     site, block = report.sites[0], model.blocks[0]
     record = capture(model, x, [site], with_head=False).sites[site.name]
     scale = torch.sigmoid(model.gate(x))
-    expected = torch.stack([jacrev(lambda v: block.mix(block.norm(v)) * s)(v) for v, s in zip(record.x, scale)])
+    expected = torch.stack([jacrev(lambda v: block.mix(block.norm(v)) * s)(v) for v, s in zip(record.x, scale)])  # noqa: B023
     dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 

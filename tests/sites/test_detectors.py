@@ -8,16 +8,15 @@ import timm
 import tiny_models
 import torch
 import transformers as tf
+from conftest import TINY
 from torch.func import jacrev
 
-from ra_probe import Settings
-from ra_probe.sites.capture import capture
 from ra_probe.engine import JacobianOperator
 from ra_probe.load.data import Samples
+from ra_probe.sites.capture import capture
 from ra_probe.sites.discover import discover
 from ra_probe.sites.registry import find_sites
 from ra_probe.sites.verify import verify_sites
-from conftest import TINY
 
 
 def found(model, x, **inputs):

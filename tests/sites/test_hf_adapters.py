@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import transformers as tf
+from tiny_models import hf_config, saved
 
+from ra_probe import Settings, probe
 from ra_probe.cli import main
 from ra_probe.load.data import Samples, load_samples
-from ra_probe import Settings, probe
 from ra_probe.load.models import load_model
-from tiny_models import hf_config, saved
 
 SHAPES = {"resnet": (1, 32, 32)}  # HF ResNet configs name no image size (224 by default): keep it small
 SITES = {"bert": (4, "hf-bert"), "gpt2": (4, "hf-gpt2"), "llama": (4, "hf-llama"), "vit": (4, "hf-vit"),

@@ -1,0 +1,214 @@
+"""Every probe option defined once: its name (the library's keyword and the key of `ra-probe.toml` and
+sweep files), default, the constraint its values must meet, help text and command-line spelling. The
+CLI's options, `Settings` and its validation, the library's keywords and the keys of config and sweep
+files are all made from `OPTIONS`, so a value one of them refuses every one refuses with the same line."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ra_probe.engine.solvers import DENSE_LIMIT, SOLVERS
+from ra_probe.errors import UserError
+from ra_probe.metrics.verdict import Thresholds
+
+DTYPES = ("float32", "float64")
+NULLS = ("init", "none")
+
+
+class Constraint:
+    """What values an option takes: `accepts(value)`, and `text`, what a refusal says it must be."""
+
+    text = ""
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Integer(Constraint):
+    low: int
+
+    @property
+    def text(self) -> str:
+        return "a positive integer" if self.low == 1 else f"an integer ≥ {self.low}"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= self.low
+
+
+@dataclass(frozen=True)
+class Real(Constraint):
+    low: float | None = None  # None: any finite number
+
+    @property
+    def text(self) -> str:
+        return "a finite number" if self.low is None else f"a number ≥ {self.low:g}"
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (self.low is None or value >= self.low))
+
+
+@dataclass(frozen=True)
+class OneOf(Constraint):
+    values: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return f"one of {', '.join(self.values)}"
+
+    def accepts(self, value: Any) -> bool:
+        return value in self.values
+
+
+@dataclass(frozen=True)
+class Kind(Constraint):
+    """A value of one of `types`, described as `text`."""
+
+    types: tuple[type, ...]
+    text: str = ""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, self.types) and not (bool not in self.types and isinstance(value, bool))
+
+
+class Shape(Constraint):
+    text = "positive integers like 3,224,224"
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, tuple) and len(value) > 0
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value))
+
+
+def parse_shape(text: str) -> tuple[int, ...] | str:
+    """A shape written as text ("3,224,224" or "3x224x224") as a tuple; the text itself when it is not
+    integers (the constraint then refuses it)."""
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One probe option. `group`: setting (a `Settings` field), threshold (a verdict threshold),
+    loading (how the model is loaded), data or cache. `cli`: its flag when not `--name`, None when the
+    command line has none; a flag starting `--no-` turns a default-true option off. `cli_type`: what
+    Typer parses, and `from_cli` turns that into the library's value."""
+
+    name: str
+    default: Any
+    constraint: Constraint | None
+    help: str
+    group: str = "setting"
+    cli: str | None = ""
+    cli_type: Any = None
+    from_cli: Callable[[Any], Any] | None = None
+
+    @property
+    def flag(self) -> str | None:
+        return None if self.cli is None else self.cli or f"--{self.name.replace('_', '-')}"
+
+    @property
+    def negated(self) -> bool:
+        """Whether the command line spells it `--no-<name>` (the flag turns the option off)."""
+        return bool(self.flag and self.flag.startswith("--no-"))
+
+    @property
+    def cli_name(self) -> str | None:
+        """The parameter's name on the command line and in `ra-probe.toml`, with `_` for `-`."""
+        return None if self.flag is None else self.flag.removeprefix("--").replace("-", "_")
+
+    def library_value(self, cli_value: Any) -> Any:
+        """The library's value of what the command line parsed."""
+        if self.negated:
+            return not cli_value
+        if cli_value is None or self.from_cli is None:
+            return cli_value
+        return self.from_cli(cli_value)
+
+    def refusal(self, value: Any) -> str | None:
+        """The one line refusing `value`, or None when it is allowed (None is allowed for options whose
+        default is None)."""
+        if self.constraint is None or (value is None and self.default is None) or self.constraint.accepts(value):
+            return None
+        return f"{self.name} must be {self.constraint.text}, got {value!r}"
+
+
+_THRESHOLD_HELP = {"min_alignment": "RA2: least mean group score a_ij", "min_linearity": "RA1: least mean linearity",
+                   "rank_share": "RA3 (fully-connected nets): least share of sites with rank ≤ C",
+                   "min_init_ratio": "RA2: least ratio to its value at random init", "max_nc1": "NC1: most",
+                   "max_nc2": "NC2: most (equinorm and equiangularity)", "max_nc3": "NC3: most",
+                   "max_nc4": "NC4: most"}
+
+OPTIONS: dict[str, Option] = {option.name: option for option in (
+    Option("data", None, None, "bundled/digits, a .npz with x (and y), a .txt file (one example per line, text "
+           "models), an image folder (class sub-folders give labels), or synthetic; default: the model's own",
+           "data", cli_type=Optional[str]),
+    Option("samples", 64, Integer(1), "at most this many samples", cli_type=int),
+    Option("k", 16, Integer(1), "singular triplets per site and sample", cli_type=int),
+    Option("align_k", None, Integer(1), "K of the RA2 alignment (default: k)", cli_type=Optional[int]),
+    Option("tol", 1e-3, Real(0.0), "relative residual tolerance of the iterative solver", cli_type=float),
+    Option("solver", "auto", OneOf(SOLVERS), "auto (dense where forming J costs fewer products than a Krylov "
+           "solve, else block) | dense | block", cli_type=str),
+    Option("chunk", 16, Integer(1), "vectors per vmapped Jacobian product call", cli=None),
+    Option("dense_limit", DENSE_LIMIT, Integer(0), "auto solver: never form J for sites with more dimensions "
+           "than this", cli_type=int),
+    Option("tau", 1e-2, Real(0.0), "RA3 numerical rank threshold σ_k > τ σ₁", cli_type=float),
+    Option("batch_size", None, Integer(1), "samples per chunk (default: the most that fit in the device's free "
+           "memory)", cli_type=Optional[int]),
+    Option("dtype", "float32", OneOf(DTYPES), "float32 | float64", cli_type=str),
+    Option("device", None, Kind((str,), "text"), "cpu, cuda, cuda:1… (default: cuda when present)",
+           cli_type=Optional[str]),
+    Option("seed", 0, Kind((int,), "an integer"), "seed of the solver's random vectors and of random init",
+           cli_type=int),
+    Option("null", "init", OneOf(NULLS), "init: also measure RA on the same architecture at a seeded random "
+           "init, the control of the verdict | none", cli_type=str),
+    Option("null_samples", 8, Integer(1), "samples of the random-init measurement (the first of the probe's)",
+           cli_type=int),
+    Option("threads", None, Integer(1), "torch CPU threads while probing (default: torch's; never more than the "
+           "CPUs this process may use: affinity and cgroup quota)", cli_type=Optional[int]),
+    Option("cache", True, Kind((bool, str, Path), "true, false or a folder"), "measure everything anew (cache: "
+           "$RA_PROBE_CACHE or ~/.cache/ra-probe)", "cache", cli="--no-cache", cli_type=bool),
+    Option("pretrained", True, Kind((bool,), "true or false"), "no trained weights: the architecture at random "
+           "init, drawn under --seed", "loading", cli="--no-pretrained", cli_type=bool),
+    Option("weights", None, Kind((str, Path), "a path"), "state dict (safetensors or torch) loaded strictly into "
+           "the model", "loading", cli_type=Optional[Path], from_cli=str),
+    Option("arch", None, Kind((str,), "text"), "architecture of a checkpoint file, as a model reference",
+           "loading", cli_type=Optional[str]),
+    Option("input_shape", None, Shape(), "per-sample input shape, e.g. 3,224,224 (factories, synthetic data)",
+           "loading", cli_type=Optional[str], from_cli=parse_shape),
+    Option("device_map", None, Kind((str, dict), "auto, balanced or a map of module to device"), "auto | "
+           "balanced | a JSON map {module: device}: a Hugging Face model split across devices (needs accelerate)",
+           "loading", cli_type=Optional[str]),
+    *(Option(f.name, f.default, Real(0.0), f"verdict threshold, {_THRESHOLD_HELP[f.name]}", "threshold", cli=None)
+      for f in fields(Thresholds)),
+)}
+
+
+def names(group: str) -> tuple[str, ...]:
+    return tuple(name for name, option in OPTIONS.items() if option.group == group)
+
+
+def default(name: str) -> Any:
+    return OPTIONS[name].default
+
+
+def refuse_bad(values: Mapping[str, Any]) -> None:
+    """Raise a UserError with the first value of `values` (by option name) its option refuses."""
+    for name, value in values.items():
+        line = OPTIONS[name].refusal(normalized(name, value))
+        if line is not None:
+            raise UserError(line)
+
+
+def normalized(name: str, value: Any) -> Any:
+    """A value as the library holds it: shapes as tuples (files write them as lists), paths as text."""
+    if name == "input_shape" and isinstance(value, list):
+        return tuple(value)
+    if name == "weights" and isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,110 @@
+"""Every probe option is defined once (ra_probe.pipeline.options.OPTIONS): the command line, the
+library, a sweep file and ra-probe.toml refuse the same bad value with the same line. The tests are
+parametrized over the table, so an option added to it is covered without a new test."""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import ra_probe
+from ra_probe.errors import UserError
+from ra_probe.gate import LIMITS
+from ra_probe.pipeline.options import OPTIONS, Integer, Kind, OneOf, Real, Shape
+from ra_probe.pipeline.settings import Settings
+from ra_probe.sweeps.spec import read_spec
+
+REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reports" / "fc-digits.json"
+
+
+def bad_value(constraint):
+    """A value `constraint` refuses, as the library takes it."""
+    if isinstance(constraint, Integer):
+        return constraint.low - 1
+    if isinstance(constraint, Real):
+        return float("nan") if constraint.low is None else constraint.low - 1.0
+    if isinstance(constraint, OneOf):
+        return "bogus"
+    if isinstance(constraint, Shape):
+        return (0, 224)
+    if isinstance(constraint, Kind):  # a value of another type
+        return "text" if str not in constraint.types else 3
+    raise AssertionError(f"no bad value for {constraint!r}: add one here")
+
+
+def toml_literal(value) -> str:
+    if isinstance(value, tuple):
+        return f"[{', '.join(map(str, value))}]"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def cli_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+CHECKED = [option for option in OPTIONS.values() if option.constraint is not None]
+# The command line parses types itself; only value constraints can be broken from it.
+ON_CLI = [option for option in CHECKED if option.flag and not isinstance(option.constraint, Kind)]
+
+
+def expected(option) -> str:
+    return option.refusal(bad_value(option.constraint))
+
+
+def test_the_table_is_the_settings():
+    settings = {name: option for name, option in OPTIONS.items() if option.group == "setting"}
+    assert {f.name for f in fields(Settings)} - {"thresholds"} == set(settings)
+    defaults = Settings()
+    assert all(getattr(defaults, name) == option.default for name, option in settings.items())
+    assert all(option.refusal(option.default) is None for option in OPTIONS.values())
+
+
+@pytest.mark.parametrize("option", CHECKED, ids=lambda o: o.name)
+def test_the_library_refuses_a_bad_value(option):
+    message = expected(option)
+    assert message and message.startswith(f"{option.name} must be ")
+    with pytest.raises(UserError) as caught:
+        ra_probe.probe(torch.nn.Linear(3, 3), torch.randn(4, 3), **{option.name: bad_value(option.constraint)})
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("option", CHECKED, ids=lambda o: o.name)
+def test_a_sweep_file_refuses_a_bad_value(option, tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'[[run]]\nmodel = "bundled/fc-digits"\n{option.name.replace("_", "-")} = '
+                    f"{toml_literal(bad_value(option.constraint))}\n")
+    with pytest.raises(UserError) as caught:
+        read_spec(path)
+    assert str(caught.value) == f"{path}: run 1: {expected(option)}"
+
+
+@pytest.mark.parametrize("option", ON_CLI, ids=lambda o: o.name)
+def test_the_command_line_and_the_config_file_refuse_a_bad_value(option, cli, tmp_path):
+    value = bad_value(option.constraint)
+    assert cli("probe", "bundled/fc-digits", option.flag, cli_text(value)) == (2, "", f"error: {expected(option)}\n")
+    literal = toml_literal(cli_text(value) if isinstance(value, tuple) else value)
+    (tmp_path / "ra-probe.toml").write_text(f"{option.cli_name.replace('_', '-')} = {literal}\n")
+    assert cli("check", "--require", "ra") == (2, "", f"error: {expected(option)}\n")
+
+
+def test_align_k_zero_is_refused_by_the_library_as_by_the_command_line(cli):
+    """It used to mean k: `Settings.validate` did not check align_k."""
+    with pytest.raises(UserError, match=r"^align_k must be a positive integer, got 0$"):
+        ra_probe.probe(torch.nn.Linear(3, 3), torch.randn(4, 3), align_k=0)
+    assert cli("--align-k", "0")[2] == "error: align_k must be a positive integer, got 0\n"
+
+
+@pytest.mark.parametrize("name", list(LIMITS))
+def test_a_gate_limit_is_refused_alike_everywhere(name, cli, tmp_path):
+    report = ra_probe.load_report(REFERENCE)
+    message = f"{name} must be a finite number, got nan"
+    with pytest.raises(UserError, match=f"^{message}$"):
+        ra_probe.check(report, **{name: float("nan")})
+    assert cli("check", f"--{name.replace('_', '-')}", "nan") == (2, "", f"error: {message}\n")
+    (tmp_path / "ra-probe.toml").write_text(f"{name.replace('_', '-')} = nan\n")
+    assert cli("check") == (2, "", f"error: {message}\n")
