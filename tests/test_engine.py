@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 from torch.func import jacrev
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -583,17 +584,17 @@ class LargeAllocations(TorchDispatchMode):
 
     def __init__(self, nbytes: int):
         super().__init__()
-        self.nbytes, self.count, self.paused = nbytes, 0, False
+        self.nbytes, self.count, self.bytes, self.paused = nbytes, 0, 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self.paused:
-            given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                     if isinstance(t, torch.Tensor)}
-            self.count += sum(1 for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-                              and t.untyped_storage().nbytes() >= self.nbytes
-                              and t.untyped_storage().data_ptr() not in given)
+            given = {_storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            new = [t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                   and _storage(t) not in given | {None} and t.untyped_storage().nbytes() >= self.nbytes]
+            self.count += len(new)
+            self.bytes += sum(new)
         return out
 
     @contextlib.contextmanager
@@ -603,6 +604,17 @@ class LargeAllocations(TorchDispatchMode):
             yield
         finally:
             self.paused = False
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """Where a tensor's memory is; None for a tensor with no memory of its own (a transform's wrapper,
+    a tracer's fake tensor)."""
+    if isinstance(t, FakeTensor):
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 class ProductsApart(DenseOperator):
@@ -639,3 +651,39 @@ def test_a_solve_allocates_its_blocks_once_not_every_step():
         counts[columns] = counter.count
         assert result.iterations == columns // 4 and not result.converged.any()
     assert counts[800] == counts[160], counts
+
+
+def test_a_jacobian_solve_allocates_per_step_only_what_its_products_compute():
+    """Per Krylov step of a solve over a network branch, the block-sized memory allocated is what J·V
+    and Jᵀ·U of one block allocate for the branch's own operations (given the block laid out as the
+    vectors times the samples, the layout those operations view as one batch): the same whatever the
+    basis size, with no copy of the block (before: J·V copied its block from the row-major basis at
+    every call) and nothing of the basis' size."""
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                           nn.Conv2d(32, 32, 3, padding=1)).eval().requires_grad_(False)
+    x, batch, width = torch.randn(2, 32, 16, 16), 2, 4
+    d = x[0].numel()
+    block = batch * width * d * 4
+
+    def allocated(run) -> int:
+        counter = LargeAllocations(nbytes=block)
+        with counter:
+            run()
+        return counter.bytes
+
+    op = JacobianOperator(branch, x, linearize=True)
+    laid_out = torch.randn(width, batch, d).permute(1, 2, 0)  # (B, d, w): vectors × samples in memory
+    out = torch.empty(batch, d, width)
+
+    def both():
+        op.matmat(laid_out, out=out), op.rmatmat(laid_out, out=out)
+    both()  # traced, buffers made
+    products = allocated(both)
+    per_step = {}
+    for basis in (64, 96):
+        runs = [allocated(lambda: krylov_svd(JacobianOperator(branch, x, linearize=True), 4, block=width, tol=0.0,
+                                             max_basis=basis, max_columns=columns)) for columns in (40, 200)]
+        per_step[basis] = (runs[1] - runs[0]) / (200 // width - 40 // width)
+    assert per_step[64] == per_step[96], per_step
+    assert 0 < per_step[64] <= products, (per_step, products)
