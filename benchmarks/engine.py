@@ -25,7 +25,7 @@ import timm
 import torch
 
 from ra_probe import Settings
-from ra_probe.engine import DenseOperator, JacobianOperator, block_krylov_svd, dense_svd, krylov_svd
+from ra_probe.engine import DenseOperator, JacobianOperator, dense_svd, krylov_svd
 from ra_probe.load.data import Samples
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
@@ -70,6 +70,7 @@ def digits_trained(name: str, size: int, epochs: int, samples: int) -> tuple[tor
         x = torch.from_numpy(a).reshape(-1, 1, 8, 8)
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
 
+    torch.manual_seed(0)  # the same model in every run: products compared across runs are of one model
     x_train, y_train, x_test, y_test = load_split()
     x_train, x_test, y_train = images(x_train), images(x_test), torch.from_numpy(y_train)
     module = timm.create_model(name, pretrained=False, num_classes=10, exportable=True)
@@ -103,7 +104,7 @@ def main() -> None:
                              "--image-size) for EPOCHS epochs and probe held-out digits: real trained spectra")
     parser.add_argument("--dense-limit", type=int, default=8192, help="largest dimension formed densely")
     args = parser.parse_args()
-    torch.set_flush_denormal(True)  # as the CLI does, before torch's CPU threads start (engine.solvers)
+    torch.set_flush_denormal(True)  # as the CLI does, before torch's CPU threads start (engine.krylov)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -171,7 +172,7 @@ def main() -> None:
             krylov_svd(single, args.k, block=2, tol=args.tol)
 
     def batched_block():
-        block_krylov_svd(JacobianOperator(site.branch, record.x, record.ctx), args.k, tol=args.tol)
+        krylov_svd(JacobianOperator(site.branch, record.x, record.ctx), args.k, tol=args.tol)
 
     slow, fast = timed(one_at_a_time, device, 1), timed(batched_block, device, 1)
     print(f"\n[3] {site.name}: batched block Krylov {fast:.2f} s vs one vector of one sample at a time "
@@ -184,8 +185,8 @@ def main() -> None:
         record = captured.sites[site.name]
         dense = timed(lambda: dense_svd(DenseOperator(JacobianOperator(site.branch, record.x, record.ctx).dense()),
                                         args.k), device, 1)
-        fast = timed(lambda: block_krylov_svd(JacobianOperator(site.branch, record.x, record.ctx), args.k,
-                                              tol=args.tol), device, 1)
+        fast = timed(lambda: krylov_svd(JacobianOperator(site.branch, record.x, record.ctx), args.k,
+                                        tol=args.tol), device, 1)
         print(f"\n[4] {site.name} ({math.prod(site.in_shape):,} dims): block Krylov {fast:.2f} s vs dense "
               f"Jacobian + SVD {dense:.2f} s: {dense / fast:.1f}× faster")
     else:

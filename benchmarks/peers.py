@@ -36,8 +36,8 @@ from threadpoolctl import threadpool_limits
 
 from ra_probe import Settings
 from ra_probe.engine import JacobianOperator, krylov_svd, solve
+from ra_probe.engine import krylov as engine_krylov
 from ra_probe.engine import operators as engine_operators
-from ra_probe.engine import solvers as engine_solvers
 from ra_probe.engine.operators import batch_rows
 from ra_probe.load.data import Samples, load_samples
 from ra_probe.pipeline.measure import measure
@@ -186,14 +186,10 @@ def compare_site(build, args, device) -> dict:
         op = JacobianOperator(site.branch, record.x, record.ctx, linearize=linearize)
         op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up (jvp; linearize traces later)
         op.products = 0
-        t, reorthogonalize = {}, engine_solvers.REORTHOGONALIZE
-        engine_solvers.REORTHOGONALIZE = passes
-        try:
-            with logged_solves(device) as solves_, time_split(device) as clock:
-                with stopwatch(device, t, "s"):
-                    result = solve(op, args.k, tol=args.tol, seed=args.seed)
-        finally:
-            engine_solvers.REORTHOGONALIZE = reorthogonalize
+        t = {}
+        with logged_solves(device) as solves_, time_split(device) as clock:
+            with stopwatch(device, t, "s"):
+                result = solve(op, args.k, tol=args.tol, seed=args.seed, reorthogonalize=passes)
         add(f"{label_} ({result.method})", t["s"], result.products, result.S)
         solves.append((label_, t["s"], solves_, clock))
         if not args.before:
@@ -247,7 +243,7 @@ def compare_site(build, args, device) -> dict:
 def logged_solves(device):
     """The block Krylov solves inside: width, samples, products, seconds of each (the first one, then
     the wider blocks that samples with clusters go on with)."""
-    log, original = [], engine_solvers._block_gkl
+    log, original = [], engine_krylov._block_gkl
 
     def logged(op, k, width, **kw):
         start = time.perf_counter()
@@ -256,11 +252,11 @@ def logged_solves(device):
         log.append(dict(width=width, samples=op.shape[0], products=returned[0].products,
                         seconds=time.perf_counter() - start))
         return returned
-    engine_solvers._block_gkl = logged
+    engine_krylov._block_gkl = logged
     try:
         yield log
     finally:
-        engine_solvers._block_gkl = original
+        engine_krylov._block_gkl = original
 
 
 @contextmanager
@@ -269,8 +265,8 @@ def time_split(device):
     products" outside it: RA2, capture checks), its orthogonalization (Gram–Schmidt and QR)."""
     clock: dict[str, float] = {}
     state = {"in_solve": False}
-    originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
-                 engine_solvers.krylov_svd)
+    originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_krylov._orthonormal_extension,
+                 engine_krylov.krylov_svd)
 
     def timed(fn, key_of):
         def wrapper(*a, **kw):
@@ -288,13 +284,13 @@ def time_split(device):
     product_key = lambda: "products" if state["in_solve"] else "other products"  # noqa: E731
     JacobianOperator.matmat = timed(originals[0], product_key)
     JacobianOperator.rmatmat = timed(originals[1], product_key)
-    engine_solvers._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
-    engine_solvers.krylov_svd = krylov
+    engine_krylov._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
+    engine_krylov.krylov_svd = krylov
     try:
         yield clock
     finally:
-        (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_solvers._orthonormal_extension,
-         engine_solvers.krylov_svd) = originals
+        (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_krylov._orthonormal_extension,
+         engine_krylov.krylov_svd) = originals
 
 
 def _time(fn, device) -> float:
@@ -347,12 +343,13 @@ def probe_split(args, device) -> None:
 
     split("")
     if args.before:
-        linearize_min, passes = engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE
-        engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE = math.inf, "always"
+        linearize_min, krylov = engine_operators.LINEARIZE_MIN_DIM, engine_krylov.krylov_svd
+        engine_operators.LINEARIZE_MIN_DIM = math.inf
+        engine_krylov.krylov_svd = lambda *a, **kw: krylov(*a, **{**kw, "reorthogonalize": "always"})
         try:
             split("before: ")
         finally:
-            engine_operators.LINEARIZE_MIN_DIM, engine_solvers.REORTHOGONALIZE = linearize_min, passes
+            engine_operators.LINEARIZE_MIN_DIM, engine_krylov.krylov_svd = linearize_min, krylov
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """What a whole probe costs the process, this code against an earlier commit, side by side in one run.
 
     python benchmarks/probe_cost.py [--before 085c6b9] [--model resnet18] [--image-size 224]
-                                    [--samples 8] [--k 8] [--rounds 1] [--threads N]
+                                    [--samples 8] [--k 8] [--rounds 1] [--threads N] [--null init]
 
 Each probe runs in a fresh process, the variants alternating, `--rounds` times each: a timm model
 at 224 px (random init, `zero_init_last=False`, trained-like decaying branch spectra as in
-benchmarks/engine.py), `--samples` random images in one chunk, top `--k`, every site. Variants:
+benchmarks/engine.py), `--samples` random images in one chunk, top `--k`, every site, and the
+null measurement (`--null init`: the architecture at random init on as many samples; none: off).
+Variants:
   before   the earlier commit's `ra_probe` (exported with `git archive` into a temporary folder, first
            on the child's path), in a process set up as its command line did (subnormals flushed);
   library  this tree's, in a process whose malloc keeps its defaults (the library in a host process);
@@ -52,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
     module = timm.create_model(args.model, pretrained=False, zero_init_last=False, exportable=True)
     trained_like(module, args.decay)
     x = torch.randn(args.samples, 3, args.image_size, args.image_size)
-    options = dict(samples=args.samples, k=args.k, batch_size=args.samples, device="cpu", cache=False)
+    options = dict(samples=args.samples, k=args.k, batch_size=args.samples, device="cpu", cache=False, null=args.null)
     if args.threads:
         options["threads"] = args.threads
     usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -71,7 +73,7 @@ def run_child(variant: str, code: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant, "--model", args.model,
             "--image-size", str(args.image_size), "--samples", str(args.samples), "--k", str(args.k),
-            "--decay", str(args.decay)]
+            "--decay", str(args.decay), "--null", args.null]
     if args.threads and variant != "before":  # an earlier commit may not know the setting
         argv += ["--threads", str(args.threads)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--decay", type=float, default=0.7, help="channel decay of the last BatchNorms (1: off)")
     parser.add_argument("--rounds", type=int, default=1, help="probes of each code, alternating")
+    parser.add_argument("--null", default="init", help="the probe's null measurement: init (its default: the "
+                                                        "architecture at random init, as many samples again) or none")
     parser.add_argument("--threads", type=int, default=None, help="threads of the current code's probe")
     parser.add_argument("--variants", default="before,library,cli", help="which of before, library, cli to run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -116,7 +120,7 @@ def main() -> None:
         before = export(args.before, Path(folder) / "before")
         after = ROOT if args.after is None else export(args.after, Path(folder) / "after")
         codes = {name: before if name == "before" else after for name in variants}
-        print(f"{args.model} at {args.image_size} px, {args.samples} samples in one chunk, k={args.k}, "
+        print(f"{args.model} at {args.image_size} px, {args.samples} samples in one chunk, k={args.k}, null {args.null}, "
               f"before = {args.before}, after = {args.after or 'this tree'}; {args.rounds} round(s), alternating")
         print(f"{'':8} {'wall s':>8} {'user s':>8} {'sys s':>8} {'sys %':>6} {'faults':>11} {'products':>9}")
         results: dict[str, list[dict]] = {name: [] for name in variants}

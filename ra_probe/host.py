@@ -109,7 +109,7 @@ MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PA
 
 def own_process() -> None:
     """Settings for a process that ra-probe owns, applied first thing (the library never applies them
-    in its caller's process): subnormal floats flushed to zero (engine.solvers; torch's CPU threads
+    in its caller's process): subnormal floats flushed to zero (engine.krylov; torch's CPU threads
     take the mode from this thread when they start) and glibc's malloc keeping freed memory, unless
     the environment already sets it."""
     torch.set_flush_denormal(True)

@@ -11,8 +11,8 @@ whatever they multiply drops out), an activation's derivative becomes a factor t
 multiplied by, and identical operations run once."""
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -46,7 +46,7 @@ def linearize(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Cal
             return fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
 
     traced = make_fx(tangent_of)(x.new_empty(()).expand_as(x))
-    program = _specialize(traced)
+    program = _Specializer(traced).build()
     probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
     expected, got = traced(probe), program(probe)
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
@@ -64,103 +64,170 @@ def _shape_dtype(node: fx.Node):
     return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else (None, None)
 
 
-def _specialize(traced: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    root = torch.nn.Module()
-    constants: dict[fx.Node, object] = {}  # nodes that do not depend on the tangent, with their values
-    emitted: dict[fx.Node, fx.Node] = {}  # nodes that do, with their node in the new graph
-    held: dict[object, fx.Node] = {}  # a constant tensor's get_attr in the new graph, by id (or node)
-    seen: dict[tuple, fx.Node] = {}  # emitted pure operations, by what they compute
-    order = {node: i for i, node in enumerate(traced.graph.nodes)}
-    # copy_(dst, src) into a tensor of its own that nothing reads afterwards: its value is src's
-    overwrites = {node for node in traced.graph.nodes if node.target is aten.copy_.default
-                  and node.args[0].target in FRESH and _shape_dtype(node.args[0]) == _shape_dtype(node.args[1])
-                  and all(order[user] <= order[node] for user in node.args[0].users)}
-    mutated = {node.args[0] for node in traced.graph.nodes if _is_inplace(node) and node not in overwrites}
+@dataclass(frozen=True)
+class _Dynamic:
+    """A value that depends on the tangent: its node in the new graph."""
 
-    def hold(value, key=None) -> fx.Node | object:
+    node: fx.Node
+
+
+_NOT_APPLIED = object()  # what a rule returns when it does not apply
+
+
+class _Specializer(fx.Interpreter):
+    """Walks the traced J·t program once and writes the new one: a node that does not depend on the
+    tangent is evaluated (its value is the environment's entry), one that does is rewritten by the
+    first rule of `call_function` that applies (its entry is a `_Dynamic`). `build` returns the program."""
+
+    def __init__(self, traced: fx.GraphModule):
+        super().__init__(traced, garbage_collect_values=False)
+        self.extra_traceback = False
+        self.program, self.root = fx.Graph(), torch.nn.Module()
+        self.held: dict[object, fx.Node] = {}  # a constant tensor's get_attr in the new graph, by id (or node)
+        self.seen: dict[tuple, fx.Node] = {}  # emitted pure operations, by what they compute
+        nodes = list(traced.graph.nodes)
+        order = {node: i for i, node in enumerate(nodes)}
+        # copy_(dst, src) into a tensor of its own that nothing reads afterwards: its value is src's
+        self.overwrites = {node for node in nodes if node.target is aten.copy_.default
+                           and node.args[0].target in FRESH
+                           and _shape_dtype(node.args[0]) == _shape_dtype(node.args[1])
+                           and all(order[user] <= order[node] for user in node.args[0].users)}
+        self.mutated = {node.args[0] for node in nodes if _is_inplace(node) and node not in self.overwrites}
+
+    def build(self) -> fx.GraphModule:
+        self.run(*(None for node in self.module.graph.nodes if node.op == "placeholder"),
+                 enable_io_processing=False)
+        self.program.eliminate_dead_code()
+        return fx.GraphModule(self.root, self.program)
+
+    def run_node(self, n: fx.Node):
+        self.node = n  # the rules read the traced node as well as its arguments' values
+        return super().run_node(n)
+
+    # ---- the new graph's inputs and outputs
+
+    def placeholder(self, target, args, kwargs):
+        emitted = self.program.placeholder(self.node.name)
+        emitted.meta = dict(self.node.meta)
+        return _Dynamic(emitted)
+
+    def get_attr(self, target, args, kwargs):
+        value = self.fetch_attr(target)  # the caller's tensors: the model's weights, x
+        written = isinstance(value, torch.Tensor) and _written_through(self.node, self.mutated)
+        return value.clone() if written else value
+
+    def output(self, target, args, kwargs):
+        self.program.output(fx.map_arg(self.node.args[0], self._new))
+
+    def call_method(self, target, args, kwargs):
+        raise Unsupported("call_method")
+
+    def call_module(self, target, args, kwargs):
+        raise Unsupported("call_module")
+
+    # ---- operations: the first rule that applies
+
+    def call_function(self, target, args, kwargs):
+        for rule in (self._overwrite, self._fold, self._copy, self._zero_product, self._zero_addend,
+                     self._linear_in_grad):
+            value = rule(target, args, kwargs)
+            if value is not _NOT_APPLIED:
+                return value
+        # a view may meet a batched tangent whose strides it cannot view: reshape copies then
+        target = aten.reshape.default if target is aten.view.default else target
+        return self._emit(target, fx.map_arg(self.node.args, self._new), fx.map_arg(self.node.kwargs, self._new))
+
+    def _overwrite(self, target, args, kwargs):
+        """copy_ into a fresh tensor nothing reads before: the source itself."""
+        if self.node in self.overwrites:
+            return _Dynamic(self._new(self.node.args[1]))
+        return _NOT_APPLIED
+
+    def _fold(self, target, args, kwargs):
+        """An operation of values that do not depend on the tangent: computed now, once."""
+        if all(not isinstance(self.env[a], _Dynamic) for a in self.node.all_input_nodes):
+            return target(*args, **kwargs)
+        if _is_inplace(self.node) and not isinstance(args[0], _Dynamic):
+            raise Unsupported(f"{target} writes what depends on the tangent into a constant")
+        return _NOT_APPLIED
+
+    def _copy(self, target, args, kwargs):
+        """A copy of the tangent's value to its own shape, dtype and device: the value itself."""
+        node = self.node
+        if target in COPIES and node not in self.mutated and node.args[0] not in self.mutated \
+                and self._same_as(node.args[0]) and kwargs.get("device", None) in (None, _device(node.args[0])) \
+                and kwargs.get("memory_format", None) is None:
+            return args[0]
+        return _NOT_APPLIED
+
+    def _zero_product(self, target, args, kwargs):
+        """A product with a zero factor (a convolution without a bias, or a zero one): zeros."""
+        if target in ZERO_IF_ANY_ZERO and any(_zero(a) for a in args[:2]) \
+                and not (target is aten.convolution.default and not _zero(args[2]) and args[2] is not None):
+            shape, dtype = _shape_dtype(self.node)
+            if shape is None:
+                raise Unsupported(f"{target} without a shape")
+            return torch.zeros(shape, dtype=dtype, device=self.node.meta["val"].device)
+        return _NOT_APPLIED
+
+    def _zero_addend(self, target, args, kwargs):
+        """x + 0, x − 0, 0 + x, with x of the result's shape and dtype: x."""
+        if target in ADDS | SUBS and _zero(args[1]) and self._same_as(self.node.args[0]):
+            return args[0]
+        if target in ADDS and _zero(args[0]) and self._same_as(self.node.args[1]):
+            return args[1]
+        return _NOT_APPLIED
+
+    def _linear_in_grad(self, target, args, kwargs):
+        """An activation's derivative: the tangent times a factor computed once."""
+        if target in LINEAR_IN_GRAD and isinstance(args[0], _Dynamic) \
+                and not any(isinstance(a, _Dynamic) for a in args[1:]):
+            factor = target(torch.ones_like(args[1]), *args[1:], **kwargs)
+            return self._emit(aten.mul.Tensor, (args[0].node, self._hold(factor)), {})
+        return _NOT_APPLIED
+
+    # ---- helpers
+
+    def _same_as(self, arg) -> bool:
+        """The traced argument `arg` depends on the tangent and has the traced node's shape and dtype."""
+        return isinstance(arg, fx.Node) and isinstance(self.env[arg], _Dynamic) \
+            and _shape_dtype(arg) == _shape_dtype(self.node) and _shape_dtype(self.node)[0] is not None
+
+    def _emit(self, target, args, kwargs) -> _Dynamic:
+        """The operation in the new graph (args and kwargs in its terms); a pure one computed before is
+        reused."""
+        pure = not _is_inplace(self.node) and self.node not in self.mutated
+        key = (target, repr(args), repr(kwargs))
+        if pure and key in self.seen:
+            return _Dynamic(self.seen[key])
+        emitted = self.program.call_function(target, tuple(args), dict(kwargs))
+        emitted.meta = dict(self.node.meta)
+        if pure:
+            self.seen[key] = emitted
+        return _Dynamic(emitted)
+
+    def _new(self, node: fx.Node) -> fx.Node | object:
+        """A traced node's input to the new graph: its node there, or its value held as a buffer."""
+        value = self.env[node]
+        if isinstance(value, _Dynamic):
+            return value.node
+        if _written_through(node, self.mutated):  # written in place later on: its value as of now
+            return self._hold(value.clone(), key=node)
+        return self._hold(value)
+
+    def _hold(self, value, key=None) -> fx.Node | object:
         if not isinstance(value, torch.Tensor):
             return value
         key = id(value) if key is None else key
-        if key not in held:
-            name = f"c{len(held)}"
-            root.register_buffer(name, value)
-            held[key] = graph.get_attr(name)
-        return held[key]
+        if key not in self.held:
+            name = f"c{len(self.held)}"
+            self.root.register_buffer(name, value)
+            self.held[key] = self.program.get_attr(name)
+        return self.held[key]
 
-    def new(node: fx.Node):  # the node's input to the new graph
-        if node in emitted:
-            return emitted[node]
-        if _written_through(node, mutated):  # written in place later on: its value as of now
-            return hold(constants[node].clone(), key=node)
-        return hold(constants[node])
 
-    def emit(node: fx.Node, target, args, kwargs) -> None:  # args and kwargs in the new graph's terms
-        pure = not _is_inplace(node) and node not in mutated
-        key = (target, repr(args), repr(kwargs))
-        if pure and key in seen:
-            emitted[node] = seen[key]
-            return
-        emitted[node] = graph.call_function(target, tuple(args), dict(kwargs))
-        emitted[node].meta = dict(node.meta)
-        if pure:
-            seen[key] = emitted[node]
-
-    def constant(arg) -> bool:
-        return not isinstance(arg, fx.Node) or arg in constants
-
-    def zero(arg) -> bool:
-        value = constants.get(arg) if isinstance(arg, fx.Node) else arg
-        return isinstance(value, torch.Tensor) and value.device.type != "meta" and not bool(value.any())
-
-    def same_as(node: fx.Node, arg) -> bool:  # arg is dynamic and already has node's shape and dtype
-        return isinstance(arg, fx.Node) and arg in emitted and _shape_dtype(arg) == _shape_dtype(node) \
-            and _shape_dtype(node)[0] is not None
-
-    for node in traced.graph.nodes:
-        if node.op == "placeholder":
-            emitted[node] = graph.placeholder(node.name)
-            emitted[node].meta = dict(node.meta)
-        elif node.op == "get_attr":
-            value = operator.attrgetter(node.target)(traced)  # the caller's tensors: the model's weights, x
-            written = isinstance(value, torch.Tensor) and _written_through(node, mutated)
-            constants[node] = value.clone() if written else value
-        elif node.op == "output":
-            graph.output(fx.map_arg(node.args[0], new))
-        elif node.op != "call_function":
-            raise Unsupported(node.op)
-        elif node in overwrites:
-            emitted[node] = new(node.args[1])
-        elif all(constant(a) for a in node.all_input_nodes):
-            args, kwargs = fx.map_arg(node.args, constants.get), fx.map_arg(node.kwargs, constants.get)
-            constants[node] = node.target(*args, **kwargs)
-        elif _is_inplace(node) and node.args[0] in constants:
-            raise Unsupported(f"{node.target} writes what depends on the tangent into a constant")
-        else:
-            args = node.args
-            if node.target in COPIES and node not in mutated and args[0] not in mutated and same_as(node, args[0]) \
-                    and node.kwargs.get("device", None) in (None, _device(args[0])) \
-                    and node.kwargs.get("memory_format", None) is None:
-                emitted[node] = emitted[args[0]]
-            elif node.target in ZERO_IF_ANY_ZERO and any(zero(a) for a in args[:2]) \
-                    and not (node.target is aten.convolution.default and not zero(args[2]) and args[2] is not None):
-                shape, dtype = _shape_dtype(node)
-                if shape is None:
-                    raise Unsupported(f"{node.target} without a shape")
-                constants[node] = torch.zeros(shape, dtype=dtype, device=node.meta["val"].device)
-            elif node.target in ADDS | SUBS and zero(args[1]) and same_as(node, args[0]):
-                emitted[node] = emitted[args[0]]
-            elif node.target in ADDS and zero(args[0]) and same_as(node, args[1]):
-                emitted[node] = emitted[args[1]]
-            elif node.target in LINEAR_IN_GRAD and args[0] in emitted and all(constant(a) for a in args[1:]):
-                at = fx.map_arg(args[1:], constants.get)
-                factor = node.target(torch.ones_like(at[0]), *at, **fx.map_arg(node.kwargs, constants.get))
-                emit(node, aten.mul.Tensor, (emitted[args[0]], hold(factor)), {})
-            else:  # a view may meet a batched tangent whose strides it cannot view: reshape copies then
-                target = aten.reshape.default if node.target is aten.view.default else node.target
-                emit(node, target, fx.map_arg(node.args, new), fx.map_arg(node.kwargs, new))
-    graph.eliminate_dead_code()
-    return fx.GraphModule(root, graph)
+def _zero(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type != "meta" and not bool(value.any())
 
 
 def _written_through(node: fx.Node, mutated: set[fx.Node]) -> bool:

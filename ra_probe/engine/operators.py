@@ -110,9 +110,10 @@ class JacobianOperator(BatchedOperator):
         self._vjp_fn = None
         self.linearize = self.shape[2] >= LINEARIZE_MIN_DIM if linearize is None else linearize
         self._lin_fn = None  # the linearized program, traced on first use
-        # over the rows of a (B, k, d) block: the solvers' bases are row-major, so no transposed copies
-        self._jv = vmap(self._jvp_flat, in_dims=1, out_dims=1, randomness="same")
-        self._jtu = vmap(self._vjp_flat, in_dims=1, out_dims=1, randomness="same")
+        # over the vectors of a (k, B, d) block staged in a buffer of the operator (`_blocks`)
+        self._jv = vmap(self._jvp_flat, randomness="same")
+        self._jtu = vmap(self._vjp_flat, randomness="same")
+        self._staged: dict[int, torch.Tensor] = {}  # by dimension d: (chunk, B, d), made on first use
 
     def _jvp_flat(self, v: torch.Tensor) -> torch.Tensor:
         if self._lin_fn is not None:
@@ -150,14 +151,24 @@ class JacobianOperator(BatchedOperator):
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call, into `out`
         when given; a single column skips vmap (its batching rules cost more than they save for one
-        vector). The columns are taken as rows of wᵀ (B, k, d), copied only when those rows are not
-        contiguous."""
+        vector). Each chunk of c columns is copied into a buffer (c, B, d) made once per operator:
+        under vmap the branch's operations see the c·B vectors as one batch, which they can view
+        only in that layout; from a solver's row-major basis (B, k, d) every convolution, reshape and
+        matmul made a copy of its own at every call."""
         if w.shape[-1] == 1:
             return _into(single(w[..., 0].contiguous()).unsqueeze(-1), out)
         rows = w.mT
-        chunks = (rows[:, i:i + self.chunk] for i in range(0, rows.shape[1], self.chunk))
-        results = (batched(c if c.stride(-1) == 1 else c.contiguous()) for c in chunks)
+        chunks = (self._staging(rows[:, i:i + self.chunk]) for i in range(0, rows.shape[1], self.chunk))
+        results = (batched(c).transpose(0, 1) for c in chunks)
         return torch.cat(list(results), dim=1).mT if out is None else _columns_into(results, out)
+
+    def _staging(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (B, c, d) copied into the operator's buffer as (c, B, d)."""
+        batch, c, dim = rows.shape
+        buffer = self._staged.get(dim)
+        if buffer is None or buffer.shape[0] < c:
+            buffer = self._staged[dim] = rows.new_empty(max(c, self.chunk), batch, dim)
+        return buffer[:c].copy_(rows.transpose(0, 1))
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
+from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.samples import Samples, batch, chunks
 from ra_probe.metrics import ra as ra_metrics
@@ -137,7 +137,7 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
 
     dims = [[sized(s) for s in members] for members in groups_of(sites).values()]
     return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
-                           block=default_block(settings.k, 1, device), chunk=settings.chunk,
+                           block=default_block(settings.k), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
 
 
@@ -167,12 +167,9 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         record = captured.sites[site.name]
         tick = time.perf_counter()
         jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
-        method = choose_method(jacobian.shape, settings.solver, settings.dense_limit, k=settings.k,
-                               itemsize=jacobian.dtype.itemsize)
-        try:
-            op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
-            result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed,
-                           sample_ids=sample_ids)
+        try:  # op: J formed once where the dense solver was chosen, reused by RA2
+            op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
+                                        dense_limit=settings.dense_limit, seed=settings.seed, sample_ids=sample_ids)
         except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
             raise UserError(f"site {site.name}: {first_line(exc)}") from None
         except RuntimeError as exc:
@@ -183,8 +180,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
                             "computed") from None
         ops[site.name] = op
         svds[site.name] = result
-        formed = jacobian.products if op is not jacobian else 0
-        out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": formed + result.products,
+        out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
                                  "iterations": result.iterations,
                                  "converged": int(result.converged.sum()), "samples": op.shape[0],
                                  "align_seconds": 0.0, "align_products": 0}  # a site alone in its group aligns with none

@@ -180,6 +180,13 @@ def test_nothing_imports_upward():
             and (p.suffix == ".py" or p.is_dir())} == set(STAGES)
 
 
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in (ROOT / "ra_probe").rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert long == []
+
+
 def test_render_writes_the_html_of_a_json_report(cli, tmp_path):
     reference = ROOT / "examples" / "reports" / "fc-digits.json"
     code, _, err = cli("render", reference, "--html", "page.html")
