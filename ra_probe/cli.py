@@ -72,6 +72,12 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
                                             "init, the control of the verdict | none")),
     "null_samples": (int, typer.Option(8, min=1, help="samples of the random-init measurement (the first of the "
                                                       "probe's)")),
+    "tokens": (str, typer.Option("all", help="text models: all (every real token, each sentence's whole Jacobian) | "
+                                             "last (the last real token of each sentence)")),
+    "sites": (str, typer.Option("auto", help="transformer sites: auto (the family's default) | block (each block's "
+                                             "residual update) | sublayer (attention and MLP)")),
+    "coupling_k": (Optional[str], typer.Option(None, help="K values of block coupling, e.g. 10,30 (each ≤ k; default: "
+                                                          "not measured)")),
     "threads": (Optional[int], typer.Option(None, min=1, help="torch CPU threads while probing (default: torch's; "
                                                              "never more than the CPUs this process may use: "
                                                              "affinity and cgroup quota)")),
@@ -88,7 +94,7 @@ PROBE_OPTIONS: dict[str, tuple[Any, Any]] = {
                                                           "Face model split across devices (needs accelerate)")),
 }
 SETTINGS = ("samples", "k", "align_k", "tol", "solver", "dense_limit", "tau", "batch_size", "dtype", "device", "seed",
-            "null", "null_samples", "threads")
+            "null", "null_samples", "tokens", "sites", "coupling_k", "threads")
 
 
 @dataclass
@@ -309,7 +315,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device_map", "device")
+@probe_options("data", "no_pretrained", "weights", "arch", "input_shape", "device_map", "device", "sites")
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites
@@ -317,7 +323,7 @@ def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     from ra_probe.report.console import sites_table
 
     loaded = options.load(model)
-    report = find_sites(loaded, options.values["data"], device=options.values["device"])
+    report = find_sites(loaded, options.values["data"], device=options.values["device"], sites=options.values["sites"])
     console = Console()
     console.print(sites_table([s.describe() for s in report.sites],
                               [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter,

@@ -19,9 +19,9 @@ SHAPES = {"resnet": (1, 32, 32)}  # HF ResNet configs name no image size (224 by
 CONFIGS = {  # config, sites, adapter
     "bert": (tf.BertConfig(**TEXT, **LAYERS, architectures=["BertForSequenceClassification"]), 4, "hf-bert"),
     "gpt2": (tf.GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
-                           eos_token_id=0, architectures=["GPT2LMHeadModel"]), 4, "hf-gpt2"),
+                           eos_token_id=0, architectures=["GPT2LMHeadModel"]), 2, "hf-gpt2"),  # block sites
     "llama": (tf.LlamaConfig(**TEXT, **LAYERS, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
-                             architectures=["LlamaForCausalLM"]), 4, "hf-llama"),
+                             architectures=["LlamaForCausalLM"]), 2, "hf-llama"),
     "vit": (tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, **LAYERS, num_labels=3,
                          architectures=["ViTForImageClassification"]), 4, "hf-vit"),
     "resnet": (tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1],
@@ -70,9 +70,13 @@ def test_text_file_goes_through_the_model_tokenizer(tmp_path):
 
 
 def test_sites_command_names_the_adapter_and_every_site(tmp_path, capsys):
-    main(["sites", saved(CONFIGS["gpt2"][0], tmp_path)])
+    folder = saved(CONFIGS["gpt2"][0], tmp_path)
+    main(["sites", folder])  # a decoder's default: one site per block
     out = capsys.readouterr().out
-    assert "hf-gpt2" in out
+    assert "hf-gpt2" in out and "transformer.h.1" in out
+    assert not any(f"transformer.h.{i}.{part}" in out for i in (0, 1) for part in ("attn", "mlp"))
+    main(["sites", folder, "--sites", "sublayer"])
+    out = capsys.readouterr().out
     assert all(f"transformer.h.{i}.{part}" in out for i in (0, 1) for part in ("attn", "mlp"))
 
 

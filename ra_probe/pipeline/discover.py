@@ -10,7 +10,7 @@ from ra_probe.capture import Captured, capture, logits_of
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.data import Samples, batch, chunks, run_model, take
 from ra_probe.pipeline.settings import DTYPES, Settings
-from ra_probe.sites import SiteReport, find_sites
+from ra_probe.sites import SiteReport, at_level, find_sites
 from ra_probe.verify import verify_sites
 
 
@@ -21,6 +21,7 @@ def discover(model: torch.nn.Module, samples: Samples, settings: Settings) -> Si
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     try:
         report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
+        report.sites = at_level(report.sites, settings.sites)
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
