@@ -13,6 +13,7 @@ import transformers as tf
 from ra_probe import probe
 from ra_probe.engine import DenseOperator, JacobianOperator
 from ra_probe.errors import UserError
+from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.measure import GroupMeasurement, _measure_alignment
 from ra_probe.pipeline.settings import Settings
@@ -180,3 +181,33 @@ def test_coupling_k_above_k_is_refused():
     settings = Settings(k=10, coupling_k="10, 3,3")
     settings.validate()
     assert settings.coupling_k == (3, 10)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_next_token_collapse_of_a_causal_lm_against_its_head(family):
+    """NC of a causal LM: tokens are the samples, next tokens the classes (those seen at least twice), the
+    LM head the classifier: the same numbers as NC computed by hand from the model's last hidden states."""
+    model = tiny(family)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 8], [5, 6, 7, 9, 6, 7], [1, 2, 3, 4, 5, 6]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    nc = probe(model, inputs, k=2, null="none", samples=3)["metrics"]["nc"]
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    features = out.hidden_states[-1][:, :-1].reshape(-1, 16)  # after the final norm: the head's input
+    labels, predictions = ids[:, 1:].reshape(-1), out.logits[:, :-1].argmax(-1).reshape(-1)
+    head = model.get_output_embeddings().weight
+    if family == "gpt2":
+        assert head is model.transformer.wte.weight  # tied to the input embeddings
+    expected = nc_metrics.neural_collapse(features.double(), labels, head.detach(), predictions)
+    assert nc["labels_from"] == "next tokens"
+    # next tokens 6 (×5), 7 (×3), 5 (×2) seen twice or more; 8, 9, 2, 3, 4 once
+    assert (nc["classes"], nc["classes_dropped"], nc["samples"], nc["samples_dropped"]) == (3, 5, 10, 5)
+    for key in ("nc1", "nc2_equinorm_means", "nc2_equinorm_weights", "nc2_equiangular", "nc3", "nc4"):
+        assert nc[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-9), key
+
+
+def test_an_encoder_with_a_classifier_keeps_its_sentence_level_collapse():
+    """A sentence classifier's samples stay its sentences (its logits are per sentence, not per token)."""
+    nc = probe(tiny("bert"), sentences(6), k=2, null="none")["metrics"]["nc"]
+    assert nc["labels_from"] == "predictions" and nc["classifier_classes"] == 2
+    assert nc["samples"] + nc["samples_dropped"] == 6

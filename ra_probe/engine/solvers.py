@@ -595,10 +595,11 @@ def method_costs(m: int, n: int, k: int) -> dict[str, float]:
 
 
 def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit: int = DENSE_LIMIT, *,
-                  k: int = 16, itemsize: int = 4, free: int | None = None) -> str:
+                  k: int = 16, itemsize: int = 4, free: int | None = None, after: int = 0) -> str:
     """`auto` is exact (`dense`) where forming and decomposing J costs fewer products than a Krylov
-    solve (`method_costs`), both sides are at most `dense_limit` and the B matrices (B m n elements,
-    kept for RA2) fit in half of `free` bytes when given; else `block`."""
+    solve (`method_costs`) and the `after` products per sample J will still be applied to once solved
+    (RA2 alignment: a formed J takes them as matrix products), both sides are at most `dense_limit` and
+    the B matrices (B m n elements, kept for RA2) fit in half of `free` bytes when given; else `block`."""
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}")
     if method != "auto":
@@ -606,7 +607,7 @@ def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit
     batch, m, n = shape
     costs = method_costs(m, n, k)
     fits = free is None or batch * m * n * itemsize <= free // 2
-    return "dense" if max(m, n) <= dense_limit and fits and costs["dense"] <= costs["block"] else "block"
+    return "dense" if max(m, n) <= dense_limit and fits and costs["dense"] <= costs["block"] + DENSE_PRODUCT_SHARE * after else "block"
 
 
 def solve(op: BatchedOperator, k: int, *, method: str = "auto", tol: float = 1e-3,

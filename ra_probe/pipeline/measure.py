@@ -16,6 +16,7 @@ from ra_probe.capture import Captured, SiteRecord, capture
 from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, choose_method, default_block, solve
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.data import Samples, batch, chunks, real_tokens
+from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
 from ra_probe.pipeline.settings import DTYPES, Progress, Settings
@@ -49,6 +50,7 @@ class Measured:
     groups: list[GroupMeasurement] = field(default_factory=list)
     batch_size: int = 0  # samples per chunk
     features: list[torch.Tensor] = field(default_factory=list)
+    next_tokens: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # LM head: (features, next token, prediction)
     logits: list[torch.Tensor] = field(default_factory=list)
     order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
     finite_outputs: bool = True
@@ -117,7 +119,11 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         if settings.tokens == "last":
             measured_sites, captured = at_last_token(sites, captured)
         out.order.append(index)
-        if captured.features is not None:
+        if captured.features is not None and captured.features.ndim == 3:  # a language model's head, per token
+            if isinstance(chunk, dict) and "input_ids" in chunk:
+                out.next_tokens.append(tuple(t.cpu() for t in nc_metrics.next_token_samples(
+                    captured.features, captured.logits, chunk["input_ids"])))
+        elif captured.features is not None:
             out.features.append(captured.features.double().cpu())
         if captured.logits is not None:
             out.finite_outputs &= bool(torch.isfinite(captured.logits).all())
@@ -164,9 +170,10 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
     def sized(site: Site) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=dtype.itemsize)
+                                   itemsize=dtype.itemsize, after=_aligned_products(len(groups[site.group]), settings))
 
-    dims = [[sized(s) for s in members] for members in groups_of(sites).values()]
+    groups = groups_of(sites)
+    dims = [[sized(s) for s in members] for members in groups.values()]
     return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
                            block=default_block(settings.k, 1, device), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
@@ -200,9 +207,9 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         tick = time.perf_counter()
         jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
         method = choose_method(jacobian.shape, settings.solver, settings.dense_limit, k=settings.k,
-                               itemsize=jacobian.dtype.itemsize)
-        try:
-            op = DenseOperator(jacobian.dense()) if method == "dense" else jacobian  # formed once, reused by RA2
+                               itemsize=jacobian.dtype.itemsize, after=_aligned_products(len(members), settings))
+        try:  # formed once (in wide calls), reused by RA2
+            op = DenseOperator(_wide(jacobian, jacobian.shape[2], jacobian.dense)) if method == "dense" else jacobian
             result = solve(op, settings.k, method=method, tol=settings.tol, seed=settings.seed,
                            sample_ids=sample_ids)
         except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
@@ -257,7 +264,7 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
         here = S_i.device  # the device of J_i's block; a model split across devices has the others elsewhere
         partners = [s for s in members if s is not site_i]
         V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
-        JV = _wide_matmat(op, V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
+        JV = _wide(op, V.shape[2], op.matmat, V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
         U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
         Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):
@@ -269,17 +276,25 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
         out.timing[site_i.name].update(align_seconds=time.perf_counter() - tick, align_products=op.products - before)
 
 
-WIDE_CHUNK = 256  # vectors per vmapped call of the alignment's product: one call per site where they fit
+def _aligned_products(members: int, settings: Settings) -> int:
+    """Products per sample that RA2 and coupling apply each site's J to: the top vectors of every
+    other site of its group."""
+    return (members - 1) * max([settings.align_k or settings.k, *settings.coupling_k]) if members > 1 else 0
 
 
-def _wide_matmat(op, V: torch.Tensor) -> torch.Tensor:
-    """J V in calls of up to `WIDE_CHUNK` vectors (a Jacobian operator's `chunk` is sized for the
-    solver's blocks; a wider call pays the branch's primal and per-call overhead once for all)."""
+WIDE_ELEMENTS = 1 << 24  # a wide call's tangents: at most this many input elements (64 MB in float32)
+
+
+def _wide(op, vectors: int, apply: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """`apply(*args)` with a Jacobian operator's calls widened to `vectors` vectors each, as far as
+    `WIDE_ELEMENTS` of tangent input allow and never narrower than its `chunk` (sized for the solver's
+    blocks, which the memory estimate covers): the branch's primal and per-call overhead are paid once
+    for many vectors."""
     chunk = getattr(op, "chunk", None)
     if chunk is None:
-        return op.matmat(V)
-    op.chunk = max(chunk, min(WIDE_CHUNK, V.shape[2]))
+        return apply(*args)
+    op.chunk = max(chunk, min(vectors, WIDE_ELEMENTS // max(1, op.shape[0] * op.shape[2])))
     try:
-        return op.matmat(V)
+        return apply(*args)
     finally:
         op.chunk = chunk

@@ -116,6 +116,8 @@ def _mean_or_none(values: list[float]) -> float | None:
 
 def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.Tensor | None,
                      labels: torch.Tensor | None) -> dict | None:
+    if measured.next_tokens and _causal_lm(module):
+        return _next_token_collapse(module, measured)
     head = find_classifier(module)
     if head is None or not measured.features or logits is None or logits.ndim != 2:
         return None
@@ -128,4 +130,24 @@ def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.
     result = nc_metrics.neural_collapse(features, predictions if labels is None else labels,
                                         head.weight.detach().cpu(), predictions)
     result["labels_from"] = source
+    return result
+
+
+def _causal_lm(module: torch.nn.Module) -> bool:
+    """A Hugging Face model that generates the next token of its own input (not an encoder-decoder,
+    whose logits follow its decoder's inputs, nor a masked LM)."""
+    can_generate = getattr(module, "can_generate", None)
+    config = getattr(module, "config", None)
+    return callable(can_generate) and bool(can_generate()) and not getattr(config, "is_encoder_decoder", False)
+
+
+def _next_token_collapse(module: torch.nn.Module, measured: Measured) -> dict | None:
+    """NC of a causal LM with its tokens as samples and their next tokens as classes, against the LM
+    head (`get_output_embeddings`: tied to the input embeddings or not)."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else find_classifier(module)
+    if head is None or getattr(head, "weight", None) is None:
+        return None
+    features, labels, predictions = (torch.cat(parts) for parts in zip(*measured.next_tokens))
+    result = nc_metrics.neural_collapse(features, labels, head.weight.detach().cpu(), predictions)
+    result["labels_from"] = "next tokens"
     return result
