@@ -3,7 +3,7 @@ MLP sites, Transformer Block Coupling, RA2 alignment in wide calls, and collapse
 against dense Jacobians built with autograd the way the coupling paper builds them."""
 from __future__ import annotations
 
-import math
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -211,3 +211,28 @@ def test_an_encoder_with_a_classifier_keeps_its_sentence_level_collapse():
     nc = probe(tiny("bert"), sentences(6), k=2, null="none")["metrics"]["nc"]
     assert nc["labels_from"] == "predictions" and nc["classifier_classes"] == 2
     assert nc["samples"] + nc["samples_dropped"] == 6
+
+
+def test_sublayer_sites_chain_attention_and_mlp_in_one_group():
+    """Attention and MLP sites are grouped as the residual stream chains them: attn₀, mlp₀, attn₁...,
+    each site's input the previous one's output."""
+    report = probe(tiny("llama"), sentences(2), k=2, sites="sublayer", null="none")
+    names = [s["name"] for s in report["sites"]]
+    assert names == [f"model.layers.{i}.{part}" for i in range(3) for part in ("attn", "mlp")]
+    assert {s["group"] for s in report["sites"]} == {0} and report["metrics"]["ra2"]["groups"][0]["sites"] == names
+
+
+def test_cli_takes_the_llm_options_and_refuses_bad_ones(cli, tmp_path):
+    folder = tmp_path / "gpt2"
+    tiny("gpt2").save_pretrained(folder)
+    code, _, err = cli(folder, "--tokens", "first", "-q")
+    assert code == 2 and "tokens must be one of all, last" in err
+    code, _, err = cli(folder, "--k", 4, "--coupling-k", "2,8", "-q")
+    assert code == 2 and "coupling-k" in err
+    code, out, err = cli(folder, "--k", 4, "--samples", 2, "--tokens", "last", "--coupling-k", "2,4", "--null", "none",
+                         "--json", "r.json")
+    assert code == 0, err
+    with open("r.json") as f:  # the cli fixture runs in its own working folder
+        report = json.load(f)
+    assert report["settings"]["coupling_k"] == [2, 4] and report["metrics"]["coupling"]["K"] == [2, 4]
+    assert [s["level"] for s in report["sites"]] == ["block"] * 3

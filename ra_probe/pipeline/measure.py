@@ -174,7 +174,7 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
 
     groups = groups_of(sites)
     dims = [[sized(s) for s in members] for members in groups.values()]
-    return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
+    return auto_batch_size(dims, samples, device, k=settings.k, align_k=max([settings.align_k or settings.k, *settings.coupling_k]),
                            block=default_block(settings.k, 1, device), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
 
@@ -282,7 +282,7 @@ def _aligned_products(members: int, settings: Settings) -> int:
     return (members - 1) * max([settings.align_k or settings.k, *settings.coupling_k]) if members > 1 else 0
 
 
-WIDE_ELEMENTS = 1 << 24  # a wide call's tangents: at most this many input elements (64 MB in float32)
+WIDE_ELEMENTS = 1 << 22  # a wide call's tangents: at most this many input elements (16 MB in float32)
 
 
 def _wide(op, vectors: int, apply: Callable[..., torch.Tensor], *args) -> torch.Tensor:
