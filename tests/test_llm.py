@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from ra_probe import probe
+from ra_probe import load_report, probe
 from ra_probe.engine import DenseOperator, JacobianOperator
 from ra_probe.errors import UserError
 from ra_probe.metrics import nc as nc_metrics
@@ -236,3 +236,17 @@ def test_cli_takes_the_llm_options_and_refuses_bad_ones(cli, tmp_path):
         report = json.load(f)
     assert report["settings"]["coupling_k"] == [2, 4] and report["metrics"]["coupling"]["K"] == [2, 4]
     assert [s["level"] for s in report["sites"]] == ["block"] * 3
+
+
+def test_an_llm_report_reads_back_renders_and_compares(cli, tmp_path):
+    folder = tmp_path / "gpt2"
+    tiny("gpt2").save_pretrained(folder)
+    common = ("--k", 3, "--samples", 2, "--tokens", "last", "--coupling-k", "2,3", "--null", "none")
+    assert cli(folder, *common, "--json", "block.json", "--html", "block.html")[0] == 0
+    assert cli(folder, *common, "--sites", "sublayer", "--json", "sub.json")[0] == 0
+    report = load_report("block.json")  # validated against the schema on the way in
+    assert report["metrics"]["nc"]["labels_from"] == "next tokens"
+    page = open("block.html", encoding="utf-8").read()
+    assert all(f'id="fig-coupling-0-{K}"' in page for K in (2, 3))
+    code, out, err = cli("compare", "block.json", "sub.json", "--html", "both.html")
+    assert code == 0, err

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import ra_probe
+from ra_probe.report.schema import SCHEMA_VERSION
 from ra_probe.errors import UserError
 from ra_probe.load.bundled.fcresnet import FCResNet
 from ra_probe.load.models import load_model
@@ -257,7 +258,7 @@ def test_reports_of_every_shape_read_back_render_and_compare(cli, tmp_path, bund
     for name, args in shapes.items():
         code, _, err = cli(*args, "--json", f"{name}.json")
         assert code == 0, err
-        assert ra_probe.load_report(tmp_path / f"{name}.json")["schema_version"] == "1.4"
+        assert ra_probe.load_report(tmp_path / f"{name}.json")["schema_version"] == SCHEMA_VERSION
         assert cli("render", f"{name}.json", "--html", f"{name}-again.html")[0] == 0
     code, out, err = cli("compare", *(f"{name}.json" for name in shapes), "--html", "all.html")
     assert code == 0, err
