@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 
 from ra_probe import Settings, probe
+from ra_probe.pipeline import measure
 
 
 def model(layers: int, hidden: int) -> torch.nn.Module:
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--token-positions", default="all", help="all | last")
     parser.add_argument("--coupling-k", default="8")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--narrow", action="store_true", help="then the same probe with the alignment's products "
+                                                              "in calls of the solver's chunk (the former way)")
     args = parser.parse_args()
     lm = model(args.layers, args.hidden)
     ids = torch.randint(1, 2048, (args.samples, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -66,6 +69,11 @@ def main() -> None:
     nc = report["metrics"]["nc"]
     print(f"NC on next tokens: {nc['classes']} classes used, {nc['classes_dropped']} dropped" if nc else "NC: none")
     print(f"alignment / probe = {alignment / probed:.2f} (target ≤ 0.25)")
+    if args.narrow:
+        measure.WIDE_ELEMENTS = 0  # every call as narrow as the solver's (--chunk)
+        narrow = probe(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, settings)["timings"]
+        print(f"alignment in calls of {settings.chunk} vectors: {narrow['alignment_seconds']:.1f} s against "
+              f"{alignment:.1f} s in wide calls (SVDs {narrow['sites_seconds']:.1f} s against {svd:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -607,7 +607,8 @@ def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit
     batch, m, n = shape
     costs = method_costs(m, n, k)
     fits = free is None or batch * m * n * itemsize <= free // 2
-    return "dense" if max(m, n) <= dense_limit and fits and costs["dense"] <= costs["block"] + DENSE_PRODUCT_SHARE * after else "block"
+    cheaper = costs["dense"] <= costs["block"] + DENSE_PRODUCT_SHARE * after  # wide calls, as J is formed
+    return "dense" if max(m, n) <= dense_limit and fits and cheaper else "block"
 
 
 def solve(op: BatchedOperator, k: int, *, method: str = "auto", tol: float = 1e-3,

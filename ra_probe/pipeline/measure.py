@@ -50,7 +50,7 @@ class Measured:
     groups: list[GroupMeasurement] = field(default_factory=list)
     batch_size: int = 0  # samples per chunk
     features: list[torch.Tensor] = field(default_factory=list)
-    next_tokens: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # LM head: (features, next token, prediction)
+    next_tokens: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # LM: features, next tokens, predictions
     logits: list[torch.Tensor] = field(default_factory=list)
     order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
     finite_outputs: bool = True
@@ -174,7 +174,8 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
 
     groups = groups_of(sites)
     dims = [[sized(s) for s in members] for members in groups.values()]
-    return auto_batch_size(dims, samples, device, k=settings.k, align_k=max([settings.align_k or settings.k, *settings.coupling_k]),
+    wide = max([settings.align_k or settings.k, *settings.coupling_k])  # K of RA2's or coupling's products
+    return auto_batch_size(dims, samples, device, k=settings.k, align_k=wide,
                            block=default_block(settings.k, 1, device), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
 
