@@ -294,7 +294,8 @@ def _wide(op, vectors: int, apply: Callable[..., torch.Tensor], *args) -> torch.
     chunk = getattr(op, "chunk", None)
     if chunk is None:
         return apply(*args)
-    tokens = op.ctx.get("tokens") if isinstance(op.ctx, dict) else None  # at the last token, tangents run through every token
+    # at the last token, the tangents run through every token of the sentence
+    tokens = op.ctx.get("tokens") if isinstance(op.ctx, dict) else None
     elements = tokens.numel() if tokens is not None else op.shape[0] * op.shape[2]
     op.chunk = max(chunk, min(vectors, WIDE_ELEMENTS // max(1, elements)))
     try:
