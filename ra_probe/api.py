@@ -220,7 +220,7 @@ def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
     (as for `probe`), and those skipped with the reason, without measuring anything."""
     loaded, samples, settings = _inputs(model, data, None, {"samples": 4, **options})
     with prepared(loaded.module, settings) as prepared_model:
-        return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype())
+        return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype(), settings.sites)
 
 
 def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[str] = (),

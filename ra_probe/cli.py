@@ -72,7 +72,8 @@ class ProbeOptions:
 def _parameter(option: Option) -> inspect.Parameter:
     """The Typer parameter of an option: its flag and help; a `--no-…` flag is a switch. Its values are
     checked by the option's constraint (so with the library's message), not by Typer."""
-    default = False if option.negated else option.default
+    # a default Typer cannot write as text (an empty tuple) is given as None: the option's own default
+    default = False if option.negated else None if isinstance(option.default, tuple) else option.default
     return inspect.Parameter(option.cli_name, inspect.Parameter.KEYWORD_ONLY,
                              default=typer.Option(default, option.flag, help=option.help),
                              annotation=bool if option.negated else option.cli_type)
@@ -251,7 +252,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-@probe_options("data", "pretrained", "weights", "arch", "input_shape", "device_map", "device")
+@probe_options("data", "pretrained", "weights", "arch", "input_shape", "device_map", "device", "sites")
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites
@@ -259,7 +260,7 @@ def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     from ra_probe.report.console import sites_table
 
     loaded = options.load(model)
-    report = find_sites(loaded, options.values["data"], device=options.values["device"])
+    report = find_sites(loaded, options.values["data"], device=options.values["device"], sites=options.values["sites"])
     console = Console()
     console.print(sites_table([s.describe() for s in report.sites],
                               [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter,

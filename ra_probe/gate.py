@@ -14,7 +14,8 @@ from ra_probe.report.headline import HEADLINE, headline
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
-COMPARABLE_SETTINGS = ("k", "align_k", "tau", "samples", "dtype", "tol", "solver")
+COMPARABLE_SETTINGS = ("k", "align_k", "tau", "samples", "dtype", "tol", "solver", "tokens")
+BEFORE_SETTING = {"tokens": "all"}  # what a report made before the setting existed measured
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         valid = False
     if not valid:
         raise UserError(f"baseline {path} is not an ra-probe report (no verdicts or metrics)")
+    baseline_settings, settings = {**BEFORE_SETTING, **baseline_settings}, {**BEFORE_SETTING, **settings}
     differ = [f"{k} {baseline_settings.get(k)} vs {settings.get(k)}" for k in COMPARABLE_SETTINGS
               if baseline_settings.get(k) != settings.get(k)]
     if differ:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,8 +99,11 @@ class JacobianOperator(BatchedOperator):
     `jvp`, with the same results."""
 
     def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Any = None,
-                 chunk: int = 16, linearize: bool | None = None):
+                 chunk: int = 16, linearize: bool | None = None, tangent_size: int | None = None):
         self.f, self.x, self.ctx, self.chunk = f, x, ctx, chunk
+        # elements one sample's tangent takes inside f (x's, unless f runs it through more: a function of
+        # the last token that runs the whole sentence); sizes the calls of `wide_calls`
+        self.tangent_size = tangent_size or x[0].numel()
         self.products = 0
         self._fx = f if ctx is None else (lambda x_: f(x_, ctx))
         with torch.no_grad():
@@ -174,12 +178,32 @@ class JacobianOperator(BatchedOperator):
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
         whose side inputs do not slice that way (its output rows change) cannot be split: None."""
         sub = JacobianOperator(self.f, self.x[rows], batch_rows(self.ctx, rows, self.shape[0]), self.chunk,
-                               self.linearize)
+                               self.linearize, self.tangent_size)
         expected = self.out[rows]
         if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
                                                                  atol=1e-5 * expected.abs().max().item()):
             return None
         return sub
+
+
+WIDE_ELEMENTS = 1 << 22  # a wide call's tangents: at most this many elements (16 MB in float32)
+
+
+@contextmanager
+def wide_calls(op: BatchedOperator, vectors: int):
+    """Within: a Jacobian operator's calls take up to `vectors` vectors each, as far as `WIDE_ELEMENTS`
+    of tangents allow and never fewer than its `chunk` (sized for the solver's blocks, which the memory
+    estimate covers): the branch's primal and per-call overhead are paid once for many vectors (forming
+    J, applying it to the top vectors of other sites). Other operators are unchanged."""
+    chunk = getattr(op, "chunk", None)
+    if chunk is None:
+        yield
+        return
+    op.chunk = max(chunk, min(vectors, WIDE_ELEMENTS // max(1, op.shape[0] * op.tangent_size)))
+    try:
+        yield
+    finally:
+        op.chunk = chunk
 
 
 def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from ra_probe.engine import krylov
 from ra_probe.engine.dense import SVDResult, dense_svd
-from ra_probe.engine.operators import BatchedOperator, DenseOperator
+from ra_probe.engine.operators import BatchedOperator, DenseOperator, wide_calls
 
 SOLVERS = ("auto", "dense", "block")
 
@@ -30,10 +30,11 @@ def method_costs(m: int, n: int, k: int) -> dict[str, float]:
 
 
 def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit: int = DENSE_LIMIT, *,
-                  k: int = 16, itemsize: int = 4, free: int | None = None) -> str:
+                  k: int = 16, itemsize: int = 4, free: int | None = None, after: int = 0) -> str:
     """`auto` is exact (`dense`) where forming and decomposing J costs fewer products than a Krylov
-    solve (`method_costs`), both sides are at most `dense_limit` and the B matrices (B m n elements,
-    kept for RA2) fit in half of `free` bytes when given; else `block`."""
+    solve (`method_costs`) and the `after` products per sample J will still be applied to once solved
+    (RA2 alignment: a formed J takes them as matrix products), both sides are at most `dense_limit` and
+    the B matrices (B m n elements, kept for RA2) fit in half of `free` bytes when given; else `block`."""
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}")
     if method != "auto":
@@ -41,22 +42,28 @@ def choose_method(shape: tuple[int, int, int], method: str = "auto", dense_limit
     batch, m, n = shape
     costs = method_costs(m, n, k)
     fits = free is None or batch * m * n * itemsize <= free // 2
-    return "dense" if max(m, n) <= dense_limit and fits and costs["dense"] <= costs["block"] else "block"
+    cheaper = costs["dense"] <= costs["block"] + DENSE_PRODUCT_SHARE * after  # wide calls, as J is formed
+    return "dense" if max(m, n) <= dense_limit and fits and cheaper else "block"
 
 
 def solve_operator(op: BatchedOperator, k: int, *, method: str = "auto", tol: float = 1e-3,
                    dense_limit: int = DENSE_LIMIT, seed: int = 0, sample_ids: torch.Tensor | None = None,
-                   reorthogonalize: str = "adaptive") -> tuple[BatchedOperator, SVDResult]:
+                   reorthogonalize: str = "adaptive", after: int = 0) -> tuple[BatchedOperator, SVDResult]:
     """Top-k triplets of every sample's J, exact (`dense`) or block Krylov (`block`); `auto` picks by
-    estimated cost (`choose_method`). Returns the operator that further products with J should use (J
-    itself, a `DenseOperator`, where the dense method formed it; else `op`) and the result, whose
-    products count those that formed J."""
-    method = choose_method(op.shape, method, dense_limit, k=k, itemsize=op.dtype.itemsize)
+    estimated cost (`choose_method`, `after`: the products per sample J will still be applied to).
+    Returns the operator that further products with J should use (J itself, a `DenseOperator`, where
+    the dense method formed it, in wide calls; else `op`) and the result, whose products count those
+    that formed J."""
+    method = choose_method(op.shape, method, dense_limit, k=k, itemsize=op.dtype.itemsize, after=after)
     if method == "block":
         return op, krylov.krylov_svd(op, k, tol=tol, seed=seed, sample_ids=sample_ids,
                                      reorthogonalize=reorthogonalize)
     before = op.products
-    formed = op if isinstance(op, DenseOperator) else DenseOperator(op.dense())
+    if isinstance(op, DenseOperator):
+        formed = op
+    else:
+        with wide_calls(op, op.shape[2]):
+            formed = DenseOperator(op.dense())
     result = dense_svd(formed, k)
     result.products = op.products - before
     return formed, result

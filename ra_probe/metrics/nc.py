@@ -9,6 +9,8 @@ MIN_PER_CLASS = 2  # a class of one sample has no within-class spread: Σ_W and 
 
 # NC codes in use differ in their conventions; these are the ones followed here, recorded in every report.
 CONVENTIONS = {
+    "next_tokens": "causal language models: every token with a next token is a sample, the next token its class, the "
+                   "LM head (tied embeddings included) the classifier",
     "classes": f"only classes with at least {MIN_PER_CLASS} samples count (their samples alone); with fewer than 2 "
                "such classes every NC value is undetermined",
     "global_mean": "unweighted mean of the class means (each class counts once, whatever its size)",
@@ -37,6 +39,7 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     C = len(classes)
     result: dict[str, Any] = {
         "classes": C, "samples": int(kept.sum()), "classes_dropped": len(present) - C,
+        "samples_dropped": int((~kept).sum()),
         "classifier_classes": None if weight is None else weight.shape[0], "undetermined": None,
         "nc1": None, "nc2_equinorm_means": None, "nc2_equinorm_weights": None, "nc2_equiangular": None,
         "nc3": None, "nc4": None, "conventions": CONVENTIONS,
@@ -66,6 +69,15 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
         ncc = classes[torch.cdist(H, means).argmin(dim=1)]
         result["nc4"] = (ncc != predictions).double().mean().item()
     return result
+
+
+def next_token_samples(features: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal language model's tokens as NC samples (Wu & Papyan, 2024): the head's input at every
+    position that has a next token (B, T, d) → (B·(T−1), d), that next token as the class, and the
+    model's prediction there (the argmax of its logits)."""
+    d = features.shape[-1]
+    return (features[:, :-1].reshape(-1, d), ids[:, 1:].reshape(-1), logits[:, :-1].argmax(dim=-1).reshape(-1))
 
 
 def _cv(values: torch.Tensor) -> float:

@@ -64,6 +64,15 @@ def alignment_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
     return (diag / total.clamp_min(torch.finfo(S_i.dtype).tiny)).masked_fill(total == 0, float("nan"))
 
 
+def coupling_score(M: torch.Tensor, S_i: torch.Tensor) -> torch.Tensor:
+    """Transformer Block Coupling (Aubry et al., 2025): ‖ |M_ij| − diag(S_i) ‖_F / tr(S_i) for
+    M_ij = U_{j,K}ᵀ J_i V_{j,K} (B, K, K) and J_i's top-K singular values S_i (B, K): 0 when J_j's top
+    singular vectors are J_i's own (coupled), larger as they part. (B,) NaN where J_i is exactly zero."""
+    gap = (M.abs() - torch.diag_embed(S_i)).flatten(1).norm(dim=1)
+    total = S_i.sum(dim=1)
+    return (gap / total.clamp_min(torch.finfo(S_i.dtype).tiny)).masked_fill(total == 0, float("nan"))
+
+
 HEATMAP_SITES = 8  # a group's K×K maps are kept for every pair among this many sites, and for neighbours
 
 

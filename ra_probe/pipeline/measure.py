@@ -3,6 +3,7 @@ RA1 trajectories, group by group and chunk of samples by chunk (each served from
 holds it)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -12,13 +13,14 @@ from typing import Any
 
 import torch
 
-from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator
+from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator, wide_calls
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.samples import Samples, batch, chunks
+from ra_probe.load.samples import Samples, batch, chunks, real_tokens
+from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
 from ra_probe.pipeline.settings import Progress, Settings
-from ra_probe.sites.capture import Captured, capture
+from ra_probe.sites.capture import Captured, SiteRecord, capture
 from ra_probe.sites.records import Site
 
 PROJECTED_SAMPLES = 16  # RA1 trajectories kept per group for the report's picture
@@ -37,6 +39,7 @@ class GroupMeasurement:
     timing: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds, products, iterations
     alignment: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (B,) a_ij
     heatmap: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (i, j) → (K, K) Σ_b |M_ij|
+    coupling: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)  # (i, j, K) → (B,)
     trajectory: dict[str, torch.Tensor] | None = None  # RA1 statistic → (B,)
     projection: tuple[torch.Tensor, torch.Tensor] | None = None  # RA1 picture: (P, m+1, 2) points, (2,) shares
 
@@ -48,6 +51,7 @@ class Measured:
     groups: list[GroupMeasurement] = field(default_factory=list)
     batch_size: int = 0  # samples per chunk
     features: list[torch.Tensor] = field(default_factory=list)
+    next_tokens: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # LM: features, next tokens, predictions
     logits: list[torch.Tensor] = field(default_factory=list)
     order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
     finite_outputs: bool = True
@@ -96,6 +100,9 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     out = Measured()
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     n = len(samples)
+    if settings.tokens == "last" and real_tokens(samples.inputs) is None:
+        raise UserError("--tokens last takes text data (token ids with an attention mask): "
+                        f"{samples.name!r} is not")
     batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
     out.batch_size = batch_size
     indices = chunks(samples.inputs, batch_size)
@@ -106,24 +113,55 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         done += advance
         if progress:
             progress(f"{what} ({seconds:.1f} s, {products} products)" if products else what, done, total)
+    measured_sites = sites
     for number, index in enumerate(indices, 1):
         chunk = batch(samples.inputs, index, device, dtype)
         captured = capture(model, chunk, sites)
+        if settings.tokens == "last":
+            measured_sites, captured = at_last_token(sites, captured)
         out.order.append(index)
-        if captured.features is not None:
+        if captured.features is not None and captured.features.ndim == 3:  # a language model's head, per token
+            if isinstance(chunk, dict) and "input_ids" in chunk:
+                out.next_tokens.append(tuple(t.cpu() for t in nc_metrics.next_token_samples(
+                    captured.features, captured.logits, chunk["input_ids"])))
+        elif captured.features is not None:
             out.features.append(captured.features.double().cpu())
         if captured.logits is not None:
             out.finite_outputs &= bool(torch.isfinite(captured.logits).all())
             if captured.logits.ndim == 2:  # class scores; per-token outputs differ in length across chunks
                 out.logits.append(captured.logits.double().cpu())
         where = f", chunk {number}/{len(indices)}" if len(indices) > 1 else ""
-        for group, members in groups_of(sites).items():
+        for group, members in groups_of(measured_sites).items():
             end = done + len(members)
             say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
             out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say))
             if done < end:  # served from the cache: nothing was measured
                 site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)
     return out
+
+
+def at_last_token(sites: list[Site], captured: Captured) -> tuple[list[Site], Captured]:
+    """The sites measured at the last token of each sentence (a chunk's sentences have no padding, see
+    `load.data.unpadded`, so it is the last position): each site's branch as a function of that
+    token's input alone, F(x)[:, -1] with x's earlier tokens held at their captured values, and its
+    captured values at that token."""
+    records, out = {}, []
+    for site in sites:
+        record = captured.sites[site.name]
+        if record.x.ndim < 3 or record.y.shape[:2] != record.x.shape[:2]:
+            raise UserError(f"--tokens last: site {site.name} has no token axis (input {tuple(record.x.shape)}, "
+                            f"output {tuple(record.y.shape)}); it takes a text model's sites")
+        records[site.name] = SiteRecord(record.x[:, -1], record.y[:, -1], {"tokens": record.x, "ctx": record.ctx})
+        out.append(dataclasses.replace(site, branch=_last_token_branch(site.branch), in_shape=site.in_shape[1:],
+                                       out_shape=site.out_shape[1:]))
+    return out, dataclasses.replace(captured, sites=records)
+
+
+def _last_token_branch(branch):
+    def at_last(x: torch.Tensor, ctx) -> torch.Tensor:
+        tokens = ctx["tokens"]
+        return branch(torch.cat([tokens[:, :-1], x.unsqueeze(1)], dim=1), ctx["ctx"])[:, -1]
+    return at_last
 
 
 def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
@@ -133,10 +171,12 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
     def sized(site: Site) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=dtype.itemsize)
+                                   itemsize=dtype.itemsize, after=_aligned_products(len(groups[site.group]), settings))
 
-    dims = [[sized(s) for s in members] for members in groups_of(sites).values()]
-    return auto_batch_size(dims, samples, device, k=settings.k, align_k=settings.align_k or settings.k,
+    groups = groups_of(sites)
+    dims = [[sized(s) for s in members] for members in groups.values()]
+    wide = max([settings.align_k or settings.k, *settings.coupling_k])  # K of RA2's or coupling's products
+    return auto_batch_size(dims, samples, device, k=settings.k, align_k=wide,
                            block=default_block(settings.k), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
 
@@ -150,7 +190,8 @@ def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site
     captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
     if cache is None:
         return measure_group(group, members, captured, settings, sample_ids, on_done)
-    values = [sample_ids] + [t for s in members for t in (captured.sites[s.name].x, captured.sites[s.name].y)]
+    records = [captured.sites[s.name] for s in members]  # at the last token: the sentences' tokens too
+    values = [sample_ids] + [t for r in records for t in (r.x, r.y, r.ctx.get("tokens")) if t is not None]
     return cache.get_or_compute([s.name for s in members], values,
                                 lambda: measure_group(group, members, captured, settings, sample_ids, on_done),
                                 GroupMeasurement)
@@ -166,10 +207,13 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     for site in members:
         record = captured.sites[site.name]
         tick = time.perf_counter()
-        jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk)
-        try:  # op: J formed once where the dense solver was chosen, reused by RA2
+        # at the last token, a tangent runs through every token of the sentence
+        tangent_size = record.ctx["tokens"][0].numel() if settings.tokens == "last" else None
+        jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk, tangent_size=tangent_size)
+        try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
             op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
-                                        dense_limit=settings.dense_limit, seed=settings.seed, sample_ids=sample_ids)
+                                        dense_limit=settings.dense_limit, seed=settings.seed, sample_ids=sample_ids,
+                                        after=_aligned_products(len(members), settings))
         except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
             raise UserError(f"site {site.name}: {first_line(exc)}") from None
         except RuntimeError as exc:
@@ -207,20 +251,36 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
 
 def _measure_alignment(members: list[Site], captured: Captured, svds, ops, settings: Settings,
                        out: GroupMeasurement) -> None:
-    """RA2 within a group: M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: K·(m−1) products per site
-    and sample, in one chunked block product J_i [V_j …] (a dense site's J_i is already formed)."""
-    K = min(settings.align_k or settings.k, *(svds[s.name].S.shape[1] for s in members))
+    """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: J_i
+    applied to the top vectors of every other site of the group in one wide block product J_i [V_j …]
+    (a dense site's J_i is already formed), then every partner's U_jᵀ in one batched product. K of the
+    largest of RA2 and coupling; each takes M's leading K×K block."""
+    available = min(svds[s.name].S.shape[1] for s in members)
+    K = min(settings.align_k or settings.k, available)
+    wide = max([K, *(c for c in settings.coupling_k if c <= available)])
     for site_i in members:
         tick = time.perf_counter()
         op, before = ops[site_i.name], ops[site_i.name].products
-        S_i = svds[site_i.name].S[:, :K]
+        S_i = svds[site_i.name].S[:, :wide]
         here = S_i.device  # the device of J_i's block; a model split across devices has the others elsewhere
         partners = [s for s in members if s is not site_i]
-        V = torch.cat([svds[s.name].V[:, :, :K].to(here) for s in partners], dim=2)
-        JV = op.matmat(V)
+        V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
+        with wide_calls(op, V.shape[2]):
+            JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
+        U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
+        Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):
-            M = svds[site_j.name].U[:, :, :K].to(here).transpose(1, 2) @ JV[:, :, index * K:(index + 1) * K]
-            key = (site_i.name, site_j.name)
-            out.alignment[key] = ra_metrics.alignment_score(M, S_i).double().cpu()
-            out.heatmap[key] = M.abs().sum(dim=0).double().cpu()
+            M, key = Ms[:, index], (site_i.name, site_j.name)
+            out.alignment[key] = ra_metrics.alignment_score(M[:, :K, :K], S_i[:, :K]).double().cpu()
+            out.heatmap[key] = M[:, :K, :K].abs().sum(dim=0).double().cpu()
+            for c in (c for c in settings.coupling_k if c <= available):
+                out.coupling[(*key, c)] = ra_metrics.coupling_score(M[:, :c, :c], S_i[:, :c]).double().cpu()
         out.timing[site_i.name].update(align_seconds=time.perf_counter() - tick, align_products=op.products - before)
+
+
+def _aligned_products(members: int, settings: Settings) -> int:
+    """Products per sample that RA2 and coupling apply each site's J to: the top vectors of every
+    other site of its group."""
+    return (members - 1) * max([settings.align_k or settings.k, *settings.coupling_k]) if members > 1 else 0
+
+

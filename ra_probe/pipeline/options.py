@@ -16,6 +16,8 @@ from ra_probe.metrics.verdict import Thresholds
 
 DTYPES = ("float32", "float64")
 NULLS = ("init", "none")
+TOKENS = ("all", "last")  # token positions whose Jacobians are measured (text models)
+LEVELS = ("auto", "block", "sublayer")  # transformer sites: the family's default, whole blocks, or attention and MLP
 
 
 class Constraint:
@@ -75,6 +77,13 @@ class Kind(Constraint):
         return isinstance(value, self.types) and not (bool not in self.types and isinstance(value, bool))
 
 
+class Integers(Constraint):
+    text = "positive integers like 10,30"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
+
+
 class Shape(Constraint):
     text = "positive integers like 3,224,224"
 
@@ -126,7 +135,9 @@ class Option:
         """The library's value of what the command line parsed."""
         if self.negated:
             return not cli_value
-        if cli_value is None or self.from_cli is None:
+        if cli_value is None:
+            return self.default
+        if self.from_cli is None:
             return cli_value
         return self.from_cli(cli_value)
 
@@ -169,6 +180,12 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "init, the control of the verdict | none", cli_type=str),
     Option("null_samples", 8, Integer(1), "samples of the random-init measurement (the first of the probe's)",
            cli_type=int),
+    Option("tokens", "all", OneOf(TOKENS), "text models: all (every real token, each sentence's whole Jacobian) | "
+           "last (the last real token of each sentence)", cli_type=str),
+    Option("sites", "auto", OneOf(LEVELS), "transformer sites: auto (the family's default) | block (each block's "
+           "residual update) | sublayer (attention and MLP)", cli_type=str),
+    Option("coupling_k", (), Integers(), "K values of block coupling, e.g. 10,30 (each ≤ k; default: not "
+           "measured)", cli_type=Optional[str], from_cli=parse_shape),
     Option("threads", None, Integer(1), "torch CPU threads while probing (default: torch's; never more than the "
            "CPUs this process may use: affinity and cgroup quota)", cli_type=Optional[int]),
     Option("cache", True, Kind((bool, str, Path), "true, false or a folder"), "measure everything anew (cache: "
@@ -207,8 +224,10 @@ def refuse_bad(values: Mapping[str, Any]) -> None:
 
 def normalized(name: str, value: Any) -> Any:
     """A value as the library holds it: shapes as tuples (files write them as lists), paths as text."""
-    if name == "input_shape" and isinstance(value, list):
+    if name in ("input_shape", "coupling_k") and isinstance(value, list):
         return tuple(value)
+    if name == "coupling_k" and isinstance(value, str):
+        return parse_shape(value)
     if name == "weights" and isinstance(value, Path):
         return str(value)
     return value

@@ -71,7 +71,7 @@ def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, pro
         torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
         if check:
             check_labels(samples, loaded.num_classes or output_classes(model, samples, device, dtype))
-        site_report = discover(model, samples, device, dtype)
+        site_report = discover(model, samples, device, dtype, settings.sites)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
         metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)

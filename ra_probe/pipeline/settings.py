@@ -11,7 +11,7 @@ import torch
 from ra_probe.errors import UserError
 from ra_probe.metrics.verdict import Thresholds
 from ra_probe.pipeline.options import DTYPES as DTYPE_NAMES
-from ra_probe.pipeline.options import default, names, refuse_bad
+from ra_probe.pipeline.options import default, names, normalized, refuse_bad
 
 Progress = Callable[[str, int, int], None]  # (what is being measured, done, total)
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -33,6 +33,9 @@ class Settings:
     seed: int = default("seed")
     null: str = default("null")  # init: RA metrics also measured on the architecture at random init | none
     null_samples: int = default("null_samples")  # samples of the null measurement (the first of the probe's)
+    tokens: str = default("tokens")  # all: every real token, its whole Jacobian | last: the last real token's
+    sites: str = default("sites")  # granularity of transformer sites: auto | block | sublayer
+    coupling_k: tuple[int, ...] = default("coupling_k")  # K values of block coupling (empty: not measured)
     threads: int | None = default("threads")  # torch CPU threads while probing; None: the caller's
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -47,6 +50,7 @@ class Settings:
         constraint, as the command line refuses it."""
         refuse_bad({name: getattr(self, name) for name in names("setting")})
         refuse_bad(self.thresholds.as_dict())
+        self.coupling_k = coupling_ks(self.coupling_k, self.k)
         device = self.resolved_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {self.device}: CUDA is not available here")
@@ -56,3 +60,13 @@ class Settings:
         out["device"] = str(self.resolved_device())
         out["align_k"] = self.align_k or self.k
         return out
+
+
+def coupling_ks(values: Any, k: int) -> tuple[int, ...]:
+    """The K values of block coupling (checked by the options table), sorted and distinct; each needs as
+    many singular triplets, so none may exceed k."""
+    values = tuple(sorted(set(normalized("coupling_k", values) or ())))
+    if values and values[-1] > k:
+        raise UserError(f"coupling_k values must be ≤ k = {k} (each needs that many singular triplets), "
+                        f"got {', '.join(map(str, values))}")
+    return values

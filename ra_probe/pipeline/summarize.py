@@ -47,7 +47,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         s1_mean, s1_std = _mean_std(S[:, 0])
         ra4_sites.append({"site": site.name, "depth": len(ra4_sites) + 1, "sigma1_mean": s1_mean, "sigma1_std": s1_std})
 
-    ra1_groups, ra2_groups = [], []
+    ra1_groups, ra2_groups, coupling_groups = [], [], []
     for group, members in groups_of(sites).items():
         if len(members) < 2:
             continue
@@ -70,6 +70,8 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
                     for i, j in ra_metrics.heatmap_pairs(names)}
         ra2_groups.append({"group": group, "sites": names, "score": sum(pairs) / len(pairs), "matrix": matrix,
                            "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())})
+        if settings.coupling_k:
+            coupling_groups.append(_coupling(group, names, measured, settings.coupling_k))
 
     judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
     sigma1 = [s["sigma1_mean"] for s in ra4_sites]
@@ -86,8 +88,26 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
                 "median_rank": ra_metrics.median_rank(ra3_sites, settings.k)},
         "ra4": {"sites": ra4_sites, "depth": L, "L_times_mean_sigma1": sum(sigma1) if L else None,
                 "zero_sites": [s["site"] for s in ra4_sites if s["sigma1_mean"] == 0.0]},
+        "coupling": {"K": list(settings.coupling_k), "tokens": settings.tokens, "groups": coupling_groups},
         "nc": _neural_collapse(loaded.module, measured, logits, labels),
     }
+
+
+def _coupling(group: int, names: list[str], measured: Measured, ks: tuple[int, ...]) -> dict[str, Any]:
+    """Block coupling of a group for each K: the matrix c_ij (mean over samples; 0 on the diagonal,
+    where U_iᵀ J_i V_i = S_i) and its mean over the pairs i ≠ j (null for a K above the group's sites'
+    singular triplets)."""
+    matrices, means = {}, {}
+    for K in ks:
+        chunks = {(i, j): measured.site_values("coupling", (i, j, K)) for i in names for j in names if i != j}
+        if not all(chunks.values()):
+            matrices[str(K)], means[str(K)] = None, None
+            continue
+        mean = {pair: _mean_std(torch.cat(values))[0] for pair, values in chunks.items()}
+        matrices[str(K)] = [[0.0 if i == j else mean[i, j] for j in names] for i in names]
+        defined = [v for v in mean.values() if not math.isnan(v)]
+        means[str(K)] = sum(defined) / len(defined) if defined else None
+    return {"group": group, "sites": names, "matrices": matrices, "mean": means}
 
 
 def _mean_or_none(values: list[float]) -> float | None:
@@ -96,6 +116,8 @@ def _mean_or_none(values: list[float]) -> float | None:
 
 def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.Tensor | None,
                      labels: torch.Tensor | None) -> dict | None:
+    if measured.next_tokens and _causal_lm(module):
+        return _next_token_collapse(module, measured)
     head = find_classifier(module)
     if head is None or not measured.features or logits is None or logits.ndim != 2:
         return None
@@ -108,4 +130,24 @@ def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.
     result = nc_metrics.neural_collapse(features, predictions if labels is None else labels,
                                         head.weight.detach().cpu(), predictions)
     result["labels_from"] = source
+    return result
+
+
+def _causal_lm(module: torch.nn.Module) -> bool:
+    """A Hugging Face model that generates the next token of its own input (not an encoder-decoder,
+    whose logits follow its decoder's inputs, nor a masked LM)."""
+    can_generate = getattr(module, "can_generate", None)
+    config = getattr(module, "config", None)
+    return callable(can_generate) and bool(can_generate()) and not getattr(config, "is_encoder_decoder", False)
+
+
+def _next_token_collapse(module: torch.nn.Module, measured: Measured) -> dict | None:
+    """NC of a causal LM with its tokens as samples and their next tokens as classes, against the LM
+    head (`get_output_embeddings`: tied to the input embeddings or not)."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else find_classifier(module)
+    if head is None or getattr(head, "weight", None) is None:
+        return None
+    features, labels, predictions = (torch.cat(parts) for parts in zip(*measured.next_tokens))
+    result = nc_metrics.neural_collapse(features, labels, head.weight.detach().cpu(), predictions)
+    result["labels_from"] = "next tokens"
     return result

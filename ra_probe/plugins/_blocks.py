@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -73,10 +74,11 @@ def without_cache(kwargs: dict) -> dict:
 def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
     """`module(x, *side inputs)`: the call captured in `ctx` with its main input replaced by `x` (a
     captured keyword for the first parameter, as in `attn(hidden_states=h, ...)`, is dropped) and
-    without a key/value cache."""
+    without a key/value cache (a replay would append to it, and attend to its stale keys as constants)."""
     first = next(iter(inspect.signature(module.forward).parameters))
     kwargs = {key: value for key, value in without_cache(ctx.get("kwargs", {})).items() if key != first}
-    return module(x, *ctx.get("args", ()), **kwargs)
+    args = (None if _is_cache(value) else value for value in ctx.get("args", ()))  # GPT-2 passes it by position
+    return module(x, *args, **kwargs)
 
 
 def first_output(output) -> torch.Tensor:
@@ -121,6 +123,23 @@ def transformer_sites(path: str, attn: Branch, mlp: Branch, middle: Tap, *, ctx_
             Site(name=f"{path}.mlp", module_path=path, branch=mlp, input_tap=middle, output_tap=exit)]
 
 
+def block_update_site(path: str, layer: nn.Module) -> Site:
+    """The whole transformer block as one identity site, y = x + F(x) with F(x) = layer(x) − x: the
+    block's residual update, its Jacobian taken with respect to the block's input (as Transformer Block
+    Coupling defines it). The layer replays its captured call (mask, rotary embeddings...)."""
+    def update(x, ctx):
+        return first_output(call_with(layer, x, ctx)) - x
+    return Site(name=path, module_path=path, branch=update, input_tap=Tap(path, "input"),
+                output_tap=Tap(path, "output"), ctx_module=path, level="block")
+
+
+def both_levels(path: str, layer: nn.Module, sublayers: list[Site], default: str) -> list[Site]:
+    """A transformer block's sites at both granularities, its attention and MLP sites and the whole
+    block's (`block_update_site`), with the family's `default` level; the probe keeps one of them."""
+    sites = [replace(site, level="sublayer") for site in sublayers] + [block_update_site(path, layer)]
+    return [replace(site, default_level=default) for site in sites]
+
+
 def module_name(module: nn.Module | None) -> str | None:
     """How a post-op is shown: its class name in lower case (relu, layernorm...)."""
     return None if module is None else type(module).__name__.lower()
@@ -157,9 +176,11 @@ def hf_layout(*paths: str) -> Callable[[nn.Module], bool]:
     return claims
 
 
-def pre_norm_sites(path: str, layer: nn.Module, norm1: str, attn: str, norm2: str, mlp: str) -> list[Site]:
+def pre_norm_sites(path: str, layer: nn.Module, norm1: str, attn: str, norm2: str, mlp: str,
+                   default: str = "block") -> list[Site]:
     """The two sites of a pre-norm decoder layer named by its children, `x₁ = x + attn(norm1(x))` and
-    `y = x₁ + mlp(norm2(x₁))`; the attention's side inputs come from its captured call."""
+    `y = x₁ + mlp(norm2(x₁))` (the attention's side inputs come from its captured call), and the whole
+    layer's site (`both_levels`)."""
     norm_1, attention, norm_2, feed_forward = (getattr(layer, name) for name in (norm1, attn, norm2, mlp))
 
     def attn_branch(x, ctx):
@@ -167,5 +188,5 @@ def pre_norm_sites(path: str, layer: nn.Module, norm1: str, attn: str, norm2: st
 
     def mlp_branch(x, ctx):
         return feed_forward(norm_2(x))
-    return transformer_sites(path, attn_branch, mlp_branch, Tap(f"{path}.{norm2}", "input"),
-                             ctx_module=f"{path}.{attn}")
+    return both_levels(path, layer, transformer_sites(path, attn_branch, mlp_branch, Tap(f"{path}.{norm2}", "input"),
+                                                      ctx_module=f"{path}.{attn}"), default)

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 (pre-LN decoder): two identity sites per block, `x₁ = x + attn(ln_1(x))` and
 `y = x₁ + mlp(ln_2(x₁))`; x₁ is read at the input of `ln_2`, the causal/padding mask comes from the
-attention's captured call."""
+attention's captured call.
+Each layer is also one block site, its residual update layer(x) − x (the default: see `both_levels`)."""
 from __future__ import annotations
 
 from torch import nn

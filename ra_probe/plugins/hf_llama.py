@@ -1,7 +1,8 @@
 """Hugging Face Llama-style decoders (Llama, Mistral, Qwen2... any layer with Llama's layout): two
 identity sites per layer, `x₁ = x + self_attn(RMSNorm(x))` and `y = x₁ + mlp(RMSNorm(x₁))`. The
 attention's side inputs (causal mask, rotary position embeddings (cos, sin), position ids) come
-from its captured call; x₁ is read at the input of `post_attention_layernorm`."""
+from its captured call; x₁ is read at the input of `post_attention_layernorm`.
+Each layer is also one block site, its residual update layer(x) − x (the default: see `both_levels`)."""
 from __future__ import annotations
 
 from torch import nn

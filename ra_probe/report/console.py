@@ -92,12 +92,16 @@ def ra_table(report: dict[str, Any], width: int = 120) -> Table:
     columns = [Column("group"), Column("first site"), Column("last site"), Column("sites", "right"),
                Column("RA2 a_ij", "right"), Column("RA1 linearity", "right"), Column("LSS", "right", True),
                Column("step CV", "right", True), Column("step cos", "right", True)]
+    coupling = {g["group"]: g["mean"] for g in metrics.get("coupling", {}).get("groups", [])}  # from schema 1.5
+    ks = [str(K) for K in metrics.get("coupling", {}).get("K", [])]
+    columns += [Column(f"coupling K={K}", "right") for K in ks]
     rows = []
     for g in metrics["ra2"]["groups"]:
         t = ra1[g["group"]]
         names = g["sites"]
         rows.append([str(g["group"]), names[0], names[-1], str(len(names)), fmt(g["score"]), fmt(t["linearity"]),
-                     fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"])])
+                     fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"])]
+                    + [fmt(coupling.get(g["group"], {}).get(K)) for K in ks])
     ra4 = metrics["ra4"]
     return fitted("Residual Alignment by group", columns, rows, width,
                   f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}")

@@ -33,13 +33,16 @@ def report_figures(report: dict[str, Any]) -> dict[str, Any]:
     sites = report["sites"]
     sigma1 = {s["site"]: s["sigma1_mean"] for s in metrics["ra4"]["sites"]}
     figures: dict[str, Any] = {"spectra": None, "sigma1": None, "nc": None, "alignment": {}, "heatmaps": {},
-                               "trajectories": {}}
+                               "trajectories": {}, "coupling": {}}
     if sites:
         figures["spectra"] = Markup(plots.spectra(sites, metrics["ra3"]["classes"]))
         figures["sigma1"] = Markup(plots.sigma1_depth(metrics["ra4"]["sites"], {s["name"]: s["group"] for s in sites}))
     for group in metrics["ra2"]["groups"]:
         figures["alignment"][group["group"]] = Markup(plots.alignment_matrix(group))
         figures["heatmaps"][group["group"]] = Markup(plots.heatmaps(group, sigma1))
+    for group in metrics.get("coupling", {}).get("groups", []):  # none before schema 1.5
+        figures["coupling"][group["group"]] = {K: Markup(plots.coupling_matrix(group, K))
+                                               for K, matrix in group["matrices"].items() if matrix is not None}
     for group in metrics["ra1"]["groups"]:
         if group.get("projection"):
             figures["trajectories"][group["group"]] = Markup(plots.trajectories(group))

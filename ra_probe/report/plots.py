@@ -99,23 +99,39 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
 
 def alignment_matrix(group: dict[str, Any]) -> str:
     """RA2 scores a_ij of one group: row i (the Jacobian J_i), column j (the singular pairs of J_j)."""
-    names, matrix = group["sites"], np.array(group["matrix"], dtype=float)
+    return _site_matrix(group["sites"], group["matrix"], f"group {group['group']}: a_ij", f"alignment-{group['group']}",
+                        vmax=1.0)
+
+
+def coupling_matrix(group: dict[str, Any], K: str) -> str:
+    """Block coupling c_ij of one group at one K: row i (the Jacobian J_i), column j (J_j's singular
+    pairs); 0 is coupled, the colour scale ends at the group's largest value."""
+    return _site_matrix(group["sites"], group["matrices"][K], f"group {group['group']}: coupling, K = {K}",
+                        f"coupling-{group['group']}-{K}", vmax=None, cmap="viridis_r")
+
+
+def _site_matrix(names: list[str], values: list[list[float | None]], title: str, gid: str, vmax: float | None,
+                 cmap: str = "viridis") -> str:
+    """A site × site matrix as a heat map, numbered cells where the group is small enough to read them."""
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
     m = len(names)
     cell = 0.55 if m <= LABELLED else max(0.1, 9.0 / m)  # a deep group: the same page width, no numbers
     fig = Figure(figsize=(1.2 + cell * m + 1.2, 0.9 + cell * 0.9 * m + 1.2), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    top = vmax if vmax is not None else float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 1.0
+    image = ax.imshow(matrix, vmin=0, vmax=top or 1.0, cmap=cmap)
     if m <= LABELLED:
+        bright = image.norm(matrix) > 0.6 if cmap == "viridis" else image.norm(matrix) < 0.4
         for i in range(m):
             for j in range(m):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if matrix[i, j] > 0.6 else "white")
+                        color="black" if bright[i, j] else "white")
     ticks = _ticks(m)
     ax.set_xticks(ticks, [names[t] for t in ticks], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=8)
-    ax.set(xlabel="j (singular pairs of J_j)", ylabel="i (Jacobian J_i)", title=f"group {group['group']}: a_ij")
+    ax.set(xlabel="j (singular pairs of J_j)", ylabel="i (Jacobian J_i)", title=title)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    return _svg(fig, f"alignment-{group['group']}")
+    return _svg(fig, gid)
 
 
 def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:

@@ -26,7 +26,7 @@ class SiteRecord:
 class Captured:
     sites: dict[str, SiteRecord]
     logits: torch.Tensor | None = None
-    features: torch.Tensor | None = None  # the classifier's input, flattened per sample
+    features: torch.Tensor | None = None  # the classifier's input, flattened per sample (per token for an LM head)
     calls: dict[str, int] = field(default_factory=dict)  # times each site's block was called
     batch: int = 0  # samples in the forward
 
@@ -157,4 +157,6 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
     head_out = features[0][1] if features else None
     is_head = isinstance(head_out, torch.Tensor) and logits is not None and head_out.shape == logits.shape \
         and torch.equal(head_out, logits)
-    return Captured(records, logits, features[0][0].flatten(1) if is_head else None, calls=calls, batch=batch)
+    # per sample, flattened; a language model's head reads each token: (samples, tokens, d) kept as it is
+    head_in = (features[0][0] if logits.ndim == 3 else features[0][0].flatten(1)) if is_head else None
+    return Captured(records, logits, head_in, calls=calls, batch=batch)

@@ -10,16 +10,19 @@ from ra_probe.errors import UserError, first_line
 from ra_probe.load.samples import Samples, batch, chunks, run_model, take
 from ra_probe.sites.capture import Captured, capture, logits_of
 from ra_probe.sites.records import SiteReport
-from ra_probe.sites.registry import find_sites
+from ra_probe.sites.registry import at_level, find_sites
 from ra_probe.sites.verify import verify_sites
 
 
-def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype) -> SiteReport:
+def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype,
+             level: str = "auto") -> SiteReport:
     """Sites found by the adapters and verified on a real forward of the first samples, after checking
-    that the model treats samples independently (each sample's Jacobian is its own)."""
+    that the model treats samples independently (each sample's Jacobian is its own). `level`: the
+    granularity of transformer sites (auto: each family's default, block, sublayer)."""
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     try:
         report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
+        report.sites = at_level(report.sites, level)
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:

@@ -65,6 +65,8 @@ class Site:
     out_shape: tuple[int, ...] = ()
     verify_error: float | None = None
     side_skip: Callable[[Context], torch.Tensor] | None = None  # a skip the caller passes the block
+    level: str | None = None  # "block" | "sublayer" where a family offers both granularities (None: the only one)
+    default_level: str | None = None  # the family's granularity when the probe asks for none
 
     def output_from(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         """post(skip(x) + F(x)): what the block should output."""
@@ -77,8 +79,9 @@ class Site:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.module_path, "kind": self.kind, "post": self.post_name,
-                "group": self.group, "group_start": self.group_start, "adapter": self.adapter, "input_shape": list(self.in_shape),
-                "output_shape": list(self.out_shape), "verify_error": self.verify_error}
+                "group": self.group, "group_start": self.group_start, "adapter": self.adapter, "level": self.level,
+                "input_shape": list(self.in_shape), "output_shape": list(self.out_shape),
+                "verify_error": self.verify_error}
 
 
 @dataclass

@@ -72,6 +72,12 @@ def find_sites(model: nn.Module, adapters: list[Adapter] | None = None,
     return SiteReport("none", [])
 
 
+def at_level(sites: list[Site], level: str) -> list[Site]:
+    """The sites of one granularity: those of `level` ("block" or "sublayer"; "auto": each family's
+    default) where a family offers both, and every site that has only one."""
+    return [s for s in sites if s.level is None or s.level == (s.default_level if level == "auto" else level)]
+
+
 def in_module_order(model: nn.Module, sites: list[Site]) -> list[Site]:
     """Sites sorted by where their blocks are registered in the model (the order of its forward, as a
     rule), the sites of one block kept in their order."""

@@ -83,6 +83,15 @@ def test_read_baseline_checks_settings(tmp_path):
             read_baseline(path, {**SETTINGS, key: value})
 
 
+def test_a_baseline_of_other_token_positions_is_refused(tmp_path):
+    """A report made before --tokens existed measured every token: it compares with `all`, not `last`."""
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(report()))  # its settings name no token positions
+    assert read_baseline(path, {**SETTINGS, "tokens": "all"})["model"]["name"] == "m"
+    with pytest.raises(UserError, match=r"other settings \(tokens all vs last\)"):
+        read_baseline(path, {**SETTINGS, "tokens": "last"})
+
+
 def test_baseline_made_on_other_data_is_refused():
     check_baseline_data(report(), "abc", "base.json")
     with pytest.raises(UserError, match="measured on other data"):

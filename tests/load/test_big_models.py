@@ -36,15 +36,16 @@ def spectra(report) -> dict[str, list[float]]:
     return {site["name"]: site["singular_values"] for site in report["sites"]}
 
 
-def test_a_model_split_across_devices_has_the_spectra_of_the_whole_model(folder):
-    whole = probe(folder, **OPTIONS)
+@pytest.mark.parametrize("level, count", [("block", 2), ("sublayer", 4)])
+def test_a_model_split_across_devices_has_the_spectra_of_the_whole_model(folder, level, count):
+    whole = probe(folder, **OPTIONS, sites=level)
     loaded = load_model(folder)
     # the hooks accelerate puts on a model split across devices (force_hooks: even where both are the CPU)
     accelerate.dispatch_model(loaded.module, SPLIT, main_device="cpu", force_hooks=True)
     assert dispatched(loaded.module)
     places = {name: p.device for name, p in loaded.module.named_parameters()}
-    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"})
-    assert len(split["sites"]) == 4 and split["skipped"] == []
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, sites=level)
+    assert len(split["sites"]) == count and split["skipped"] == []
     assert split["metrics"]["ra2"]["mean_score"] == pytest.approx(whole["metrics"]["ra2"]["mean_score"], rel=1e-9)
     for name, values in spectra(whole).items():
         assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)

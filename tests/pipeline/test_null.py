@@ -18,7 +18,7 @@ from ra_probe.load.models import load_model
 from ra_probe.load.reinit import random_init, timm_builder
 from ra_probe.metrics.nc import neural_collapse
 from ra_probe.report.console import print_report
-from ra_probe.report.schema import schema_errors
+from ra_probe.report.schema import SCHEMA_VERSION, schema_errors
 
 
 def digits(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +271,7 @@ def test_reports_of_every_shape_read_back_render_and_compare(cli, tmp_path, bund
     for name, args in shapes.items():
         code, _, err = cli(*args, "--json", f"{name}.json")
         assert code == 0, err
-        assert ra_probe.load_report(tmp_path / f"{name}.json")["schema_version"] == "1.4"
+        assert ra_probe.load_report(tmp_path / f"{name}.json")["schema_version"] == SCHEMA_VERSION
         assert cli("render", f"{name}.json", "--html", f"{name}-again.html")[0] == 0
     code, out, err = cli("compare", *(f"{name}.json" for name in shapes), "--html", "all.html")
     assert code == 0, err

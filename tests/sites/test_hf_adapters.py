@@ -14,8 +14,8 @@ from ra_probe.load.data import Samples, load_samples
 from ra_probe.load.models import load_model
 
 SHAPES = {"resnet": (1, 32, 32)}  # HF ResNet configs name no image size (224 by default): keep it small
-SITES = {"bert": (4, "hf-bert"), "gpt2": (4, "hf-gpt2"), "llama": (4, "hf-llama"), "vit": (4, "hf-vit"),
-         "resnet": (2, "hf-resnet")}  # sites found, adapter
+SITES = {"bert": (4, "hf-bert"), "gpt2": (2, "hf-gpt2"), "llama": (2, "hf-llama"), "vit": (4, "hf-vit"),
+         "resnet": (2, "hf-resnet")}  # sites found (decoders: one per block), adapter
 CONFIGS = {family: (hf_config(family), *SITES[family]) for family in SITES}
 
 
@@ -53,9 +53,13 @@ def test_text_file_goes_through_the_model_tokenizer(tmp_path):
 
 
 def test_sites_command_names_the_adapter_and_every_site(tmp_path, capsys):
-    main(["sites", saved(CONFIGS["gpt2"][0], tmp_path)])
+    folder = saved(CONFIGS["gpt2"][0], tmp_path)
+    main(["sites", folder])  # a decoder's default: one site per block
     out = capsys.readouterr().out
-    assert "hf-gpt2" in out
+    assert "hf-gpt2" in out and "transformer.h.1" in out
+    assert not any(f"transformer.h.{i}.{part}" in out for i in (0, 1) for part in ("attn", "mlp"))
+    main(["sites", folder, "--sites", "sublayer"])
+    out = capsys.readouterr().out
     assert all(f"transformer.h.{i}.{part}" in out for i in (0, 1) for part in ("attn", "mlp"))
 
 
