@@ -20,7 +20,7 @@ from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.measure import Measured, measure
 from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.settings import Progress, Settings
-from ra_probe.pipeline.summarize import summarize
+from ra_probe.pipeline.summarize import Summary, summarize
 from ra_probe.sites.discover import discover, output_classes
 from ra_probe.sites.records import SiteReport
 
@@ -33,6 +33,7 @@ class Outcome:
 
     site_report: SiteReport
     measured: Measured
+    sites: dict[str, dict[str, Any]]  # by site name: its spectrum, residual, solver, timing (`Summary.sites`)
     metrics: dict[str, Any]
     verdict: dict[str, Any]
     seconds: float
@@ -49,7 +50,8 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     started = time.perf_counter()
     threads = probe_threads(settings.threads)
     with torch_threads(threads):
-        site_report, measured, metrics = _probe_module(loaded, samples, settings, progress, cache, check=True)
+        site_report, measured, summary = _probe_module(loaded, samples, settings, progress, cache, check=True)
+        metrics = summary.metrics
         cost = {"seconds": 0.0, "products": 0}
         if not site_report.sites:
             metrics["null"] = {"status": "off", "reason": "no residual site to compare with a random init"}
@@ -59,11 +61,12 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
                "nc": nc_verdict(metrics["nc"], settings.thresholds)}
-    return Outcome(site_report, measured, metrics, verdict, time.perf_counter() - started, threads, cost)
+    return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
+                   cost)
 
 
 def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
-                  cache: ResultCache | None, check: bool = False) -> tuple[SiteReport, Measured, dict[str, Any]]:
+                  cache: ResultCache | None, check: bool = False) -> tuple[SiteReport, Measured, Summary]:
     """Sites discovered on `loaded`'s module, measured and summarized (`check`: labels checked first)."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
@@ -74,8 +77,8 @@ def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, pro
         site_report = discover(model, samples, device, dtype, settings.sites)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
-        metrics = summarize(site_report.sites, measured, loaded, settings, samples.labels)
-    return site_report, measured, metrics
+        summary = summarize(site_report.sites, measured, loaded, settings, samples.labels)
+    return site_report, measured, summary
 
 
 def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
@@ -99,8 +102,8 @@ def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: P
     null_loaded = dataclasses.replace(loaded, module=init.module, name=f"{loaded.name} at random init")
     tick = time.perf_counter()
     say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
-    site_report, measured, metrics = _probe_module(null_loaded, subset, null_settings, say, cache)
+    site_report, measured, summary = _probe_module(null_loaded, subset, null_settings, say, cache)
     timings = [measured.timing(s.name) for s in site_report.sites]
     cost = {"seconds": time.perf_counter() - tick, "products": sum(t["products"] + t["align_products"] for t in timings)}
     return {"status": "measured", "init": init.how, "seed": seed, "samples": n, "sites": len(site_report.sites),
-            **headline(metrics)}, cost
+            **headline(summary.metrics)}, cost

@@ -3,6 +3,7 @@ from what was measured."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +26,17 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     return defined.mean().item(), (defined.std(unbiased=False).item() if defined.numel() > 1 else 0.0)
 
 
+@dataclass
+class Summary:
+    """What a probe's measurements come to: by site name, each site's mean spectrum, residual, solver
+    and timing (`sites`); and the metrics: RA1–RA4, coupling and NC (`metrics`)."""
+
+    sites: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]
+
+
 def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settings: Settings,
-              labels: torch.Tensor | None = None) -> dict[str, Any]:
+              labels: torch.Tensor | None = None) -> Summary:
     """Per-site spectra and RA1–RA4 over samples, NC on the classifier features."""
     logits = torch.cat(measured.logits) if measured.logits else None
     num_classes = loaded.num_classes or (logits.shape[1] if logits is not None and logits.ndim == 2 else None)
@@ -76,8 +86,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
     sigma1 = [s["sigma1_mean"] for s in ra4_sites]
     L = len(sites)
-    return {
-        "site_details": per_site,
+    return Summary(per_site, {
         "ra1": {"groups": ra1_groups, "mean_linearity": _mean_or_none([g["linearity"] for g in ra1_groups])},
         "ra2": {"groups": ra2_groups, "mean_score": _mean_or_none([g["score"] for g in ra2_groups]),
                 "K": settings.align_k or settings.k},
@@ -90,7 +99,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
                 "zero_sites": [s["site"] for s in ra4_sites if s["sigma1_mean"] == 0.0]},
         "coupling": {"K": list(settings.coupling_k), "tokens": settings.tokens, "groups": coupling_groups},
         "nc": _neural_collapse(loaded.module, measured, logits, labels),
-    }
+    })
 
 
 def _coupling(group: int, names: list[str], measured: Measured, ks: tuple[int, ...]) -> dict[str, Any]:

@@ -31,13 +31,12 @@ def environment(settings: Settings, threads: int) -> dict[str, Any]:
 def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outcome: Outcome) -> dict[str, Any]:
     """The report of one probe as a JSON-ready dict (see report.schema.json)."""
     site_report, measured, verdict, seconds = outcome.site_report, outcome.measured, outcome.verdict, outcome.seconds
-    metrics = dict(outcome.metrics)
-    details = metrics.pop("site_details")
+    metrics = outcome.metrics
     tokens = real_tokens(samples.inputs)
     sites = []
     for site in site_report.sites:
         entry = site.describe()
-        entry.update(details[site.name])
+        entry.update(outcome.sites[site.name])
         sites.append(entry)
     messages = []
     if not site_report.sites:
