@@ -25,7 +25,7 @@ for _ in range(6):  # a step's temporaries: three 24 MB blocks at once, then fre
     blocks = [torch.ones(6 << 20) for _ in range(3)]
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[2:]))
+print(sum(faults[1:]))  # after the first step, which faults its blocks in either way
 """
 
 
@@ -38,9 +38,11 @@ def test_a_process_ra_probe_owns_keeps_freed_memory():
         done = subprocess.run([sys.executable, "-c", REFAULTS, mode], capture_output=True, text=True, check=True,
                               env={"PATH": "/usr/bin:/bin"})
         return int(done.stdout)
-    pages = 3 * (24 << 20) // 4096
-    assert faults("default") >= pages  # each of the last four steps faults at least one block in anew
-    assert faults("owned") < pages // 10
+    block = (24 << 20) // 4096  # pages of one 24 MB block
+    # glibc's dynamic mmap threshold lets the default trim less as steps go on (seen: 8 to 10 blocks over
+    # the five steps); an owned process faults at most one block in again (seen: 0 or 1)
+    assert faults("default") >= 4 * block
+    assert faults("owned") < 2 * block
 
 
 ONE_CORE = """
