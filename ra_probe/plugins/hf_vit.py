@@ -18,8 +18,8 @@ def _scaled(layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def sites_of(path: str, layer: nn.Module) -> list[Site] | None:
-    if not has_layout(layer, *LAYOUT):
-        return None
+    if not has_layout(layer, *LAYOUT) or hasattr(layer, "window_size"):
+        return None  # Swin's layers share the layout but attend within shifted windows: the generic detector's
 
     def attn(x, ctx):
         return _scaled(layer, 1, layer.dropout(first_output(call_with(layer.attention, layer.layernorm_before(x), ctx))))

@@ -1,6 +1,7 @@
 """Tiny transformers models beyond text and plain ViT, saved and loaded back through the local-folder
 source: a speech encoder-decoder (Whisper) probed on synthetic log-mel features with decoder tokens,
-and told in one line what it needs when the data gives text; BEiT's layer-scaled branches."""
+and told in one line what it needs when the data gives text; BEiT's layer-scaled branches; Swin's
+windowed layers, which share ViT's layout."""
 from __future__ import annotations
 
 import math
@@ -61,4 +62,15 @@ def test_beit_layer_scaled_branches_are_verified_sites(tmp_path):
     loaded = load_model(saved(config, tmp_path))
     report = probe(loaded, load_samples(None, loaded, limit=2), Settings(k=2, samples=2, null="none"))
     assert report["skipped"] == [] and len(report["sites"]) == 4  # before, transformers 5: 4 skipped, λ left out
+    assert all(site["verify_error"] < 1e-5 for site in report["sites"])
+
+
+def test_swin_layers_with_the_vit_layout_are_left_to_the_detector_that_sees_their_windows(tmp_path):
+    config = tf.SwinConfig(image_size=16, patch_size=2, num_channels=1, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                           window_size=4, architectures=["SwinModel"])
+    loaded = load_model(saved(config, tmp_path))
+    report = probe(loaded, load_samples(None, loaded, limit=2), Settings(k=2, samples=2, null="none"))
+    # before, transformers 5: the ViT adapter's attention branch, without the windows, could not run on stage 0
+    assert report["skipped"] == [] and len(report["sites"]) == 4
+    assert report["sites"][0]["input_shape"] == [64, 8]  # 8×8 tokens, in 4 windows of 4×4
     assert all(site["verify_error"] < 1e-5 for site in report["sites"])
