@@ -53,9 +53,26 @@ def _trace(module: nn.Module) -> tuple[fx.GraphModule, dict[str, Any]]:
     defaults = {name: p.default for name, p in list(inspect.signature(module.forward).parameters.items())[1:]
                 if p.default is not inspect.Parameter.empty}
     try:
-        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module)), {}
+        return _one_read(fx.GraphModule(module, _ChildrenAsLeaves().trace(module))), {}
     except Exception:
-        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=defaults)), defaults
+        return _one_read(fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=defaults))), defaults
+
+
+def _one_read(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph with each item of a tuple read once: `out[0]` written twice (ALBERT's layer reads its
+    attention's output for the FFN and again for the skip) is one value, whose users all see it."""
+    first: dict[tuple[fx.Node, int | str], fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and isinstance(node.args[1], (int, str)):
+            key = (node.args[0], node.args[1])
+            if key in first:
+                node.replace_all_uses_with(first[key])
+                gm.graph.erase_node(node)
+            else:
+                first[key] = node
+    gm.recompile()
+    return gm
 
 
 def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
@@ -184,7 +201,8 @@ def _side_values(module: nn.Module, side: list[fx.Node], ctx) -> list:
     signature = inspect.signature(module.forward)
     bound = signature.bind_partial(None, *ctx.get("args", ()), **ctx.get("kwargs", {}))
     bound.apply_defaults()
-    kept = without_cache(bound.arguments)
+    # the cache's positions are not state: T5 reads its query length from them
+    kept = {**without_cache(bound.arguments), **{k: v for k, v in bound.arguments.items() if k == "cache_position"}}
     return [kept[node.target] if node.target in kept else _default(signature, node.target) for node in side]
 
 

@@ -1,7 +1,7 @@
 """How a layer is called, as transformers 4.x layers are: a block that returns `(y,) + rest` and
 takes side inputs, a forward torch.fx traces only with its optional arguments fixed while the model
-passes them (a decoder layer given its causal mask), and a key/value cache among a traced branch's
-side inputs (replayed, it would grow)."""
+passes them (a decoder layer given its causal mask), a key/value cache among a traced branch's
+side inputs (replayed, it would grow; its positions kept), and a tuple's item read twice."""
 from __future__ import annotations
 
 import torch
@@ -62,9 +62,10 @@ class CachedAttention(nn.Module):
         super().__init__()
         self.k, self.o = nn.Linear(width, width), nn.Linear(width, width)
 
-    def forward(self, x, past_key_values=None):
+    def forward(self, x, past_key_values=None, cache_position=None):
         keys = self.k(x) if past_key_values is None else past_key_values.update(self.k(x))
-        return self.o(torch.tanh(x * keys.sum(1, keepdim=True)))  # a sum over the keys: the cache's length shows
+        length = cache_position[-1] + 1  # positions are not state: T5 reads its query length so
+        return self.o(torch.tanh(x * keys.sum(1, keepdim=True) / length))  # a sum over the keys: the cache's length shows
 
 
 class CachedLayer(nn.Module):
@@ -72,8 +73,8 @@ class CachedLayer(nn.Module):
         super().__init__()
         self.attn = CachedAttention()
 
-    def forward(self, x, past_key_values=None):
-        return x + self.attn(x, past_key_values=past_key_values)
+    def forward(self, x, past_key_values=None, cache_position=None):
+        return x + self.attn(x, past_key_values=past_key_values, cache_position=cache_position)
 
 
 class Layers(nn.Module):
@@ -85,7 +86,8 @@ class Layers(nn.Module):
         mask = (x[..., :1] > 0).float()
         for layer in self.layers:
             cache = Cache()  # one per layer, as transformers' caches hold a layer's keys each
-            x = layer(x, past_key_values=cache) if isinstance(layer, CachedLayer) else layer(x, mask=mask)[0]
+            x = layer(x, past_key_values=cache, cache_position=torch.arange(x.shape[1])) \
+                if isinstance(layer, CachedLayer) else layer(x, mask=mask)[0]
         return x
 
 
@@ -126,3 +128,33 @@ def test_a_cache_among_a_traced_branch_side_inputs_is_left_out_when_it_is_replay
     report, captured = found(model, torch.randn(3, 4, 6))  # before: keys doubled by the replay, skipped
     assert [s.name for s in report.sites] == ["layers.0", "layers.1"] and report.skipped == []
     assert all(s.verify_error < 1e-6 for s in report.sites)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.f = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.f(x), self.f.weight
+
+
+class SharedRead(nn.Module):
+    """ALBERT's layer: its attention's output read twice, `out[0]`, for the FFN and for the skip."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.attention, self.ffn, self.norm = Attention(width), nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x, mask=None):
+        out = self.attention(x)
+        return (self.norm(torch.tanh(self.ffn(out[0])) + out[0]),) + out[1:]
+
+
+def test_a_tuple_item_read_twice_is_one_value_and_its_add_a_site():
+    torch.manual_seed(0)
+    model = Layers(SharedRead).eval()
+    report, _ = found(model, torch.randn(3, 4, 6))  # before: the FFN's add unseen, two reads of out[0]
+    assert [(s.name, s.post_name) for s in report.sites] == \
+           [(f"layers.{i}{b}", post) for i in (0, 1) for b, post in (("", "layernorm"), (".attention", None))]
+    assert report.skipped == [] and all(s.verify_error < 1e-6 for s in report.sites)
