@@ -101,11 +101,15 @@ def hf_folder(model_type: str, cls: str, overrides: dict, root: Path) -> Path:
     import transformers as tf
 
     default = tf.AutoConfig.for_model(model_type)
-    small = {key: value for key, value in TEXT.items() if hasattr(default, key)}
-    config = tf.AutoConfig.for_model(model_type, **small, **overrides)  # derived fields follow (stage names)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= TEXT["vocab_size"]:
-            setattr(config, key, 0)  # special tokens inside the tiny vocabulary
+    # a text size the overrides set under the config's own name (Swin's num_heads for num_attention_heads)
+    # is left to them: transformers 5 applies the alias last
+    named = {default.attribute_map.get(key, key) for key in overrides} | set(overrides)
+    small = {key: value for key, value in TEXT.items() if hasattr(default, key)
+             and default.attribute_map.get(key, key) not in named}
+    # special tokens inside the tiny vocabulary (transformers 5 checks them when the config is made)
+    tokens = {key: 0 for key, value in default.to_dict().items()
+              if key.endswith("token_id") and isinstance(value, int) and value >= TEXT["vocab_size"]}
+    config = tf.AutoConfig.for_model(model_type, **{**small, **tokens, **overrides})  # derived fields follow
     config.architectures = [cls]
     torch.manual_seed(0)
     folder = root / model_type

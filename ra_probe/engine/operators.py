@@ -114,6 +114,7 @@ class JacobianOperator(BatchedOperator):
         self._vjp_fn = None
         self.linearize = self.shape[2] >= LINEARIZE_MIN_DIM if linearize is None else linearize
         self._lin_fn = None  # the linearized program, traced on first use
+        self._autograd: AutogradProducts | None = None  # products for a branch torch.func cannot transform
         # over the vectors of a (k, B, d) block staged in a buffer of the operator (`_blocks`)
         self._jv = vmap(self._jvp_flat, randomness="same")
         self._jtu = vmap(self._vjp_flat, randomness="same")
@@ -129,6 +130,21 @@ class JacobianOperator(BatchedOperator):
 
     def matmat(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.products += v.shape[0] * v.shape[-1]
+        if self._autograd is None:
+            try:
+                return self._forward_products(v, out)
+            except RuntimeError as exc:
+                self._by_autograd(exc)
+        return _into(self._autograd.jv(v), out)
+
+    def _by_autograd(self, exc: RuntimeError) -> None:
+        """Products by torch.autograd from now on when torch.func cannot transform the branch (a custom
+        autograd.Function without setup_context, as Bloom's GELU); anything else is raised again."""
+        if "setup_context" not in str(exc):
+            raise exc
+        self._autograd = AutogradProducts(self._fx, self.x)
+
+    def _forward_products(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
             try:
                 with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
@@ -147,10 +163,15 @@ class JacobianOperator(BatchedOperator):
             return linearize(self._fx, self.x)[1]
 
     def rmatmat(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self._vjp_fn is None:  # built once, outside vmap, on first use
-            _, self._vjp_fn = vjp(self._fx, self.x)
         self.products += u.shape[0] * u.shape[-1]
-        return self._blocks(self._jtu, self._vjp_flat, u, out)
+        if self._autograd is None:
+            try:
+                if self._vjp_fn is None:  # built once, outside vmap, on first use
+                    _, self._vjp_fn = vjp(self._fx, self.x)
+                return self._blocks(self._jtu, self._vjp_flat, u, out)
+            except RuntimeError as exc:
+                self._by_autograd(exc)
+        return _into(self._autograd.jtu(u), out)
 
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call, into `out`
@@ -204,6 +225,38 @@ def wide_calls(op: BatchedOperator, vectors: int):
         yield
     finally:
         op.chunk = chunk
+
+
+class AutogradProducts:
+    """J·V and Jᵀ·U of f at x by torch.autograd, one vector at a time, for branches torch.func cannot
+    transform. Jᵀu is a backward pass; J v is the derivative of that backward in its cotangent: Jᵀu is
+    linear in u, so ∂⟨Jᵀu, v⟩/∂u = J v (the double-backward trick; it differentiates the branch's
+    backward, which a custom Function writes in torch operations)."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+        with torch.enable_grad():
+            self.x = x.detach().requires_grad_()
+            self.out = f(self.x)
+            self.u = torch.zeros_like(self.out, requires_grad=True)
+            self.jtu_of_u = self._grad(self.out, self.x, self.u, create_graph=True)
+
+    @staticmethod
+    def _grad(output, wrt, cotangent, create_graph=False) -> torch.Tensor:
+        return torch.autograd.grad(output, wrt, cotangent, retain_graph=True, create_graph=create_graph,
+                                   allow_unused=True, materialize_grads=True)[0]
+
+    def _columns(self, output, wrt, w: torch.Tensor, shape) -> torch.Tensor:
+        with torch.enable_grad():
+            return torch.stack([self._grad(output, wrt, w[..., i].reshape(shape)).reshape(w.shape[0], -1)
+                                for i in range(w.shape[-1])], dim=-1)
+
+    def jv(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, n, k) → (B, m, k)."""
+        return self._columns(self.jtu_of_u, self.u, v, self.x.shape)
+
+    def jtu(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, m, k) → (B, n, k)."""
+        return self._columns(self.out, self.x, u, self.out.shape)
 
 
 def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

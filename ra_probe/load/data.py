@@ -2,6 +2,7 @@
 Validated here, once, at the door: deeper stages trust the shapes."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,24 @@ def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = Non
 def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
     generator = torch.Generator().manual_seed(seed)
     if model.modality == "text":
-        vocab = getattr(model.module.config, "vocab_size", 1000)
-        length = min(16, getattr(model.module.config, "max_position_embeddings", None) or 16)
-        ids = torch.randint(0, vocab, (n, length), generator=generator)
+        ids = _tokens(model, n, "max_position_embeddings", generator)
         return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic")
     if model.input_shape is None:
         raise UserError(f"synthetic data needs the model's input shape: pass --input-shape for {model.name}")
-    return Samples(torch.randn(n, *model.input_shape, generator=generator), None, "synthetic")
+    x = torch.randn(n, *model.input_shape, generator=generator)
+    if model.modality == "audio":  # features, and the tokens its decoder reads, which it does not derive itself
+        decoder = "decoder_input_ids" in inspect.signature(model.module.forward).parameters
+        return Samples({"input_features": x, **({"decoder_input_ids": _tokens(model, n, "max_target_positions",
+                                                                             generator)} if decoder else {})},
+                       None, "synthetic")
+    return Samples(x, None, "synthetic")
+
+
+def _tokens(model: LoadedModel, n: int, positions: str, generator: torch.Generator) -> torch.Tensor:
+    """Random token ids, at most 16 per sample and no more than the config's `positions`."""
+    vocab = getattr(model.module.config, "vocab_size", 1000)
+    length = min(16, getattr(model.module.config, positions, None) or 16)
+    return torch.randint(0, vocab, (n, length), generator=generator)
 
 
 def _bundled(ref: str) -> Samples:

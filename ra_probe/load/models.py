@@ -23,7 +23,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 @dataclass
 class LoadedModel:
     """A model ready to probe. `input_shape` is per sample (None when unknown); `modality` is
-    "vector", "image" or "text"; `default_data` names the data used when the user gives none."""
+    "vector", "image", "text" or "audio" (log-mel features); `default_data` names the data used when the user gives none."""
 
     module: nn.Module
     name: str
@@ -289,7 +289,9 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
                         "or a map without offloading)")
     image_size = getattr(config, "image_size", None)
     channels = getattr(config, "num_channels", 3)
-    if image_size is not None:
+    if getattr(module, "main_input_name", None) == "input_features":  # a speech model (Whisper)
+        modality, input_shape = "audio", _audio_shape(module, config)
+    elif image_size is not None:
         size = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
         modality, input_shape = "image", (channels, *size)
     elif getattr(config, "vocab_size", None):
@@ -304,6 +306,19 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
                        modality=modality, default_data="synthetic", preprocessor=preprocessor, pretrained=trained,
                        builder=None if device_map is not None else hf_builder(config, model_cls),
                        preprocessing=_image_preprocessing(preprocessor, modality))
+
+
+def _audio_shape(module: nn.Module, config: Any) -> tuple[int, int] | None:
+    """(mel bins, frames) of the log-mel features a speech encoder takes (Whisper's): as many frames as
+    its positions times the stride of the convolutions in front of them; None when the config does not
+    say."""
+    bins, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+    if not (isinstance(bins, int) and isinstance(positions, int)):
+        return None
+    stride = 1
+    for conv in (m for m in module.modules() if isinstance(m, nn.Conv1d)):
+        stride *= conv.stride[0]
+    return bins, positions * stride
 
 
 def _image_preprocessing(preprocessor: Any, modality: str) -> str | None:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import inspect
 import operator
 from collections import Counter
+from contextlib import ExitStack
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ra_probe.plugins import runtime
-from ra_probe.plugins._blocks import NORMS, name_sites
+from ra_probe.plugins._blocks import NORMS, name_sites, without_cache
 from ra_probe.sites.records import Site, SiteReport, Skipped, Tap
 from ra_probe.sites.registry import in_module_order
 
@@ -43,16 +45,34 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def _trace(module: nn.Module) -> fx.GraphModule:
-    """The module's forward as a graph; optional arguments are fixed to their defaults when the
-    forward branches on them (`if mask is not None`). Raises the tracer's error when neither traces
-    (control flow on values, unsupported ops...)."""
+def _trace(module: nn.Module) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """The module's forward as a graph, and the optional arguments fixed to their defaults to get it:
+    none when it traces as it is, else all of them (the forward branches on them, `if mask is not
+    None`), and the graph holds only for calls that leave them so. Raises the tracer's error when
+    neither traces (control flow on values, unsupported ops...)."""
     defaults = {name: p.default for name, p in list(inspect.signature(module.forward).parameters.items())[1:]
                 if p.default is not inspect.Parameter.empty}
     try:
-        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module))
+        return _one_read(fx.GraphModule(module, _ChildrenAsLeaves().trace(module))), {}
     except Exception:
-        return fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=defaults))
+        return _one_read(fx.GraphModule(module, _ChildrenAsLeaves().trace(module, concrete_args=defaults))), defaults
+
+
+def _one_read(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph with each item of a tuple read once: `out[0]` written twice (ALBERT's layer reads its
+    attention's output for the FFN and again for the skip) is one value, whose users all see it."""
+    first: dict[tuple[fx.Node, int | str], fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and isinstance(node.args[1], (int, str)):
+            key = (node.args[0], node.args[1])
+            if key in first:
+                node.replace_all_uses_with(first[key])
+                gm.graph.erase_node(node)
+            else:
+                first[key] = node
+    gm.recompile()
+    return gm
 
 
 def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
@@ -76,7 +96,7 @@ class _Graph:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.x = placeholders[0]
-        self.output = next(n for n in self.nodes if n.op == "output")
+        self.output = _main_output(next(n for n in self.nodes if n.op == "output").args[0])
         self.call_index: dict[fx.Node, int] = {}  # a child's call: its first, second... in the forward
         calls = Counter()
         for node in self.nodes:
@@ -113,7 +133,7 @@ class _Graph:
         of a child (at that call of the child, for a child called more than once)."""
         if node is self.x:
             return Tap(self.path, "input")
-        if self.output.args[0] is node:
+        if self.output is node:
             return Tap(self.path, "output")
         child = lambda target: f"{self.path}.{target}" if self.path else target  # noqa: E731
         if node.op == "call_module":
@@ -148,6 +168,17 @@ class _Graph:
         return fx.GraphModule(self.gm, graph), side
 
 
+def _main_output(value: Any) -> Any:
+    """The value the block's output stands for, as capture reads it (`output_tensor`): what the forward
+    returns, or the first item of a returned tuple, list or dict, also one built as `(y,) + rest`."""
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.add \
+            and isinstance(value.args[0], (tuple, list)):
+        value = value.args[0]
+    if isinstance(value, (tuple, list)) and value:
+        return value[0]
+    return next(iter(value.values())) if isinstance(value, dict) and value else value
+
+
 def _metadata(node: fx.Node) -> bool:
     """A read of x's shape, dtype or device: what follows from it (a position embedding resized to the
     input) does not depend on x's values."""
@@ -163,12 +194,21 @@ def _is_add(node: fx.Node) -> bool:
 
 
 def _side_values(module: nn.Module, side: list[fx.Node], ctx) -> list:
-    """The side inputs' values in the captured call of `module`, by parameter name."""
+    """The side inputs' values in the captured call of `module`, by parameter name; a key/value cache
+    is left at its default (replayed, it would grow at every call)."""
     if not side:
         return []
-    bound = inspect.signature(module.forward).bind_partial(None, *ctx.get("args", ()), **ctx.get("kwargs", {}))
+    signature = inspect.signature(module.forward)
+    bound = signature.bind_partial(None, *ctx.get("args", ()), **ctx.get("kwargs", {}))
     bound.apply_defaults()
-    return [bound.arguments[node.target] for node in side]
+    # the cache's positions are not state: T5 reads its query length from them
+    kept = {**without_cache(bound.arguments), **{k: v for k, v in bound.arguments.items() if k == "cache_position"}}
+    return [kept[node.target] if node.target in kept else _default(signature, node.target) for node in side]
+
+
+def _default(signature: inspect.Signature, name: str) -> Any:
+    default = signature.parameters[name].default
+    return None if default is inspect.Parameter.empty else default
 
 
 class _Rejected(Exception):
@@ -244,17 +284,18 @@ class Untraceable(Exception):
     """torch.fx cannot trace a module's forward; the message says why, in one line."""
 
 
-def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
-    """The residual sites of one module's own forward (its children are leaves), and those found but
-    not extractable. Raises Untraceable when torch.fx cannot trace the forward."""
+def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped], dict[str, Any]]:
+    """The residual sites of one module's own forward (its children are leaves), those found but not
+    extractable, and the arguments the graph fixed to their defaults (see `_trace`). Raises
+    Untraceable when torch.fx cannot trace the forward."""
     if type(module).__module__.startswith("torch.nn"):
-        return [], []  # torch's own layers, containers and activations hold no residual add
+        return [], [], {}  # torch's own layers, containers and activations hold no residual add
     try:
-        gm = _trace(module)
+        gm, fixed = _trace(module)
     except Exception as exc:  # noqa: BLE001 - any tracer failure: another strategy looks at it
         raise Untraceable(f"{type(exc).__name__}: {exc}".splitlines()[0].split(". ")[0]) from None
     if not any(n.op == "placeholder" for n in gm.graph.nodes):
-        return [], []
+        return [], [], {}
     g = _Graph(path, gm)
     sites, skipped = [], []
     for add in [n for n in g.nodes if _is_add(n) and n in g.dom]:
@@ -265,12 +306,42 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped]]:
             continue
         if site is not None:
             sites.append(site)
-    return name_sites(path, sites), skipped
+    return name_sites(path, sites), skipped, fixed
+
+
+def _called_otherwise(model: nn.Module, run, fixed: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The modules whose graph fixed arguments that the real forward (`run()`) passes otherwise (a
+    decoder layer traced without the causal mask it is given), each with the first such argument. A
+    key/value cache counts as left out: branches are recomputed without it anyway."""
+    differ: dict[str, str] = {}
+
+    def watch(path: str):
+        def hook(module, args, kwargs):
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            name = next((n for n, default in fixed[path].items() if not _left_at(n, bound.get(n, default), default)),
+                        None)
+            if name is not None:
+                differ.setdefault(path, name)
+        return hook
+    with ExitStack() as stack:
+        for path in fixed:
+            stack.callback(model.get_submodule(path).register_forward_pre_hook(watch(path), with_kwargs=True).remove)
+        with torch.no_grad():
+            run()
+    return differ
+
+
+def _left_at(name: str, value: Any, default: Any) -> bool:
+    """Whether a call leaves argument `name` at the `default` its graph was traced with."""
+    if value is default or not without_cache({name: value}):
+        return True
+    return isinstance(default, (bool, int, float, str)) and type(value) is type(default) and value == default
 
 
 class GenericDetector:
-    """Every module's own forward, traced with torch.fx; the modules it cannot trace are watched on a
-    real forward (`runtime`) when the caller gives one (`run`), else reported as not looked at."""
+    """Every module's own forward, traced with torch.fx; the modules it cannot trace, or whose graph
+    holds only for argument values their calls do not pass, are watched on a real forward (`runtime`)
+    when the caller gives one (`run`), else reported as not looked at."""
 
     name = "generic"
     description = ("fallback: adds of x and a parametric branch of x in any module's forward, found with torch.fx "
@@ -279,17 +350,20 @@ class GenericDetector:
     any_module = True  # also given the modules a family adapter leaves
 
     def find(self, model: nn.Module, run=None, exclude=()) -> SiteReport:
-        report, untraceable = SiteReport(self.name, []), {}
+        found, untraceable, fixed = {}, {}, {}
         for path, module in model.named_modules():
             if any(path == p or path.startswith(f"{p}.") or not p for p in exclude):
                 continue
             try:
-                sites, skipped = sites_in(path, module)
+                *found[path], fixed[path] = sites_in(path, module)
             except Untraceable as why:
                 untraceable[path] = str(why)
-                continue
-            report.sites.extend(sites)
-            report.skipped.extend(skipped)
+        if run is not None and any(fixed.values()):
+            for path, name in _called_otherwise(model, run, {p: f for p, f in fixed.items() if f}).items():
+                del found[path]
+                untraceable[path] = f"traced by torch.fx only with {name} left at its default, which its call sets"
+        report = SiteReport(self.name, [s for sites, _ in found.values() for s in sites],
+                            [s for _, skipped in found.values() for s in skipped])
         if untraceable and run is not None:
             frames: dict[str, runtime._Frame] = {}
             for frame in runtime.record(model, run, set(untraceable)):

@@ -69,6 +69,7 @@ class _Frame:
     output: _Value | None = None
     side: dict[_Value, int | str] = field(default_factory=dict)  # side inputs: position in args[1:], or keyword
     outputs: dict[tuple[str, int], _Value] = field(default_factory=dict)  # children's outputs by call
+    read: set[_Value] = field(default_factory=set)  # the values its own operations take
 
 
 class _Recorder(TorchFunctionMode):
@@ -100,6 +101,8 @@ class _Recorder(TorchFunctionMode):
         parents = [self.values[id(t)] for t in inputs if id(t) in self.values]
         frame = self.frames[-1] if self.frames else None
         operands = None
+        if frame is not None and frame.path in self.targets:
+            frame.read.update(parents)
         if frame is not None and frame.path in self.targets and _is_add(func, args, kwargs):
             operands = tuple(self.known(a) for a in args)
             parents = list(operands)
@@ -234,7 +237,8 @@ def _exit(frame: _Frame, result: _Value) -> tuple[Tap | None, Any, str | None]:
     norm or parameter-free child that takes the result alone, or elementwise ops up to the block's
     output) with its name, if any."""
     consumers = frame.consumers.get(result, [])
-    if len(consumers) == 1 and result is not frame.output:
+    # a norm is the post-op only when nothing else reads the sum (pre-norm layers add it again later)
+    if len(consumers) == 1 and result is not frame.output and result not in frame.read:
         path, call = consumers[0]
         child = _child(frame, path)
         if isinstance(child, NORMS) or not any(True for _ in child.parameters()):

@@ -3,6 +3,7 @@ measured: whether its samples are independent, and how many classes it scores.""
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 
@@ -20,18 +21,26 @@ def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dty
     that the model treats samples independently (each sample's Jacobian is its own). `level`: the
     granularity of transformer sites (auto: each family's default, block, sublayer)."""
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
-    try:
+    with _fitting(model, first, samples.name):
         report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
         report.sites = at_level(report.sites, level)
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
-    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
-        missing = _missing_inputs(model, first)
-        why = f"the model also takes {', '.join(missing)}, which the data does not give" if missing \
-            else first_line(exc)
-        raise UserError(f"data {samples.name!r} does not fit the model: {why}") from None
     _check_independent(captured, alone)
     return verify_sites(report, captured)
+
+
+@contextmanager
+def _fitting(model: torch.nn.Module, inputs, data: str):
+    """Forwards of `model` on `inputs`: an error they raise is data that does not fit the model, said
+    in one line (the inputs it needs that the data does not give, when that is why)."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
+        missing = _missing_inputs(model, inputs)
+        why = f"the model also takes {', '.join(missing)}, which the data does not give" if missing \
+            else first_line(exc)
+        raise UserError(f"data {data!r} does not fit the model: {why}") from None
 
 
 # the inputs of a modality a model may need besides the ones given (a text-and-image model given text)
@@ -76,6 +85,6 @@ def _differ(together: torch.Tensor, single: torch.Tensor) -> bool:
 def output_classes(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype) -> int | None:
     """How many classes the model's output scores: the width of its 2-D logits for one sample."""
     one = batch(samples.inputs, chunks(samples.inputs, 1)[0], device, dtype)
-    with torch.no_grad():
+    with torch.no_grad(), _fitting(model, one, samples.name):
         logits = logits_of(run_model(model, one))
     return logits.shape[1] if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None

@@ -205,7 +205,9 @@ class OldStyleGelu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        (x,) = ctx.saved_tensors
+        normal = torch.distributions.Normal(0.0, 1.0)
+        return grad * (normal.cdf(x) + x * normal.log_prob(x).exp())  # GELU's derivative, Φ(x) + x φ(x)
 
 
 class OldGelu(torch.nn.Module):
@@ -222,9 +224,22 @@ class CustomFunctionNet(torch.nn.Module):
         return self.head(x + self.act(self.f(x)))
 
 
-def test_a_branch_with_a_custom_function_torch_func_cannot_differentiate_is_one_line_naming_the_site():
-    from ra_probe import probe
-    from ra_probe.errors import UserError
+def test_a_branch_with_a_custom_function_torch_func_cannot_differentiate_is_measured_by_autograd():
+    from ra_probe import Settings, probe
+    from ra_probe.load.models import LoadedModel
 
-    with pytest.raises(UserError, match="^site model: its branch calls a custom autograd.Function"):
-        probe(CustomFunctionNet().eval(), torch.randn(2, 4), k=2, samples=2)
+    torch.manual_seed(0)
+    model = CustomFunctionNet().eval().requires_grad_(False)
+    x = torch.randn(3, 4)
+    # before: "site model: its branch calls a custom autograd.Function that torch.func cannot differentiate"
+    report = probe(LoadedModel(model, "custom", "python", input_shape=(4,)), Samples(x, None, "x"),
+                   Settings(k=4, samples=3, null="none", solver="dense"))
+    branch = lambda v: torch.nn.functional.gelu(model.f(v))  # noqa: E731 - the same branch in plain torch ops
+    expected = torch.stack([jacrev(branch)(v) for v in x])
+    assert report["sites"][0]["singular_values"] == pytest.approx(
+        torch.linalg.svdvals(expected).mean(0).tolist(), rel=1e-4)  # σ_i averaged over the samples
+    # the operator's products themselves: J V and Jᵀ U against the dense Jacobian
+    operator = JacobianOperator(lambda v, ctx: model.act(model.f(v)), x, {})
+    v, u = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
+    torch.testing.assert_close(operator.matmat(v), expected @ v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(operator.rmatmat(u), expected.mT @ u, rtol=1e-5, atol=1e-6)
