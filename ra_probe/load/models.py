@@ -62,9 +62,9 @@ def load_model(ref: str, *, pretrained: bool = True, weights: str | None = None,
     elif ref.startswith("timm/"):
         loaded = _load_timm(ref.removeprefix("timm/"), pretrained=pretrained, seed=seed)
     elif ref.startswith("hf/"):
-        loaded = _load_hf(ref.removeprefix("hf/"), display=ref, seed=seed)
+        loaded = _load_hf(ref.removeprefix("hf/"), display=ref, seed=seed, pretrained=pretrained)
     elif Path(ref).is_dir():
-        loaded = _load_folder(Path(ref), seed)
+        loaded = _load_folder(Path(ref), seed, pretrained)
     elif ref.endswith(CHECKPOINT_SUFFIXES):
         if arch is None:
             raise UserError(f"checkpoint {ref!r} needs --arch to say which architecture it holds")
@@ -218,7 +218,7 @@ def _rounded(values) -> str:
     return "/".join(f"{v:.3g}" for v in values)
 
 
-def _load_folder(folder: Path, seed: int) -> LoadedModel:
+def _load_folder(folder: Path, seed: int, pretrained: bool = True) -> LoadedModel:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"folder {folder} has no config.json (expected a Hugging Face or timm model folder)")
@@ -233,7 +233,7 @@ def _load_folder(folder: Path, seed: int) -> LoadedModel:
         loaded.weights_sha256 = load_weights(loaded.module, weights)
         loaded.name, loaded.source, loaded.weights_path, loaded.pretrained = str(folder), "folder", str(weights), True
         return loaded
-    return _load_hf(str(folder), display=str(folder), seed=seed)
+    return _load_hf(str(folder), display=str(folder), seed=seed, pretrained=pretrained)
 
 
 def _is_hf_folder(folder: Path) -> bool:
@@ -265,7 +265,9 @@ def _device_map(value: str | dict[str, Any]) -> str | dict[str, Any]:
 
 
 def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None = None,
-             seed: int = 0) -> LoadedModel:
+             seed: int = 0, pretrained: bool = True) -> LoadedModel:
+    """A transformers model (eager attention) from the Hub or a folder; without `pretrained`, built from
+    its config alone at random init under `seed`, so no weights are downloaded."""
     import transformers
 
     offline = not Path(repo).is_dir() and hub_offline_if_unreachable()
@@ -278,8 +280,12 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
     model_cls = getattr(transformers, archs[0], None) if archs else None
     placement = {} if device_map is None else {"device_map": device_map}
     try:  # weights the files lack are initialized at random, under the seed
-        module, info = seeded(lambda: (model_cls or transformers.AutoModel).from_pretrained(
-            repo, attn_implementation="eager", output_loading_info=True, **placement), seed)
+        if pretrained:
+            module, info = seeded(lambda: (model_cls or transformers.AutoModel).from_pretrained(
+                repo, attn_implementation="eager", output_loading_info=True, **placement), seed)
+        else:
+            module = seeded(hf_builder(config, model_cls), seed)[0]
+            info = {"missing_keys": [name for name, _ in module.named_parameters()]}
     except Exception as exc:
         raise UserError(f"cannot load Hugging Face model {display}: {first_line(exc)}") from None
     offloaded = [name for name, p in module.named_parameters() if p.device.type == "meta"]

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from conftest import TINY
-from tiny_models import ResidualMLP
+from tiny_models import ResidualMLP, hf_config, saved
 from torch import nn
 
 import ra_probe
@@ -223,6 +223,21 @@ def test_no_pretrained_builds_a_trained_source_at_random_init(cli, tmp_path):
     code, out, err = cli("bundled/fc-digits", "--no-pretrained", "--samples", "32", "-q", "--json", "r.json")
     assert code == 0 and "RA absent" in out, err
     assert json.loads((tmp_path / "r.json").read_text())["model"]["pretrained"] is False
+
+
+def test_no_pretrained_builds_a_hugging_face_model_from_its_config_alone(tmp_path):
+    """Before: the weights were loaded (downloaded, for the Hub) and then replaced; a folder or cache with
+    the config but without the weights could not be probed at random init."""
+    folder = tmp_path / "llama"
+    saved(hf_config("llama"), folder)
+    trained = load_model(str(folder)).module.state_dict()
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    fresh, again = (load_model(str(folder), pretrained=False, seed=3) for _ in range(2))
+    assert fresh.pretrained is False
+    name = next(k for k in trained if k.endswith("q_proj.weight"))
+    assert torch.equal(fresh.module.state_dict()[name], again.module.state_dict()[name])
+    assert not torch.equal(fresh.module.state_dict()[name], trained[name])
 
 
 def test_a_checkpoint_is_named_and_recorded_as_trained(tmp_path):
