@@ -25,6 +25,10 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 # (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
 LINEARIZE_MIN_DIM = 16384
 
+# what torch.func says when a custom autograd.Function lacks what its transforms need: setup_context,
+# a vmap rule, a jvp rule (the products then come from torch.autograd, `AutogradProducts`)
+CUSTOM_FUNCTION_REFUSALS = ("setup_context", "vmap staticmethod", "jvp function for custom autograd.Function")
+
 
 class BatchedOperator:
     """Interface: `shape = (B, m, n)`; `matmat` (B, n, k) → (B, m, k); `rmatmat` (B, m, k) → (B, n, k).
@@ -133,14 +137,15 @@ class JacobianOperator(BatchedOperator):
         if self._autograd is None:
             try:
                 return self._forward_products(v, out)
-            except RuntimeError as exc:
+            except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
         return _into(self._autograd.jv(v), out)
 
-    def _by_autograd(self, exc: RuntimeError) -> None:
-        """Products by torch.autograd from now on when torch.func cannot transform the branch (a custom
-        autograd.Function without setup_context, as Bloom's GELU); anything else is raised again."""
-        if "setup_context" not in str(exc):
+    def _by_autograd(self, exc: Exception) -> None:
+        """Products by torch.autograd from now on when torch.func refuses a custom autograd.Function of
+        the branch (`CUSTOM_FUNCTION_REFUSALS`: written without setup_context, as Bloom's GELU, or without
+        a vmap or a jvp rule); anything else is raised again."""
+        if not any(refusal in str(exc) for refusal in CUSTOM_FUNCTION_REFUSALS):
             raise exc
         self._autograd = AutogradProducts(self._fx, self.x)
 
@@ -169,7 +174,7 @@ class JacobianOperator(BatchedOperator):
                 if self._vjp_fn is None:  # built once, outside vmap, on first use
                     _, self._vjp_fn = vjp(self._fx, self.x)
                 return self._blocks(self._jtu, self._vjp_flat, u, out)
-            except RuntimeError as exc:
+            except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
         return _into(self._autograd.jtu(u), out)
 

@@ -175,8 +175,7 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
 
     groups = groups_of(sites)
     dims = [[sized(s) for s in members] for members in groups.values()]
-    wide = max([settings.align_k or settings.k, *settings.coupling_k])  # K of RA2's or coupling's products
-    return auto_batch_size(dims, samples, device, k=settings.k, align_k=wide,
+    return auto_batch_size(dims, samples, device, k=settings.k, align_k=_aligned_k(settings),
                            block=default_block(settings.k), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
 
@@ -216,12 +215,6 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
                                         after=_aligned_products(len(members), settings))
         except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
             raise UserError(f"site {site.name}: {first_line(exc)}") from None
-        except RuntimeError as exc:
-            if "autograd.Function" not in str(exc):
-                raise
-            raise UserError(f"site {site.name}: its branch calls a custom autograd.Function that torch.func "
-                            "cannot differentiate (no setup_context), so its Jacobian products cannot be "
-                            "computed") from None
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
@@ -278,9 +271,14 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
         out.timing[site_i.name].update(align_seconds=time.perf_counter() - tick, align_products=op.products - before)
 
 
+def _aligned_k(settings: Settings) -> int:
+    """Top vectors of a site that RA2 and coupling apply the other sites' J to: the larger of their K."""
+    return max([settings.align_k or settings.k, *settings.coupling_k])
+
+
 def _aligned_products(members: int, settings: Settings) -> int:
     """Products per sample that RA2 and coupling apply each site's J to: the top vectors of every
     other site of its group."""
-    return (members - 1) * max([settings.align_k or settings.k, *settings.coupling_k]) if members > 1 else 0
+    return (members - 1) * _aligned_k(settings) if members > 1 else 0
 
 

@@ -243,3 +243,39 @@ def test_a_branch_with_a_custom_function_torch_func_cannot_differentiate_is_meas
     v, u = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
     torch.testing.assert_close(operator.matmat(v), expected @ v, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(operator.rmatmat(u), expected.mT @ u, rtol=1e-5, atol=1e-6)
+
+
+class TanhNoVmapRule(torch.autograd.Function):
+    """A modern custom op (setup_context) without a vmap rule: torch.func's vmap refuses it."""
+
+    @staticmethod
+    def forward(x):
+        return x.tanh()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class TanhNoJvpRule(TanhNoVmapRule):
+    """The same op with a vmap rule but no jvp rule: forward-mode products are refused."""
+
+    generate_vmap_rule = True
+
+
+@pytest.mark.parametrize("function", [TanhNoVmapRule, TanhNoJvpRule])
+def test_custom_functions_without_a_vmap_or_jvp_rule_get_their_products_from_autograd(function):
+    # before: RuntimeError "does not have vmap support" and NotImplementedError "You must implement the jvp
+    # function", a traceback and a refused site where autograd computes the products
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 4), torch.randn(3, 4)
+    expected = torch.stack([jacrev(lambda v: layer(v).tanh())(v) for v in x])
+    operator = JacobianOperator(lambda v, ctx: function.apply(layer(v)), x, {})
+    v, u = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
+    torch.testing.assert_close(operator.matmat(v), expected @ v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(operator.rmatmat(u), expected.mT @ u, rtol=1e-5, atol=1e-6)
