@@ -3,9 +3,10 @@ family and on tiny configs of transformers architectures with residual blocks, o
 init, each in its own process with a time limit.
 
     python benchmarks/zoo.py [--timm-only | --hf-only] [--family resnet --family vit ...] [--limit N]
-                             [--timeout 180] [--json zoo.json]
+                             [--timeout 180] [--jobs 2] [--json zoo.json]
 
-Per model: the small probe `ra-probe MODEL --data synthetic --samples 1 --k 2` (and `ra-probe sites MODEL`
+Per model: the small probe `ra-probe MODEL --data synthetic --samples 1 --k 2 --null none` (the models are at
+random init already, and the null measures the same sites again; `ra-probe sites MODEL`
 when the probe fails, to count what was found), then one row: sites found (verified + skipped),
 verified, skipped with their reasons, probed (exit 0 with every verified site measured), and the
 error line. A model counts as covered when it is probed with at least one site, or when it is
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CACHE = Path(tempfile.gettempdir()) / "ra-probe-zoo-sizes.json"
@@ -131,12 +133,13 @@ def run(args: list[str], timeout: float, command: list[str] = CLI) -> tuple[int 
         return None, "", "", time.time() - start
 
 
-def measure(category: str, family: str, ref: str, extra: list[str], timeout: float, folder: Path) -> dict:
+def measure(category: str, family: str, ref: str, extra: list[str], timeout: float, folder: Path,
+            threads: list[str]) -> dict:
     """One model: the small probe, and `sites` when the probe fails."""
     report = folder / f"{family}.json"
     code, out, err, seconds = run([ref, *extra, "--data", "synthetic", "--samples", "1", "--k", "2", "--json",
-                                   str(report), "--html", str(folder / "page.html"), "--force", "--quiet",
-                                   "--no-cache"], timeout)
+                                   str(report), "--html", str(folder / f"{family}.html"), "--force", "--quiet",
+                                   "--no-cache", "--null", "none", *threads], timeout)
     row = {"category": category, "family": family, "model": ref, "seconds": round(seconds, 1), "found": 0,
            "verified": 0, "skipped": [], "probed": False, "error": None, "traceback": "Traceback" in out + err}
     if code is None:
@@ -192,6 +195,7 @@ def main() -> None:
     parser.add_argument("--family", action="append", default=[], help="a timm module or transformers model type")
     parser.add_argument("--limit", type=int, default=None, help="at most this many models")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model and command")
+    parser.add_argument("--jobs", type=int, default=1, help="models measured at once (one thread each when > 1)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--sites", help=argparse.SUPPRESS)  # the worker of one `sites` count
     parser.add_argument("--sites-no-pretrained", action="store_true", help=argparse.SUPPRESS)
@@ -209,22 +213,29 @@ def main() -> None:
             for category, model_type, cls, overrides in HF:
                 if not only or model_type in only:
                     jobs.append((f"hf {category}", model_type, (model_type, cls, overrides), []))
-        for category, family, ref, extra in jobs[:args.limit]:
+        jobs = jobs[:args.limit]
+        threads = ["--threads", "1"] if args.jobs > 1 else []
+
+        def one(job: tuple) -> dict:
+            category, family, ref, extra = job
             if isinstance(ref, tuple):
                 try:
                     ref = str(hf_folder(*ref, folder))
                 except Exception as exc:  # noqa: BLE001 - a config this script cannot build: say so
-                    rows.append({"category": category, "family": family, "model": ref[1], "seconds": 0, "found": 0,
-                                 "verified": 0, "skipped": [], "probed": False, "traceback": False,
-                                 "error": f"tiny config not built here: {type(exc).__name__}"})
-                    continue
-            rows.append(measure(category, family, ref, extra, args.timeout, folder))
-            rows[-1]["model"] = rows[-1]["model"] if extra else f"{family} (tiny config)"
-            r = rows[-1]
-            print(f"[{len(rows)}/{len(jobs[:args.limit])}] {family}: {r['verified']} sites, {len(r['skipped'])} "
-                  f"skipped, {'probed' if r['probed'] else r['error']} ({r['seconds']} s)", file=sys.stderr, flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(rows, indent=1))
+                    return {"category": category, "family": family, "model": ref[1], "seconds": 0, "found": 0,
+                            "verified": 0, "skipped": [], "probed": False, "traceback": False,
+                            "error": f"tiny config not built here: {type(exc).__name__}"}
+            row = measure(category, family, ref, extra, args.timeout, folder, threads)
+            row["model"] = row["model"] if extra else f"{family} (tiny config)"
+            return row
+
+        with ThreadPoolExecutor(args.jobs) as pool:  # each job is a process of its own
+            for r in pool.map(one, jobs):
+                rows.append(r)
+                print(f"[{len(rows)}/{len(jobs)}] {r['family']}: {r['verified']} sites, {len(r['skipped'])} skipped, "
+                      f"{'probed' if r['probed'] else r['error']} ({r['seconds']} s)", file=sys.stderr, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
     print_table(rows)
 
 

@@ -338,6 +338,11 @@ def _left_at(name: str, value: Any, default: Any) -> bool:
     return isinstance(default, (bool, int, float, str)) and type(value) is type(default) and value == default
 
 
+def _inside(path: str, roots) -> bool:
+    """Whether module `path` is one of `roots` or inside one ("" is the model: everything is inside)."""
+    return any(path == root or path.startswith(f"{root}.") or not root for root in roots)
+
+
 class GenericDetector:
     """Every module's own forward, traced with torch.fx; the modules it cannot trace, or whose graph
     holds only for argument values their calls do not pass, are watched on a real forward (`runtime`)
@@ -349,10 +354,10 @@ class GenericDetector:
     fallback = True
     any_module = True  # also given the modules a family adapter leaves
 
-    def find(self, model: nn.Module, run=None, exclude=()) -> SiteReport:
+    def find(self, model: nn.Module, run=None, exclude=(), within=None) -> SiteReport:
         found, untraceable, fixed = {}, {}, {}
         for path, module in model.named_modules():
-            if any(path == p or path.startswith(f"{p}.") or not p for p in exclude):
+            if _inside(path, exclude) or (within is not None and not _inside(path, within)):
                 continue
             try:
                 *found[path], fixed[path] = sites_in(path, module)

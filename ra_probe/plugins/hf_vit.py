@@ -1,6 +1,7 @@
 """Hugging Face ViT (pre-LN): two identity sites per layer, `x₁ = x + λ₁ dropout(attn(LN_before(x)))` and
 `y = x₁ + λ₂ dropout(mlp(LN_after(x₁)))`, λ BEiT's layer scale (`lambda_1`, `lambda_2`; 1 when absent);
-x₁ is read at the input of `layernorm_after`."""
+x₁ is read at the input of `layernorm_after`. The MLP is `mlp` and the layer's `dropout` in transformers 5,
+`intermediate` then `output`'s dense and dropout in 4.x (where ViT's `output` also adds the skip)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 from ra_probe.plugins._blocks import FamilyAdapter, call_with, first_output, has_layout, hf_layout, transformer_sites
 from ra_probe.sites.records import Site, Tap
 
-LAYOUT = ("layernorm_before", "attention", "layernorm_after", "mlp", "dropout")
+COMMON = ("layernorm_before", "attention", "layernorm_after")
+LAYOUTS = (("mlp", "dropout"), ("intermediate", "output.dense", "output.dropout"))
 
 
 def _scaled(layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -17,18 +19,29 @@ def _scaled(layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
     return x if scale is None else scale * x
 
 
+def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if has_layout(layer, *LAYOUTS[0]):
+        return layer.dropout(layer.mlp(x))
+    return layer.output.dropout(layer.output.dense(layer.intermediate(x)))
+
+
+def _attention(layer: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor:
+    out = first_output(call_with(layer.attention, layer.layernorm_before(x), ctx))
+    return layer.dropout(out) if has_layout(layer, *LAYOUTS[0]) else out  # 4.x drops out inside the attention
+
+
 def sites_of(path: str, layer: nn.Module) -> list[Site] | None:
-    if not has_layout(layer, *LAYOUT) or hasattr(layer, "window_size"):
+    if not any(has_layout(layer, *COMMON, *own) for own in LAYOUTS) or hasattr(layer, "window_size"):
         return None  # Swin's layers share the layout but attend within shifted windows: the generic detector's
 
     def attn(x, ctx):
-        return _scaled(layer, 1, layer.dropout(first_output(call_with(layer.attention, layer.layernorm_before(x), ctx))))
+        return _scaled(layer, 1, _attention(layer, x, ctx))
 
     def mlp(x, ctx):
-        return _scaled(layer, 2, layer.dropout(layer.mlp(layer.layernorm_after(x))))
+        return _scaled(layer, 2, _feed_forward(layer, layer.layernorm_after(x)))
     return transformer_sites(path, attn, mlp, Tap(f"{path}.layernorm_after", "input"),
                              ctx_module=f"{path}.attention")
 
 
 ADAPTER = FamilyAdapter("hf-vit", "Hugging Face ViT (pre-LN attention and MLP sites per layer)",
-                        hf_layout(*LAYOUT), sites_of)
+                        lambda model: any(hf_layout(*COMMON, *own)(model) for own in LAYOUTS), sites_of)

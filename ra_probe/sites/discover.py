@@ -11,7 +11,7 @@ from ra_probe.errors import UserError, first_line
 from ra_probe.load.samples import Samples, batch, chunks, run_model, take
 from ra_probe.sites.capture import Captured, capture, logits_of
 from ra_probe.sites.records import SiteReport
-from ra_probe.sites.registry import at_level, find_sites
+from ra_probe.sites.registry import at_level, find_sites, hand_over
 from ra_probe.sites.verify import verify_sites
 
 
@@ -19,15 +19,25 @@ def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dty
              level: str = "auto") -> SiteReport:
     """Sites found by the adapters and verified on a real forward of the first samples, after checking
     that the model treats samples independently (each sample's Jacobian is its own). `level`: the
-    granularity of transformer sites (auto: each family's default, block, sublayer)."""
+    granularity of transformer sites (auto: each family's default, block, sublayer). Blocks whose
+    family-adapter sites the forward refuses are looked at again by the generic detector."""
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
+    run = lambda: run_model(model, take(first, slice(0, 1)))  # noqa: E731
     with _fitting(model, first, samples.name):
-        report = find_sites(model, run=lambda: run_model(model, take(first, slice(0, 1))))
+        report = find_sites(model, run=run)
         report.sites = at_level(report.sites, level)
+    verified = verify_sites(report, _captured(model, first, report, samples.name))
+    handed = hand_over(model, report, verified.skipped, run=run)
+    return verified if handed is None else verify_sites(handed, _captured(model, first, handed, samples.name))
+
+
+def _captured(model: torch.nn.Module, first, report: SiteReport, data: str) -> Captured:
+    """The sites' tensors on the first batch, once checked against its first sample alone."""
+    with _fitting(model, first, data):
         captured = capture(model, first, report.sites, with_head=False)
         alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
     _check_independent(captured, alone)
-    return verify_sites(report, captured)
+    return captured
 
 
 @contextmanager

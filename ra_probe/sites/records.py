@@ -88,13 +88,15 @@ class Site:
 class Skipped:
     name: str
     reason: str
+    site: Site | None = field(default=None, repr=False)  # a site found but refused on the real forward
 
 
 class Adapter(Protocol):
     """An architecture family. `find(model)` returns its sites, or None when the model is not of the
     family. `fallback` adapters are tried only when no other adapter claims the model. Optional flags:
     `partial` (the modules it leaves go to the fallback detectors) and `any_module` (a detector that
-    also takes `run=`, a forward on example inputs, and `exclude=`, module paths to leave alone)."""
+    also takes `run=`, a forward on example inputs, `exclude=`, module paths to leave alone, and
+    `within=`, the only module paths to look in, with what is inside them)."""
 
     name: str
     description: str

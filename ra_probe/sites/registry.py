@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ra_probe.sites.records import Adapter, Site, SiteReport
+from ra_probe.sites.records import Adapter, Site, SiteReport, Skipped
 
 ENTRY_POINT_GROUP = "ra_probe.adapters"
 
@@ -70,6 +70,27 @@ def find_sites(model: nn.Module, adapters: list[Adapter] | None = None,
                     report.skipped + rest.skipped
         return report
     return SiteReport("none", [])
+
+
+def hand_over(model: nn.Module, report: SiteReport, refused: list[Skipped], adapters: list[Adapter] | None = None,
+              run: Callable[[], Any] | None = None) -> SiteReport | None:
+    """`report` with the sites of blocks whose family-adapter sites the real forward refused (the block
+    is of a layout the adapter does not know: another library version, a variant) replaced by what the
+    fallback detectors find in those blocks; None when they find nothing there. Unverified."""
+    adapters = adapters if adapters is not None else registered_adapters()
+    detectors = [a for a in adapters if getattr(a, "any_module", False)]
+    names = {d.name for d in detectors}
+    blocks = {s.site.module_path for s in refused if s.site is not None and s.site.adapter not in names}
+    if not blocks:
+        return None
+    found = [_found(d, model, run, within=blocks) for d in detectors]
+    sites = [site for f in found for site in f.sites]
+    redone = {b for b in blocks if any(s.module_path == b or s.module_path.startswith(f"{b}.") for s in sites)}
+    if not redone:
+        return None
+    kept = [s for s in report.sites if s.module_path not in redone]
+    skipped = [s for f in found for s in f.skipped if s.site is None or s.site.module_path in redone]
+    return SiteReport(report.adapter, in_module_order(model, kept + sites), report.skipped + skipped)
 
 
 def at_level(sites: list[Site], level: str) -> list[Site]:

@@ -42,11 +42,11 @@ def verify_sites(report: SiteReport, captured: Captured) -> SiteReport:
             site.verify_error = relative_error(rebuilt, record.y)
         except Exception as exc:  # an adapter's branch that cannot run is a skipped site, not a crash
             skipped.append(Skipped(site.name, f"its branch cannot be recomputed from the captured input "
-                                              f"({first_line(exc)})"))
+                                              f"({first_line(exc)})", site))
             continue
         if not site.verify_error <= VERIFY_RTOL:
             skipped.append(Skipped(site.name, f"post(skip(x)+F(x)) differs from the block output "
-                                              f"(relative error {site.verify_error:.2e})"))
+                                              f"(relative error {site.verify_error:.2e})", site))
             continue
         site.in_shape, site.out_shape = tuple(record.x.shape[1:]), tuple(record.y.shape[1:])
         kept.append(site)

@@ -3,6 +3,8 @@ without adapter), blocks a family adapter leaves, blocks that return tuples or d
 by the caller, windowed tensors, and a fixed sample of the model zoo through the command line."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import timm
 import tiny_models
@@ -13,6 +15,8 @@ from torch.func import jacrev
 
 from ra_probe.engine import JacobianOperator
 from ra_probe.load.data import Samples
+from ra_probe.plugins._blocks import FamilyAdapter, block_site, chain
+from ra_probe.sites import registry
 from ra_probe.sites.capture import capture
 from ra_probe.sites.discover import discover
 from ra_probe.sites.registry import find_sites
@@ -49,8 +53,13 @@ def test_a_transformers_model_torch_fx_cannot_trace_is_seen_on_its_real_forward(
     site, layer = report.sites[0], model.transformer.layer[0]
     record = captured.sites[site.name]
     dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
-    expected = torch.stack([jacrev(lambda v: layer.attention(v[None], attention_mask=None)[0][0])(v)
-                            for v in record.x]).reshape(dense.shape)
+    if "query" in inspect.signature(layer.attention.forward).parameters:  # transformers 4.x
+        def attention(v):
+            return layer.attention(v, v, v, torch.ones(v.shape[:2]))[0]
+    else:
+        def attention(v):
+            return layer.attention(v, attention_mask=None)[0]
+    expected = torch.stack([jacrev(lambda v: attention(v[None])[0])(v) for v in record.x]).reshape(dense.shape)
     torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -87,6 +96,37 @@ def test_a_resnet_family_model_with_block_classes_the_adapter_does_not_know_gets
     assert len(report.sites) == 8 and sum(s.kind == "projection" for s in report.sites) == 3
     assert [s.module_path for s in report.sites] == [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
     assert all(s.post_name == "relu" and s.verify_error < 1e-5 for s in report.sites)
+
+
+class ScaledMLP(tiny_models.ResidualMLP):
+    """A later layout of a known block: its branch now has a layer scale, which the adapter below ignores."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.gamma = torch.nn.Parameter(torch.linspace(0.2, 2.0, width))
+
+    def forward(self, x):
+        return x + self.gamma * self.branch(x)
+
+
+def test_a_block_whose_family_site_the_forward_refuses_is_handed_to_the_generic_detector(monkeypatch):
+    # before: the scaled block was skipped ("post(skip(x)+F(x)) differs from the block output")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(tiny_models.ResidualMLP(8), ScaledMLP(8)).eval().requires_grad_(False)
+    family = FamilyAdapter("mlp-family", "", lambda m: isinstance(m, torch.nn.Sequential),
+                           lambda path, m: [block_site(path, chain(m, ["branch"]))]
+                           if isinstance(m, tiny_models.ResidualMLP) else None)
+    monkeypatch.setattr(registry, "_RUNTIME", [family])
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    report = discover(model, Samples(x, None, "synthetic"), torch.device("cpu"), torch.float32)
+    assert report.skipped == [] and report.adapter == "mlp-family"
+    assert [(s.name, s.adapter) for s in report.sites] == [("0", "mlp-family"), ("1", "generic")]
+    assert all(s.verify_error < 1e-6 for s in report.sites)
+    site, block = report.sites[1], model[1]
+    record = capture(model, x, report.sites, with_head=False).sites[site.name]
+    dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
+    expected = torch.stack([jacrev(lambda v: block.gamma * block.branch(v))(v) for v in record.x])
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_blocks_returning_tuples_or_dicts_are_sites_and_a_block_taking_a_tuple_is_skipped_in_words():
