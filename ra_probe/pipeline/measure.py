@@ -151,7 +151,8 @@ def at_last_token(sites: list[Site], captured: Captured) -> tuple[list[Site], Ca
         if record.x.ndim < 3 or record.y.shape[:2] != record.x.shape[:2]:
             raise UserError(f"--tokens last: site {site.name} has no token axis (input {tuple(record.x.shape)}, "
                             f"output {tuple(record.y.shape)}); it takes a text model's sites")
-        records[site.name] = SiteRecord(record.x[:, -1], record.y[:, -1], {"tokens": record.x, "ctx": record.ctx})
+        records[site.name] = SiteRecord(record.x[:, -1], record.y[:, -1], {"tokens": record.x, "ctx": record.ctx},
+                                        record.order)
         out.append(dataclasses.replace(site, branch=_last_token_branch(site.branch), in_shape=site.in_shape[1:],
                                        out_shape=site.out_shape[1:]))
     return out, dataclasses.replace(captured, sites=records)

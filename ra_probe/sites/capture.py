@@ -20,6 +20,7 @@ class SiteRecord:
     x: torch.Tensor
     y: torch.Tensor
     ctx: Context
+    order: int = 0  # when the forward produced y, among the hooked calls: the sites' order in the forward
 
 
 @dataclass
@@ -131,10 +132,10 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
             stack.callback(handle.remove)
         output = run_model(model, inputs)
 
-    def read(path: str, where: str, span: tuple[int, int], index: int = 0):
-        """The `index`-th reading of (path, where) within one call of a block."""
-        inside = [value for tick, value in reads[path, where] if span[0] <= tick <= span[1]]
-        return inside[index] if index < len(inside) else None
+    def read(path: str, where: str, span: tuple[int, int], index: int = 0) -> tuple[int, Any]:
+        """The `index`-th reading of (path, where) within one call of a block, and its tick."""
+        inside = [(tick, value) for tick, value in reads[path, where] if span[0] <= tick <= span[1]]
+        return inside[index] if index < len(inside) else (-1, None)
 
     calls = {path: len(spans[path]) for path in blocks}
     batch = len(first_tensor(inputs))
@@ -143,14 +144,14 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if site.call >= calls[site.module_path]:
             continue
         span = spans[site.module_path][site.call]
-        x, y = (read(tap.module, tap.where, span, tap.call) for tap in (site.input_tap, site.output_tap))
+        (_, x), (order, y) = (read(tap.module, tap.where, span, tap.call) for tap in (site.input_tap, site.output_tap))
         if x is None or y is None:
             continue
-        ctx = read(site.ctx_module, "call", span) if site.ctx_module is not None else None
+        ctx = read(site.ctx_module, "call", span)[1] if site.ctx_module is not None else None
         device = _device_of(module_at(model, site.module_path))
         x, y = (tap.read(v, batch) if isinstance(v, torch.Tensor) else v for tap, v in ((site.input_tap, x),
                                                                                  (site.output_tap, y)))
-        records[site.name] = SiteRecord(*_moved((x, y, ctx or {"args": (), "kwargs": {}}), device))
+        records[site.name] = SiteRecord(*_moved((x, y, ctx or {"args": (), "kwargs": {}}), device), order)
     logits = logits_of(output)
     # the head's input counts as classifier features only when the head's output is the model's output
     # (a model without a classifier still has Linear layers, e.g. inside its branches)

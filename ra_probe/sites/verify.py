@@ -50,6 +50,9 @@ def verify_sites(report: SiteReport, captured: Captured) -> SiteReport:
             continue
         site.in_shape, site.out_shape = tuple(record.x.shape[1:]), tuple(record.y.shape[1:])
         kept.append(site)
+    # in the order the forward computes them (a parent block's add after its children's, whatever the
+    # order the modules were registered in)
+    kept.sort(key=lambda site: captured.sites[site.name].order)
     assign_groups(kept, captured)
     return SiteReport(report.adapter, kept, skipped)
 
@@ -87,7 +90,7 @@ def _per_sample_site(site: Site, record: SiteRecord, batch: int) -> tuple[Site, 
     wrapped = replace(site, branch=flat(site.branch, rows_in), skip=flat(site.skip, rows_in),
                       post=flat(site.post, rows_in), input_tap=replace(site.input_tap, rows=True),
                       output_tap=replace(site.output_tap, rows=True))
-    return wrapped, SiteRecord(per_sample(record.x, batch), per_sample(record.y, batch), record.ctx)
+    return wrapped, SiteRecord(per_sample(record.x, batch), per_sample(record.y, batch), record.ctx, record.order)
 
 
 def assign_groups(sites: list[Site], captured: Captured) -> None:

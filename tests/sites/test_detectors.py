@@ -129,6 +129,38 @@ def test_a_block_whose_family_site_the_forward_refuses_is_handed_to_the_generic_
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 
 
+class AddingAttention(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.dense = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.dense(x).tanh()
+
+
+class LayerWithInnerSite(torch.nn.Module):
+    """ALBERT's layout: the layer registers nothing before its attention, whose own forward adds the first
+    skip; the layer's forward adds the second after it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.attention = AddingAttention(width)
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU())
+
+    def forward(self, x):
+        h = self.attention(x)
+        return h + self.ffn(h)
+
+
+def test_sites_are_in_the_order_the_forward_computes_them_and_chain_in_one_group():
+    # before: the layer's site (registered first) came before its attention's, and the group split in two
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LayerWithInnerSite(6), LayerWithInnerSite(6)).eval().requires_grad_(False)
+    report, _ = found(model, torch.randn(3, 6))
+    assert [s.name for s in report.sites] == ["0.attention", "0", "1.attention", "1"]
+    assert {s.group for s in report.sites} == {0} and report.skipped == []
+
+
 def test_blocks_returning_tuples_or_dicts_are_sites_and_a_block_taking_a_tuple_is_skipped_in_words():
     torch.manual_seed(0)
     model = tiny_models.OutputShapes().eval()

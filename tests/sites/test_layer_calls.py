@@ -156,5 +156,5 @@ def test_a_tuple_item_read_twice_is_one_value_and_its_add_a_site():
     model = Layers(SharedRead).eval()
     report, _ = found(model, torch.randn(3, 4, 6))  # before: the FFN's add unseen, two reads of out[0]
     assert [(s.name, s.post_name) for s in report.sites] == \
-           [(f"layers.{i}{b}", post) for i in (0, 1) for b, post in (("", "layernorm"), (".attention", None))]
+           [(f"layers.{i}{b}", post) for i in (0, 1) for b, post in ((".attention", None), ("", "layernorm"))]
     assert report.skipped == [] and all(s.verify_error < 1e-6 for s in report.sites)
