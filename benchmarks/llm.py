@@ -3,6 +3,7 @@ and block coupling, report), the JSON size and the HTML time, in one run.
 
     python benchmarks/llm.py [--layers 30] [--hidden 576] [--samples 4] [--tokens 14] [--k 8]
                              [--sites block] [--token-positions all] [--coupling-k 8] [--device cpu]
+                             [--align-pairs auto] [--against-all]
 
 The model is built from a config at random init (no download): the costs depend on the shapes (layers,
 hidden size, tokens, k), not on the weights. The sentences are random token ids of equal length. The
@@ -10,6 +11,7 @@ target of the alignment: at most a quarter of the probe's time (`alignment / pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -38,13 +40,17 @@ def main() -> None:
     parser.add_argument("--token-positions", default="all", help="all | last")
     parser.add_argument("--coupling-k", default="8")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--align-pairs", default="auto", help="all | partners per site | auto")
+    parser.add_argument("--against-all", action="store_true", help="then the same probe measuring every pair: "
+                                                                   "its time and how far the estimate is")
     parser.add_argument("--narrow", action="store_true", help="then the same probe with the alignment's products "
                                                               "in calls of the solver's chunk (the former way)")
     args = parser.parse_args()
     lm = model(args.layers, args.hidden)
     ids = torch.randint(1, 2048, (args.samples, args.tokens), generator=torch.Generator().manual_seed(0))
     settings = Settings(k=args.k, samples=args.samples, batch_size=args.samples, device=args.device, null="none",
-                        sites=args.sites, tokens=args.token_positions, coupling_k=args.coupling_k)
+                        sites=args.sites, tokens=args.token_positions, coupling_k=args.coupling_k,
+                        align_pairs=int(args.align_pairs) if args.align_pairs.isdigit() else args.align_pairs)
     started = time.perf_counter()
     report = probe(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, settings)
     probed = time.perf_counter() - started
@@ -68,7 +74,17 @@ def main() -> None:
           f"in {html_seconds:.1f} s")
     nc = report["metrics"]["nc"]
     print(f"NC on next tokens: {nc['classes']} classes used, {nc['classes_dropped']} dropped" if nc else "NC: none")
+    group = report["metrics"]["ra2"]["groups"][0]
+    print(f"RA2 pairs measured {group['pairs_measured']} of {group['pairs']}, score {group['score']:.4f}")
     print(f"alignment / probe = {alignment / probed:.2f} (target ≤ 0.25)")
+    if args.against_all:
+        started = time.perf_counter()
+        exact = probe(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                      dataclasses.replace(settings, align_pairs="all"))
+        seconds, every = time.perf_counter() - started, exact["metrics"]["ra2"]["groups"][0]
+        print(f"every pair: probe {seconds:.1f} s, alignment {exact['timings']['alignment_seconds']:.1f} s "
+              f"({exact['timings']['alignment_seconds'] / seconds:.2f} of it); score {every['score']:.4f}, the "
+              f"estimate's error {group['score'] - every['score']:+.4f}; this probe {probed / seconds:.2f}× its time")
     if args.narrow:
         operators.WIDE_ELEMENTS = 0  # every call as narrow as the solver's (--chunk)
         narrow = probe(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, settings)["timings"]

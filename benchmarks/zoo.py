@@ -5,9 +5,9 @@ init, each in its own process with a time limit.
     python benchmarks/zoo.py [--timm-only | --hf-only] [--family resnet --family vit ...] [--limit N]
                              [--timeout 180] [--jobs 2] [--json zoo.json]
 
-Per model: the small probe `ra-probe MODEL --data synthetic --samples 1 --k 2 --null none` (the models are at
-random init already, and the null measures the same sites again; `ra-probe sites MODEL`
-when the probe fails, to count what was found), then one row: sites found (verified + skipped),
+Per model: the small probe `ra-probe MODEL --data synthetic --samples 1 --k 2 --tol 0.1 --null none` (coverage,
+not precision: a loose tolerance, and no null, which measures the same sites of the same random init again;
+`ra-probe sites MODEL` when the probe fails, to count what was found), then one row: sites found (verified + skipped),
 verified, skipped with their reasons, probed (exit 0 with every verified site measured), and the
 error line. A model counts as covered when it is probed with at least one site, or when it is
 reported to have no residual connection and its family is one whose blocks do not add a skip. Any
@@ -139,7 +139,7 @@ def measure(category: str, family: str, ref: str, extra: list[str], timeout: flo
     report = folder / f"{family}.json"
     code, out, err, seconds = run([ref, *extra, "--data", "synthetic", "--samples", "1", "--k", "2", "--json",
                                    str(report), "--html", str(folder / f"{family}.html"), "--force", "--quiet",
-                                   "--no-cache", "--null", "none", *threads], timeout)
+                                   "--no-cache", "--tol", "0.1", "--null", "none", *threads], timeout)
     row = {"category": category, "family": family, "model": ref, "seconds": round(seconds, 1), "found": 0,
            "verified": 0, "skipped": [], "probed": False, "error": None, "traceback": "Traceback" in out + err}
     if code is None:

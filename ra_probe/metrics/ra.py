@@ -88,15 +88,60 @@ def spread_sites(names: list[str]) -> list[str]:
     return [names[i] for i in _spread(len(names))]
 
 
+def _heatmap_indices(m: int) -> set[tuple[int, int]]:
+    spread = _spread(m)
+    pairs = {(a, b) for a in spread for b in spread if a != b}
+    return pairs | {(a, a + 1) for a in range(m - 1)} | {(a + 1, a) for a in range(m - 1)}
+
+
 def heatmap_pairs(names: list[str]) -> list[tuple[str, str]]:
     """The ordered pairs (i, j) of a group whose K×K maps |U_jᵀ J_i V_j| a report keeps: every pair when
     the group has at most `HEATMAP_SITES` sites; else every pair among that many sites spread evenly
     from the first to the last, and each site with its neighbours. So a report grows linearly with
-    depth, not as L² (the a_ij matrix itself keeps every pair)."""
-    spread, m = _spread(len(names)), len(names)
-    pairs = {(a, b) for a in spread for b in spread if a != b}
-    pairs |= {(a, a + 1) for a in range(m - 1)} | {(a + 1, a) for a in range(m - 1)}
-    return [(names[a], names[b]) for a, b in sorted(pairs)]
+    depth, not as L²."""
+    return [(names[a], names[b]) for a, b in sorted(_heatmap_indices(len(names)))]
+
+
+AUTO_ALL_PAIRS = 17  # auto: every pair of a group up to this many sites (16 partners each), else
+AUTO_PARTNERS = 6  # this many partners per site on average: alignment a fraction of the SVDs' products
+
+
+def partners_per_site(m: int, setting: str | int) -> int | None:
+    """How many partners each site of a group of `m` has on average for RA2 (`align_pairs`: all, auto
+    or a number); None for every pair."""
+    if setting == "all" or (setting == "auto" and m <= AUTO_ALL_PAIRS):
+        return None
+    partners = AUTO_PARTNERS if setting == "auto" else int(setting)
+    return None if partners >= m - 1 else partners
+
+
+def alignment_pairs(m: int, partners: int | None, seed: int) -> list[tuple[int, int]]:
+    """The ordered pairs (a, b), a ≠ b, of a group of `m` sites whose M_ab = U_bᵀ J_a V_b RA2 measures:
+    every pair when `partners` is None; else every neighbour pair and every pair whose K×K map a
+    report keeps (`heatmap_pairs`), and pairs drawn uniformly at random among the others (under
+    `seed`) until the group has `partners`·m. Each pair costs K products of J_a, so exact RA2 grows as
+    m²; a sample keeps it linear in depth."""
+    every = [(a, b) for a in range(m) for b in range(m) if a != b]
+    if partners is None:
+        return every
+    kept = _heatmap_indices(m)
+    others = [pair for pair in every if pair not in kept]
+    drawn = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))
+    return sorted(kept | {others[i] for i in drawn[:max(0, partners * m - len(kept))].tolist()})
+
+
+def pair_mean(matrix: list[list[float | None]]) -> float | None:
+    """The mean of a group's off-diagonal entries over every ordered pair, estimated from those measured
+    (None: not measured) by strata: neighbour pairs and the others, each stratum's mean over its
+    measured entries weighted by its size (a stratum with none measured left out). Exact when every
+    pair is measured; None when none is; NaN when a measured entry is NaN."""
+    m, total, weight = len(matrix), 0.0, 0
+    for near in (True, False):
+        stratum = [matrix[a][b] for a in range(m) for b in range(m) if a != b and (abs(a - b) == 1) == near]
+        measured = [v for v in stratum if v is not None]
+        if measured:
+            total, weight = total + sum(measured) / len(measured) * len(stratum), weight + len(stratum)
+    return total / weight if weight else None
 
 
 def singular_vector_overlap(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

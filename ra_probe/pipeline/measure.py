@@ -169,13 +169,13 @@ def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int
     """Samples per chunk from the device's free memory and the sites' sizes and solvers (engine.memory)."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
 
-    def sized(site: Site) -> tuple[int, int, str]:
+    def sized(site: Site, partners: list[Site]) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=dtype.itemsize, after=_aligned_products(len(groups[site.group]), settings))
+                                   itemsize=dtype.itemsize, after=len(partners) * _aligned_k(settings))
 
-    groups = groups_of(sites)
-    dims = [[sized(s) for s in members] for members in groups.values()]
+    groups = [(members, alignment_partners(members, settings)) for members in groups_of(sites).values()]
+    dims = [[sized(s, partners[s.name]) for s in members] for members, partners in groups]
     return auto_batch_size(dims, samples, device, k=settings.k, align_k=_aligned_k(settings),
                            block=default_block(settings.k), chunk=settings.chunk,
                            itemsize=dtype.itemsize)
@@ -203,7 +203,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
     alignment and RA1 trajectories."""
     out = GroupMeasurement(group)
-    svds, ops = {}, {}
+    svds, ops, partners = {}, {}, alignment_partners(members, settings)
     for site in members:
         record = captured.sites[site.name]
         tick = time.perf_counter()
@@ -213,7 +213,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
             op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
                                         dense_limit=settings.dense_limit, seed=settings.seed, sample_ids=sample_ids,
-                                        after=_aligned_products(len(members), settings))
+                                        after=len(partners[site.name]) * _aligned_k(settings))
         except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
             raise UserError(f"site {site.name}: {first_line(exc)}") from None
         ops[site.name] = op
@@ -230,7 +230,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         if on_done:
             on_done(site.name, out.timing[site.name]["seconds"], out.timing[site.name]["products"])
     if len(members) >= 2:
-        _measure_alignment(members, captured, svds, ops, settings, out)
+        _measure_alignment(members, partners, svds, ops, settings, out)
         if on_done:
             timings = [out.timing[s.name] for s in members]
             on_done(f"group {group} RA2 alignment", sum(t["align_seconds"] for t in timings),
@@ -243,21 +243,30 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     return out
 
 
-def _measure_alignment(members: list[Site], captured: Captured, svds, ops, settings: Settings,
+def alignment_partners(members: list[Site], settings: Settings) -> dict[str, list[Site]]:
+    """Each site's partners j of a group, those whose M_ij RA2 and coupling measure: every other site,
+    or in a large group a sample of them (`align_pairs`, see `ra.alignment_pairs`)."""
+    partners = ra_metrics.partners_per_site(len(members), settings.align_pairs)
+    out: dict[str, list[Site]] = {site.name: [] for site in members}
+    for a, b in ra_metrics.alignment_pairs(len(members), partners, settings.seed):
+        out[members[a].name].append(members[b])
+    return out
+
+
+def _measure_alignment(members: list[Site], partners_of: dict[str, list[Site]], svds, ops, settings: Settings,
                        out: GroupMeasurement) -> None:
-    """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: J_i
-    applied to the top vectors of every other site of the group in one wide block product J_i [V_j …]
-    (a dense site's J_i is already formed), then every partner's U_jᵀ in one batched product. K of the
-    largest of RA2 and coupling; each takes M's leading K×K block."""
+    """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for each site i and its partners
+    j: J_i applied to the partners' top vectors in one wide block product J_i [V_j …] (a dense site's
+    J_i is already formed), then every partner's U_jᵀ in one batched product. K of the largest of RA2
+    and coupling; each takes M's leading K×K block."""
     available = min(svds[s.name].S.shape[1] for s in members)
     K = min(settings.align_k or settings.k, available)
     wide = max([K, *(c for c in settings.coupling_k if c <= available)])
     for site_i in members:
-        tick = time.perf_counter()
+        tick, partners = time.perf_counter(), partners_of[site_i.name]
         op, before = ops[site_i.name], ops[site_i.name].products
         S_i = svds[site_i.name].S[:, :wide]
         here = S_i.device  # the device of J_i's block; a model split across devices has the others elsewhere
-        partners = [s for s in members if s is not site_i]
         V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
         with wide_calls(op, V.shape[2]):
             JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
@@ -275,11 +284,5 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
 def _aligned_k(settings: Settings) -> int:
     """Top vectors of a site that RA2 and coupling apply the other sites' J to: the larger of their K."""
     return max([settings.align_k or settings.k, *settings.coupling_k])
-
-
-def _aligned_products(members: int, settings: Settings) -> int:
-    """Products per sample that RA2 and coupling apply each site's J to: the top vectors of every
-    other site of its group."""
-    return (members - 1) * _aligned_k(settings) if members > 1 else 0
 
 

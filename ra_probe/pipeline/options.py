@@ -77,6 +77,24 @@ class Kind(Constraint):
         return isinstance(value, self.types) and not (bool not in self.types and isinstance(value, bool))
 
 
+@dataclass(frozen=True)
+class WordOrInteger(Constraint):
+    """One of `words`, or an integer ≥ 1."""
+
+    words: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return f"{', '.join(self.words)} or a positive integer"
+
+    def accepts(self, value: Any) -> bool:
+        return value in self.words or Integer(1).accepts(value)
+
+
+def word_or_integer(text: str) -> str | int:
+    return int(text) if text.strip().isdigit() else text
+
+
 class Integers(Constraint):
     text = "positive integers like 10,30"
 
@@ -162,6 +180,10 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("samples", 64, Integer(1), "at most this many samples", cli_type=int),
     Option("k", 16, Integer(1), "singular triplets per site and sample", cli_type=int),
     Option("align_k", None, Integer(1), "K of the RA2 alignment (default: k)", cli_type=Optional[int]),
+    Option("align_pairs", "auto", WordOrInteger(("auto", "all")), "RA2 pairs of a group: all | N partners per "
+           "site on average (every neighbour pair, the pairs among 8 spread sites, the rest drawn at random under "
+           "--seed; the group score estimated from them) | auto (all up to 17 sites, else 6)", cli_type=str,
+           from_cli=word_or_integer),
     Option("tol", 1e-3, Real(0.0), "relative residual tolerance of the iterative solver", cli_type=float),
     Option("solver", "auto", OneOf(SOLVERS), "auto (dense where forming J costs fewer products than a Krylov "
            "solve, else block) | dense | block", cli_type=str),
@@ -228,6 +250,8 @@ def normalized(name: str, value: Any) -> Any:
         return tuple(value)
     if name == "coupling_k" and isinstance(value, str):
         return parse_shape(value)
+    if name == "align_pairs" and isinstance(value, str):
+        return word_or_integer(value)
     if name == "weights" and isinstance(value, Path):
         return str(value)
     return value

@@ -21,6 +21,7 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 class Settings:
     k: int = default("k")  # singular triplets per site and sample
     align_k: int | None = default("align_k")  # K of RA2 (default: k)
+    align_pairs: str | int = default("align_pairs")  # RA2 pairs: all | partners per site on average | auto
     samples: int = default("samples")
     batch_size: int | None = default("batch_size")  # samples per chunk; None: the most that fit the device's memory
     tol: float = default("tol")

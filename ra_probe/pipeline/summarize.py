@@ -70,15 +70,15 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         entry["projection"] = measured.projection(group)
         ra1_groups.append(entry)
         names = [s.name for s in members]
-        alignment = {(i, j): torch.cat(measured.site_values("alignment", (i, j)))
-                     for i in names for j in names if i != j}
-        matrix = [[1.0 if i == j else _mean_std(alignment[i, j])[0] for j in names] for i in names]
-        pairs = [matrix[a][b] for a in range(len(names)) for b in range(len(names)) if a != b]
+        alignment = {(i, j): torch.cat(values) for i in names for j in names if i != j
+                     for values in [measured.site_values("alignment", (i, j))] if values}
+        matrix = _pair_matrix(names, alignment, diagonal=1.0)
         undefined = torch.stack(list(alignment.values())).isnan().any(dim=0)
         count = sum(len(t) for t in measured.site_values("S", names[0]))
         heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
                     for i, j in ra_metrics.heatmap_pairs(names)}
-        ra2_groups.append({"group": group, "sites": names, "score": sum(pairs) / len(pairs), "matrix": matrix,
+        ra2_groups.append({"group": group, "sites": names, "score": ra_metrics.pair_mean(matrix), "matrix": matrix,
+                           "pairs_measured": len(alignment), "pairs": len(names) * (len(names) - 1),
                            "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())})
         if settings.coupling_k:
             coupling_groups.append(_coupling(group, names, measured, settings.coupling_k))
@@ -108,15 +108,23 @@ def _coupling(group: int, names: list[str], measured: Measured, ks: tuple[int, .
     singular triplets)."""
     matrices, means = {}, {}
     for K in ks:
-        chunks = {(i, j): measured.site_values("coupling", (i, j, K)) for i in names for j in names if i != j}
-        if not all(chunks.values()):
+        chunks = {(i, j): torch.cat(values) for i in names for j in names if i != j
+                  for values in [measured.site_values("coupling", (i, j, K))] if values}
+        if not chunks:  # K above the group's sites' singular triplets
             matrices[str(K)], means[str(K)] = None, None
             continue
-        mean = {pair: _mean_std(torch.cat(values))[0] for pair, values in chunks.items()}
-        matrices[str(K)] = [[0.0 if i == j else mean[i, j] for j in names] for i in names]
-        defined = [v for v in mean.values() if not math.isnan(v)]
-        means[str(K)] = sum(defined) / len(defined) if defined else None
+        matrices[str(K)] = _pair_matrix(names, chunks, diagonal=0.0)
+        # a pair whose J_i is exactly zero has no coupling: left out of the mean as if not measured
+        means[str(K)] = ra_metrics.pair_mean([[None if v is None or math.isnan(v) else v for v in row]
+                                              for row in matrices[str(K)]])
     return {"group": group, "sites": names, "matrices": matrices, "mean": means}
+
+
+def _pair_matrix(names: list[str], values: dict[tuple[str, str], torch.Tensor], diagonal: float) -> list[list]:
+    """A group's site × site matrix of per-sample values averaged over samples: `diagonal` on the
+    diagonal, None for a pair not measured (a large group's RA2 measures a sample of its pairs)."""
+    return [[diagonal if i == j else _mean_std(values[i, j])[0] if (i, j) in values else None for j in names]
+            for i in names]
 
 
 def _mean_or_none(values: list[float]) -> float | None:

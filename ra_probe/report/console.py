@@ -95,16 +95,21 @@ def ra_table(report: dict[str, Any], width: int = 120) -> Table:
     coupling = {g["group"]: g["mean"] for g in metrics.get("coupling", {}).get("groups", [])}  # from schema 1.5
     ks = [str(K) for K in metrics.get("coupling", {}).get("K", [])]
     columns += [Column(f"coupling K={K}", "right") for K in ks]
-    rows = []
+    rows, sampled = [], []
     for g in metrics["ra2"]["groups"]:
         t = ra1[g["group"]]
         names = g["sites"]
-        rows.append([str(g["group"]), names[0], names[-1], str(len(names)), fmt(g["score"]), fmt(t["linearity"]),
+        estimated = g.get("pairs_measured", 0) < g.get("pairs", 0)  # from schema 1.6
+        sampled += [f"group {g['group']}: {g['pairs_measured']} of {g['pairs']}"] if estimated else []
+        rows.append([str(g["group"]), names[0], names[-1], str(len(names)),
+                     ("≈" if estimated else "") + fmt(g["score"]), fmt(t["linearity"]),
                      fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"])]
                     + [fmt(coupling.get(g["group"], {}).get(K)) for K in ks])
     ra4 = metrics["ra4"]
-    return fitted("Residual Alignment by group", columns, rows, width,
-                  f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}")
+    caption = f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}"
+    if sampled:
+        caption += f"\n≈ estimated from a sample of the pairs ({'; '.join(sampled)}); --align-pairs all measures every pair"
+    return fitted("Residual Alignment by group", columns, rows, width, caption)
 
 
 def null_table(metrics: dict[str, Any], width: int = 120) -> Table:

@@ -99,8 +99,10 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
 
 def alignment_matrix(group: dict[str, Any]) -> str:
     """RA2 scores a_ij of one group: row i (the Jacobian J_i), column j (the singular pairs of J_j)."""
-    return _site_matrix(group["sites"], group["matrix"], f"group {group['group']}: a_ij", f"alignment-{group['group']}",
-                        vmax=1.0)
+    measured, pairs = group.get("pairs_measured", 0), group.get("pairs", 0)  # from schema 1.6
+    sample = f" ({measured} of {pairs} pairs measured, blank: not measured)" if measured < pairs else ""
+    return _site_matrix(group["sites"], group["matrix"], f"group {group['group']}: a_ij{sample}",
+                        f"alignment-{group['group']}", vmax=1.0)
 
 
 def coupling_matrix(group: dict[str, Any], K: str) -> str:

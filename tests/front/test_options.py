@@ -13,7 +13,7 @@ import torch
 import ra_probe
 from ra_probe.errors import UserError
 from ra_probe.gate import LIMITS
-from ra_probe.pipeline.options import OPTIONS, Integer, Integers, Kind, OneOf, Real, Shape
+from ra_probe.pipeline.options import OPTIONS, Integer, Integers, Kind, OneOf, Real, Shape, WordOrInteger
 from ra_probe.pipeline.settings import Settings
 from ra_probe.sweeps.spec import read_spec
 
@@ -28,6 +28,8 @@ def bad_value(constraint):
         return float("nan") if constraint.low is None else constraint.low - 1.0
     if isinstance(constraint, OneOf):
         return "bogus"
+    if isinstance(constraint, WordOrInteger):
+        return 0
     if isinstance(constraint, (Shape, Integers)):
         return (0, 224)
     if isinstance(constraint, Kind):  # a value of another type

@@ -4,7 +4,15 @@ import math
 import pytest
 import torch
 
-from ra_probe.metrics.ra import alignment_score, trajectory_projection, trajectory_stats
+from ra_probe.metrics.ra import (
+    alignment_pairs,
+    alignment_score,
+    heatmap_pairs,
+    pair_mean,
+    partners_per_site,
+    trajectory_projection,
+    trajectory_stats,
+)
 
 
 def _embed(points_2d: torch.Tensor, d: int, seed: int = 0) -> torch.Tensor:
@@ -66,3 +74,28 @@ def test_alignment_by_hand():
     U_j = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
     M = U_j.T @ J_i @ eye  # diagonal (3 cos θ, cos θ): a_ij = 4 cos θ / 4 = 1/2
     assert alignment_score(M[None], S_i).item() == pytest.approx(0.5)
+
+
+def test_a_large_group_measures_neighbours_heat_map_pairs_and_a_seeded_sample():
+    assert partners_per_site(17, "auto") is None and partners_per_site(18, "auto") == 6
+    assert partners_per_site(40, "all") is None and partners_per_site(5, 4) is None and partners_per_site(30, 3) == 3
+    assert alignment_pairs(5, None, 0) == [(a, b) for a in range(5) for b in range(5) if a != b]
+    pairs = alignment_pairs(30, 6, seed=0)
+    assert len(pairs) == len(set(pairs)) == 6 * 30 and all(a != b for a, b in pairs)
+    names = [str(i) for i in range(30)]
+    assert {(str(a), str(b)) for a, b in pairs} >= set(heatmap_pairs(names))  # every kept K×K map is measured
+    assert alignment_pairs(30, 6, seed=0) == pairs != alignment_pairs(30, 6, seed=1)
+    assert len(alignment_pairs(30, 1, seed=0)) == len(heatmap_pairs(names))  # never fewer than the maps need
+
+
+def test_pair_mean_is_exact_on_every_pair_and_stratified_on_a_sample():
+    full = [[1.0, 0.2, 0.4], [0.6, 1.0, 0.8], [0.3, 0.5, 1.0]]
+    assert pair_mean(full) == pytest.approx((0.2 + 0.4 + 0.6 + 0.8 + 0.3 + 0.5) / 6)
+    m = 5  # neighbours: 8 pairs, all measured; the 12 others: 3 measured
+    matrix = [[None] * m for _ in range(m)]
+    for a in range(m - 1):
+        matrix[a][a + 1], matrix[a + 1][a] = 0.5, 0.7
+    matrix[0][2], matrix[4][0], matrix[1][4] = 0.1, 0.2, 0.3
+    assert pair_mean(matrix) == pytest.approx((4 * 0.5 + 4 * 0.7 + 12 * 0.2) / 20)
+    assert pair_mean([[1.0, None], [None, 1.0]]) is None
+    assert math.isnan(pair_mean([[1.0, math.nan], [0.5, 1.0]]))

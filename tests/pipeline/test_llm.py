@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import tiny_models
 import torch
 import transformers as tf
 
@@ -15,7 +16,7 @@ from ra_probe.engine import DenseOperator, JacobianOperator
 from ra_probe.errors import UserError
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
-from ra_probe.pipeline.measure import GroupMeasurement, _measure_alignment
+from ra_probe.pipeline.measure import GroupMeasurement, _measure_alignment, alignment_partners
 from ra_probe.pipeline.settings import Settings
 from ra_probe.sites.records import Site, Tap
 
@@ -162,7 +163,8 @@ def test_batched_alignment_equals_one_pair_at_a_time():
         svds[name] = SimpleNamespace(U=U[:, :, :k], S=S[:, :k], V=Vh.mT[:, :, :k])
     members = [Site(name, "", lambda x, c: x, Tap(""), Tap("")) for name in ops]
     out = GroupMeasurement(0, timing={name: {} for name in ops})
-    _measure_alignment(members, None, svds, ops, Settings(k=k, align_k=3, coupling_k=(2, 5)), out)
+    settings = Settings(k=k, align_k=3, coupling_k=(2, 5))
+    _measure_alignment(members, alignment_partners(members, settings), svds, ops, settings, out)
     for i in ops:
         for j in ops:
             if i == j:
@@ -250,3 +252,21 @@ def test_an_llm_report_reads_back_renders_and_compares(cli, tmp_path):
     assert all(f'id="fig-coupling-0-{K}"' in page for K in (2, 3))
     code, out, err = cli("compare", "block.json", "sub.json", "--html", "both.html")
     assert code == 0, err
+
+
+def test_a_deep_group_measures_a_sample_of_pairs_equal_to_the_exact_ones_and_estimates_the_score():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[tiny_models.ResidualMLP(6) for _ in range(20)], torch.nn.Linear(6, 3)).eval()
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    runs = {pairs: probe(model, x, k=3, align_pairs=pairs, null="none", cache=False) for pairs in ("auto", "all")}
+    sampled, exact = (runs[p]["metrics"]["ra2"]["groups"][0] for p in ("auto", "all"))
+    assert (sampled["pairs"], exact["pairs_measured"], sampled["pairs_measured"]) == (380, 380, 6 * 20)
+    measured = [(i, j) for i in range(20) for j in range(20) if sampled["matrix"][i][j] is not None and i != j]
+    assert len(measured) == 120 and all(exact["matrix"][i][j] is not None for i in range(20) for j in range(20))
+    for i, j in measured:  # a measured pair is the exact run's number
+        assert sampled["matrix"][i][j] == pytest.approx(exact["matrix"][i][j], rel=1e-6)
+    assert sampled["score"] == pytest.approx(ra_metrics.pair_mean(sampled["matrix"]))
+    assert sampled["score"] == pytest.approx(exact["score"], abs=0.05)
+    products = {p: sum(s["timing"]["align_products"] for s in runs[p]["sites"]) for p in runs}
+    assert products["auto"] / products["all"] == pytest.approx(120 / 380)
+    assert runs["auto"]["settings"]["align_pairs"] == "auto"
