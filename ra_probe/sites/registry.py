@@ -68,6 +68,7 @@ def find_sites(model: nn.Module, adapters: list[Adapter] | None = None,
                 rest = _found(detector, model, run, exclude=claimed)
                 report.sites, report.skipped = in_module_order(model, report.sites + rest.sites), \
                     report.skipped + rest.skipped
+        report.sites = distinct_names(report.sites)
         return report
     return SiteReport("none", [])
 
@@ -90,7 +91,22 @@ def hand_over(model: nn.Module, report: SiteReport, refused: list[Skipped], adap
         return None
     kept = [s for s in report.sites if s.module_path not in redone]
     skipped = [s for f in found for s in f.skipped if s.site is None or s.site.module_path in redone]
-    return SiteReport(report.adapter, in_module_order(model, kept + sites), report.skipped + skipped)
+    return SiteReport(report.adapter, distinct_names(in_module_order(model, kept + sites)), report.skipped + skipped)
+
+
+def distinct_names(sites: list[Site]) -> list[Site]:
+    """Sites with distinct names. A block names a branch after its main child (`block.attn`); when that
+    child has an add of its own, found as a site named by its path too, the child's own site becomes
+    `child:inner`; any other repeated name is numbered `:2`, `:3`... in order."""
+    claimed = {site.name for site in sites if site.module_path != site.name}
+    seen: dict[str, int] = {}
+    for site in sites:
+        if site.module_path == site.name and site.name in claimed:
+            site.name = f"{site.name}:inner"
+        seen[site.name] = seen.get(site.name, 0) + 1
+        if seen[site.name] > 1:
+            site.name = f"{site.name}:{seen[site.name]}"
+    return sites
 
 
 def at_level(sites: list[Site], level: str) -> list[Site]:

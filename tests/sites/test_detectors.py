@@ -161,6 +161,42 @@ def test_sites_are_in_the_order_the_forward_computes_them_and_chain_in_one_group
     assert {s.group for s in report.sites} == {0} and report.skipped == []
 
 
+class MixerWithOwnAdd(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.lin(x).tanh()
+
+
+class BlockNamingItsBranchAfterTheMixer(torch.nn.Module):
+    """EfficientFormerV2's layout: the block's first branch is named after its mixer, which has an add of its own."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mixer, self.mlp = MixerWithOwnAdd(width), torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU())
+
+    def forward(self, x):
+        h = x + 0.5 * self.mixer(x)
+        return h + self.mlp(h)
+
+
+def test_a_branch_named_after_a_child_with_its_own_add_keeps_both_sites_apart():
+    # before: both were named "0.mixer", one's captured values overwrote the other's and it was skipped
+    # ("its branch cannot be recomputed" with a torch shape error, or a wrong verification)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BlockNamingItsBranchAfterTheMixer(6)).eval().requires_grad_(False)
+    x = torch.randn(3, 6)
+    report, captured = found(model, x)
+    assert sorted(s.name for s in report.sites) == ["0.mixer", "0.mixer:inner", "0.mlp"] and report.skipped == []
+    site = next(s for s in report.sites if s.name == "0.mixer")
+    record, mixer = captured.sites[site.name], model[0].mixer
+    dense = JacobianOperator(lambda v: site.branch(v, record.ctx), record.x).dense()
+    expected = torch.stack([jacrev(lambda v: 0.5 * mixer(v))(v) for v in x])
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_blocks_returning_tuples_or_dicts_are_sites_and_a_block_taking_a_tuple_is_skipped_in_words():
     torch.manual_seed(0)
     model = tiny_models.OutputShapes().eval()
