@@ -119,6 +119,8 @@ def test_block_sites_measure_the_dense_jacobian_of_the_chosen_tokens(family, tok
     assert len(sites) == 3 and all(s["level"] == "block" for s in sites)
     for site, J in zip(sites, block_jacobians(model, [s["name"] for s in sites], inputs, last=tokens == "last")):
         assert J.shape[0] == (16 if tokens == "last" else 4 * 16)
+        # the report's shapes are the Jacobian's: one token's at the last token (before: T × d there too)
+        assert site["input_shape"] == site["output_shape"] == ([16] if tokens == "last" else [4, 16])
         expected = torch.linalg.svdvals(J)[:4]
         assert torch.allclose(torch.tensor(site["singular_values"], dtype=torch.float64), expected, rtol=1e-6)
 
