@@ -7,14 +7,18 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator, wide_calls
+from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.errors import UserError, first_line
+from ra_probe.load.offload import offloaded, resident, resident_bytes, streamed_bytes
 from ra_probe.load.samples import Samples, batch, chunks, real_tokens
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
@@ -55,6 +59,7 @@ class Measured:
     logits: list[torch.Tensor] = field(default_factory=list)
     order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
     finite_outputs: bool = True
+    peak: PeakEstimate | None = None  # the memory the probe was estimated to need
 
     def sample_order(self) -> torch.Tensor:
         """Sample indices in the order of the concatenated per-sample results."""
@@ -103,8 +108,9 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     if settings.tokens == "last" and real_tokens(samples.inputs) is None:
         raise UserError("--tokens last takes text data (token ids with an attention mask): "
                         f"{samples.name!r} is not")
-    batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
-    out.batch_size = batch_size
+    out.peak = peak_estimate(model, sites, n, settings)
+    batch_size = out.batch_size = out.peak.samples
+    hold = holding(model)
     indices = chunks(samples.inputs, batch_size)
     total, done = len(sites) * len(indices), 0
 
@@ -134,7 +140,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         for group, members in groups_of(measured_sites).items():
             end = done + len(members)
             say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
-            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say))
+            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say, hold))
             if done < end:  # served from the cache: nothing was measured
                 site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)
     return out
@@ -165,43 +171,106 @@ def _last_token_branch(branch):
     return at_last
 
 
-def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
-    """Samples per chunk from the device's free memory and the sites' sizes and solvers (engine.memory)."""
+@dataclass
+class PeakEstimate:
+    """What a probe is estimated to hold at its peak, in bytes (engine.memory): the model's weights on
+    its devices, the most offloaded weights made resident at once (one site's block), and what each
+    sample of a chunk costs."""
+
+    weights: int
+    block: int
+    per_sample: int
+    samples: int  # per chunk
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.block + self.per_sample * self.samples
+
+
+def peak_estimate(model: torch.nn.Module, sites: list[Site], samples: int, settings: Settings) -> PeakEstimate:
+    """The probe's peak memory, with chunks of `settings.batch_size` samples, or as many of `samples`
+    as the device's free memory allows."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    dims, memory = _site_dims(sites, settings), _memory_settings(settings)
+    block = largest_block(model, sites, dtype.itemsize)
+    batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=block, **memory)
+    return PeakEstimate(resident_bytes(model), block, bytes_per_sample(dims, device=device, **memory), batch_size)
+
+
+def _site_dims(sites: list[Site], settings: Settings) -> list[list[tuple[int, int, str]]]:
+    """(input dimension, output dimension, solver) of every site, by group, as engine.memory takes them."""
+    itemsize = settings.resolved_dtype().itemsize
 
     def sized(site: Site) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=dtype.itemsize, after=_aligned_products(len(groups[site.group]), settings))
+                                   itemsize=itemsize, after=_aligned_products(len(groups[site.group]), settings))
 
     groups = groups_of(sites)
-    dims = [[sized(s) for s in members] for members in groups.values()]
-    return auto_batch_size(dims, samples, device, k=settings.k, align_k=_aligned_k(settings),
-                           block=default_block(settings.k), chunk=settings.chunk,
-                           itemsize=dtype.itemsize)
+    return [[sized(s) for s in members] for members in groups.values()]
+
+
+def _memory_settings(settings: Settings) -> dict[str, int]:
+    return dict(k=settings.k, align_k=_aligned_k(settings), block=default_block(settings.k), chunk=settings.chunk,
+                itemsize=settings.resolved_dtype().itemsize)
+
+
+Hold = Callable[[Site], AbstractContextManager]  # a site's offloaded weights resident while it is measured
+
+
+def holding(model: torch.nn.Module) -> Hold | None:
+    """For a model with offloaded weights, what makes a site's block resident (load.offload); else None."""
+    return partial(_resident_site, model) if offloaded(model) else None
+
+
+@contextmanager
+def _resident_site(model: torch.nn.Module, site: Site) -> Iterator[None]:
+    """Within: the offloaded weights of `site`'s block resident. A branch that computes with offloaded
+    weights outside its block has them streamed under torch.func, which cannot be: one line says so."""
+    with resident(model, block_paths(site)):
+        try:
+            yield
+        except RuntimeError as exc:
+            if "doesn't have storage" not in str(exc):
+                raise
+            raise UserError(f"site {site.name}: its branch computes with offloaded weights outside its block "
+                            f"{site.module_path}; place those on a device in device_map") from None
+
+
+def block_paths(site: Site) -> list[str]:
+    """The modules a site's branch computes with: its block, and the module whose side inputs it takes."""
+    return [path for path in dict.fromkeys((site.module_path, site.ctx_module)) if path is not None]
+
+
+def largest_block(model: torch.nn.Module, sites: list[Site], itemsize: int) -> int:
+    """Bytes of the most offloaded weights any site makes resident at once, at `itemsize`."""
+    return max((streamed_bytes(model, block_paths(site), itemsize) for site in sites), default=0)
 
 
 SiteDone = Callable[..., None]  # (what was measured, seconds, products): after each site's SVD and each alignment
 
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
-                          settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None) -> GroupMeasurement:
+                          settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None,
+                          hold: Hold | None = None) -> GroupMeasurement:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
     captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
     if cache is None:
-        return measure_group(group, members, captured, settings, sample_ids, on_done)
+        return measure_group(group, members, captured, settings, sample_ids, on_done, hold)
     records = [captured.sites[s.name] for s in members]  # at the last token: the sentences' tokens too
     values = [sample_ids] + [t for r in records for t in (r.x, r.y, r.ctx.get("tokens")) if t is not None]
     return cache.get_or_compute([s.name for s in members], values,
-                                lambda: measure_group(group, members, captured, settings, sample_ids, on_done),
+                                lambda: measure_group(group, members, captured, settings, sample_ids, on_done, hold),
                                 GroupMeasurement)
 
 
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
-                  sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None) -> GroupMeasurement:
+                  sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None,
+                  hold: Hold | None = None) -> GroupMeasurement:
     """Top-k SVD of every site of a group on one chunk of samples (`sample_ids`, their indices in the
     data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
-    alignment and RA1 trajectories."""
+    alignment and RA1 trajectories. `hold`: what makes a site's offloaded weights resident while
+    its products run (a model whose weights accelerate offloads)."""
     out = GroupMeasurement(group)
     svds, ops = {}, {}
     for site in members:
@@ -209,13 +278,16 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         tick = time.perf_counter()
         # at the last token, a tangent runs through every token of the sentence
         tangent_size = record.ctx["tokens"][0].numel() if settings.tokens == "last" else None
-        jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk, tangent_size=tangent_size)
-        try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
-            op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
-                                        dense_limit=settings.dense_limit, seed=settings.seed, sample_ids=sample_ids,
-                                        after=_aligned_products(len(members), settings))
-        except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
-            raise UserError(f"site {site.name}: {first_line(exc)}") from None
+        with _held(hold, site):
+            jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk,
+                                        tangent_size=tangent_size)
+            try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
+                op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
+                                            dense_limit=settings.dense_limit, seed=settings.seed,
+                                            sample_ids=sample_ids, after=_aligned_products(len(members), settings))
+            except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
+                raise UserError(f"site {site.name}: {first_line(exc)}") from None
+            _release(op, hold)
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
@@ -230,7 +302,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         if on_done:
             on_done(site.name, out.timing[site.name]["seconds"], out.timing[site.name]["products"])
     if len(members) >= 2:
-        _measure_alignment(members, captured, svds, ops, settings, out)
+        _measure_alignment(members, captured, svds, ops, settings, out, hold)
         if on_done:
             timings = [out.timing[s.name] for s in members]
             on_done(f"group {group} RA2 alignment", sum(t["align_seconds"] for t in timings),
@@ -243,8 +315,19 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     return out
 
 
+def _held(hold: Hold | None, site: Site) -> AbstractContextManager:
+    """Within: `site`'s offloaded weights resident, where `hold` says how (nothing to do without)."""
+    return nullcontext() if hold is None else hold(site)
+
+
+def _release(op, hold: Hold | None) -> None:
+    """An operator whose site's weights are about to leave their device lets go of what holds them."""
+    if hold is not None:
+        op.release()
+
+
 def _measure_alignment(members: list[Site], captured: Captured, svds, ops, settings: Settings,
-                       out: GroupMeasurement) -> None:
+                       out: GroupMeasurement, hold: Hold | None = None) -> None:
     """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: J_i
     applied to the top vectors of every other site of the group in one wide block product J_i [V_j …]
     (a dense site's J_i is already formed), then every partner's U_jᵀ in one batched product. K of the
@@ -259,8 +342,9 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
         here = S_i.device  # the device of J_i's block; a model split across devices has the others elsewhere
         partners = [s for s in members if s is not site_i]
         V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
-        with wide_calls(op, V.shape[2]):
+        with _held(hold, site_i), wide_calls(op, V.shape[2]):
             JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
+            _release(op, hold)
         U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
         Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):
