@@ -6,6 +6,7 @@ transform), so while a block's Jacobian products run its weights are made reside
 its hooks stop streaming; after, they stand on meta again: one block's weights at a time."""
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -83,6 +84,8 @@ def resident(model: nn.Module, paths: list[str]) -> Iterator[None]:
             slots[leaf] = placeholder
         for _, hook in streamed:
             hook.offload = True
+        if swapped:  # what held the weights (traced fx programs) is cyclic garbage: freed now, not later
+            gc.collect()
 
 
 def streamed_bytes(model: nn.Module, paths: list[str], itemsize: int) -> int:
