@@ -14,7 +14,8 @@ Peak memory is the process's peak resident set (VmHWM) from the end of the load 
 probe (the peak is reset after loading): what the probe itself needs. The estimate
 (`pipeline.measure.PeakEstimate`) counts the weights in memory, the largest offloaded block made
 resident at once, and the chunk's samples; it leaves out the interpreter and its libraries (the
-resident set before loading, `base`), so the ratio is (peak − base) / estimate."""
+resident set before loading, with what a probe imports on first use: `base`), so the ratio is
+(peak − base) / estimate."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,8 @@ def memory_now(field: str) -> int:
 
 def probe_once(folder: str, offload: bool, args: argparse.Namespace) -> dict:
     """In this process: load (offloaded or whole), probe, and what it took."""
+    import torch._dynamo  # noqa: F401 - loaded on first use by accelerate's hooks and torch.func: part of base
+
     from ra_probe import Settings
     from ra_probe.load.inputs import as_samples
     from ra_probe.load.models import load_model

@@ -305,6 +305,8 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
             module = seeded(hf_builder(config, model_cls), seed)[0]
             info = {"missing_keys": [name for name, _ in module.named_parameters()]}
     except Exception as exc:
+        if placement:
+            shutil.rmtree(placement["offload_folder"], ignore_errors=True)
         raise UserError(f"cannot load Hugging Face model {display}: {first_line(exc)}") from None
     if placement:
         _keep_while_used(placement["offload_folder"], module)

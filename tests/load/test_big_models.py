@@ -4,7 +4,9 @@ whose weights accelerate offloads to disk or CPU memory is probed one block of r
 time, and its weights are back where they were (offloaded, on meta) after."""
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 import tempfile
 
 import pytest
@@ -92,6 +94,28 @@ def test_a_model_offloaded_to_disk_has_the_spectra_of_the_whole_model(folder, le
     # the same parameters, on meta where they were offloaded, in their dtype; the hooks stream them again
     assert {name: (p, p.device, p.dtype) for name, p in loaded.module.named_parameters()} == before
     assert streaming_hooks(loaded.module) == hooks
+
+
+def test_weights_offloaded_from_another_format_are_written_to_a_folder_removed_with_the_model(folder, monkeypatch,
+                                                                                              tmp_path):
+    from safetensors.torch import load_file
+
+    torch_format = tmp_path / "bin"
+    torch_format.mkdir()
+    shutil.copy(f"{folder}/config.json", torch_format)
+    torch.save(load_file(f"{folder}/model.safetensors"), torch_format / "pytorch_model.bin")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    loaded = load_model(str(torch_format), device_map=OFFLOADING)
+    [written] = temporary.iterdir()  # accelerate reads disk-offloaded weights from safetensors files only
+    assert any(written.iterdir())
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, null="none")
+    for name, values in spectra(probe(folder, **OPTIONS, null="none")).items():
+        assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
+    del loaded
+    gc.collect()
+    assert not written.exists()
 
 
 def test_device_map_offloads_through_the_command_line(folder, cli):
