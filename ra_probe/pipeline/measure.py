@@ -331,7 +331,7 @@ def _measure_alignment(members: list[Site], captured: Captured, svds, ops, setti
     """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for every ordered pair i ≠ j: J_i
     applied to the top vectors of every other site of the group in one wide block product J_i [V_j …]
     (a dense site's J_i is already formed), then every partner's U_jᵀ in one batched product. K of the
-    largest of RA2 and coupling; each takes M's leading K×K block."""
+    largest of RA2 and coupling; each takes M's leading K×K block. `hold`: as in `measure_group`."""
     available = min(svds[s.name].S.shape[1] for s in members)
     K = min(settings.align_k or settings.k, available)
     wide = max([K, *(c for c in settings.coupling_k if c <= available)])
