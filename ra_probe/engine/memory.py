@@ -90,10 +90,11 @@ def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: 
 
 
 def auto_batch_size(groups: list[list[tuple]], samples: int, device: torch.device, *, k: int,
-                    align_k: int, block: int, chunk: int, itemsize: int, free: int | None = None) -> int:
+                    align_k: int, block: int, chunk: int, itemsize: int, free: int | None = None,
+                    held: int = 0) -> int:
     """The most samples per chunk (at most `samples`, at least 1) whose estimated peak fits in half of
-    the device's free memory."""
+    the device's free memory less `held` bytes the probe takes besides (offloaded weights made resident)."""
     per_sample = bytes_per_sample(groups, k=k, align_k=align_k, block=block, chunk=chunk, itemsize=itemsize,
                                   device=device)
-    budget = SHARE_OF_FREE * (free_bytes(device) if free is None else free)
+    budget = SHARE_OF_FREE * max(0, (free_bytes(device) if free is None else free) - held)
     return max(1, min(samples, int(budget // max(per_sample, 1))))

@@ -58,6 +58,9 @@ class BatchedOperator:
     def select(self, rows: torch.Tensor) -> BatchedOperator | None:
         return None
 
+    def release(self) -> None:
+        """Drop what the operator keeps of its function between products (nothing, here)."""
+
     def dense(self, chunk: int = 256) -> torch.Tensor:
         """The matrices themselves, (B, m, n), column block by column block: J·I."""
         batch, _, n = self.shape
@@ -177,6 +180,12 @@ class JacobianOperator(BatchedOperator):
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
         return _into(self._autograd.jtu(u), out)
+
+    def release(self) -> None:
+        """Drop the programs traced at the branch's weights (the vjp function, the linearized program,
+        autograd's products), which hold them: the next product traces anew. For a branch whose weights
+        are on its device only while it is measured (offloaded), so that they can leave it."""
+        self._vjp_fn = self._lin_fn = self._autograd = None
 
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call, into `out`

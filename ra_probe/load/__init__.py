@@ -2,6 +2,7 @@
 
 models.py   model references (bundled/, timm/, hf/, a folder, a checkpoint with its architecture, a
             factory) into an eval-mode module with what is known of it (`LoadedModel`)
+offload.py  weights accelerate offloads (device_map "disk"): made resident one block at a time
 reinit.py   the same architecture at a seeded random init: the null model a probe is contrasted with
 inputs.py   what the library takes (a module, a reference, tensors, an (x, y) pair, a dict, a DataLoader)
             into a loaded model and samples

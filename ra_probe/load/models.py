@@ -6,7 +6,10 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import shutil
 import sys
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +267,21 @@ def _device_map(value: str | dict[str, Any]) -> str | dict[str, Any]:
     return value
 
 
+def _offload_folder() -> str:
+    """A new temporary folder for the weights accelerate writes when it offloads to disk ones it cannot
+    read from the model's own safetensors files (other formats, converted weights); under $TMPDIR."""
+    return tempfile.mkdtemp(prefix="ra-probe-offload-")
+
+
+def _keep_while_used(folder: str, module: nn.Module) -> None:
+    """`folder` removed at once when nothing was written to it, else when `module` is collected (or
+    at exit): its hooks read offloaded weights from it."""
+    if not any(Path(folder).iterdir()):
+        Path(folder).rmdir()
+    else:
+        weakref.finalize(module, shutil.rmtree, folder, ignore_errors=True)
+
+
 def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None = None,
              seed: int = 0, pretrained: bool = True) -> LoadedModel:
     """A transformers model (eager attention) from the Hub or a folder; without `pretrained`, built from
@@ -278,7 +296,7 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
         raise UserError(f"cannot load the Hugging Face model {display} ({why})") from None
     archs = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, archs[0], None) if archs else None
-    placement = {} if device_map is None else {"device_map": device_map}
+    placement = {} if device_map is None else {"device_map": device_map, "offload_folder": _offload_folder()}
     try:  # weights the files lack are initialized at random, under the seed
         if pretrained:
             module, info = seeded(lambda: (model_cls or transformers.AutoModel).from_pretrained(
@@ -287,12 +305,11 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
             module = seeded(hf_builder(config, model_cls), seed)[0]
             info = {"missing_keys": [name for name, _ in module.named_parameters()]}
     except Exception as exc:
+        if placement:
+            shutil.rmtree(placement["offload_folder"], ignore_errors=True)
         raise UserError(f"cannot load Hugging Face model {display}: {first_line(exc)}") from None
-    offloaded = [name for name, p in module.named_parameters() if p.device.type == "meta"]
-    if offloaded:  # weights kept off the devices and streamed in by hooks: a branch alone could not run
-        raise UserError(f"device_map {device_map!r} does not fit the devices: {len(offloaded)} weights (e.g. "
-                        f"{offloaded[0]}) were offloaded; place every module on a device (more or larger GPUs, "
-                        "or a map without offloading)")
+    if placement:
+        _keep_while_used(placement["offload_folder"], module)
     image_size = getattr(config, "image_size", None)
     channels = getattr(config, "num_channels", 3)
     if getattr(module, "main_input_name", None) == "input_features":  # a speech model (Whisper)

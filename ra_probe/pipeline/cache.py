@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ import torch
 
 from ra_probe import __version__
 from ra_probe.files import atomic_write
+from ra_probe.load.offload import FullState
 
 T = TypeVar("T")
 # Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
@@ -81,11 +82,12 @@ def adapter_digest(name: str) -> str | None:
     return None
 
 
-def tensor_digest(*tensors: torch.Tensor | dict[str, torch.Tensor] | None) -> str:
-    """sha256 over dtypes, shapes and bytes of tensors (or dicts of tensors, keys included)."""
+def tensor_digest(*tensors: torch.Tensor | Mapping[str, torch.Tensor] | None) -> str:
+    """sha256 over dtypes, shapes and bytes of tensors (or maps of tensors, keys included; a map's
+    tensors are looked up one at a time, in the order of their keys)."""
     digest = hashlib.sha256()
     for item in tensors:
-        items = sorted(item.items()) if isinstance(item, dict) else [("", item)]
+        items = ((key, item[key]) for key in sorted(item)) if isinstance(item, Mapping) else [("", item)]
         for key, tensor in items:
             if tensor is None:
                 continue
@@ -108,7 +110,7 @@ class ResultCache:
         kept["device"] = settings.resolved_device().type
         identity = {"version": __version__, "code": code_digest(), "libraries": library_versions(),
                     "adapter": adapter, "adapter_code": adapter_digest(adapter), "model": name,
-                    "class": type(module).__qualname__, "weights": tensor_digest(module.state_dict()),
+                    "class": type(module).__qualname__, "weights": tensor_digest(FullState(module)),
                     "settings": kept}
         return RunCache(self, hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
 

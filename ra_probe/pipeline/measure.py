@@ -14,11 +14,14 @@ from typing import Any
 import torch
 
 from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator, wide_calls
+from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.errors import UserError, first_line
+from ra_probe.load.offload import resident_bytes
 from ra_probe.load.samples import Samples, batch, chunks, real_tokens
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
+from ra_probe.pipeline.residency import Hold, held, holding, largest_block, release
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.sites.capture import Captured, SiteRecord, capture
 from ra_probe.sites.records import Site
@@ -55,6 +58,7 @@ class Measured:
     logits: list[torch.Tensor] = field(default_factory=list)
     order: list[torch.Tensor] = field(default_factory=list)  # the samples of each chunk, by index
     finite_outputs: bool = True
+    peak: PeakEstimate | None = None  # the memory the probe was estimated to need
 
     def sample_order(self) -> torch.Tensor:
         """Sample indices in the order of the concatenated per-sample results."""
@@ -103,8 +107,9 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     if settings.tokens == "last" and real_tokens(samples.inputs) is None:
         raise UserError("--tokens last takes text data (token ids with an attention mask): "
                         f"{samples.name!r} is not")
-    batch_size = settings.batch_size or _auto_batch_size(sites, n, settings)
-    out.batch_size = batch_size
+    out.peak = peak_estimate(model, sites, n, settings)
+    batch_size = out.batch_size = out.peak.samples
+    hold = holding(model)
     indices = chunks(samples.inputs, batch_size)
     total, done = len(sites) * len(indices), 0
 
@@ -134,7 +139,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
         for group, members in groups_of(measured_sites).items():
             end = done + len(members)
             say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
-            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say))
+            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say, hold))
             if done < end:  # served from the cache: nothing was measured
                 site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)
     return out
@@ -165,43 +170,74 @@ def _last_token_branch(branch):
     return at_last
 
 
-def _auto_batch_size(sites: list[Site], samples: int, settings: Settings) -> int:
-    """Samples per chunk from the device's free memory and the sites' sizes and solvers (engine.memory)."""
+@dataclass
+class PeakEstimate:
+    """What a probe is estimated to hold at its peak, in bytes (engine.memory): the model's weights on
+    its devices, the most offloaded weights made resident at once (one site's block), and what each
+    sample of a chunk costs."""
+
+    weights: int
+    block: int
+    per_sample: int
+    samples: int  # per chunk
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.block + self.per_sample * self.samples
+
+
+def peak_estimate(model: torch.nn.Module, sites: list[Site], samples: int, settings: Settings) -> PeakEstimate:
+    """The probe's peak memory, with chunks of `settings.batch_size` samples, or as many of `samples`
+    as the device's free memory allows."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    dims, memory = _site_dims(sites, settings), _memory_settings(settings)
+    block = largest_block(model, sites, dtype.itemsize)
+    batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=block, **memory)
+    return PeakEstimate(resident_bytes(model), block, bytes_per_sample(dims, device=device, **memory), batch_size)
+
+
+def _site_dims(sites: list[Site], settings: Settings) -> list[list[tuple[int, int, str]]]:
+    """(input dimension, output dimension, solver) of every site, by group, as engine.memory takes them."""
+    itemsize = settings.resolved_dtype().itemsize
 
     def sized(site: Site, partners: list[Site]) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=dtype.itemsize, after=len(partners) * _aligned_k(settings))
+                                   itemsize=itemsize, after=len(partners) * _aligned_k(settings))
 
     groups = [(members, alignment_partners(members, settings)) for members in groups_of(sites).values()]
-    dims = [[sized(s, partners[s.name]) for s in members] for members, partners in groups]
-    return auto_batch_size(dims, samples, device, k=settings.k, align_k=_aligned_k(settings),
-                           block=default_block(settings.k), chunk=settings.chunk,
-                           itemsize=dtype.itemsize)
+    return [[sized(s, partners[s.name]) for s in members] for members, partners in groups]
+
+
+def _memory_settings(settings: Settings) -> dict[str, int]:
+    return dict(k=settings.k, align_k=_aligned_k(settings), block=default_block(settings.k), chunk=settings.chunk,
+                itemsize=settings.resolved_dtype().itemsize)
 
 
 SiteDone = Callable[..., None]  # (what was measured, seconds, products): after each site's SVD and each alignment
 
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
-                          settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None) -> GroupMeasurement:
+                          settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None,
+                          hold: Hold | None = None) -> GroupMeasurement:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
     captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
     if cache is None:
-        return measure_group(group, members, captured, settings, sample_ids, on_done)
+        return measure_group(group, members, captured, settings, sample_ids, on_done, hold)
     records = [captured.sites[s.name] for s in members]  # at the last token: the sentences' tokens too
     values = [sample_ids] + [t for r in records for t in (r.x, r.y, r.ctx.get("tokens")) if t is not None]
     return cache.get_or_compute([s.name for s in members], values,
-                                lambda: measure_group(group, members, captured, settings, sample_ids, on_done),
+                                lambda: measure_group(group, members, captured, settings, sample_ids, on_done, hold),
                                 GroupMeasurement)
 
 
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
-                  sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None) -> GroupMeasurement:
+                  sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None,
+                  hold: Hold | None = None) -> GroupMeasurement:
     """Top-k SVD of every site of a group on one chunk of samples (`sample_ids`, their indices in the
     data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
-    alignment and RA1 trajectories."""
+    alignment and RA1 trajectories. `hold`: what makes a site's offloaded weights resident while
+    its products run (a model whose weights accelerate offloads)."""
     out = GroupMeasurement(group)
     svds, ops, partners = {}, {}, alignment_partners(members, settings)
     for site in members:
@@ -209,13 +245,16 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         tick = time.perf_counter()
         # at the last token, a tangent runs through every token of the sentence
         tangent_size = record.ctx["tokens"][0].numel() if settings.tokens == "last" else None
-        jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk, tangent_size=tangent_size)
-        try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
-            op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
-                                        dense_limit=settings.dense_limit, seed=settings.seed, sample_ids=sample_ids,
-                                        after=len(partners[site.name]) * _aligned_k(settings))
-        except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
-            raise UserError(f"site {site.name}: {first_line(exc)}") from None
+        with held(hold, site):
+            jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk,
+                                        tangent_size=tangent_size)
+            try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
+                op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
+                                            dense_limit=settings.dense_limit, seed=settings.seed,
+                                            sample_ids=sample_ids, after=len(partners[site.name]) * _aligned_k(settings))
+            except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
+                raise UserError(f"site {site.name}: {first_line(exc)}") from None
+            release(op, hold)
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
@@ -230,7 +269,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         if on_done:
             on_done(site.name, out.timing[site.name]["seconds"], out.timing[site.name]["products"])
     if len(members) >= 2:
-        _measure_alignment(members, partners, svds, ops, settings, out)
+        _measure_alignment(members, partners, svds, ops, settings, out, hold)
         if on_done:
             timings = [out.timing[s.name] for s in members]
             on_done(f"group {group} RA2 alignment", sum(t["align_seconds"] for t in timings),
@@ -254,11 +293,11 @@ def alignment_partners(members: list[Site], settings: Settings) -> dict[str, lis
 
 
 def _measure_alignment(members: list[Site], partners_of: dict[str, list[Site]], svds, ops, settings: Settings,
-                       out: GroupMeasurement) -> None:
+                       out: GroupMeasurement, hold: Hold | None = None) -> None:
     """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for each site i and its partners
     j: J_i applied to the partners' top vectors in one wide block product J_i [V_j …] (a dense site's
     J_i is already formed), then every partner's U_jᵀ in one batched product. K of the largest of RA2
-    and coupling; each takes M's leading K×K block."""
+    and coupling; each takes M's leading K×K block. `hold`: as in `measure_group`."""
     available = min(svds[s.name].S.shape[1] for s in members)
     K = min(settings.align_k or settings.k, available)
     wide = max([K, *(c for c in settings.coupling_k if c <= available)])
@@ -268,8 +307,9 @@ def _measure_alignment(members: list[Site], partners_of: dict[str, list[Site]], 
         S_i = svds[site_i.name].S[:, :wide]
         here = S_i.device  # the device of J_i's block; a model split across devices has the others elsewhere
         V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
-        with wide_calls(op, V.shape[2]):
+        with held(hold, site_i), wide_calls(op, V.shape[2]):
             JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
+            release(op, hold)
         U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
         Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):

@@ -18,12 +18,14 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
     map it computes, TF32 off (spectra in true float32), and scaled dot-product attention on its math
     kernel (the fused ones have no forward-mode derivative: a timm ViT made without `exportable` or an
     HF model on "sdpa" attention works as it is). A model dispatched across devices (accelerate's
-    big-model hooks, `device_map`) keeps every block where it is and only takes the dtype. On exit every
-    module's mode, every parameter's grad flag, device and dtype, the swapped BatchNorms, the TF32
-    flags and the attention kernels are as they were."""
+    big-model hooks, `device_map`) keeps every block where it is and only takes the dtype (an offloaded
+    weight's meta placeholder too: its hook streams it in that dtype). On exit every module's mode, its
+    parameters (the same objects: offloading hooks put new ones in), their grad flags, devices and
+    dtypes, the swapped BatchNorms, the TF32 flags and the attention kernels are as they were."""
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     data = {p: p.data for p in model.parameters()}
+    parameters = {m: dict(m._parameters) for m in model.modules()}
     buffers = {m: dict(m._buffers) for m in model.modules()}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
@@ -32,14 +34,16 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
             model.eval().requires_grad_(False)
             _affine_batch_norms(model, swapped)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            if dispatched(model):
-                yield model.to(dtype=settings.resolved_dtype())
+            if dispatched(model):  # torch's own `to`: accelerate's refuses a model with offloaded weights
+                yield torch.nn.Module.to(model, dtype=settings.resolved_dtype())
             else:
                 yield model.to(settings.resolved_device(), settings.resolved_dtype())
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             for parent, name, original in swapped:
                 setattr(parent, name, original)
+            for module, kept in parameters.items():
+                module._parameters.update(kept)
             for parameter, tensor in data.items():
                 parameter.data = tensor
             for module, kept in buffers.items():

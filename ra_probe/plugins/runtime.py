@@ -10,9 +10,11 @@ new input and reading the add's other operand: no graph is extracted, so any Pyt
 is supported, as long as it takes the same path for the new input (same shapes)."""
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -78,8 +80,9 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, model: nn.Module, targets: set[str]):
         super().__init__()
         self.model, self.targets = model, targets
-        self.values: dict[int, _Value] = {}
-        self.keep: list[torch.Tensor] = []  # ids stay unique while the forward runs
+        self.values: dict[int, _Value] = {}  # by id of a live tensor: its entry leaves when it dies
+        # weak: a recorder that kept every tensor would hold all the weights an offloading hook streams in
+        self.refs: list[weakref.ref] = []
         self.frames: list[_Frame] = []
         self.done: list[_Frame] = []
         self.paths = {module: path for path, module in model.named_modules()}
@@ -89,8 +92,11 @@ class _Recorder(TorchFunctionMode):
         self.seq += 1
         node = _Value(self.seq, tuple(parents), parametric, self.frames[-1].path if self.frames else "", op)
         self.values[id(tensor)] = node
-        self.keep.append(tensor)
+        self.refs.append(weakref.ref(tensor, partial(self._forget, id(tensor))))
         return node
+
+    def _forget(self, key: int, _dead: weakref.ref) -> None:
+        self.values.pop(key, None)  # the tensor is gone: a later one may take its id
 
     def known(self, tensor: torch.Tensor) -> _Value:
         return self.values.get(id(tensor)) or self.value(tensor)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ra_probe.load.offload import execution_device
 from ra_probe.load.samples import Inputs, first_tensor, run_model
 from ra_probe.sites.records import Context, Site, each_call, main_input, module_at, output_tensor
 
@@ -56,8 +57,11 @@ def logits_of(output: Any) -> torch.Tensor | None:
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
-    """Where a block computes: the device of its parameters (None for a block without any)."""
+    """Where a block computes: the device of its parameters (None for a block without any), or for a
+    block whose weights are offloaded (on meta), the device accelerate's hooks stream them to."""
     first = next(module.parameters(), None)
+    if first is not None and first.device.type == "meta":
+        return execution_device(module) or first.device
     return None if first is None else first.device
 
 

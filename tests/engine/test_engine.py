@@ -370,6 +370,8 @@ def test_auto_batch_size_follows_free_memory():
     assert 1 <= small < large <= 64
     assert auto_batch_size(groups, 64, free=1, **args) == 1
     assert auto_batch_size([[(128, 128)]], 64, free=8 * 2**30, **args) == 64
+    # an offloaded model's block of weights made resident takes its share of the free memory first
+    assert auto_batch_size(groups, 64, free=16 * 2**30, held=8 * 2**30, **args) == small
 
 
 

@@ -1,35 +1,37 @@
 """Models larger than one device: a Hugging Face model dispatched across devices by accelerate is
-probed where each block lives — the same spectra as the model on one device, and never moved."""
+probed where each block lives — the same spectra as the model on one device, and never moved; one
+whose weights accelerate offloads to disk or CPU memory is probed one block of resident weights at a
+time, and its weights are back where they were (offloaded, on meta) after."""
 from __future__ import annotations
 
+import gc
 import json
+import shutil
+import tempfile
 
 import pytest
 import torch
-import transformers as tf
+from tiny_models import hf_config, saved
 
 from ra_probe import probe
 from ra_probe.errors import UserError
 from ra_probe.load.models import load_model
+from ra_probe.load.offload import offloaded, streaming_hooks
 from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.settings import Settings
 
 accelerate = pytest.importorskip("accelerate")
-CONFIG = tf.LlamaConfig(vocab_size=40, max_position_embeddings=8, hidden_size=16, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=32, num_key_value_heads=1, bos_token_id=0,
-                        eos_token_id=0, architectures=["LlamaForCausalLM"])
 SECOND = 0 if torch.cuda.is_available() else "cpu"  # a real second device where there is one
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
          "model.layers.1": SECOND, "model.norm": SECOND, "lm_head": SECOND}
+# the first layer's weights on disk, streamed in by accelerate's hooks for each forward
+OFFLOADING = {**SPLIT, "model.layers.0": "disk"}
 OPTIONS = dict(samples=3, k=4, batch_size=3, dtype="float64", data="synthetic")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(CONFIG).save_pretrained(path)
-    return str(path)
+    return saved(hf_config("llama"), tmp_path_factory.mktemp("llama"))
 
 
 def spectra(report) -> dict[str, list[float]]:
@@ -74,12 +76,63 @@ def test_device_map_loads_through_from_pretrained(folder, cli):
         assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("level", ["block", "sublayer"])
+def test_a_model_offloaded_to_disk_has_the_spectra_of_the_whole_model(folder, level, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the load's offload folder would be
+    whole = probe(folder, **OPTIONS, sites=level)
+    loaded = load_model(folder, device_map=OFFLOADING)
+    assert offloaded(loaded.module) and list(tmp_path.iterdir()) == []  # read from the model's own files
+    before = {name: (p, p.device, p.dtype) for name, p in loaded.module.named_parameters()}
+    hooks = streaming_hooks(loaded.module)
+    assert {name for name, (_, device, _) in before.items() if device.type == "meta"} == \
+        {name for name in before if name.startswith("model.layers.0.")}
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, sites=level)
+    assert split["skipped"] == [] and len(split["sites"]) == len(whole["sites"])
+    assert split["metrics"]["ra2"]["mean_score"] == pytest.approx(whole["metrics"]["ra2"]["mean_score"], rel=1e-9)
+    for name, values in spectra(whole).items():
+        assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
+    # the same parameters, on meta where they were offloaded, in their dtype; the hooks stream them again
+    assert {name: (p, p.device, p.dtype) for name, p in loaded.module.named_parameters()} == before
+    assert streaming_hooks(loaded.module) == hooks
+
+
+def test_weights_offloaded_from_another_format_are_written_to_a_folder_removed_with_the_model(folder, monkeypatch,
+                                                                                              tmp_path):
+    from safetensors.torch import load_file
+
+    torch_format = tmp_path / "bin"
+    torch_format.mkdir()
+    shutil.copy(f"{folder}/config.json", torch_format)
+    torch.save(load_file(f"{folder}/model.safetensors"), torch_format / "pytorch_model.bin")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    loaded = load_model(str(torch_format), device_map=OFFLOADING)
+    [written] = temporary.iterdir()  # accelerate reads disk-offloaded weights from safetensors files only
+    assert any(written.iterdir())
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, null="none")
+    for name, values in spectra(probe(folder, **OPTIONS, null="none")).items():
+        assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
+    del loaded
+    gc.collect()
+    assert not written.exists()
+
+
+def test_device_map_offloads_through_the_command_line(folder, cli):
+    code, _, err = cli(folder, "--device-map", json.dumps(OFFLOADING), "--samples", 3, "--k", 4, "--batch-size", 3,
+                       "--dtype", "float64", "--data", "synthetic", "--json", "offloaded.json", "-q")
+    assert code == 0, err
+    with open("offloaded.json") as f:
+        split = json.load(f)
+    for name, values in spectra(probe(folder, **OPTIONS)).items():
+        assert spectra(split)[name] == pytest.approx(values, rel=1e-9, abs=1e-12)
+    assert split["metrics"]["null"]["status"] == "unavailable"  # it would need the whole model in memory
+
+
 def test_device_maps_that_cannot_work_are_one_line_errors(folder, cli):
-    offloading = {**SPLIT, "model.layers.1": torch.device("cpu"), "model.norm": torch.device("cpu"),
-                  "lm_head": torch.device("cpu")}  # "cpu" beside another device: accelerate offloads those weights
-    with pytest.raises(UserError, match="offloaded"):
-        load_model(folder, device_map=offloading)
     code, _, err = cli("bundled/fc-digits", "--device-map", "auto")
     assert code == 2 and "device_map splits Hugging Face models" in err
     code, _, err = cli(folder, "--device-map", "everywhere")
     assert code == 2 and "device_map must be auto, balanced" in err
+    with pytest.raises(UserError, match="device_map must map module names"):
+        load_model(folder, device_map={"model.layers.0": ["disk"]})

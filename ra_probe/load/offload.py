@@ -1,0 +1,127 @@
+"""Models whose weights accelerate offloads (`device_map` with "disk", or "cpu" beside a GPU): such a
+weight stands on the `meta` device and lives in its module's hook's `weights_map` (CPU memory or files);
+the hook streams it onto the execution device for each forward and back to meta after it. torch.func
+cannot transform that streaming (the hook reads storage pointers of tensors that have none under a
+transform), so while a block's Jacobian products run its weights are made resident (`resident`) and
+its hooks stop streaming; after, they stand on meta again: one block's weights at a time."""
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _hooks(module: nn.Module) -> tuple[Any, ...]:
+    """The accelerate hooks of `module` itself (a SequentialHook holds several)."""
+    hook = getattr(module, "_hf_hook", None)
+    return () if hook is None else tuple(getattr(hook, "hooks", (hook,)))
+
+
+def _own_streaming_hooks(module: nn.Module) -> list[Any]:
+    return [hook for hook in _hooks(module)
+            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None]
+
+
+def streaming_hooks(module: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """(module, hook) for every module under `module` whose accelerate hook streams offloaded weights."""
+    return [(sub, hook) for sub in module.modules() for hook in _own_streaming_hooks(sub)]
+
+
+def offloaded(model: nn.Module) -> bool:
+    """Whether some of `model`'s weights are offloaded (on meta, streamed in by accelerate's hooks)."""
+    return bool(streaming_hooks(model))
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device accelerate's hooks run `module` (or the first of its submodules that has one) on."""
+    for sub in module.modules():
+        for hook in _hooks(sub):
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
+    return None
+
+
+def _streamed_names(module: nn.Module, hook: Any) -> list[str]:
+    """The tensors of `module` its hook streams, named as in its `weights_map` (as accelerate's
+    pre_forward takes them)."""
+    from accelerate.utils import named_module_tensors
+
+    return [name for name, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
+                                                     recurse=hook.place_submodules, remove_non_persistent=True)]
+
+
+def _slots(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
+    """The dict holding tensor `name` (dotted, below `module`) and its key there."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    return (owner._parameters if leaf in owner._parameters else owner._buffers), leaf
+
+
+@contextmanager
+def resident(model: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Within: the offloaded weights of the modules at `paths` stand on their execution device, in the
+    dtype of their meta placeholders (the probe's), and their hooks do not stream; on exit the
+    placeholders and the hooks are as they were."""
+    streamed = [pair for path in paths for pair in streaming_hooks(model.get_submodule(path))]
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for module, hook in streamed:
+            for name in _streamed_names(module, hook):
+                slots, leaf = _slots(module, name)
+                placeholder = slots[leaf]
+                value = hook.weights_map[name].to(device=hook.execution_device, dtype=placeholder.dtype)
+                swapped.append((slots, leaf, placeholder))
+                slots[leaf] = nn.Parameter(value, requires_grad=False) if isinstance(placeholder, nn.Parameter) \
+                    else value
+            hook.offload = False
+        yield
+    finally:
+        for slots, leaf, placeholder in reversed(swapped):
+            slots[leaf] = placeholder
+        for _, hook in streamed:
+            hook.offload = True
+        if swapped:  # what held the weights (traced fx programs) is cyclic garbage: freed now, not later
+            gc.collect()
+
+
+def streamed_bytes(model: nn.Module, paths: list[str], itemsize: int) -> int:
+    """Bytes the offloaded weights of the modules at `paths` take when resident, at `itemsize`."""
+    total = 0
+    for path in paths:
+        for module, hook in streaming_hooks(model.get_submodule(path)):
+            for name in _streamed_names(module, hook):
+                slots, leaf = _slots(module, name)
+                total += slots[leaf].numel()
+    return itemsize * total
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers that stand on a device (not offloaded)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
+class FullState(Mapping):
+    """`model`'s state dict with each offloaded tensor read from its hook's `weights_map` when it is
+    looked up, one at a time (for a digest of weights that never all fit in memory at once)."""
+
+    def __init__(self, model: nn.Module):
+        self.state = model.state_dict(keep_vars=True)
+        self.offloaded = {f"{path}.{name}".lstrip("."): (hook, name) for path, module in model.named_modules()
+                          for hook in _own_streaming_hooks(module) for name in _streamed_names(module, hook)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.offloaded:  # in the dtype of its placeholder, as the model's own tensors
+            hook, name = self.offloaded[key]
+            return hook.weights_map[name].to(self.state[key].dtype)
+        return self.state[key].detach()
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
