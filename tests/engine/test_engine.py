@@ -15,7 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ra_probe import Settings, probe
-from ra_probe.engine import DenseOperator, JacobianOperator, auto_batch_size, default_block, dense_svd, krylov_svd
+from ra_probe.engine import (
+    DenseOperator,
+    JacobianOperator,
+    auto_batch_size,
+    default_block,
+    dense_svd,
+    krylov_svd,
+    operators,
+)
 from ra_probe.engine.krylov import flushing_denormals
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.engine.solvers import choose_method
@@ -692,3 +700,27 @@ def test_a_jacobian_solve_allocates_per_step_only_what_its_products_compute():
         per_step[basis] = (runs[1] - runs[0]) / (200 // width - 40 // width)
     assert per_step[64] == per_step[96], per_step
     assert 0 < per_step[64] <= products, (per_step, products)
+
+
+def test_cpu_calls_keep_their_tensors_within_a_size_the_allocator_reuses(monkeypatch):
+    """On the CPU a product call takes as few vectors as keep its tensors within `CPU_CALL_BYTES`
+    (glibc maps large temporaries afresh at every call: a fifth of a 224-px probe's CPU time went to
+    the kernel's page faults); the products are the same as in calls of the whole block."""
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    branch.requires_grad_(False)
+    x, width = torch.randn(2, 8, 12, 12), 4
+    per_vector = x.numel() * 4  # one vector of every sample, float32
+    V = torch.randn(2, x[0].numel(), width)
+    whole = JacobianOperator(branch, x, linearize=True)
+    expected = (whole.matmat(V), whole.rmatmat(V))
+    for cap, vectors in ((per_vector * width, width), (per_vector, 1)):
+        monkeypatch.setattr(operators, "CPU_CALL_BYTES", cap)
+        op = JacobianOperator(branch, x, linearize=True)
+        op.matmat(V), op.rmatmat(V)  # traced, buffers made
+        counter, outs = LargeAllocations(nbytes=per_vector * 2), (torch.empty_like(V), torch.empty_like(V))
+        with counter:  # tensors of two vectors or more
+            products = (op.matmat(V, out=outs[0]), op.rmatmat(V, out=outs[1]))
+        assert (counter.count > 0) == (vectors > 1), (cap, counter.count)
+        for got, want in zip(products, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
