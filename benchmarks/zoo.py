@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CACHE = Path(tempfile.gettempdir()) / "ra-probe-zoo-sizes.json"
-# families whose blocks do not add a skip: "no residual connections found" is their right answer
-NOT_RESIDUAL = {"densenet", "inception_v3", "inception_v4", "inception_resnet_v2", "vgg", "vovnet", "alexnet",
-                "xception", "mobilenetv1", "selecsls", "hardcorenas", "tresnet", "mobileone"}
+# families whose smallest model adds no skip (dense concatenation, plain stacks): "no residual connections
+# found" is their right answer (inception_resnet_v2, xception, tresnet and hardcorenas do add skips)
+NOT_RESIDUAL = {"densenet", "rdnet", "inception_v3", "inception_v4", "vgg", "vovnet", "selecsls"}
 TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
 # transformers architectures with residual blocks: (category, model type, model class, config overrides)

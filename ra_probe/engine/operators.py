@@ -25,9 +25,12 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 # (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
 LINEARIZE_MIN_DIM = 16384
 
-# what torch.func says when a custom autograd.Function lacks what its transforms need: setup_context,
-# a vmap rule, a jvp rule (the products then come from torch.autograd, `AutogradProducts`)
-CUSTOM_FUNCTION_REFUSALS = ("setup_context", "vmap staticmethod", "jvp function for custom autograd.Function")
+# what torch.func says when an operation lacks what its transforms need and torch.autograd has: a custom
+# autograd.Function without setup_context, a vmap rule or a jvp rule; a built-in op without a forward-mode
+# derivative (the LSTM kernel, mkldnn_rnn_layer). The products then come from torch.autograd
+# (`AutogradProducts`: J·v by double backward)
+TORCH_FUNC_REFUSALS = ("setup_context", "vmap staticmethod", "jvp function for custom autograd.Function",
+                       "Trying to use forward AD with")
 
 
 class BatchedOperator:
@@ -145,10 +148,11 @@ class JacobianOperator(BatchedOperator):
         return _into(self._autograd.jv(v), out)
 
     def _by_autograd(self, exc: Exception) -> None:
-        """Products by torch.autograd from now on when torch.func refuses a custom autograd.Function of
-        the branch (`CUSTOM_FUNCTION_REFUSALS`: written without setup_context, as Bloom's GELU, or without
-        a vmap or a jvp rule); anything else is raised again."""
-        if not any(refusal in str(exc) for refusal in CUSTOM_FUNCTION_REFUSALS):
+        """Products by torch.autograd from now on when torch.func refuses an operation of the branch
+        (`TORCH_FUNC_REFUSALS`: a custom autograd.Function written without setup_context, as Bloom's
+        GELU, or without a vmap or a jvp rule; an op without a forward-mode derivative, as the LSTM's);
+        anything else is raised again."""
+        if not any(refusal in str(exc) for refusal in TORCH_FUNC_REFUSALS):
             raise exc
         self._autograd = AutogradProducts(self._fx, self.x)
 

@@ -387,3 +387,15 @@ def test_custom_functions_without_a_vmap_or_jvp_rule_get_their_products_from_aut
     v, u = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
     torch.testing.assert_close(operator.matmat(v), expected @ v, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(operator.rmatmat(u), expected.mT @ u, rtol=1e-5, atol=1e-6)
+
+
+def test_an_lstm_branch_without_forward_mode_gets_its_products_from_autograd():
+    # before: "Trying to use forward AD with mkldnn_rnn_layer ...", the whole probe refused (timm's sequencer)
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(4, 3, batch_first=True, bidirectional=True).eval().requires_grad_(False)
+    x = torch.randn(2, 5, 4)
+    expected = torch.stack([jacrev(lambda v: lstm(v[None])[0][0])(v).reshape(30, 20) for v in x])
+    operator = JacobianOperator(lambda v, ctx: lstm(v)[0], x, {})
+    v, u = torch.randn(2, 20, 3), torch.randn(2, 30, 3)
+    torch.testing.assert_close(operator.matmat(v), expected @ v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(operator.rmatmat(u), expected.mT @ u, rtol=1e-5, atol=1e-6)
