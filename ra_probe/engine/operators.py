@@ -145,6 +145,10 @@ class JacobianOperator(BatchedOperator):
                 return self._forward_products(v, out)
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
+                try:
+                    return _into(self._autograd.jv(v), out)
+                except (RuntimeError, NotImplementedError):  # no double backward either (flash attention):
+                    raise exc from None  # torch.func's refusal names the operation
         return _into(self._autograd.jv(v), out)
 
     def _by_autograd(self, exc: Exception) -> None:
@@ -187,8 +191,8 @@ class JacobianOperator(BatchedOperator):
 
     def release(self) -> None:
         """Drop the programs traced at the branch's weights (the vjp function, the linearized program,
-        autograd's products), which hold them: the next product traces anew. For a branch whose weights
-        are on its device only while it is measured (offloaded), so that they can leave it."""
+        autograd's products), which hold them and what they saved of the forward (activations,
+        attention maps): the next product traces anew."""
         self._vjp_fn = self._lin_fn = self._autograd = None
 
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ra_probe.load.samples import Samples, batch, chunks, real_tokens
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
-from ra_probe.pipeline.residency import Hold, held, holding, largest_block, release
+from ra_probe.pipeline.residency import Hold, held, holding, largest_block
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.sites.capture import Captured, SiteRecord, capture
 from ra_probe.sites.records import Site
@@ -254,7 +254,10 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
                                             sample_ids=sample_ids, after=len(partners[site.name]) * _aligned_k(settings))
             except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
                 raise UserError(f"site {site.name}: {first_line(exc)}") from None
-            release(op, hold)
+            # what the products saved of the branch's forward (activations, attention maps: up to GBs a
+            # site at high resolution; an offloaded block's weights) goes while the group's other sites
+            # are solved; RA2's products trace anew
+            op.release()
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
@@ -309,7 +312,7 @@ def _measure_alignment(members: list[Site], partners_of: dict[str, list[Site]], 
         V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
         with held(hold, site_i), wide_calls(op, V.shape[2]):
             JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
-            release(op, hold)
+            op.release()
         U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
         Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):

@@ -49,8 +49,3 @@ def held(hold: Hold | None, site: Site) -> AbstractContextManager:
     """Within: `site`'s offloaded weights resident, where `hold` says how (nothing to do without)."""
     return nullcontext() if hold is None else hold(site)
 
-
-def release(op, hold: Hold | None) -> None:
-    """An operator whose site's weights are about to leave their device lets go of what holds them."""
-    if hold is not None:
-        op.release()
