@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ra_probe.plugins import runtime
 from ra_probe.plugins._blocks import NORMS, name_sites, without_cache
-from ra_probe.sites.records import Site, SiteReport, Skipped, Tap
+from ra_probe.sites.records import Site, SiteReport, Skipped, Tap, inside
 from ra_probe.sites.registry import in_module_order
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -338,11 +338,6 @@ def _left_at(name: str, value: Any, default: Any) -> bool:
     return isinstance(default, (bool, int, float, str)) and type(value) is type(default) and value == default
 
 
-def _inside(path: str, roots) -> bool:
-    """Whether module `path` is one of `roots` or inside one ("" is the model: everything is inside)."""
-    return any(path == root or path.startswith(f"{root}.") or not root for root in roots)
-
-
 class GenericDetector:
     """Every module's own forward, traced with torch.fx; the modules it cannot trace, or whose graph
     holds only for argument values their calls do not pass, are watched on a real forward (`runtime`)
@@ -357,7 +352,7 @@ class GenericDetector:
     def find(self, model: nn.Module, run=None, exclude=(), within=None) -> SiteReport:
         found, untraceable, fixed = {}, {}, {}
         for path, module in model.named_modules():
-            if _inside(path, exclude) or (within is not None and not _inside(path, within)):
+            if inside(path, exclude) or (within is not None and not inside(path, within)):
                 continue
             try:
                 *found[path], fixed[path] = sites_in(path, module)

@@ -19,26 +19,19 @@ def _scaled(layer: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
     return x if scale is None else scale * x
 
 
-def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if has_layout(layer, *LAYOUTS[0]):
-        return layer.dropout(layer.mlp(x))
-    return layer.output.dropout(layer.output.dense(layer.intermediate(x)))
-
-
-def _attention(layer: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor:
-    out = first_output(call_with(layer.attention, layer.layernorm_before(x), ctx))
-    return layer.dropout(out) if has_layout(layer, *LAYOUTS[0]) else out  # 4.x drops out inside the attention
-
-
 def sites_of(path: str, layer: nn.Module) -> list[Site] | None:
     if not any(has_layout(layer, *COMMON, *own) for own in LAYOUTS) or hasattr(layer, "window_size"):
         return None  # Swin's layers share the layout but attend within shifted windows: the generic detector's
+    if has_layout(layer, *LAYOUTS[0]):  # transformers 5
+        after_attention, feed_forward = layer.dropout, lambda h: layer.dropout(layer.mlp(h))
+    else:  # 4.x: the attention drops out inside
+        after_attention, feed_forward = nn.Identity(), lambda h: layer.output.dropout(layer.output.dense(layer.intermediate(h)))
 
     def attn(x, ctx):
-        return _scaled(layer, 1, _attention(layer, x, ctx))
+        return _scaled(layer, 1, after_attention(first_output(call_with(layer.attention, layer.layernorm_before(x), ctx))))
 
     def mlp(x, ctx):
-        return _scaled(layer, 2, _feed_forward(layer, layer.layernorm_after(x)))
+        return _scaled(layer, 2, feed_forward(layer.layernorm_after(x)))
     return transformer_sites(path, attn, mlp, Tap(f"{path}.layernorm_after", "input"),
                              ctx_module=f"{path}.attention")
 

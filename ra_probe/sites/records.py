@@ -154,5 +154,10 @@ def each_call(sites: list[Site], calls: dict[str, int]) -> list[Site]:
     return out
 
 
+def inside(path: str, roots) -> bool:
+    """Whether module `path` is one of `roots` or inside one ("" is the model: everything is inside)."""
+    return any(path == root or path.startswith(f"{root}.") or not root for root in roots)
+
+
 def module_at(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ra_probe.sites.records import Adapter, Site, SiteReport, Skipped
+from ra_probe.sites.records import Adapter, Site, SiteReport, Skipped, inside
 
 ENTRY_POINT_GROUP = "ra_probe.adapters"
 
@@ -86,7 +86,7 @@ def hand_over(model: nn.Module, report: SiteReport, refused: list[Skipped], adap
         return None
     found = [_found(d, model, run, within=blocks) for d in detectors]
     sites = [site for f in found for site in f.sites]
-    redone = {b for b in blocks if any(s.module_path == b or s.module_path.startswith(f"{b}.") for s in sites)}
+    redone = {b for b in blocks if any(inside(s.module_path, (b,)) for s in sites)}
     if not redone:
         return None
     kept = [s for s in report.sites if s.module_path not in redone]
