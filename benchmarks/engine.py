@@ -23,6 +23,7 @@ from contextlib import ExitStack
 
 import timm
 import torch
+from models import trained_like
 
 from ra_probe import Settings
 from ra_probe.engine import DenseOperator, JacobianOperator, dense_svd, krylov_svd
@@ -46,17 +47,6 @@ def timed(fn, device: torch.device, repeat: int = 3) -> float:
         sync()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def trained_like(module: torch.nn.Module, decay: float) -> None:
-    """Scale the channels of every residual block's last BatchNorm by decay^c (c the channel index)."""
-    from timm.models.resnet import BasicBlock, Bottleneck
-
-    with torch.no_grad():
-        for block in module.modules():
-            last = block.bn3 if isinstance(block, Bottleneck) else block.bn2 if isinstance(block, BasicBlock) else None
-            if last is not None:
-                last.weight.mul_(decay ** torch.arange(float(last.num_features)))
 
 
 def digits_trained(name: str, size: int, epochs: int, samples: int) -> tuple[torch.nn.Module, torch.Tensor]:

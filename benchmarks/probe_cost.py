@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from engine import trained_like
+    from models import trained_like
 
     import ra_probe
     from ra_probe import probe
@@ -86,11 +86,16 @@ def run_child(variant: str, code: Path, args: argparse.Namespace) -> dict:
 
 
 def export(commit: str, into: Path) -> Path:
-    """The ra_probe package of `commit`, exported into `into`."""
+    """The ra_probe package of `commit`, exported into `into`. Earlier commits kept the built-in adapters
+    in a top-level `plugins` folder installed as `ra_probe.plugins`: it is put there."""
     into.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "ra_probe"], capture_output=True,
-                             check=True).stdout
+    tree = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", commit], capture_output=True,
+                          text=True, check=True).stdout.split()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "ra_probe",
+                              *(["plugins"] if "plugins" in tree else [])], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    if (into / "plugins").is_dir():
+        (into / "plugins").rename(into / "ra_probe" / "plugins")
     return into
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,20 +46,31 @@ def execution_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _streamed_names(module: nn.Module, hook: Any) -> list[str]:
-    """The tensors of `module` its hook streams, named as in its `weights_map` (as accelerate's
-    pre_forward takes them)."""
+@dataclass(frozen=True)
+class Streamed:
+    """One tensor an accelerate hook streams: `name` as in the hook's `weights_map`, held in
+    `slots[leaf]` (a module's `_parameters` or `_buffers`) of the submodule at `path`."""
+
+    path: str
+    hook: Any
+    name: str
+    slots: dict[str, Any]
+    leaf: str
+
+
+def _streamed(module: nn.Module) -> Iterator[Streamed]:
+    """Every tensor the accelerate hooks of `module` and its submodules stream (as their pre_forward
+    takes them)."""
     from accelerate.utils import named_module_tensors
 
-    return [name for name, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
-                                                     recurse=hook.place_submodules, remove_non_persistent=True)]
-
-
-def _slots(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
-    """The dict holding tensor `name` (dotted, below `module`) and its key there."""
-    owner_path, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_path)
-    return (owner._parameters if leaf in owner._parameters else owner._buffers), leaf
+    for path, sub in module.named_modules():
+        for hook in _own_streaming_hooks(sub):
+            for name, _ in named_module_tensors(sub, include_buffers=hook.offload_buffers,
+                                                recurse=hook.place_submodules, remove_non_persistent=True):
+                owner_path, _, leaf = name.rpartition(".")
+                owner = sub.get_submodule(owner_path)
+                slots = owner._parameters if leaf in owner._parameters else owner._buffers
+                yield Streamed(path, hook, name, slots, leaf)
 
 
 @contextmanager
@@ -66,37 +78,30 @@ def resident(model: nn.Module, paths: list[str]) -> Iterator[None]:
     """Within: the offloaded weights of the modules at `paths` stand on their execution device, in the
     dtype of their meta placeholders (the probe's), and their hooks do not stream; on exit the
     placeholders and the hooks are as they were."""
-    streamed = [pair for path in paths for pair in streaming_hooks(model.get_submodule(path))]
-    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    streamed = [tensor for path in paths for tensor in _streamed(model.get_submodule(path))]
+    swapped: list[tuple[Streamed, Any]] = []
     try:
-        for module, hook in streamed:
-            for name in _streamed_names(module, hook):
-                slots, leaf = _slots(module, name)
-                placeholder = slots[leaf]
-                value = hook.weights_map[name].to(device=hook.execution_device, dtype=placeholder.dtype)
-                swapped.append((slots, leaf, placeholder))
-                slots[leaf] = nn.Parameter(value, requires_grad=False) if isinstance(placeholder, nn.Parameter) \
-                    else value
-            hook.offload = False
+        for tensor in streamed:
+            placeholder = tensor.slots[tensor.leaf]
+            value = tensor.hook.weights_map[tensor.name].to(device=tensor.hook.execution_device,
+                                                            dtype=placeholder.dtype)
+            swapped.append((tensor, placeholder))
+            tensor.slots[tensor.leaf] = nn.Parameter(value, requires_grad=False) \
+                if isinstance(placeholder, nn.Parameter) else value
+            tensor.hook.offload = False
         yield
     finally:
-        for slots, leaf, placeholder in reversed(swapped):
-            slots[leaf] = placeholder
-        for _, hook in streamed:
-            hook.offload = True
+        for tensor, placeholder in reversed(swapped):
+            tensor.slots[tensor.leaf] = placeholder
+        for tensor in streamed:
+            tensor.hook.offload = True
         if swapped:  # what held the weights (traced fx programs) is cyclic garbage: freed now, not later
             gc.collect()
 
 
 def streamed_bytes(model: nn.Module, paths: list[str], itemsize: int) -> int:
     """Bytes the offloaded weights of the modules at `paths` take when resident, at `itemsize`."""
-    total = 0
-    for path in paths:
-        for module, hook in streaming_hooks(model.get_submodule(path)):
-            for name in _streamed_names(module, hook):
-                slots, leaf = _slots(module, name)
-                total += slots[leaf].numel()
-    return itemsize * total
+    return itemsize * sum(t.slots[t.leaf].numel() for path in paths for t in _streamed(model.get_submodule(path)))
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -111,13 +116,12 @@ class FullState(Mapping):
 
     def __init__(self, model: nn.Module):
         self.state = model.state_dict(keep_vars=True)
-        self.offloaded = {f"{path}.{name}".lstrip("."): (hook, name) for path, module in model.named_modules()
-                          for hook in _own_streaming_hooks(module) for name in _streamed_names(module, hook)}
+        self.offloaded = {f"{t.path}.{t.name}".lstrip("."): t for t in _streamed(model)}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self.offloaded:  # in the dtype of its placeholder, as the model's own tensors
-            hook, name = self.offloaded[key]
-            return hook.weights_map[name].to(self.state[key].dtype)
+            tensor = self.offloaded[key]
+            return tensor.hook.weights_map[tensor.name].to(self.state[key].dtype)
         return self.state[key].detach()
 
     def __iter__(self):
