@@ -14,4 +14,3 @@ def trained_like(module: torch.nn.Module, decay: float) -> None:
             last = block.bn3 if isinstance(block, Bottleneck) else block.bn2 if isinstance(block, BasicBlock) else None
             if last is not None:
                 last.weight.mul_(decay ** torch.arange(float(last.num_features)))
-

@@ -239,7 +239,7 @@ def test_a_wider_block_goes_on_from_the_basis(monkeypatch):
         assert products < again.products
 
 
-def test_samples_that_reach_one_width_from_different_widths_go_on_together(monkeypatch):
+def test_samples_that_reach_one_width_from_different_widths_go_on_in_groups_of_their_own(monkeypatch):
     """Two samples of a batch at width 2: one needs 8 at once, the other 4 and then 8. Both go on at
     width 8 from next blocks of 2 and of 4 vectors: they are solved as two groups (they were joined
     into one, and torch.cat refused the blocks of different widths), and reach the spectrum."""
