@@ -145,8 +145,8 @@ def probe(
         write_html(render_report(report), paths[".html"])
     for path in paths.values():
         console.print(f"report written to {path}")
-    if quiet:
-        typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
+    # the verdict in one line, last, with or without the tables: what a log or a script reads
+    typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
 
 
 def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:

@@ -61,10 +61,11 @@ class Streamed:
 def _streamed(module: nn.Module) -> Iterator[Streamed]:
     """Every tensor the accelerate hooks of `module` and its submodules stream (as their pre_forward
     takes them)."""
-    from accelerate.utils import named_module_tensors
-
     for path, sub in module.named_modules():
         for hook in _own_streaming_hooks(sub):
+            # only accelerate puts streaming hooks on a model: a model without them never needs it installed
+            from accelerate.utils import named_module_tensors
+
             for name, _ in named_module_tensors(sub, include_buffers=hook.offload_buffers,
                                                 recurse=hook.place_submodules, remove_non_persistent=True):
                 owner_path, _, leaf = name.rpartition(".")
