@@ -18,21 +18,29 @@ CONVENTIONS = {
            "and ⁺ the Moore–Penrose pseudo-inverse (all C − 1 directions of Σ_B)",
     "nc2": "equinorm: std/mean of the norms, std with 1/n (biased); equiangularity: mean over c ≠ c′ of "
            "|cos(μ_c − μ_G, μ_c′ − μ_G) + 1/(C − 1)|",
-    "nc3": "squared Frobenius distance ‖W/‖W‖_F − M̃/‖M̃‖_F‖²_F, rows of W for the classes present",
-    "nc4": "share of samples whose prediction differs from the nearest class mean (Euclidean)",
+    "subset": "the classes measured are their own simplex: class means centred on their own mean, and the "
+              "classifier's rows for those classes centred on theirs (W̃; a shift shared by every row moves every "
+              "logit alike, so it is no part of the classifier), whether they are all of its rows or a few",
+    "nc2_weights": "equinorm of the norms of the rows of W̃",
+    "nc3": "squared Frobenius distance ‖W̃/‖W̃‖_F − M̃/‖M̃‖_F‖²_F",
+    "nc4": "share of samples whose prediction differs from the nearest class mean (Euclidean); the prediction is "
+           "the argmax of the logits over the rows of the classes measured (next tokens: over the vocabulary)",
 }
 
 
 def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
-                    predictions: torch.Tensor | None) -> dict[str, Any]:
+                    predictions: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> dict[str, Any]:
     """NC1–NC4 for features H (N, d), labels (N,), classifier weight W (C_total, d) and the model's
-    predictions (N,), on the classes with at least two samples (C of them; the others are counted in
-    `classes_dropped`); every value None, with `undetermined` saying why, when C < 2.
+    `logits` (N, C_total) or its `predictions` (N,), on the classes with at least two samples (C of them;
+    the others are counted in `classes_dropped`); every value None, with `undetermined` saying why, when
+    C < 2. The C classes may be a few of the classifier's rows (ten ImageNet classes of a 1000-way
+    head): they are measured as their own simplex.
 
-    NC1 = Tr(Σ_W Σ_B†)/C; NC2: std/mean of ‖μ_c − μ_G‖ (`nc2_equinorm_means`) and of ‖w_c‖
-    (`nc2_equinorm_weights`), mean over c ≠ c′ of |cos(μ̃_c, μ̃_c′) + 1/(C−1)| (`nc2_equiangular`);
-    NC3 = ‖W/‖W‖_F − M̃ᵀ/‖M̃‖_F‖_F²; NC4 = share of samples whose prediction differs from the
-    nearest-class-mean rule."""
+    W̃ = W_C − mean of its rows (W_C: the rows of the C classes). NC1 = Tr(Σ_W Σ_B†)/C; NC2: std/mean
+    of ‖μ_c − μ_G‖ (`nc2_equinorm_means`) and of ‖w̃_c‖ (`nc2_equinorm_weights`), mean over c ≠ c′ of
+    |cos(μ̃_c, μ̃_c′) + 1/(C−1)| (`nc2_equiangular`); NC3 = ‖W̃/‖W̃‖_F − M̃ᵀ/‖M̃‖_F‖_F²; NC4 = share of
+    samples whose prediction (the argmax of `logits` over the C rows, or `predictions` as given)
+    differs from the nearest-class-mean rule."""
     present, counts = torch.unique(labels, return_counts=True)
     classes = present[counts >= MIN_PER_CLASS]
     kept = torch.isin(labels, classes)
@@ -40,7 +48,8 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     result: dict[str, Any] = {
         "classes": C, "samples": int(kept.sum()), "classes_dropped": len(present) - C,
         "samples_dropped": int((~kept).sum()),
-        "classifier_classes": None if weight is None else weight.shape[0], "undetermined": None,
+        "classifier_classes": None if weight is None else weight.shape[0],
+        "subset": weight is not None and C < weight.shape[0], "undetermined": None,
         "nc1": None, "nc2_equinorm_means": None, "nc2_equinorm_weights": None, "nc2_equiangular": None,
         "nc3": None, "nc4": None, "conventions": CONVENTIONS,
     }
@@ -49,7 +58,10 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
                                   f"{len(labels)} samples fall in {len(present)} class(es), {C} with {MIN_PER_CLASS} or more")
         return result
     H, labels = features.double()[kept], labels[kept]
-    predictions = None if predictions is None else predictions[kept]
+    if logits is not None:  # the model's choice among the classes measured
+        predictions = classes[logits[kept][:, classes].argmax(dim=1)]
+    elif predictions is not None:
+        predictions = predictions[kept]
     means = torch.stack([H[labels == c].mean(dim=0) for c in classes])  # (C, d)
     centered_means = means - means.mean(dim=0)  # M̃ᵀ (C, d), around the unweighted global mean
     within = H - means[torch.searchsorted(classes, labels)]
@@ -63,6 +75,7 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     result["nc2_equiangular"] = ((unit @ unit.T)[off] + 1.0 / (C - 1)).abs().mean().item()
     if weight is not None:
         W = weight.double()[classes]
+        W = W - W.mean(dim=0)
         result["nc2_equinorm_weights"] = _cv(W.norm(dim=1))
         result["nc3"] = (W / W.norm() - centered_means / centered_means.norm()).pow(2).sum().item()
     if predictions is not None:

@@ -141,11 +141,9 @@ def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.
     features = torch.cat(measured.features)
     if features.shape[1] != head.in_features or logits.shape[1] != head.out_features:
         return None
-    predictions = logits.argmax(dim=1)
     source = "data" if labels is not None else "predictions"
-    labels = None if labels is None else labels[measured.sample_order()]
-    result = nc_metrics.neural_collapse(features, predictions if labels is None else labels,
-                                        head.weight.detach().cpu(), predictions)
+    labels = logits.argmax(dim=1) if labels is None else labels[measured.sample_order()]
+    result = nc_metrics.neural_collapse(features, labels, head.weight.detach().cpu(), logits=logits)
     result["labels_from"] = source
     return result
 

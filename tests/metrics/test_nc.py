@@ -52,8 +52,10 @@ def test_noisy_features_match_hand_computation():
     cos = unit @ unit.T
     off = ~np.eye(C, dtype=bool)
     assert nc["nc2_equiangular"] == pytest.approx(np.abs(cos[off] + 1 / (C - 1)).mean(), rel=1e-9)
-    M = mu - mu_g
-    assert nc["nc3"] == pytest.approx(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2), rel=1e-9)
+    M, Wc = mu - mu_g, W - W.mean(0)  # the classifier's rows centred: a shared shift moves every logit alike
+    assert nc["nc3"] == pytest.approx(np.sum((Wc / np.linalg.norm(Wc) - M / np.linalg.norm(M)) ** 2), rel=1e-9)
+    w_norms = np.linalg.norm(Wc, axis=1)
+    assert nc["nc2_equinorm_weights"] == pytest.approx(w_norms.std() / w_norms.mean(), rel=1e-9)
     ncc = np.linalg.norm(H[:, None] - mu[None], axis=2).argmin(1)
     assert nc["nc4"] == pytest.approx(np.mean(ncc != predictions))
     assert nc["nc1"] > 0.01 and nc["nc2_equiangular"] > 0.01
@@ -79,3 +81,43 @@ def test_a_single_class_gives_no_nc_verdict():
     nc = neural_collapse(features, labels, torch.randn(3, 4, dtype=torch.float64), labels)
     verdict = nc_verdict(nc, Thresholds())
     assert verdict["status"] == "not_applicable" and "at least 2" in verdict["reason"]
+
+
+def test_a_subset_of_the_classifier_rows_is_its_own_simplex():
+    """Four classes of a twelve-way head (as ten Imagenette classes of an ImageNet head): the class means
+    and those four rows form a simplex of their own, whatever the other rows and a shift shared by all."""
+    C, per_class, d, rows = 4, 5, 6, torch.tensor([0, 3, 7, 11])
+    means = 2.0 * simplex_etf(C, d)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, d, generator=gen, dtype=torch.float64)
+    weight[rows] = means
+    weight += 5.0 * torch.randn(d, generator=gen, dtype=torch.float64)  # a shift of every row: logits move alike
+    labels = rows.repeat_interleave(per_class)
+    features = means[torch.arange(C).repeat_interleave(per_class)]
+    logits = features @ weight.T
+    logits[:, 5] = 1e3  # a class outside the subset wins the full argmax
+    nc = neural_collapse(features, labels, weight, logits=logits)
+    assert nc["subset"] and nc["classes"] == C and nc["classifier_classes"] == 12
+    assert nc["nc1"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc2_equinorm_weights"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc3"] == pytest.approx(0.0, abs=1e-12)
+    assert nc["nc4"] == 0.0  # the argmax over the four rows, not over all twelve
+
+
+def test_subset_values_match_hand_computation():
+    rng = np.random.default_rng(3)
+    C, per_class, d, total = 3, 6, 5, 9
+    rows = np.array([1, 4, 8])
+    labels = np.repeat(rows, per_class)
+    H = rng.standard_normal((C, d))[np.repeat(np.arange(C), per_class)] + 0.5 * rng.standard_normal((C * per_class, d))
+    W = rng.standard_normal((total, d))
+    logits = H @ W.T
+    nc = neural_collapse(torch.from_numpy(H), torch.from_numpy(labels), torch.from_numpy(W),
+                         logits=torch.from_numpy(logits))
+    mu = np.stack([H[labels == c].mean(0) for c in rows])
+    M = mu - mu.mean(0)
+    Ws = W[rows] - W[rows].mean(0)
+    assert nc["nc3"] == pytest.approx(np.sum((Ws / np.linalg.norm(Ws) - M / np.linalg.norm(M)) ** 2), rel=1e-9)
+    predictions = rows[logits[:, rows].argmax(1)]
+    ncc = rows[np.linalg.norm(H[:, None] - mu[None], axis=2).argmin(1)]
+    assert nc["nc4"] == pytest.approx(np.mean(ncc != predictions))
