@@ -12,7 +12,7 @@ from ra_probe.errors import UserError, first_line
 from ra_probe.pipeline.options import Option, Real
 from ra_probe.report.headline import HEADLINE, headline
 
-VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "partial": 2, "present": 3}
+VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "undetermined": 1, "partial": 2, "present": 3}
 # Settings that must agree between a run and its baseline for metrics to be comparable.
 COMPARABLE_SETTINGS = ("k", "align_k", "tau", "samples", "dtype", "tol", "solver", "tokens")
 BEFORE_SETTING = {"tokens": "all"}  # what a report made before the setting existed measured
@@ -129,10 +129,17 @@ def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[di
                            "detail": f"{label} {_fmt(before)} → {_fmt(now)} (measured in only one of the runs)"})
             continue
         allowed = tolerance * max(abs(before), 1.0)
-        passed = abs(now - before) <= allowed
-        checks.append({"name": f"baseline {metric}", "passed": passed, "baseline": before, "value": now,
-                       "detail": f"{label} {_fmt(before)} → {_fmt(now)}"
-                                 + ("" if passed else f" (moved {_fmt(now - before, signed=True)}, allowed ±{allowed:.3g})")})
+        moved = abs(now - before) > allowed
+        # a move beyond the tolerance fails only where the two runs' intervals show it: the smallest
+        # distance between them exceeds the tolerance (without intervals, the values themselves)
+        was, is_ = HEADLINE[metric].interval(baseline) or [before, before], HEADLINE[metric].interval(report) or [now, now]
+        resolved = max(is_[0] - was[1], was[0] - is_[1]) > allowed
+        detail = f"{label} {_fmt(before)} → {_fmt(now)}"
+        if moved:
+            detail += (f" (moved {_fmt(now - before, signed=True)}, allowed ±{allowed:.3g}"
+                       + ("" if resolved else f"; within noise: intervals {_fmt_ci(was)} and {_fmt_ci(is_)}") + ")")
+        checks.append({"name": f"baseline {metric}", "passed": not resolved, "baseline": before, "value": now,
+                       "detail": detail})
     return checks
 
 
@@ -158,6 +165,10 @@ def check_baseline_data(baseline: dict[str, Any], digest: str, path: Path | str)
     if made_on != digest:
         raise UserError(f"baseline {path} was measured on other data ({baseline['data'].get('name')!r}, "
                         "different samples): run on the baseline's data or make a new baseline")
+
+
+def _fmt_ci(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.3g}, {bounds[1]:.3g}]"
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:

@@ -130,18 +130,26 @@ def alignment_pairs(m: int, partners: int | None, seed: int) -> list[tuple[int, 
     return sorted(kept | {others[i] for i in drawn[:max(0, partners * m - len(kept))].tolist()})
 
 
+def pair_weights(matrix: list[list[object]]) -> dict[tuple[int, int], float]:
+    """The weight of each measured off-diagonal entry (not None) of a group's matrix in its mean over every
+    ordered pair, by strata: neighbour pairs and the others, each stratum's measured entries standing
+    for the whole stratum (a stratum with none measured left out). The weights sum to 1 (no entry: empty)."""
+    m, weights, total = len(matrix), {}, 0
+    for near in (True, False):
+        stratum = [(a, b) for a in range(m) for b in range(m) if a != b and (abs(a - b) == 1) == near]
+        measured = [pair for pair in stratum if matrix[pair[0]][pair[1]] is not None]
+        for pair in measured:
+            weights[pair] = len(stratum) / len(measured)
+        total += len(stratum) if measured else 0
+    return {pair: w / total for pair, w in weights.items()}
+
+
 def pair_mean(matrix: list[list[float | None]]) -> float | None:
     """The mean of a group's off-diagonal entries over every ordered pair, estimated from those measured
-    (None: not measured) by strata: neighbour pairs and the others, each stratum's mean over its
-    measured entries weighted by its size (a stratum with none measured left out). Exact when every
-    pair is measured; None when none is; NaN when a measured entry is NaN."""
-    m, total, weight = len(matrix), 0.0, 0
-    for near in (True, False):
-        stratum = [matrix[a][b] for a in range(m) for b in range(m) if a != b and (abs(a - b) == 1) == near]
-        measured = [v for v in stratum if v is not None]
-        if measured:
-            total, weight = total + sum(measured) / len(measured) * len(stratum), weight + len(stratum)
-    return total / weight if weight else None
+    (None: not measured) by strata (`pair_weights`). Exact when every pair is measured; None when none
+    is; NaN when a measured entry is NaN."""
+    weights = pair_weights(matrix)
+    return sum(w * matrix[a][b] for (a, b), w in weights.items()) if weights else None
 
 
 def singular_vector_overlap(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

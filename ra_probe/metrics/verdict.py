@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ra_probe.metrics.uncertainty import samples_to_decide
+
 
 @dataclass
 class Thresholds:
@@ -22,22 +24,46 @@ class Thresholds:
         return asdict(self)
 
 
-def _check(name: str, value: float | None, limit: float, at_least: bool, what: str) -> dict[str, Any]:
+def _check(name: str, value: float | None, limit: float, at_least: bool, what: str,
+           ci: list[float] | None = None, samples: int | None = None) -> dict[str, Any]:
+    """A verdict check of `value` against `limit`. With its confidence interval `ci` from `samples`
+    samples, it passes or fails only when the interval is clear of the limit; otherwise it is
+    undetermined (passed None), with about how many samples would decide it. Without an interval
+    (`samples` < 2) a value decides nothing."""
     if value is not None and not math.isfinite(value):
         value = None  # undefined (e.g. every branch exactly zero): no evidence either way
-    passed = None if value is None else (value >= limit if at_least else value <= limit)
     sign = "≥" if at_least else "≤"
-    return {"name": name, "value": value, "threshold": limit, "passed": passed,
-            "rule": f"{what} {sign} {limit:g}"}
+    check = {"name": name, "value": value, "ci": ci, "threshold": limit, "passed": None,
+             "rule": f"{what} {sign} {limit:g}"}
+    if value is None:
+        return check
+    if samples is not None and samples < 2:
+        check["undetermined"] = "one sample: no interval, so nothing is decided (measure more samples)"
+        return check
+    low, high = ci if ci is not None else (value, value)
+    passes, fails = (low >= limit, high < limit) if at_least else (high <= limit, low > limit)
+    if passes or fails:
+        check["passed"] = bool(passes)
+        return check
+    check["undetermined"] = f"its interval [{low:.3g}, {high:.3g}] holds the threshold {limit:g}"
+    if samples is not None:
+        check["samples_to_decide"] = samples_to_decide(value, ci, limit, samples)
+    return check
 
 
 def _overall(checks: list[dict[str, Any]]) -> str:
+    """present: every check decided and passed; absent: every one failed; partial: some of each; while a
+    check is undetermined and could still turn the verdict, undetermined; no check with a value:
+    not_applicable."""
     judged = [c["passed"] for c in checks if c["passed"] is not None]
+    open_checks = any(c.get("undetermined") for c in checks)
+    if judged and any(judged) and not all(judged):
+        return "partial"
+    if open_checks:
+        return "undetermined"
     if not judged:
         return "not_applicable"
-    if all(judged):
-        return "present"
-    return "partial" if any(judged) else "absent"
+    return "present" if all(judged) else "absent"
 
 
 # The RA headline metrics: (section, field) of the metrics dict, the same names in the null's values.
@@ -79,20 +105,24 @@ def ra_verdict(metrics: dict[str, Any], t: Thresholds, skipped: int = 0) -> dict
     control = _control(null)
     if not metrics["ra2"]["groups"] and not metrics["ra3"]["sites"]:
         return {"status": "not_applicable", "checks": [], "reason": no_sites_message(skipped), "control": control}
-    ra2 = _check("RA2", metrics["ra2"]["mean_score"], t.min_alignment, True, "mean alignment score a_ij")
+    n = (metrics.get("uncertainty") or {}).get("samples")
+    ra2 = _check("RA2", metrics["ra2"]["mean_score"], t.min_alignment, True, "mean alignment score a_ij",
+                 metrics["ra2"].get("mean_score_ci"), n)
     if not metrics["ra2"]["groups"]:
         ra2["reason"] = "no group has two sites: alignment needs a pair of sites"
-    checks = [_check("RA1", metrics["ra1"]["mean_linearity"], t.min_linearity, True, "mean trajectory linearity"),
-              ra2]
+    checks = [_check("RA1", metrics["ra1"]["mean_linearity"], t.min_linearity, True, "mean trajectory linearity",
+                     metrics["ra1"].get("mean_linearity_ci"), n), ra2]
     ra3 = metrics["ra3"]
     if ra3["judged"] or (ra3["fully_connected"] and ra3["undetermined"]):
         # sites whose rank is undetermined (it reaches k ≤ C) do not count; none judged: no evidence
         rule = "share of sites with rank ≤ C" + (f" ({'; '.join(ra3['undetermined'])})" if ra3["undetermined"] else "")
-        checks.append(_check("RA3", ra3["share_rank_le_classes"], t.rank_share, True, rule))
+        checks.append(_check("RA3", ra3["share_rank_le_classes"], t.rank_share, True, rule,
+                             ra3.get("share_rank_le_classes_ci"), n))
     if null["status"] == "measured":
         at_init = null["ra2"]["mean_score"]
         contrast = _check("RA2 vs init", null_ratios(metrics, null)["ra2"], t.min_init_ratio, True,
-                          f"a_ij ÷ its value at random init ({at_init:.3g})" if at_init else "a_ij ÷ its value at random init")
+                          f"a_ij ÷ its value at random init ({at_init:.3g})" if at_init else "a_ij ÷ its value at random init",
+                          (null.get("ratio_ci") or {}).get("ra2"), min(n, null["samples"]) if n else None)
         if contrast["value"] is None:
             contrast["reason"] = "RA2 is undefined for the model or its random init"
         checks.append(contrast)
@@ -116,16 +146,17 @@ def _control(null: dict[str, Any]) -> str:
 def nc_verdict(nc: dict[str, Any] | None, t: Thresholds) -> dict[str, Any]:
     if nc is None:
         return {"status": "not_applicable", "checks": [], "reason": "no linear classifier head found"}
-    if nc["undetermined"]:  # too few samples per class: the values would carry no information
-        return {"status": "not_applicable", "checks": [], "reason": nc["undetermined"]}
+    if nc["undetermined"]:  # too few samples (per class): the values would carry no information, or mislead
+        return {"status": "undetermined", "checks": [], "reason": nc["undetermined"]}
     equinorm = nc["nc2_equinorm_means"]
     angle = nc["nc2_equiangular"]
     nc2 = None if angle is None else max(equinorm, angle)
+    n = None if nc.get("interval_note") else nc["samples"]  # next tokens: no interval, decided on the values
     checks = [
-        _check("NC1", nc["nc1"], t.max_nc1, False, "Tr(Σ_W Σ_B†)/C"),
-        _check("NC2", nc2, t.max_nc2, False, "max(equinorm CV, equiangularity)"),
-        _check("NC3", nc["nc3"], t.max_nc3, False, "self-duality distance"),
-        _check("NC4", nc["nc4"], t.max_nc4, False, "mismatch with nearest class mean"),
+        _check("NC1", nc["nc1"], t.max_nc1, False, "Tr(Σ_W Σ_B†)/C", nc.get("nc1_ci"), n),
+        _check("NC2", nc2, t.max_nc2, False, "max(equinorm CV, equiangularity)", nc.get("nc2_ci"), n),
+        _check("NC3", nc["nc3"], t.max_nc3, False, "self-duality distance", nc.get("nc3_ci"), n),
+        _check("NC4", nc["nc4"], t.max_nc4, False, "mismatch with nearest class mean", nc.get("nc4_ci"), n),
     ]
     out = {"status": _overall(checks), "checks": checks}
     total = nc["classifier_classes"]

@@ -55,6 +55,21 @@ class Real(Constraint):
 
 
 @dataclass(frozen=True)
+class Between(Constraint):
+    """A number strictly between `low` and `high`."""
+
+    low: float
+    high: float
+
+    @property
+    def text(self) -> str:
+        return f"a number between {self.low:g} and {self.high:g}"
+
+    def accepts(self, value: Any) -> bool:
+        return Real().accepts(value) and self.low < value < self.high
+
+
+@dataclass(frozen=True)
 class OneOf(Constraint):
     values: tuple[str, ...]
 
@@ -202,6 +217,10 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "init, the control of the verdict | none", cli_type=str),
     Option("null_samples", 8, Integer(1), "samples of the random-init measurement (the first of the probe's)",
            cli_type=int),
+    Option("confidence", 0.95, Between(0.0, 1.0), "level of the confidence intervals (a bootstrap over the samples "
+           "measured); a verdict's check passes or fails only when its interval is clear of its threshold",
+           cli_type=float),
+    Option("resamples", 1000, Integer(100), "bootstrap resamples of the confidence intervals", cli_type=int),
     Option("tokens", "all", OneOf(TOKENS), "text models: all (every real token, each sentence's whole Jacobian) | "
            "last (the last real token of each sentence)", cli_type=str),
     Option("sites", "auto", OneOf(LEVELS), "transformer sites: auto (the family's default) | block (each block's "

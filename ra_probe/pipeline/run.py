@@ -15,7 +15,8 @@ from ra_probe.load.data import check_labels
 from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples, take
-from ra_probe.metrics.verdict import headline, nc_verdict, null_ratios, ra_verdict
+from ra_probe.metrics.uncertainty import interval
+from ra_probe.metrics.verdict import HEADLINE, headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.measure import Measured, measure
 from ra_probe.pipeline.prepare import dispatched, prepared
@@ -52,13 +53,14 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     with torch_threads(threads):
         site_report, measured, summary = _probe_module(loaded, samples, settings, progress, cache, check=True)
         metrics = summary.metrics
-        cost = {"seconds": 0.0, "products": 0}
+        cost, null_replicates = {"seconds": 0.0, "products": 0}, {}
         if not site_report.sites:
             metrics["null"] = {"status": "off", "reason": "no residual site to compare with a random init"}
         else:
-            metrics["null"], cost = _null(loaded, samples, settings, progress, cache)
+            metrics["null"], cost, null_replicates = _null(loaded, samples, settings, progress, cache)
     if metrics["null"]["status"] == "measured":
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
+        metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
                "nc": nc_verdict(metrics["nc"], settings.thresholds)}
     return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
@@ -82,19 +84,19 @@ def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, pro
 
 
 def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
-          cache: ResultCache | None) -> tuple[dict[str, Any], dict[str, float]]:
+          cache: ResultCache | None) -> tuple[dict[str, Any], dict[str, float], dict]:
     """The RA headline metrics of the architecture at random init, on the first `null_samples` samples,
-    or why there are none; and what measuring them cost (seconds, products)."""
+    or why there are none; what measuring them cost (seconds, products); and their bootstrap replicates."""
     none = {"seconds": 0.0, "products": 0}
     if settings.null == "none":
-        return {"status": "off", "reason": "--null none: the verdict has no control"}, none
+        return {"status": "off", "reason": "--null none: the verdict has no control"}, none, {}
     if dispatched(loaded.module):
         return {"status": "unavailable", "reason": "a model split across devices (device_map) is not rebuilt at "
-                                                  "random init: it would need its memory twice"}, none
+                                                  "random init: it would need its memory twice"}, none, {}
     seed = settings.seed + NULL_SEED_OFFSET
     init = random_init(loaded.builder, loaded.module, seed)
     if init.module is None:
-        return {"status": "unavailable", "reason": init.how, "seed": seed}, none
+        return {"status": "unavailable", "reason": init.how, "seed": seed}, none, {}
     freeze(init.module)
     n = min(settings.null_samples, len(samples))
     subset = Samples(take(samples.inputs, slice(n)), None, samples.name)
@@ -106,4 +108,15 @@ def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: P
     timings = [measured.timing(s.name) for s in site_report.sites]
     cost = {"seconds": time.perf_counter() - tick, "products": sum(t["products"] + t["align_products"] for t in timings)}
     return {"status": "measured", "init": init.how, "seed": seed, "samples": n, "sites": len(site_report.sites),
-            **headline(summary.metrics)}, cost
+            **headline(summary.metrics)}, cost, summary.replicates
+
+
+def _ratio_intervals(model: dict, at_init: dict, level: float) -> dict[str, list[float] | None]:
+    """The interval of each RA headline metric's ratio to its value at random init: the two measured on
+    samples of their own, so a resample of each is drawn independently and the ratios taken pairwise."""
+    out = {}
+    for section, name in HEADLINE.items():
+        top, bottom = model.get((section, name)), at_init.get((section, name))
+        out[section] = None if top is None or bottom is None or bool((bottom == 0).any()) \
+            else interval(top / bottom, level)
+    return out

@@ -34,6 +34,8 @@ class Settings:
     seed: int = default("seed")
     null: str = default("null")  # init: RA metrics also measured on the architecture at random init | none
     null_samples: int = default("null_samples")  # samples of the null measurement (the first of the probe's)
+    confidence: float = default("confidence")  # level of the bootstrap intervals
+    resamples: int = default("resamples")  # bootstrap resamples
     tokens: str = default("tokens")  # all: every real token, its whole Jacobian | last: the last real token's
     sites: str = default("sites")  # granularity of transformer sites: auto | block | sublayer
     coupling_k: tuple[int, ...] = default("coupling_k")  # K values of block coupling (empty: not measured)

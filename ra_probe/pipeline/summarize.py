@@ -11,6 +11,8 @@ import torch
 from ra_probe.load.models import LoadedModel
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
+from ra_probe.metrics import uncertainty
+from ra_probe.metrics.uncertainty import Resamples, interval
 from ra_probe.pipeline.measure import Measured, groups_of
 from ra_probe.pipeline.settings import Settings
 from ra_probe.sites.capture import find_classifier
@@ -29,10 +31,13 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
 @dataclass
 class Summary:
     """What a probe's measurements come to: by site name, each site's mean spectrum, residual, solver
-    and timing (`sites`); and the metrics: RA1–RA4, coupling and NC (`metrics`)."""
+    and timing (`sites`); the metrics: RA1–RA4, coupling and NC, each headline number with its confidence
+    interval (`metrics`); and the headline numbers on each bootstrap resample (`replicates`, by
+    (section, name) as in the metrics), for intervals of what combines them with another probe's."""
 
     sites: dict[str, dict[str, Any]]
     metrics: dict[str, Any]
+    replicates: dict[tuple[str, str], torch.Tensor]
 
 
 def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settings: Settings,
@@ -41,14 +46,20 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     logits = torch.cat(measured.logits) if measured.logits else None
     num_classes = loaded.num_classes or (logits.shape[1] if logits is not None and logits.ndim == 2 else None)
     fully_connected = bool(sites) and all(len(s.in_shape) == 1 for s in sites)
-    per_site, ra3_sites, ra4_sites = {}, [], []
+    ordered_labels = None if labels is None else labels[measured.sample_order()]
+    boot = _resamples(measured, logits, ordered_labels, settings)
+    replicates: dict[tuple[str, str], torch.Tensor] = {}
+    per_site, ra3_sites, ra4_sites, ranks, sigma1_values = {}, [], [], [], []
     for site in sites:
         S = torch.cat(measured.site_values("S", site.name))
+        ranks.append(ra_metrics.numerical_rank(S, settings.tau).double())
+        sigma1_values.append(S[:, 0].double())
         gap = ra_metrics.singular_gap(S, num_classes) if num_classes else None
         overlaps = measured.site_values("overlap", site.name)
         overlap = torch.cat(overlaps).mean(dim=0).tolist() if overlaps else None
         per_site[site.name] = {
             "singular_values": S.mean(dim=0).tolist(), "singular_values_std": S.std(dim=0, unbiased=False).tolist(),
+            "singular_values_ci": None if boot is None else interval(boot.means(S.double()), boot.level),
             "max_residual": torch.cat(measured.site_values("residual", site.name)).max().item(),
             "method": measured.method(site.name), "uv_overlap": overlap, "timing": measured.timing(site.name),
         }
@@ -57,7 +68,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         s1_mean, s1_std = _mean_std(S[:, 0])
         ra4_sites.append({"site": site.name, "depth": len(ra4_sites) + 1, "sigma1_mean": s1_mean, "sigma1_std": s1_std})
 
-    ra1_groups, ra2_groups, coupling_groups = [], [], []
+    ra1_groups, ra2_groups, coupling_groups, group_linearity, group_scores = [], [], [], [], []
     for group, members in groups_of(sites).items():
         if len(members) < 2:
             continue
@@ -67,6 +78,9 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
                  "undefined_samples": int(stats["linearity"].isnan().sum())}
         for key, values in stats.items():
             entry[key], entry[f"{key}_std"] = _mean_std(values)
+        linearity = None if boot is None else boot.means(stats["linearity"].double())
+        entry["linearity_ci"] = None if linearity is None else interval(linearity, boot.level)
+        group_linearity.append(linearity)
         entry["projection"] = measured.projection(group)
         ra1_groups.append(entry)
         names = [s.name for s in members]
@@ -77,16 +91,21 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         count = sum(len(t) for t in measured.site_values("S", names[0]))
         heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
                     for i, j in ra_metrics.heatmap_pairs(names)}
-        ra2_groups.append({"group": group, "sites": names, "score": ra_metrics.pair_mean(matrix), "matrix": matrix,
-                           "pairs_measured": len(alignment), "pairs": len(names) * (len(names) - 1),
-                           "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())})
+        entry = {"group": group, "sites": names, "score": ra_metrics.pair_mean(matrix), "matrix": matrix,
+                 "pairs_measured": len(alignment), "pairs": len(names) * (len(names) - 1),
+                 "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())}
+        entry.update(_alignment_intervals(names, alignment, matrix, boot, group_scores))
+        ra2_groups.append(entry)
         if settings.coupling_k:
             coupling_groups.append(_coupling(group, names, measured, settings.coupling_k))
 
     judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
     sigma1 = [s["sigma1_mean"] for s in ra4_sites]
     L = len(sites)
-    return Summary(per_site, {
+    if boot is not None:
+        replicates.update(_ra_replicates(boot, group_linearity, group_scores, ranks, sigma1_values, ra3_sites,
+                                         settings.k, num_classes))
+    metrics = {
         "ra1": {"groups": ra1_groups, "mean_linearity": _mean_or_none([g["linearity"] for g in ra1_groups])},
         "ra2": {"groups": ra2_groups, "mean_score": _mean_or_none([g["score"] for g in ra2_groups]),
                 "K": settings.align_k or settings.k},
@@ -98,8 +117,11 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         "ra4": {"sites": ra4_sites, "depth": L, "L_times_mean_sigma1": sum(sigma1) if L else None,
                 "zero_sites": [s["site"] for s in ra4_sites if s["sigma1_mean"] == 0.0]},
         "coupling": {"K": list(settings.coupling_k), "tokens": settings.tokens, "groups": coupling_groups},
-        "nc": _neural_collapse(loaded.module, measured, logits, labels),
-    })
+        "nc": _neural_collapse(loaded.module, measured, logits, ordered_labels, boot, replicates),
+    }
+    _attach_intervals(metrics, replicates, boot)
+    metrics["uncertainty"] = _uncertainty(boot, settings, measured)
+    return Summary(per_site, metrics, replicates)
 
 
 def _coupling(group: int, names: list[str], measured: Measured, ks: tuple[int, ...]) -> dict[str, Any]:
@@ -132,7 +154,10 @@ def _mean_or_none(values: list[float]) -> float | None:
 
 
 def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.Tensor | None,
-                     labels: torch.Tensor | None) -> dict | None:
+                     labels: torch.Tensor | None, boot: Resamples | None,
+                     replicates: dict[tuple[str, str], torch.Tensor]) -> dict | None:
+    """NC on the classifier's features with `labels` (in the order of the per-sample results), or the
+    model's predictions; with each value's replicates on the bootstrap resamples put in `replicates`."""
     if measured.next_tokens and _causal_lm(module):
         return _next_token_collapse(module, measured)
     head = find_classifier(module)
@@ -142,9 +167,14 @@ def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.
     if features.shape[1] != head.in_features or logits.shape[1] != head.out_features:
         return None
     source = "data" if labels is not None else "predictions"
-    labels = logits.argmax(dim=1) if labels is None else labels[measured.sample_order()]
-    result = nc_metrics.neural_collapse(features, labels, head.weight.detach().cpu(), logits=logits)
+    labels = logits.argmax(dim=1) if labels is None else labels
+    weight = head.weight.detach().cpu()
+    result = nc_metrics.neural_collapse(features, labels, weight, logits=logits)
     result["labels_from"] = source
+    if boot is not None and result["undetermined"] is None:
+        values = [nc_metrics.neural_collapse(features[i], labels[i], weight, logits=logits[i]) for i in boot.index]
+        for key in NC_VALUES:
+            replicates["nc", key] = torch.tensor([_nan_if_none(v[key]) for v in values], dtype=torch.float64)
     return result
 
 
@@ -165,4 +195,91 @@ def _next_token_collapse(module: torch.nn.Module, measured: Measured) -> dict | 
     features, labels, predictions = (torch.cat(parts) for parts in zip(*measured.next_tokens))
     result = nc_metrics.neural_collapse(features, labels, head.weight.detach().cpu(), predictions)
     result["labels_from"] = "next tokens"
+    result["interval_note"] = ("no intervals: the tokens of one text are not independent samples, and a "
+                               "resample of texts is not implemented")
     return result
+
+
+NC_VALUES = ("nc1", "nc2_equinorm_means", "nc2_equinorm_weights", "nc2_equiangular", "nc3", "nc4")
+# the headline numbers given an interval: (section, name) of the metrics dict
+INTERVALS = (("ra1", "mean_linearity"), ("ra2", "mean_score"), ("ra3", "share_rank_le_classes"),
+             ("ra3", "median_rank"), ("ra4", "L_times_mean_sigma1"), *(("nc", key) for key in NC_VALUES))
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _resamples(measured: Measured, logits: torch.Tensor | None, labels: torch.Tensor | None,
+               settings: Settings) -> Resamples | None:
+    """The probe's bootstrap resamples, within each class: of the labels, else of the model's predictions
+    (a model without a classifier head: unstratified)."""
+    if not measured.groups:
+        return None
+    n = sum(len(t) for t in measured.order)
+    strata = labels if labels is not None else (logits.argmax(dim=1) if logits is not None and logits.ndim == 2
+                                                 and len(logits) == n else None)
+    return uncertainty.resamples(n, strata, settings.resamples, settings.confidence, settings.seed)
+
+
+def _alignment_intervals(names: list[str], alignment: dict[tuple[str, str], torch.Tensor],
+                         matrix: list[list], boot: Resamples | None, group_scores: list) -> dict[str, Any]:
+    """A group's RA2 intervals: each measured a_ij's (`matrix_ci`, [low, high] or None) and the group
+    score's (`score_ci`), computed on the same resamples; the score's replicates appended to `group_scores`."""
+    if boot is None or not alignment:
+        group_scores.append(None)
+        return {"score_ci": None, "matrix_ci": None}
+    index = {name: a for a, name in enumerate(names)}
+    pairs = list(alignment)
+    means = torch.stack([boot.means(alignment[pair].double()) for pair in pairs], dim=1)  # (R, pairs)
+    weights = ra_metrics.pair_weights(matrix)
+    score = means @ torch.tensor([weights[index[i], index[j]] for i, j in pairs], dtype=torch.float64)
+    group_scores.append(score)
+    bounds = {pair: interval(means[:, p], boot.level) for p, pair in enumerate(pairs)}
+    return {"score_ci": interval(score, boot.level),
+            "matrix_ci": [[bounds.get((i, j)) for j in names] for i in names]}
+
+
+def _ra_replicates(boot: Resamples, group_linearity: list, group_scores: list, ranks: list[torch.Tensor],
+                   sigma1: list[torch.Tensor], ra3_sites: list[dict], k: int,
+                   classes: int | None) -> dict[tuple[str, str], torch.Tensor]:
+    """The RA headline numbers on each resample, computed as the point values are."""
+    out = {}
+    if group_linearity and None not in group_linearity:
+        out["ra1", "mean_linearity"] = torch.stack(group_linearity).mean(dim=0)
+    if group_scores and None not in group_scores:
+        out["ra2", "mean_score"] = torch.stack(group_scores).mean(dim=0)
+    if ranks:
+        medians = torch.stack([boot.medians(rank) for rank in ranks])  # (sites, R); a rank reaching k is ≥ k
+        # as `median_rank`: known while the upper middle site is below k (saturated sites sort last)
+        known = medians.sort(dim=0).values[len(ranks) // 2] < k
+        out["ra3", "median_rank"] = medians.quantile(0.5, dim=0).masked_fill(~known, math.nan)
+        judged = [a for a, site in enumerate(ra3_sites) if site["rank_le_classes"] is not None]
+        if classes is not None and judged:
+            out["ra3", "share_rank_le_classes"] = (medians[judged] <= classes).double().mean(dim=0)
+        out["ra4", "L_times_mean_sigma1"] = torch.stack([boot.means(s) for s in sigma1]).sum(dim=0)
+    return out
+
+
+def _attach_intervals(metrics: dict[str, Any], replicates: dict[tuple[str, str], torch.Tensor],
+                      boot: Resamples | None) -> None:
+    """`<name>_ci` beside each headline number: [low, high], or None where it has no interval."""
+    for section, name in INTERVALS:
+        if metrics.get(section) is None:
+            continue
+        values = replicates.get((section, name))
+        metrics[section][f"{name}_ci"] = None if boot is None or values is None else interval(values, boot.level)
+    if metrics["nc"] is not None and boot is not None and ("nc", "nc1") in replicates:
+        nc2 = torch.maximum(replicates["nc", "nc2_equinorm_means"], replicates["nc", "nc2_equiangular"])
+        metrics["nc"]["nc2_ci"] = interval(nc2, boot.level)
+
+
+def _uncertainty(boot: Resamples | None, settings: Settings, measured: Measured) -> dict[str, Any]:
+    """How the intervals were made, recorded in the report."""
+    samples = sum(len(t) for t in measured.order)
+    if boot is None:
+        return {"level": settings.confidence, "resamples": settings.resamples, "samples": samples,
+                "stratified": False, "method": uncertainty.METHOD,
+                "note": "no intervals: one sample says nothing of its spread" if samples == 1 else "nothing measured"}
+    return {"level": boot.level, "resamples": len(boot.index), "samples": boot.samples, "stratified": boot.stratified,
+            "method": uncertainty.METHOD, "note": None}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ra_probe.metrics.ra import depth_slope
-from ra_probe.report.headline import HEADLINE, headline
+from ra_probe.report.headline import HEADLINE, headline, intervals
 
 
 def family_of(model: str) -> str:
@@ -41,7 +41,7 @@ def summary(report: dict[str, Any], label: str) -> dict[str, Any]:
         "group_scores": ", ".join(f"{g['group']}: {g['score']:.3f}" for g in metrics["ra2"]["groups"]
                                   if g["score"] is not None) or None,
         "sigma1": sigma1, "sigma1_first": sigma1[0] if sigma1 else None, "sigma1_last": sigma1[-1] if sigma1 else None,
-        **headline(report),
+        **headline(report), "intervals": intervals(report),
     }
 
 
@@ -72,5 +72,6 @@ def compare(reports: list[tuple[str, dict[str, Any]]], labels: list[str] | None 
             families.append({"family": family, "labels": [r["label"] for r in members], "depths": depths,
                              "mean_sigma1": [r["mean_sigma1"] for r in members], "slope": slope})
     return {"reports": rows, "files": [source for source, _ in reports],
-            "table": [{"metric": label, "values": [row[key] for row in rows]} for label, key in ROWS],
+            "table": [{"metric": label, "values": [row[key] for row in rows],
+                       "intervals": [row["intervals"].get(key) for row in rows]} for label, key in ROWS],
             "families": families}

@@ -10,9 +10,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ra_probe.report.format import fmt, null_rows
+from ra_probe.report.format import fmt, fmt_ci, null_rows
 
-STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "not_applicable": "dim"}
+STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "undetermined": "bold blue",
+                "not_applicable": "dim"}
 
 
 @dataclass
@@ -102,11 +103,13 @@ def ra_table(report: dict[str, Any], width: int = 120) -> Table:
         estimated = g.get("pairs_measured", 0) < g.get("pairs", 0)  # from schema 1.6
         sampled += [f"group {g['group']}: {g['pairs_measured']} of {g['pairs']}"] if estimated else []
         rows.append([str(g["group"]), names[0], names[-1], str(len(names)),
-                     ("≈" if estimated else "") + fmt(g["score"]), fmt(t["linearity"]),
+                     ("≈" if estimated else "") + fmt_ci(g["score"], g.get("score_ci")),
+                     fmt_ci(t["linearity"], t.get("linearity_ci")),
                      fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"])]
                     + [fmt(coupling.get(g["group"], {}).get(K)) for K in ks])
     ra4 = metrics["ra4"]
-    caption = f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt(ra4['L_times_mean_sigma1'])}"
+    caption = (f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt_ci(ra4['L_times_mean_sigma1'], ra4.get('L_times_mean_sigma1_ci'))}"
+               + _level(metrics))
     if sampled:
         caption += f"\n≈ estimated from a sample of the pairs ({'; '.join(sampled)}); --align-pairs all measures every pair"
     return fitted("Residual Alignment by group", columns, rows, width, caption)
@@ -116,15 +119,24 @@ def null_table(metrics: dict[str, Any], width: int = 120) -> Table:
     null = metrics["null"]
     columns = [Column(""), Column("model", "right"), Column("random init", "right"), Column("ratio", "right")]
     return fitted("Against the same architecture at random init", columns, null_rows(metrics), width,
-                  f"{null['init']}, seed {null['seed']}, {null['samples']} samples")
+                  f"{null['init']}, seed {null['seed']}, {null['samples']} samples" + _level(metrics))
 
 
 def nc_table(nc: dict[str, Any], width: int = 120) -> Table:
     columns = [Column("NC1", "right"), Column("NC2 μ norms", "right"), Column("NC2 angles", "right"),
                Column("NC3", "right"), Column("NC4", "right"), Column("NC2 w norms", "right", True)]
-    row = [fmt(nc[k]) for k in ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4", "nc2_equinorm_weights")]
+    row = [fmt_ci(nc[k], nc.get(f"{k}_ci"))
+           for k in ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4", "nc2_equinorm_weights")]
     return fitted(f"Neural Collapse ({nc['classes']} classes, {nc['samples']} samples, labels from "
-                  f"{nc['labels_from']})", columns, [row], width)
+                  f"{nc['labels_from']})", columns, [row], width, nc.get("interval_note"))
+
+
+def _level(metrics: dict[str, Any]) -> str:
+    """The intervals' caption: their level and how many samples they come from."""
+    uncertainty = metrics.get("uncertainty")  # from schema 1.7
+    if not uncertainty or uncertainty.get("note"):
+        return ""
+    return f"\nin brackets: {uncertainty['level']:.0%} bootstrap intervals over {uncertainty['samples']} samples"
 
 
 def verdict_table(verdict: dict[str, Any]) -> Table:
@@ -133,9 +145,12 @@ def verdict_table(verdict: dict[str, Any]) -> Table:
         table.add_column(column)
     for key in ("ra", "nc"):
         evidence = verdict["evidence"][key]
-        lines = [f"{'✓' if c['passed'] else '✗' if c['passed'] is not None else '·'} {c['name']}: "
-                 + (f"{fmt(c['value'])} ({c['rule']})" if c["value"] is not None else
-                    f"undetermined ({c.get('reason') or c['rule']})") for c in evidence["checks"]]
+        lines = [f"{'✓' if c['passed'] else '✗' if c['passed'] is not None else '?' if c.get('undetermined') else '·'} "
+                 f"{c['name']}: " + (f"{fmt_ci(c['value'], c.get('ci'))} ({c['rule']})" if c["value"] is not None else
+                                     f"undetermined ({c.get('reason') or c['rule']})")
+                 + (f"\n  undetermined: {c['undetermined']}" if c.get("undetermined") else "")
+                 + (f"; about {c['samples_to_decide']} samples would decide it" if c.get("samples_to_decide") else "")
+                 for c in evidence["checks"]]
         lines += [text for text in (evidence.get("reason"), evidence.get("scope")) if text]
         if evidence.get("control"):
             lines.append(f"control: {evidence['control']}")
@@ -175,7 +190,7 @@ def compare_table(comparison: dict[str, Any]) -> Table:
             key = "ra" if row["metric"].startswith("RA") else "nc"
             cells = [f"[{STATUS_STYLE[r[key]]}]{value}[/]" for r, value in zip(comparison["reports"], row["values"])]
         else:
-            cells = [fmt(value) for value in row["values"]]
+            cells = [fmt_ci(value, ci) for value, ci in zip(row["values"], row.get("intervals") or [None] * len(row["values"]))]
         table.add_row(row["metric"], *cells)
     return table
 

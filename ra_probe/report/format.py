@@ -15,6 +15,14 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def fmt_ci(value: Any, ci: list[float] | None, digits: int = 3, unit: str = "") -> str:
+    """A value with its confidence interval, "0.737 [0.734–0.740]"; the value alone without one."""
+    text = fmt(value, digits) + unit if value is not None else "–"
+    if value is None or not ci:
+        return text
+    return f"{text} [{fmt(ci[0], digits)}–{fmt(ci[1], digits)}{unit}]"
+
+
 HEADLINE_LABELS = {"ra1": "RA1 linearity", "ra2": "RA2 a_ij", "ra3": "RA3 median rank", "ra4": "RA4 L·mean σ₁"}
 
 
@@ -24,6 +32,7 @@ def null_rows(metrics: dict[str, Any]) -> list[list[str]]:
     from ra_probe.metrics.verdict import HEADLINE
 
     null = metrics["null"]
-    return [[HEADLINE_LABELS[section], fmt(metrics[section][name]), fmt(null[section][name]),
-             "–" if null["ratio"][section] is None else f"{null['ratio'][section]:.3g}×"]
+    ratio_ci = null.get("ratio_ci") or {}  # from schema 1.7
+    return [[HEADLINE_LABELS[section], fmt_ci(metrics[section][name], metrics[section].get(f"{name}_ci")),
+             fmt(null[section][name]), fmt_ci(null["ratio"][section], ratio_ci.get(section), unit="×")]
             for section, name in HEADLINE.items()]

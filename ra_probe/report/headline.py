@@ -19,6 +19,15 @@ class Metric:
     # whether a gate's baseline holds it within the tolerance (not depth: the gate checks the sites
     # themselves; not the largest rank, which one site moves; not mean σ₁, as L·mean σ₁ is held)
     held: bool = True
+    # where the report keeps its confidence interval: (section of metrics, field); None: it has none
+    ci: tuple[str, str] | None = None
+
+    def interval(self, report: dict[str, Any]) -> list[float] | None:
+        """[low, high] of the metric in `report`, or None (no interval, or a report before schema 1.7)."""
+        if self.ci is None:
+            return None
+        section = report["metrics"].get(self.ci[0]) or {}
+        return section.get(self.ci[1])
 
 
 def _finite_mean(values: list[Any]) -> float | None:
@@ -40,23 +49,28 @@ def _largest_rank(report: dict) -> float | None:
 
 def _nc(key: str) -> Metric:
     labels = {"nc2_equinorm_means": "NC2 equinorm μ", "nc2_equiangular": "NC2 equiangular"}
-    return Metric(labels.get(key, key.upper()), "nc", lambda r: (r["metrics"]["nc"] or {}).get(key))
+    return Metric(labels.get(key, key.upper()), "nc", lambda r: (r["metrics"]["nc"] or {}).get(key), ci=("nc", f"{key}_ci"))
 
 
 HEADLINE: dict[str, Metric] = {
     "depth": Metric("sites L", "ra", lambda r: r["metrics"]["ra4"]["depth"], held=False),
-    "linearity": Metric("RA1 mean linearity", "ra", lambda r: r["metrics"]["ra1"]["mean_linearity"]),
-    "alignment": Metric("RA2 mean alignment a_ij", "ra", lambda r: r["metrics"]["ra2"]["mean_score"]),
+    "linearity": Metric("RA1 mean linearity", "ra", lambda r: r["metrics"]["ra1"]["mean_linearity"],
+                        ci=("ra1", "mean_linearity_ci")),
+    "alignment": Metric("RA2 mean alignment a_ij", "ra", lambda r: r["metrics"]["ra2"]["mean_score"],
+                        ci=("ra2", "mean_score_ci")),
     # computed from the sites, so reports written before the field was added read the same
     "median_rank": Metric("RA3 median site rank", "ra",
-                          lambda r: median_rank(r["metrics"]["ra3"]["sites"], r["settings"]["k"])),
+                          lambda r: median_rank(r["metrics"]["ra3"]["sites"], r["settings"]["k"]),
+                          ci=("ra3", "median_rank_ci")),
     "mean_rank": Metric("RA3 mean site rank", "ra", _mean_rank),
     "largest_rank": Metric("RA3 largest site rank", "ra", _largest_rank, held=False),
-    "rank_share": Metric("RA3 share rank ≤ C", "ra", lambda r: r["metrics"]["ra3"]["share_rank_le_classes"]),
+    "rank_share": Metric("RA3 share rank ≤ C", "ra", lambda r: r["metrics"]["ra3"]["share_rank_le_classes"],
+                         ci=("ra3", "share_rank_le_classes_ci")),
     "mean_sigma1": Metric("mean σ₁", "ra",
                           lambda r: _finite_mean([s["sigma1_mean"] for s in r["metrics"]["ra4"]["sites"]]),
                           held=False),
-    "L_times_mean_sigma1": Metric("RA4 L·mean σ₁", "ra", lambda r: r["metrics"]["ra4"]["L_times_mean_sigma1"]),
+    "L_times_mean_sigma1": Metric("RA4 L·mean σ₁", "ra", lambda r: r["metrics"]["ra4"]["L_times_mean_sigma1"],
+                                  ci=("ra4", "L_times_mean_sigma1_ci")),
     **{key: _nc(key) for key in ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4")},
 }
 
@@ -65,3 +79,8 @@ def headline(report: dict[str, Any]) -> dict[str, float | None]:
     """The headline numbers of `report` by name; None where the report has no value (no sites, no
     classifier head, a rank that reaches k)."""
     return {name: metric.value(report) for name, metric in HEADLINE.items()}
+
+
+def intervals(report: dict[str, Any]) -> dict[str, list[float] | None]:
+    """The confidence interval [low, high] of each headline number that has one, by name (None: none)."""
+    return {name: metric.interval(report) for name, metric in HEADLINE.items() if metric.ci is not None}

@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from ra_probe.report import plots
 from ra_probe.report.files import write_text
-from ra_probe.report.format import fmt, null_rows
+from ra_probe.report.format import fmt, fmt_ci, null_rows
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -23,6 +23,7 @@ def _environment() -> Environment:
     env = Environment(loader=PackageLoader("ra_probe.report", "templates"), autoescape=select_autoescape(["j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = number
+    env.filters["num_ci"] = lambda value, ci: fmt_ci(value, ci, 4)
     env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False)
     return env
 
@@ -36,7 +37,10 @@ def report_figures(report: dict[str, Any]) -> dict[str, Any]:
                                "trajectories": {}, "coupling": {}}
     if sites:
         figures["spectra"] = Markup(plots.spectra(sites, metrics["ra3"]["classes"]))
-        figures["sigma1"] = Markup(plots.sigma1_depth(metrics["ra4"]["sites"], {s["name"]: s["group"] for s in sites}))
+        sigma1_ci = {s["name"]: [s["singular_values_ci"][0][0], s["singular_values_ci"][1][0]]
+                     for s in sites if s.get("singular_values_ci")}  # from schema 1.7
+        figures["sigma1"] = Markup(plots.sigma1_depth(metrics["ra4"]["sites"], {s["name"]: s["group"] for s in sites},
+                                                      sigma1_ci))
     for group in metrics["ra2"]["groups"]:
         figures["alignment"][group["group"]] = Markup(plots.alignment_matrix(group))
         figures["heatmaps"][group["group"]] = Markup(plots.heatmaps(group, sigma1))

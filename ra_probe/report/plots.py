@@ -195,14 +195,27 @@ def trajectories(group: dict[str, Any]) -> str:
     return _svg(fig, f"trajectories-{group['group']}")
 
 
-def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int]) -> str:
-    """RA4 within a model: σ₁ (mean ± std over samples, log scale) of each site against its depth."""
+def _error(values: list[float], intervals: list[list[float] | None]) -> np.ndarray | None:
+    """matplotlib's yerr (2, n) of confidence intervals around `values`; None when none has one."""
+    if not any(intervals):
+        return None
+    return np.array([[max(v - ci[0], 0.0), max(ci[1] - v, 0.0)] if ci and v is not None else [0.0, 0.0]
+                     for v, ci in zip(values, intervals)]).T
+
+
+def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int],
+                 intervals: dict[str, list[float] | None] | None = None) -> str:
+    """RA4 within a model: σ₁ (mean ± std over samples, log scale; black: the mean's confidence interval,
+    `intervals` by site) of each site against its depth."""
     fig = Figure(figsize=(min(12.0, max(4.5, 0.32 * len(ra4_sites) + 2)), 3.4), layout="constrained")
     ax = fig.subplots()
     depth = [s["depth"] for s in ra4_sites]
     mean = _positive([s["sigma1_mean"] for s in ra4_sites])
     std = np.array([s["sigma1_std"] or 0.0 for s in ra4_sites], dtype=float)
     ax.errorbar(depth, mean, yerr=std, color="0.6", linewidth=1, capsize=2, zorder=1)
+    error = _error(list(mean), [(intervals or {}).get(s["site"]) for s in ra4_sites])
+    if error is not None:
+        ax.errorbar(depth, mean, yerr=error, fmt="none", ecolor="black", linewidth=2, capsize=0, zorder=1.5)
     ax.scatter(depth, mean, c=[groups.get(s["site"], 0) for s in ra4_sites], cmap="tab10", zorder=2, s=18)
     _log_y(ax, mean)
     ticks = _ticks(len(ra4_sites))
@@ -223,7 +236,8 @@ def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
     x = np.arange(len(NC_BARS))
     values = [nc[key] for _, key, _ in NC_BARS]
     heights = [max(v, NO_VALUE_FLOOR) if v is not None else NO_VALUE_FLOOR for v in values]
-    ax.bar(x, heights, color="#4c72b0", bottom=0)
+    ax.bar(x, heights, color="#4c72b0", bottom=0,
+           yerr=_error(heights, [nc.get(f"{key}_ci") for _, key, _ in NC_BARS]), capsize=3, ecolor="black")
     for xi, (_, _, limit) in zip(x, NC_BARS):
         if limit in thresholds:
             ax.hlines(thresholds[limit], xi - 0.4, xi + 0.4, colors="#c44e52", linewidth=2)
@@ -233,7 +247,7 @@ def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
     ax.set_yscale("log")
     ax.set_ylim(NO_VALUE_FLOOR / 2, max(heights + [thresholds.get("max_nc1", 1.0)]) * 4)
     ax.set_xticks(x, [label for label, _, _ in NC_BARS], rotation=20, ha="right", fontsize=8)
-    ax.set(title="Neural Collapse (red: verdict limits)")
+    ax.set(title="Neural Collapse (red: verdict limits; black: confidence intervals)")
     return _svg(fig, "nc")
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from ra_probe import __version__
 from ra_probe.metrics.ra import depth_fit
-from ra_probe.report.headline import headline
+from ra_probe.report.headline import headline, intervals
 from ra_probe.report.schema import schema_errors
 from ra_probe.sweeps.spec import Run
 
-SCHEMA_VERSION = "2.0"  # also in sweep.schema.json; MINOR for added fields, MAJOR for changed ones
+SCHEMA_VERSION = "2.1"  # also in sweep.schema.json; MINOR for added fields, MAJOR for changed ones
 SCHEMA_PATH = Path(__file__).with_name("sweep.schema.json")
 
 
@@ -24,7 +24,7 @@ def run_entry(run: Run, key: str, status: str, report: dict[str, Any] | None, er
             "step": run.step, "key": key, "status": status,
             "report": f"{run.name}.json" if report is not None else None, "error": error, "seconds": seconds,
             "verdict": {"ra": report["verdict"]["ra"], "nc": report["verdict"]["nc"]} if report else None,
-            "metrics": headline(report) if report else None}
+            "metrics": headline(report) if report else None, "intervals": intervals(report) if report else None}
 
 
 def ra4_across(entries: list[dict[str, Any]]) -> dict[str, Any] | None:

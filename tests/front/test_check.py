@@ -46,6 +46,7 @@ def test_baseline_from_the_same_model_passes_and_a_tighter_one_fails(cli, tmp_pa
     tighter = json.loads(Path("base.json").read_text())
     measured = tighter["metrics"]["ra2"]["mean_score"]
     tighter["metrics"]["ra2"]["mean_score"] = measured + 0.2
+    tighter["metrics"]["ra2"]["mean_score_ci"] = [v + 0.2 for v in tighter["metrics"]["ra2"]["mean_score_ci"]]
     Path("tighter.json").write_text(json.dumps(tighter))
     code, out, _ = cli("check", "bundled/fc-digits", "--baseline", "tighter.json", "--tolerance", "0.05")
     assert code == 1

@@ -57,6 +57,19 @@ def test_baseline_tolerance_is_relative_above_one_and_absolute_below():
     assert not judge(report(ranks=(15, 9, 9)), GateRules(baseline=base, tolerance=0.05)).passed
 
 
+def test_a_move_beyond_the_tolerance_fails_only_where_the_intervals_show_it():
+    base, now = report(alignment=0.8), report(alignment=0.9)
+    rules = GateRules(baseline=base, tolerance=0.05)
+    assert not judge(now, rules).passed  # no intervals: the values decide
+    base["metrics"]["ra2"]["mean_score_ci"], now["metrics"]["ra2"]["mean_score_ci"] = [0.7, 0.88], [0.82, 0.98]
+    result = judge(now, rules)
+    assert result.passed and "within noise" in next(c["detail"] for c in result.checks if c["name"] == "baseline alignment")
+    now["metrics"]["ra2"]["mean_score_ci"] = [0.89, 0.91]  # 0.89 − 0.88 < 0.05: not shown
+    assert judge(now, rules).passed
+    base["metrics"]["ra2"]["mean_score_ci"] = [0.79, 0.81]  # 0.89 − 0.81 > 0.05: the move is resolved
+    assert not judge(now, rules).passed
+
+
 def test_baseline_verdicts_may_improve_but_not_worsen():
     worse = judge(report(ra="partial"), GateRules(baseline=report())).failures
     assert worse == ["RA present → partial (worse than baseline)"]

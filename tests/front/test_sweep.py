@@ -188,7 +188,7 @@ def test_options_on_the_command_line_apply_to_every_run_and_win_over_the_file(tm
 
 
 def test_the_schema_refuses_what_a_sweep_never_writes():
-    document = {"schema_version": "2.0", "tool": {"name": "ra-probe", "version": "0"}, "source": "x",
+    document = {"schema_version": "2.1", "tool": {"name": "ra-probe", "version": "0"}, "source": "x",
                 "executor": {"name": "local", "version": None, "address": None, "resources": None, "per_run": None},
                 "measured": 0, "seconds": 0.0, "counts": {"done": 0, "skipped": 0, "failed": 1, "interrupted": 0},
                 "runs": [{"name": "a", "model": "m", "weights": None, "data": None, "step": None, "key": "0" * 64,

@@ -80,7 +80,7 @@ def test_a_single_class_gives_no_nc_verdict():
     labels = torch.zeros(6, dtype=torch.long)
     nc = neural_collapse(features, labels, torch.randn(3, 4, dtype=torch.float64), labels)
     verdict = nc_verdict(nc, Thresholds())
-    assert verdict["status"] == "not_applicable" and "at least 2" in verdict["reason"]
+    assert verdict["status"] == "undetermined" and "at least 2" in verdict["reason"]
 
 
 def test_a_subset_of_the_classifier_rows_is_its_own_simplex():

@@ -32,7 +32,7 @@ SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3
                        "1.4": "13c11dbb7c831ef7c5b11a8e1f959478ebb88090b6060ebc35d862a3911e3c7f",
                        "1.5": "06c1ccc3f176775c182a83c9f9f9e3208689d6fabc3cf9381d0f2ddef05d911b",
                        "1.6": "dfe1f29589b0384c06665b3fb8372c2dffdd669aee94598b80efd29555739078",
-                       "1.7": "4e66a6df6b0132a0f98164f4f42229d68c734010c00956d9ad8770d49459455d"}
+                       "1.7": "0253c9a049eeb9a5f2937bcfd5e43a5fc726f2197183f51ff60bd316e08d055c"}
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,8 @@ def _texts(svg: ET.Element) -> list[str]:
 
 
 def _number(cell: str) -> float | None:
-    return None if cell == "–" else float(cell.rstrip("+"))
+    """A cell's value: "–" is none; "0.9956 [0.9951–0.9962]" is its value and interval."""
+    return None if cell == "–" else float(cell.split(" [")[0].rstrip("+×"))
 
 
 def _close(cell: str, value, rel=1e-3) -> bool:

@@ -1,0 +1,45 @@
+"""Every headline number of a probe with its confidence interval, and verdicts that read them: on the
+bundled trained model (64 samples: decided) and on too few samples to decide."""
+from __future__ import annotations
+
+import ra_probe
+
+
+def test_the_trained_model_has_an_interval_for_every_headline_number(bundled_reports):
+    report = bundled_reports["fc-digits"]
+    metrics = report["metrics"]
+    assert metrics["uncertainty"]["samples"] == 64 and metrics["uncertainty"]["stratified"]
+    for section, name in (("ra1", "mean_linearity"), ("ra2", "mean_score"), ("ra4", "L_times_mean_sigma1"),
+                          ("ra3", "share_rank_le_classes"), ("nc", "nc1"), ("nc", "nc3")):
+        low, high = metrics[section][f"{name}_ci"]
+        assert low <= metrics[section][name] <= high, (section, name)
+    group = metrics["ra2"]["groups"][0]
+    assert group["score_ci"][0] <= group["score"] <= group["score_ci"][1]
+    assert group["matrix_ci"][0][0] is None and group["matrix_ci"][0][1][0] <= group["matrix"][0][1]
+    lows, highs = report["sites"][0]["singular_values_ci"]
+    assert all(lo <= s <= hi for lo, s, hi in zip(lows, report["sites"][0]["singular_values"], highs))
+    low, high = metrics["null"]["ratio_ci"]["ra2"]
+    assert 4 < low <= metrics["null"]["ratio"]["ra2"] <= high  # the contrast with init, decided
+    checks = report["verdict"]["evidence"]["ra"]["checks"]
+    assert report["verdict"]["ra"] == "present" and all(c["passed"] and c["ci"] for c in checks)
+    control = bundled_reports["fc-digits-lowwd"]
+    assert control["verdict"]["ra"] == "absent"  # its contrast with init is decided too: far below 4×
+    assert control["metrics"]["null"]["ratio_ci"]["ra2"][1] < 4
+
+
+def test_nc_on_two_or_three_samples_a_class_is_not_called_collapsed(bundled_reports):
+    """Twelve samples (five classes of two or three) bias NC toward collapse: NC1 0.019 where 64 samples
+    give 0.048. It is undetermined, with how many samples would do."""
+    small = ra_probe.probe("bundled/fc-digits", samples=12, k=4, null="none")
+    assert small.verdict["nc"] == "undetermined"
+    assert small["metrics"]["nc"]["nc1"] is None and "5 samples a class" in small["metrics"]["nc"]["undetermined"]
+    assert bundled_reports["fc-digits"]["verdict"]["nc"] == "present"
+
+
+def test_intervals_are_the_same_for_the_same_seed():
+    first = ra_probe.probe("bundled/fc-digits", samples=16, k=4, null="none", resamples=200)
+    again = ra_probe.probe("bundled/fc-digits", samples=16, k=4, null="none", resamples=200)
+    other = ra_probe.probe("bundled/fc-digits", samples=16, k=4, null="none", resamples=200, seed=5)
+    assert first["metrics"]["ra2"]["mean_score_ci"] == again["metrics"]["ra2"]["mean_score_ci"]
+    assert first["metrics"]["ra2"]["mean_score_ci"] != other["metrics"]["ra2"]["mean_score_ci"]
+    assert first["settings"]["resamples"] == 200 and first["metrics"]["uncertainty"]["resamples"] == 200
