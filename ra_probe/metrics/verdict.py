@@ -22,6 +22,11 @@ class Thresholds:
         return asdict(self)
 
 
+# said in every verdict made on synthetic samples (`--data synthetic`)
+SYNTHETIC_CAVEAT = ("synthetic inputs (random, not data): a smoke test of the model, not a diagnosis; "
+                    "pass --data for one")
+
+
 def _check(name: str, value: float | None, limit: float, at_least: bool, what: str) -> dict[str, Any]:
     if value is not None and not math.isfinite(value):
         value = None  # undefined (e.g. every branch exactly zero): no evidence either way

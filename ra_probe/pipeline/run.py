@@ -15,7 +15,7 @@ from ra_probe.load.data import check_labels
 from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples, take
-from ra_probe.metrics.verdict import headline, nc_verdict, null_ratios, ra_verdict
+from ra_probe.metrics.verdict import SYNTHETIC_CAVEAT, headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.measure import Measured, measure
 from ra_probe.pipeline.prepare import dispatched, prepared
@@ -61,6 +61,9 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
                "nc": nc_verdict(metrics["nc"], settings.thresholds)}
+    if samples.synthetic:
+        for evidence in verdict.values():
+            evidence["caveat"] = SYNTHETIC_CAVEAT
     return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
                    cost)
 
