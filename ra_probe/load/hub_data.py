@@ -88,11 +88,14 @@ def load_hub_data(ref: str, model: LoadedModel, *, limit: int | None, seed: int,
         count = len(inputs["input_ids"])
         return Samples(inputs, None, ref, f"{shard.describe()}, {count} windows of {inputs['input_ids'].shape[1]} "
                                           "tokens of running text", source=source)
-    rows, note = None, None
+    rows, note, ids = None, None, None
     if label_column is not None:
         rows, note = _label_rows(features[label_column]["names"], model, ref, labels_required)
+    if rows is not None:  # -1: no label (a test split's hidden ones)
+        ids = parquet.read(columns=[label_column]).column(0).fill_null(-1).to_numpy(zero_copy_only=False)
+        if not (ids >= 0).any():
+            rows, note = None, f"its {label_column} column is empty (-1): the split's labels are hidden"
     if rows is not None:
-        ids = parquet.read(columns=[label_column]).column(0).to_numpy(zero_copy_only=False)
         chosen = _balanced(ids, n, seed)
         labels = torch.tensor([rows[i] for i in ids[chosen]])
         source["label_column"] = label_column
@@ -123,7 +126,7 @@ def _shard(data: HubData, revision: str | None) -> Shard:
     """The first parquet shard of the reference's config and split, downloaded into (or found in) the
     Hub's cache. Without a config, "default"; without a split, the first of SPLITS the dataset has."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (  # where huggingface-hub 0.24 has them too
         EntryNotFoundError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -227,10 +230,10 @@ def _label_rows(names: list[str], model: LoadedModel, ref: str, required: bool) 
 
 
 def _balanced(ids: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` row indices, as many of each class as can be: each class's rows shuffled under `seed`, then
+    """`n` labelled row indices, as many of each class as can be: each class's rows shuffled under `seed`, then
     taken one class after another (classes in a seeded order), so any first rows are balanced too."""
     rng = np.random.default_rng(seed)
-    classes = rng.permutation(np.unique(ids))
+    classes = rng.permutation(np.unique(ids[ids >= 0]))  # unlabelled rows (-1) are not taken
     queues = [rng.permutation(np.flatnonzero(ids == c)) for c in classes]
     order = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
     return np.array(order[:n], dtype=np.int64)

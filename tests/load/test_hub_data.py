@@ -120,6 +120,13 @@ def test_a_classifier_that_does_not_name_its_rows_takes_the_dataset_ids_when_the
     samples = load_samples("hf-data/me/four", conv, seed=0)
     assert sorted(samples.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert "labels as rows in the dataset's order" in samples.description
+    put(hub, "me/four", "default", "test", {"image": [{"bytes": png(20), "path": None}] * 3, "label": [-1, 2, -1]},
+        {"image": {"_type": "Image"}, "label": {"names": ["a", "b", "c", "d"], "_type": "ClassLabel"}})
+    assert load_samples("hf-data/me/four@test", conv).labels.tolist() == [2]  # -1: no label, not the last row
+    put(hub, "me/four", "default", "test", {"image": [{"bytes": png(20), "path": None}] * 2, "label": [-1, -1]},
+        {"image": {"_type": "Image"}, "label": {"names": ["a", "b", "c", "d"], "_type": "ClassLabel"}})
+    hidden = load_samples("hf-data/me/four@test", conv)
+    assert hidden.labels is None and len(hidden) == 2 and "the split's labels are hidden" in hidden.description
     image_set(hub, "me/three", "default", "validation", ["a", "b", "c"], per_class=2)
     with pytest.raises(UserError, match="3 of its 3 class names"):
         load_samples("hf-data/me/three", conv)
