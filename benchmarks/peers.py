@@ -98,7 +98,7 @@ def bert_ffn(args, device):
     folder = tempfile.mkdtemp()
     tf.BertForSequenceClassification(config).save_pretrained(folder)
     loaded = load_model(folder)
-    samples = load_samples(None, loaded, limit=args.samples)
+    samples = load_samples("synthetic", loaded, limit=args.samples)
     return "bert-tiny layer.2 FFN", loaded.module, samples.inputs, "bert.encoder.layer.2.mlp"
 
 

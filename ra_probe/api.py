@@ -217,8 +217,9 @@ def load_report(path: str | Path) -> Report:
 
 def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
     """The residual sites of `model` found and verified on a forward of the first samples of `data`
-    (as for `probe`), and those skipped with the reason, without measuring anything."""
-    loaded, samples, settings = _inputs(model, data, None, {"samples": 4, **options})
+    (as for `probe`; without, synthetic inputs: a forward needs only their shapes), and those skipped with
+    the reason, without measuring anything."""
+    loaded, samples, settings = _inputs(model, "synthetic" if data is None else data, None, {"samples": 4, **options})
     with prepared(loaded.module, settings) as prepared_model:
         return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype(), settings.sites)
 

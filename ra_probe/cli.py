@@ -146,7 +146,8 @@ def probe(
     for path in paths.values():
         console.print(f"report written to {path}")
     # the verdict in one line, last, with or without the tables: what a log or a script reads
-    typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
+    typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}"
+               + (" (synthetic inputs: a smoke test, not a diagnosis)" if report["data"]["synthetic"] else ""))
 
 
 def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:

@@ -209,7 +209,8 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 def summary_line(report: dict[str, Any], result: GateResult) -> str:
     """One line for a CI log: PASS/FAIL, the model, its verdicts and every failed rule."""
     head = f"{'PASS' if result.passed else 'FAIL'} {report['model']['name']}: RA {report['verdict']['ra']}, " \
-           f"NC {report['verdict']['nc']}"
+           f"NC {report['verdict']['nc']}" + (" on synthetic inputs (a smoke test, not a diagnosis)"
+                                              if report.get("data", {}).get("synthetic") else "")
     if result.passed:
         return f"{head} ({len(result.checks)} check{'s' if len(result.checks) != 1 else ''} passed)"
     return f"{head}; failed: {'; '.join(result.failures)}"

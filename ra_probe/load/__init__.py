@@ -6,7 +6,11 @@ offload.py  weights accelerate offloads (device_map "disk"): made resident one b
 reinit.py   the same architecture at a seeded random init: the null model a probe is contrasted with
 inputs.py   what the library takes (a module, a reference, tensors, an (x, y) pair, a dict, a DataLoader)
             into a loaded model and samples
-data.py     `--data` references (bundled/digits, .npz, .txt through the tokenizer, synthetic) into samples
-images.py   image folders, preprocessed with the model's own data config or image processor
+data.py     `--data` references (bundled/digits, .npz, .txt, an image folder, hf-data/…, synthetic) into samples
+defaults.py the data of a model's domain, taken when the user names none (Imagenette, CIFAR, WikiText-2, SST-2)
+hub_data.py Hugging Face datasets (hf-data/<org>/<name>): a seeded, class-balanced slice of one parquet shard
+classes.py  what a classifier's rows stand for (ImageNet-1k, CIFAR, its label names); class names onto rows
+images.py   images (folders, a dataset's bytes), preprocessed with the model's own data config or image processor
+text.py     text through the model's tokenizer: examples, or windows of running text
 samples.py  the samples (inputs and labels) and their chunks for a forward
 bundled/    the trained demo models, their weights and the digits they were trained on"""

@@ -3,6 +3,7 @@ Validated here, once, at the door: deeper stages trust the shapes."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,25 @@ from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
 from ra_probe.load.samples import Samples, take
 
+DATA_FORMS = ("bundled/digits, a .npz file, a .txt file (text models), an image folder, "
+              "hf-data/<org>/<name>[:config][@split] (a Hugging Face dataset), or synthetic (a smoke test)")
+
 
 def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = None, seed: int = 0) -> Samples:
-    """Load `ref` (`bundled/digits`, a `.npz` with `x` and optional `y`, an image folder, or `synthetic`)
-    for `model`, at most `limit` samples."""
-    ref = ref or model.default_data or "synthetic"
+    """Load `ref` (`bundled/digits`, a `.npz` with `x` and optional `y`, a `.txt` file, an image folder, a
+    Hugging Face dataset `hf-data/…`, or `synthetic`) for `model`, at most `limit` samples. Without `ref`,
+    the model's default data: its own (bundled models), else real data of its domain (load/defaults.py);
+    a model of no known domain is refused, never measured on noise in silence."""
+    if ref is None:
+        return _default(model, limit, seed)
     if ref == "synthetic":
         samples = _synthetic(model, limit or 64, seed)
     elif ref.startswith("bundled/"):
         samples = _bundled(ref)
+    elif ref.startswith("hf-data/"):
+        from ra_probe.load.hub_data import load_hub_data
+
+        samples = load_hub_data(ref, model, limit=limit, seed=seed)
     elif ref.endswith(".npz"):
         samples = _npz(Path(ref))
     elif ref.endswith(".txt"):
@@ -30,11 +41,33 @@ def load_samples(ref: str | None, model: LoadedModel, *, limit: int | None = Non
 
         samples = load_image_folder(Path(ref), model, limit=limit, seed=seed)
     else:
-        raise UserError(f"unknown data {ref!r}: expected bundled/digits, a .npz file, a .txt file (text models), "
-                        "an image folder, or synthetic")
+        raise UserError(f"unknown data {ref!r}: expected {DATA_FORMS}")
+    return _checked(samples, ref, model, limit)
+
+
+def _default(model: LoadedModel, limit: int | None, seed: int) -> Samples:
+    from ra_probe.load.defaults import default_data, domain_unknown
+    from ra_probe.load.hub_data import load_hub_data
+
+    if model.default_data is not None:  # a bundled model's own data
+        samples = load_samples(model.default_data, model, limit=limit, seed=seed)
+        return replace(samples, reason="the data the bundled model was trained on (its held-out split)")
+    default = default_data(model)
+    if default is None:
+        raise UserError(f"no default data: {domain_unknown(model)}; pass --data: {DATA_FORMS}")
+    try:
+        samples = load_hub_data(default.ref, model, limit=limit, seed=seed, revision=default.revision,
+                                labels_required=default.labels_required, windows_of_text=default.windows_of_text)
+    except UserError as exc:
+        raise UserError(f"{exc} ({model.name}'s default data: {default.why}); pass --data: {DATA_FORMS}") from None
+    return _checked(replace(samples, reason=default.why), default.ref, model, limit)
+
+
+def _checked(samples: Samples, ref: str, model: LoadedModel, limit: int | None) -> Samples:
+    """At most `limit` samples, none of them empty or of the wrong shape."""
     if limit is not None:
-        samples = Samples(take(samples.inputs, slice(0, limit)),
-                          None if samples.labels is None else samples.labels[:limit], samples.name)
+        samples = replace(samples, inputs=take(samples.inputs, slice(0, limit)),
+                          labels=None if samples.labels is None else samples.labels[:limit])
     if len(samples) == 0:
         raise UserError(f"data {ref!r} holds no samples")
     _check_shape(samples, model)
@@ -45,7 +78,8 @@ def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
     generator = torch.Generator().manual_seed(seed)
     if model.modality == "text":
         ids = _tokens(model, n, "max_position_embeddings", generator)
-        return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic")
+        return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic",
+                       f"{n} sequences of {ids.shape[1]} random token ids")
     if model.input_shape is None:
         raise UserError(f"synthetic data needs the model's input shape: pass --input-shape for {model.name}")
     x = torch.randn(n, *model.input_shape, generator=generator)
@@ -53,8 +87,8 @@ def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
         decoder = "decoder_input_ids" in inspect.signature(model.module.forward).parameters
         return Samples({"input_features": x, **({"decoder_input_ids": _tokens(model, n, "max_target_positions",
                                                                              generator)} if decoder else {})},
-                       None, "synthetic")
-    return Samples(x, None, "synthetic")
+                       None, "synthetic", f"{n} Gaussian log-mel inputs")
+    return Samples(x, None, "synthetic", f"{n} Gaussian inputs of shape {tuple(model.input_shape)}")
 
 
 def _tokens(model: LoadedModel, n: int, positions: str, generator: torch.Generator) -> torch.Tensor:
@@ -72,7 +106,8 @@ def _bundled(ref: str) -> Samples:
     if name not in DATASETS:
         raise UserError(f"unknown bundled data {name!r}; bundled data: {', '.join(DATASETS)}")
     _, _, x_test, y_test = load_split()
-    return Samples(torch.from_numpy(x_test), torch.from_numpy(y_test), ref)
+    return Samples(torch.from_numpy(x_test), torch.from_numpy(y_test), ref,
+                   "held-out scikit-learn digits, labelled, standardized as in training")
 
 
 def _npz(path: Path) -> Samples:
@@ -97,22 +132,17 @@ def _npz(path: Path) -> Samples:
 def _text(path: Path, model: LoadedModel, limit: int | None) -> Samples:
     """One example per non-empty line, through the model's tokenizer, padded to the longest line and
     cut at the model's maximum length (inputs: input_ids, attention_mask...)."""
+    from ra_probe.load.text import tokenized
+
     if model.modality != "text":
         raise UserError(f"data {path} is text, but {model.name} takes {model.modality} inputs")
-    if model.preprocessor is None:
-        raise UserError(f"{model.name} has no tokenizer to read {path}; use --data synthetic")
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path} as UTF-8 text: {exc}") from None
-    tokenizer = model.preprocessor
-    if tokenizer.pad_token is None:  # GPT-2-style tokenizers pad with their end-of-text token
-        tokenizer.pad_token = tokenizer.eos_token
-    max_length = getattr(model.module.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    encoded = tokenizer(lines[:limit], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return Samples(dict(encoded), None, str(path))
+    return Samples(tokenized(lines[:limit], model, str(path)), None, str(path))
 
 
 def check_labels(samples: Samples, classes: int | None) -> None:

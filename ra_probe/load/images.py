@@ -1,14 +1,17 @@
-"""Image folders as sample data: `root/<class>/*.png` gives labelled samples, `root/*.png`
-unlabelled ones. Images are read with PIL, converted to the model's channel mode (so mixed sizes and
-modes are fine) and preprocessed with the model's own data config (timm) or image processor (HF)."""
+"""Images as sample data: image folders (`root/<class>/*.png` gives labelled samples, `root/*.png`
+unlabelled ones) and encoded images from elsewhere (a dataset's bytes). Images are read with PIL,
+converted to the model's channel mode (so mixed sizes and modes are fine) and preprocessed with the
+model's own data config (timm) or image processor (HF)."""
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
 import torch
 
 from ra_probe.errors import UserError, first_line
+from ra_probe.load.classes import rows_by_name
 from ra_probe.load.models import LoadedModel
 from ra_probe.load.samples import Samples
 
@@ -23,13 +26,14 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def _class_index(names: list[str], model: LoadedModel) -> dict[str, int]:
-    """Folder name → the classifier row it stands for: integer names are the index itself, HF models
-    map names through `config.label2id`, otherwise sorted order (0, 1, …)."""
+    """Folder name → the classifier row it stands for: integer names are the index itself, names the
+    classifier knows (its label names, ImageNet's wnids and class names) map to their rows, otherwise
+    sorted order (0, 1, …)."""
     if all(name.isdigit() for name in names):
         return {name: int(name) for name in names}
-    label2id = getattr(getattr(model.module, "config", None), "label2id", None) or {}
-    if all(name in label2id for name in names):
-        return {name: int(label2id[name]) for name in names}
+    rows = rows_by_name(names, model)
+    if rows is not None and None not in rows:
+        return dict(zip(names, rows))
     return {name: index for index, name in enumerate(names)}
 
 
@@ -52,7 +56,7 @@ def load_image_folder(folder: Path, model: LoadedModel, *, limit: int | None, se
         raise UserError(f"image folder {folder} holds no images (expected {folder}/<class>/*.png or {folder}/*.png)")
     random.Random(seed).shuffle(files)
     files = files[:limit] if limit is not None else files
-    pixels = _preprocess([path for path, _ in files], model)
+    pixels = preprocess([_opened(path, f"image {path}") for path, _ in files], model)
     labels = None
     if labelled:
         index = _class_index(classes, model)
@@ -60,19 +64,31 @@ def load_image_folder(folder: Path, model: LoadedModel, *, limit: int | None, se
     return Samples(pixels, labels, str(folder))
 
 
-def _preprocess(paths: list[Path], model: LoadedModel) -> torch.Tensor:
+def encoded_image(data: bytes, what: str):
+    """An image from its encoded bytes (PNG, JPEG…, as datasets store them); `what` names it in errors."""
+    return _opened(io.BytesIO(data), what)
+
+
+def _opened(source, what: str):
+    """An image read into memory from a path or a file object (PIL opens lazily)."""
     from PIL import Image, UnidentifiedImageError
 
-    channels = model.input_shape[0]
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UserError(f"cannot read {what}: {first_line(exc)}") from None
+
+
+def preprocess(images: list, model: LoadedModel) -> torch.Tensor:
+    """PIL images of any size and mode as the model's (N, C, H, W) inputs: converted to its channel
+    mode, then its own preprocessing."""
+    channels = model.input_shape[0] if model.input_shape and len(model.input_shape) == 3 else None
     if channels not in (1, 3):
-        raise UserError(f"{model.name} takes {channels}-channel inputs; image folders give 1 (L) or 3 (RGB)")
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("L" if channels == 1 else "RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise UserError(f"cannot read image {path}: {first_line(exc)}") from None
+        raise UserError(f"{model.name} takes inputs of shape {model.input_shape}; images give 1 (L) or 3 (RGB) "
+                        "channels")
+    images = [image.convert("L" if channels == 1 else "RGB") for image in images]
     if model.preprocessor is not None:  # a transformers image processor
         return model.preprocessor(images=images, return_tensors="pt")["pixel_values"].float()
     transform = _timm_transform(model)

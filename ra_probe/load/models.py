@@ -26,7 +26,8 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 @dataclass
 class LoadedModel:
     """A model ready to probe. `input_shape` is per sample (None when unknown); `modality` is
-    "vector", "image", "text" or "audio" (log-mel features); `default_data` names the data used when the user gives none."""
+    "vector", "image", "text" or "audio" (log-mel features); `default_data` names the model's own data (bundled
+    models), used when the user gives none; others get real data of their domain (load/defaults.py)."""
 
     module: nn.Module
     name: str
@@ -212,7 +213,7 @@ def timm_loaded(module: nn.Module, name: str, source: str) -> LoadedModel:
     config = timm.data.resolve_data_config({}, model=module)
     return LoadedModel(module, name, source, input_shape=tuple(config["input_size"]),
                        num_classes=getattr(module, "num_classes", None) or None, modality="image",
-                       default_data="synthetic", data_config=config,
+                       data_config=config,
                        preprocessing=f"timm data config of the model (mean {_rounded(config['mean'])}, "
                                      f"std {_rounded(config['std'])})")
 
@@ -326,7 +327,7 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
     missing = set(info.get("missing_keys") or ())
     trained = any(name not in missing for name, _ in module.named_parameters())
     return LoadedModel(module, display, "hf", input_shape=input_shape, num_classes=num_labels,
-                       modality=modality, default_data="synthetic", preprocessor=preprocessor, pretrained=trained,
+                       modality=modality, preprocessor=preprocessor, pretrained=trained,
                        builder=None if device_map is not None else hf_builder(config, model_cls),
                        preprocessing=_image_preprocessing(preprocessor, modality))
 
@@ -358,7 +359,7 @@ def _hf_preprocessor(repo: str, modality: str) -> Any:
     auto = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
     try:
         return auto.from_pretrained(repo)
-    except Exception:  # a model folder without a tokenizer/processor: synthetic data still works
+    except Exception:  # a model folder without a tokenizer/processor: .npz and synthetic data still work
         return None
 
 

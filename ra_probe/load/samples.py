@@ -13,11 +13,20 @@ Inputs = torch.Tensor | dict[str, torch.Tensor]
 @dataclass
 class Samples:
     """`inputs` is a tensor (N, *input_shape) or a dict of such tensors (text models); `labels` (N,)
-    or None when the data has none."""
+    or None when the data has none. `description` says what they are in words, `reason` why they were
+    taken when the user named no data, `source` where a dataset's were read (repository, revision…)."""
 
     inputs: Inputs
     labels: torch.Tensor | None
     name: str
+    description: str | None = None
+    reason: str | None = None
+    source: dict[str, Any] | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        """Drawn at random, not data: a smoke test of the model, not a diagnosis."""
+        return self.name == "synthetic"
 
     def __len__(self) -> int:
         return len(first_tensor(self.inputs))

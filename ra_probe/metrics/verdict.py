@@ -24,6 +24,11 @@ class Thresholds:
         return asdict(self)
 
 
+# said in every verdict made on synthetic samples (`--data synthetic`)
+SYNTHETIC_CAVEAT = ("synthetic inputs (random, not data): a smoke test of the model, not a diagnosis; "
+                    "pass --data for one")
+
+
 def _check(name: str, value: float | None, limit: float, at_least: bool, what: str,
            ci: list[float] | None = None, samples: int | None = None) -> dict[str, Any]:
     """A verdict check of `value` against `limit`. With its confidence interval `ci` from `samples`

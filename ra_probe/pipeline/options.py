@@ -190,7 +190,9 @@ _THRESHOLD_HELP = {"min_alignment": "RA2: least mean group score a_ij", "min_lin
 
 OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("data", None, None, "bundled/digits, a .npz with x (and y), a .txt file (one example per line, text "
-           "models), an image folder (class sub-folders give labels), or synthetic; default: the model's own",
+           "models), an image folder (class sub-folders give labels), hf-data/<org>/<name>[:config][@split] (a "
+           "Hugging Face dataset), or synthetic (a smoke test); default: real data of the model's domain "
+           "(Imagenette, CIFAR, WikiText-2, SST-2) or its own",
            "data", cli_type=Optional[str]),
     Option("samples", 64, Integer(1), "at most this many samples", cli_type=int),
     Option("k", 16, Integer(1), "singular triplets per site and sample", cli_type=int),

@@ -16,7 +16,7 @@ from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples, take
 from ra_probe.metrics.uncertainty import interval
-from ra_probe.metrics.verdict import HEADLINE, headline, nc_verdict, null_ratios, ra_verdict
+from ra_probe.metrics.verdict import HEADLINE, SYNTHETIC_CAVEAT, headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.measure import Measured, measure
 from ra_probe.pipeline.prepare import dispatched, prepared
@@ -63,6 +63,9 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
                "nc": nc_verdict(metrics["nc"], settings.thresholds)}
+    if samples.synthetic:
+        for evidence in verdict.values():
+            evidence["caveat"] = SYNTHETIC_CAVEAT
     return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
                    cost)
 

@@ -152,6 +152,8 @@ def verdict_table(verdict: dict[str, Any]) -> Table:
                  + (f"; about {c['samples_to_decide']} samples would decide it" if c.get("samples_to_decide") else "")
                  for c in evidence["checks"]]
         lines += [text for text in (evidence.get("reason"), evidence.get("scope")) if text]
+        if evidence.get("caveat"):
+            lines.append(f"[yellow]caveat:[/yellow] {evidence['caveat']}")
         if evidence.get("control"):
             lines.append(f"control: {evidence['control']}")
         status = verdict[key]
@@ -161,9 +163,13 @@ def verdict_table(verdict: dict[str, Any]) -> Table:
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]{report['model']['name']}[/bold] on {report['data']['name']} "
-                  f"({report['data']['samples']} samples, {report['environment']['device']}, "
+    data = report["data"]
+    console.print(f"[bold]{report['model']['name']}[/bold] on {data['name']} "
+                  f"({data['samples']} samples, {report['environment']['device']}, "
                   f"{report['environment']['dtype']})")
+    if data.get("description"):  # reports before 1.7 have none
+        console.print(f"data: {data['description']}" + (f": {data['reason']}" if data.get("reason") else ""),
+                      style="dim")
     if report["sites"] or report["skipped"]:
         console.print(sites_table(report["sites"], report["skipped"], report["model"]["adapter"], console.width))
     if report["sites"]:

@@ -222,7 +222,7 @@ def _local_part(ref: str | None) -> str | None:
 
 def _local_data(ref: str | None) -> str | None:
     """The local file or folder a data reference names, if any."""
-    if not ref or ref == "synthetic" or ref.startswith("bundled/"):
+    if not ref or ref == "synthetic" or ref.startswith(("bundled/", "hf-data/")):
         return None
     return ref
 

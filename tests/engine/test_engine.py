@@ -568,7 +568,7 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
     torch.manual_seed(0)
     tf.BertForSequenceClassification(config).save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
-    samples = load_samples(None, loaded, limit=3)
+    samples = load_samples("synthetic", loaded, limit=3)
     settings = Settings(dtype="float64")
     with prepared(loaded.module, settings) as model:
         sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites

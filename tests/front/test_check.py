@@ -128,7 +128,7 @@ def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_p
 
 
 def test_model_without_classifier_head_has_no_nc(cli):
-    code, out, _ = cli("check", f"{TINY}:headless", "--require", "nc", "--samples", "8")
+    code, out, _ = cli("check", f"{TINY}:headless", "--data", "synthetic", "--require", "nc", "--samples", "8")
     assert code == 1 and "NC not_applicable, required present (no linear classifier head found)" in out
 
 

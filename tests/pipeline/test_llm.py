@@ -233,8 +233,8 @@ def test_cli_takes_the_llm_options_and_refuses_bad_ones(cli, tmp_path):
     assert code == 2 and "tokens must be one of all, last" in err
     code, _, err = cli(folder, "--k", 4, "--coupling-k", "2,8", "-q")
     assert code == 2 and "coupling_k values must be ≤ k" in err
-    code, out, err = cli(folder, "--k", 4, "--samples", 2, "--tokens", "last", "--coupling-k", "2,4", "--null", "none",
-                         "--json", "r.json")
+    code, out, err = cli(folder, "--data", "synthetic", "--k", 4, "--samples", 2, "--tokens", "last", "--coupling-k",
+                         "2,4", "--null", "none", "--json", "r.json")
     assert code == 0, err
     with open("r.json") as f:  # the cli fixture runs in its own working folder
         report = json.load(f)
@@ -245,7 +245,7 @@ def test_cli_takes_the_llm_options_and_refuses_bad_ones(cli, tmp_path):
 def test_an_llm_report_reads_back_renders_and_compares(cli, tmp_path):
     folder = tmp_path / "gpt2"
     tiny("gpt2").save_pretrained(folder)
-    common = ("--k", 3, "--samples", 2, "--tokens", "last", "--coupling-k", "2,3", "--null", "none")
+    common = ("--data", "synthetic", "--k", 3, "--samples", 2, "--tokens", "last", "--coupling-k", "2,3", "--null", "none")
     assert cli(folder, *common, "--json", "block.json", "--html", "block.html")[0] == 0
     assert cli(folder, *common, "--sites", "sublayer", "--json", "sub.json")[0] == 0
     report = load_report("block.json")  # validated against the schema on the way in

@@ -262,7 +262,7 @@ def test_the_verdict_of_a_model_whose_adds_were_all_skipped_says_so(tmp_path):
 def test_an_operation_without_a_forward_mode_derivative_is_one_line(cli):
     """A branch that calls a kernel forward-mode AD does not implement: one line naming the site and the
     operation, exit 2, no traceback."""
-    code, _, err = cli(f"{TINY}:flash_net", "--samples", "4", "--k", "2", "--no-cache")
+    code, _, err = cli(f"{TINY}:flash_net", "--data", "synthetic", "--samples", "4", "--k", "2", "--no-cache")
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: site blocks.0: Trying to use forward AD with "
                                                    "_scaled_dot_product_flash_attention_for_cpu")

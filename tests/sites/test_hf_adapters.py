@@ -23,7 +23,7 @@ CONFIGS = {family: (hf_config(family), *SITES[family]) for family in SITES}
 def test_tiny_hf_model_from_a_folder_all_sites_found_verified_and_measured(family, tmp_path):
     config, count, adapter = CONFIGS[family]
     loaded = load_model(saved(config, tmp_path), input_shape=SHAPES.get(family))
-    samples = load_samples(None, loaded, limit=2)
+    samples = load_samples("synthetic", loaded, limit=2)
     report = probe(loaded, samples, Settings(k=3, samples=2, batch_size=2))
     assert report["model"]["adapter"] == adapter
     assert report["skipped"] == []
@@ -42,13 +42,14 @@ def test_text_file_goes_through_the_model_tokenizer(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(words))
     config = CONFIGS["bert"][0]
     folder = saved(config, tmp_path / "model")
-    tf.BertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    tf.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(folder)  # transformers 5 ignores vocab_file=
     data = tmp_path / "lines.txt"
     data.write_text("the residual branch\n\nthe sites aligns\nresidual\n")
     samples = load_samples(str(data), load_model(folder))
     assert isinstance(samples, Samples) and len(samples) == 3  # the empty line is not an example
     ids = samples.inputs["input_ids"]
     assert ids.shape == (3, 5) and ids[:, 0].tolist() == [2, 2, 2]  # [CLS] first, padded to the longest
+    assert ids.tolist() == [[2, 5, 6, 7, 3], [2, 5, 9, 8, 3], [2, 6, 3, 0, 0]]  # the words' own ids, not [UNK]
     assert samples.inputs["attention_mask"].tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0]]
 
 

@@ -29,7 +29,7 @@ def test_a_speech_model_is_probed_on_synthetic_log_mel_features_and_decoder_toke
     loaded = load_model(whisper(tmp_path))
     # 6 positions after a stride-2 convolution: 12 frames of 4 mel bins
     assert (loaded.modality, loaded.input_shape) == ("audio", (4, 12))
-    samples = load_samples(None, loaded, limit=2)
+    samples = load_samples("synthetic", loaded, limit=2)
     assert {k: tuple(v.shape) for k, v in samples.inputs.items()} == {"input_features": (2, 4, 12),
                                                                       "decoder_input_ids": (2, 8)}
     report = probe(loaded, samples, Settings(k=2, samples=2, batch_size=2, null="none"))
@@ -60,7 +60,7 @@ def test_beit_layer_scaled_branches_are_verified_sites(tmp_path):
                            num_attention_heads=2, intermediate_size=32, layer_scale_init_value=0.5,
                            architectures=["BeitModel"])
     loaded = load_model(saved(config, tmp_path))
-    report = probe(loaded, load_samples(None, loaded, limit=2), Settings(k=2, samples=2, null="none"))
+    report = probe(loaded, load_samples("synthetic", loaded, limit=2), Settings(k=2, samples=2, null="none"))
     assert report["skipped"] == [] and len(report["sites"]) == 4  # before, transformers 5: 4 skipped, λ left out
     assert all(site["verify_error"] < 1e-5 for site in report["sites"])
 
@@ -69,7 +69,7 @@ def test_swin_layers_with_the_vit_layout_are_left_to_the_detector_that_sees_thei
     config = tf.SwinConfig(image_size=16, patch_size=2, num_channels=1, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
                            window_size=4, architectures=["SwinModel"])
     loaded = load_model(saved(config, tmp_path))
-    report = probe(loaded, load_samples(None, loaded, limit=2), Settings(k=2, samples=2, null="none"))
+    report = probe(loaded, load_samples("synthetic", loaded, limit=2), Settings(k=2, samples=2, null="none"))
     # before, transformers 5: the ViT adapter's attention branch, without the windows, could not run on stage 0
     assert report["skipped"] == [] and len(report["sites"]) == 4
     assert report["sites"][0]["input_shape"] == [64, 8]  # 8×8 tokens, in 4 windows of 4×4

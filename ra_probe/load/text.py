@@ -1,0 +1,57 @@
+"""Text as sample data, through the model's own tokenizer: examples (a line, a sentence) padded to the
+longest, or windows of running text of one length (what a causal language model is measured on)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ra_probe.errors import UserError
+from ra_probe.load.models import LoadedModel
+
+WINDOW = 32  # tokens of a window of running text: a sentence or two, as long as a short example
+
+
+def tokenized(texts: list[str], model: LoadedModel, what: str) -> dict[str, torch.Tensor]:
+    """`texts` through the model's tokenizer, padded to the longest and cut at the model's maximum length
+    (input_ids, attention_mask…). `what` names the data in errors."""
+    tokenizer = _tokenizer(model, what)
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=_max_length(model), return_tensors="pt")
+    return dict(encoded)
+
+
+def windows(texts: list[str], model: LoadedModel, n: int, seed: int, what: str,
+            length: int = WINDOW) -> dict[str, torch.Tensor]:
+    """At most `n` windows of `length` tokens (fewer if the model's positions are fewer): the first tokens
+    of paragraphs of `texts` drawn under `seed`, one window a paragraph. Headings ("= Title =") and
+    paragraphs too short for a window are passed over."""
+    tokenizer = _tokenizer(model, what)
+    length = min(length, _max_length(model))
+    ids = []
+    for index in np.random.default_rng(seed).permutation(len(texts)):
+        text = texts[index].strip()
+        if len(text) < length or text.startswith("="):  # a token is at least a character
+            continue
+        tokens = tokenizer(text, truncation=True, max_length=length)["input_ids"]
+        if len(tokens) == length:
+            ids.append(tokens)
+            if len(ids) == n:
+                break
+    if not ids:
+        raise UserError(f"data {what} holds no paragraph of {length} tokens or more")
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _tokenizer(model: LoadedModel, what: str):
+    if model.modality != "text":
+        raise UserError(f"data {what} is text, but {model.name} takes {model.modality} inputs")
+    if model.preprocessor is None:
+        raise UserError(f"{model.name} has no tokenizer to read {what}; use --data synthetic")
+    tokenizer = model.preprocessor
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers pad with their end-of-text token
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _max_length(model: LoadedModel) -> int:
+    return getattr(model.module.config, "max_position_embeddings", None) or model.preprocessor.model_max_length
