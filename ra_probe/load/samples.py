@@ -28,6 +28,18 @@ class Samples:
         """Drawn at random, not data: a smoke test of the model, not a diagnosis."""
         return self.name == "synthetic"
 
+    @property
+    def kind(self) -> str:
+        """What the samples are to the model: synthetic; held-out (a validation or test split: the
+        bundled digits are their test split); training (a train split, where collapse is stronger); or
+        given (a file or folder, whose role the probe cannot know)."""
+        if self.synthetic:
+            return "synthetic"
+        split = (self.source or {}).get("split") or ("test" if self.name.startswith("bundled/") else "")
+        if split.startswith("train"):
+            return "training"
+        return "held-out" if split.startswith(("valid", "test", "dev")) else "given"
+
     def __len__(self) -> int:
         return len(first_tensor(self.inputs))
 

@@ -15,6 +15,7 @@ class Thresholds:
     min_linearity: float = 0.9  # RA1: mean linearity of groups with ≥ 2 sites
     rank_share: float = 0.5  # RA3 (fully-connected nets): share of sites with rank ≤ C
     min_init_ratio: float = 4.0  # RA2 over its value for the same architecture at random init
+    max_nc_init_ratio: float = 0.25  # NC1 over its value for the same architecture at random init
     max_nc1: float = 0.5
     max_nc2: float = 0.3  # equinorm of class means and equiangularity
     max_nc3: float = 0.5
@@ -148,7 +149,10 @@ def _control(null: dict[str, Any]) -> str:
     return f"the same architecture at random init ({null['init']}, seed {null['seed']}, {null['samples']} samples)"
 
 
-def nc_verdict(nc: dict[str, Any] | None, t: Thresholds) -> dict[str, Any]:
+def nc_verdict(nc: dict[str, Any] | None, t: Thresholds, null: dict[str, Any] | None = None) -> dict[str, Any]:
+    """NC from NC1–NC4 and, when the architecture's collapse at random init was measured on the same
+    samples (`null["nc"]`), NC1's contrast with it: a network whose features are no more collapsed than
+    its own init's is judged absent, whatever the fixed thresholds say (a random init can pass NC2)."""
     if nc is None:
         return {"status": "not_applicable", "checks": [], "reason": "no linear classifier head found"}
     if nc["undetermined"]:  # too few samples (per class): the values would carry no information, or mislead
@@ -163,6 +167,15 @@ def nc_verdict(nc: dict[str, Any] | None, t: Thresholds) -> dict[str, Any]:
         _check("NC3", nc["nc3"], t.max_nc3, False, "self-duality distance", nc.get("nc3_ci"), n),
         _check("NC4", nc["nc4"], t.max_nc4, False, "mismatch with nearest class mean", nc.get("nc4_ci"), n),
     ]
+    at_init = (null or {}).get("nc")
+    if at_init:
+        contrast = _check("NC1 vs init", null["ratio"].get("nc1"), t.max_nc_init_ratio, False,
+                          f"NC1 ÷ its value at random init ({at_init['nc1']:.3g})", null["ratio_ci"].get("nc1"), n)
+        checks.append(contrast)
+        if contrast["passed"] is False:
+            return {"status": "absent", "checks": checks,
+                    "reason": f"NC1 is {contrast['value']:.3g}× its value at random init: the collapse does not stand "
+                              f"out from the untrained architecture (needs ≤ {t.max_nc_init_ratio:g}×)"}
     out = {"status": _overall(checks), "checks": checks}
     total = nc["classifier_classes"]
     if nc["classes_dropped"] or (total and nc["classes"] < total):

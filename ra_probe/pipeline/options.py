@@ -184,7 +184,8 @@ class Option:
 
 _THRESHOLD_HELP = {"min_alignment": "RA2: least mean group score a_ij", "min_linearity": "RA1: least mean linearity",
                    "rank_share": "RA3 (fully-connected nets): least share of sites with rank ≤ C",
-                   "min_init_ratio": "RA2: least ratio to its value at random init", "max_nc1": "NC1: most",
+                   "min_init_ratio": "RA2: least ratio to its value at random init",
+                   "max_nc_init_ratio": "NC1: most ratio to its value at random init", "max_nc1": "NC1: most",
                    "max_nc2": "NC2: most (equinorm and equiangularity)", "max_nc3": "NC3: most",
                    "max_nc4": "NC4: most"}
 

@@ -21,7 +21,7 @@ from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.measure import Measured, measure
 from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.settings import Progress, Settings
-from ra_probe.pipeline.summarize import Summary, summarize
+from ra_probe.pipeline.summarize import NC_VALUES, Summary, collapse, summarize
 from ra_probe.sites.discover import discover, output_classes
 from ra_probe.sites.records import SiteReport
 
@@ -61,8 +61,9 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     if metrics["null"]["status"] == "measured":
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
         metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
+        _collapse_ratio(metrics, summary.replicates, null_replicates, settings.confidence)
     verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
-               "nc": nc_verdict(metrics["nc"], settings.thresholds)}
+               "nc": nc_verdict(metrics["nc"], settings.thresholds, metrics["null"])}
     if samples.synthetic:
         for evidence in verdict.values():
             evidence["caveat"] = SYNTHETIC_CAVEAT
@@ -108,10 +109,37 @@ def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: P
     tick = time.perf_counter()
     say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
     site_report, measured, summary = _probe_module(null_loaded, subset, null_settings, say, cache)
+    nc, nc_replicates = _collapse_at_init(init.module, samples, settings)
     timings = [measured.timing(s.name) for s in site_report.sites]
     cost = {"seconds": time.perf_counter() - tick, "products": sum(t["products"] + t["align_products"] for t in timings)}
     return {"status": "measured", "init": init.how, "seed": seed, "samples": n, "sites": len(site_report.sites),
-            **headline(summary.metrics)}, cost, summary.replicates
+            **headline(summary.metrics), "nc": nc}, cost, {**summary.replicates, **nc_replicates}
+
+
+def _collapse_at_init(module: torch.nn.Module, samples: Samples, settings: Settings
+                      ) -> tuple[dict[str, Any] | None, dict]:
+    """NC of the random init on every sample of the probe (a forward each: no Jacobian), and its values
+    on the bootstrap resamples; None when it has no classifier head or NC is undetermined."""
+    device = settings.resolved_device()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
+            prepared(module, settings) as model:
+        torch.manual_seed(settings.seed)
+        nc, replicates = collapse(module, measure(model, [], samples, settings), samples.labels, settings)
+    if nc is None or nc["undetermined"]:
+        return None, {}
+    return {key: nc[key] for key in (*NC_VALUES, "nc1_ci", "classes", "samples")}, replicates
+
+
+def _collapse_ratio(metrics: dict[str, Any], model: dict, at_init: dict, level: float) -> None:
+    """NC1 over its value at random init on the same samples, with its interval (the two resampled
+    independently), in the null's ratios."""
+    nc, null = metrics["nc"], metrics["null"]
+    if nc is None or nc["nc1"] is None or not null.get("nc") or not null["nc"]["nc1"]:
+        return
+    null["ratio"]["nc1"] = nc["nc1"] / null["nc"]["nc1"]
+    top, bottom = model.get(("nc", "nc1")), at_init.get(("nc", "nc1"))
+    null["ratio_ci"]["nc1"] = None if top is None or bottom is None or bool((bottom == 0).any()) \
+        else interval(top / bottom, level)
 
 
 def _ratio_intervals(model: dict, at_init: dict, level: float) -> dict[str, list[float] | None]:

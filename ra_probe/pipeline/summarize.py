@@ -178,6 +178,19 @@ def _neural_collapse(module: torch.nn.Module, measured: Measured, logits: torch.
     return result
 
 
+def collapse(module: torch.nn.Module, measured: Measured, labels: torch.Tensor | None,
+             settings: Settings) -> tuple[dict | None, dict[tuple[str, str], torch.Tensor]]:
+    """NC alone, from a forward's classifier features (no Jacobian: `measure` with no sites), with its
+    intervals; and its values on each bootstrap resample."""
+    logits = torch.cat(measured.logits) if measured.logits else None
+    ordered = None if labels is None else labels[measured.sample_order()]
+    boot = _resamples(measured, logits, ordered, settings)
+    replicates: dict[tuple[str, str], torch.Tensor] = {}
+    metrics = {"nc": _neural_collapse(module, measured, logits, ordered, boot, replicates)}
+    _attach_intervals(metrics, replicates, boot)
+    return metrics["nc"], replicates
+
+
 def _causal_lm(module: torch.nn.Module) -> bool:
     """A Hugging Face model that generates the next token of its own input (not an encoder-decoder,
     whose logits follow its decoder's inputs, nor a masked LM)."""
@@ -214,9 +227,9 @@ def _resamples(measured: Measured, logits: torch.Tensor | None, labels: torch.Te
                settings: Settings) -> Resamples | None:
     """The probe's bootstrap resamples, within each class: of the labels, else of the model's predictions
     (a model without a classifier head: unstratified)."""
-    if not measured.groups:
-        return None
     n = sum(len(t) for t in measured.order)
+    if not n:
+        return None
     strata = labels if labels is not None else (logits.argmax(dim=1) if logits is not None and logits.ndim == 2
                                                  and len(logits) == n else None)
     return uncertainty.resamples(n, strata, settings.resamples, settings.confidence, settings.seed)

@@ -66,7 +66,7 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
         "data": {"name": samples.name, "samples": len(samples), "labelled": samples.labels is not None,
                  "tokens": None if tokens is None else tokens.tolist(),
                  "digest": tensor_digest(samples.inputs, samples.labels),
-                 "synthetic": samples.synthetic, "description": samples.description, "reason": samples.reason,
+                 "synthetic": samples.synthetic, "kind": samples.kind, "description": samples.description, "reason": samples.reason,
                  "source": samples.source},
         "settings": settings.as_dict(),
         "environment": environment(settings, outcome.threads),

@@ -122,13 +122,18 @@ def null_table(metrics: dict[str, Any], width: int = 120) -> Table:
                   f"{null['init']}, seed {null['seed']}, {null['samples']} samples" + _level(metrics))
 
 
-def nc_table(nc: dict[str, Any], width: int = 120) -> Table:
-    columns = [Column("NC1", "right"), Column("NC2 μ norms", "right"), Column("NC2 angles", "right"),
-               Column("NC3", "right"), Column("NC4", "right"), Column("NC2 w norms", "right", True)]
-    row = [fmt_ci(nc[k], nc.get(f"{k}_ci"))
-           for k in ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4", "nc2_equinorm_weights")]
+NC_ROWS = (("NC1", "nc1"), ("NC2 μ norms", "nc2_equinorm_means"), ("NC2 angles", "nc2_equiangular"),
+           ("NC3", "nc3"), ("NC4", "nc4"), ("NC2 w norms", "nc2_equinorm_weights"))
+
+
+def nc_table(nc: dict[str, Any], width: int = 120, at_init: dict[str, Any] | None = None) -> Table:
+    """NC1–NC4, one row each: the value, its interval and, when measured, its value at random init."""
+    columns = [Column(""), Column("value", "right"), Column("interval", "right")]
+    columns += [Column("random init", "right")] if at_init else []
+    rows = [[label, fmt(nc[key]), "–" if not nc.get(f"{key}_ci") else f"{fmt(nc[f'{key}_ci'][0])}–{fmt(nc[f'{key}_ci'][1])}"]
+            + ([fmt(at_init.get(key))] if at_init else []) for label, key in NC_ROWS]
     return fitted(f"Neural Collapse ({nc['classes']} classes, {nc['samples']} samples, labels from "
-                  f"{nc['labels_from']})", columns, [row], width, nc.get("interval_note"))
+                  f"{nc['labels_from']})", columns, rows, width, nc.get("interval_note"))
 
 
 def _level(metrics: dict[str, Any]) -> str:
@@ -165,7 +170,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console = console or Console()
     data = report["data"]
     console.print(f"[bold]{report['model']['name']}[/bold] on {data['name']} "
-                  f"({data['samples']} samples, {report['environment']['device']}, "
+                  f"({data['samples']} {data['kind'] + ' ' if data.get('kind') else ''}samples, "
+                  f"{report['environment']['device']}, "
                   f"{report['environment']['dtype']})")
     if data.get("description"):  # reports before 1.7 have none
         console.print(f"data: {data['description']}" + (f": {data['reason']}" if data.get("reason") else ""),
@@ -179,7 +185,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     if report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]:  # reports before 1.4 have none
         console.print(null_table(report["metrics"], console.width))
     if report["metrics"]["nc"] is not None and not report["metrics"]["nc"].get("undetermined"):
-        console.print(nc_table(report["metrics"]["nc"], console.width))
+        console.print(nc_table(report["metrics"]["nc"], console.width, report["metrics"].get("null", {}).get("nc")))
     console.print(verdict_table(report["verdict"]))
     for message in report["messages"]:
         console.print(f"[yellow]note:[/yellow] {message}")

@@ -43,3 +43,16 @@ def test_intervals_are_the_same_for_the_same_seed():
     assert first["metrics"]["ra2"]["mean_score_ci"] == again["metrics"]["ra2"]["mean_score_ci"]
     assert first["metrics"]["ra2"]["mean_score_ci"] != other["metrics"]["ra2"]["mean_score_ci"]
     assert first["settings"]["resamples"] == 200 and first["metrics"]["uncertainty"]["resamples"] == 200
+
+
+def test_collapse_is_contrasted_with_the_random_init(bundled_reports):
+    """NC at random init on the same samples: the trained model's NC1 is a small fraction of it, while a
+    random init measured against another draw is no more collapsed than its control: not present, even
+    where fixed thresholds pass (NC2 does at init on digits)."""
+    trained = bundled_reports["fc-digits"]
+    contrast = next(c for c in trained["verdict"]["evidence"]["nc"]["checks"] if c["name"] == "NC1 vs init")
+    assert contrast["passed"] and contrast["ci"][1] < 0.25
+    assert trained["metrics"]["null"]["nc"]["nc1"] > 5 * trained["metrics"]["nc"]["nc1"]
+    at_init = ra_probe.probe("bundled/fc-digits", pretrained=False, k=4)
+    assert at_init.verdict["nc"] == "absent"
+    assert "does not stand out" in at_init["verdict"]["evidence"]["nc"]["reason"]
