@@ -85,7 +85,11 @@ def test_scalars_of_reports():
     report = reference("fc-digits")  # RA and NC present; the first site's rank reaches k
     metrics, values = report.metrics, scalars(report)
     # mean and largest rank are undetermined (the first site's rank reaches k)
-    assert set(values) == LOGGED - {"ra/probe_seconds"} | {"ra/median_rank", "ra/rank_share"}
+    bounds = {f"{name}_{end}" for name in ("ra/alignment", "ra/linearity", "ra/median_rank", "ra/rank_share",
+                                           "ra/L_times_mean_sigma1", "nc/nc1", "nc/nc2_equinorm_means",
+                                           "nc/nc2_equiangular", "nc/nc3", "nc/nc4") for end in ("low", "high")}
+    assert set(values) == LOGGED - {"ra/probe_seconds"} | {"ra/median_rank", "ra/rank_share"} | bounds
+    assert [values["ra/alignment_low"], values["ra/alignment_high"]] == metrics["ra2"]["mean_score_ci"]
     assert values["ra/alignment"] == metrics["ra2"]["mean_score"] > 0.5
     assert values["ra/linearity"] == metrics["ra1"]["mean_linearity"]
     assert values["ra/median_rank"] == 9.0  # the median of 14, 10, 9, 9, 9, 9, 9
@@ -97,8 +101,9 @@ def test_scalars_of_reports():
     assert values["ra/verdict"] == values["nc/verdict"] == 1.0
     lowwd = scalars(reference("fc-digits-lowwd"))  # RA absent, every rank reaches k
     assert lowwd["ra/verdict"] == 0.0 and "ra/median_rank" not in lowwd
+    nc = {"nc/nc1", "nc/nc2_equinorm_means", "nc/nc2_equiangular", "nc/nc3", "nc/nc4"}
     assert set(scalars(reference("fc-digits-noskip"))) == {  # no residual sites: RA not applicable
-        "ra/depth", "nc/nc1", "nc/nc2_equinorm_means", "nc/nc2_equiangular", "nc/nc3", "nc/nc4", "nc/verdict"}
+        "ra/depth", "nc/verdict", *nc, *(f"{name}_{end}" for name in nc for end in ("low", "high"))}
     partial = ra_probe.Report(dict(report, verdict={**report["verdict"], "nc": "partial"}))
     assert scalars(partial)["nc/verdict"] == 0.5
 
