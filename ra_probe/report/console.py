@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ra_probe.report.format import fmt, null_rows
+from ra_probe.report.format import cost_caption, cost_rows, fmt, null_rows
 
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "not_applicable": "dim"}
 
@@ -119,6 +119,12 @@ def null_table(metrics: dict[str, Any], width: int = 120) -> Table:
                   f"{null['init']}, seed {null['seed']}, {null['samples']} samples")
 
 
+def cost_table(timings: dict[str, Any], width: int = 120) -> Table:
+    columns = [Column(""), Column("predicted", "right"), Column("measured", "right"),
+               Column("measured / predicted", "right", True)]
+    return fitted("Cost", columns, cost_rows(timings), width, cost_caption(timings))
+
+
 def nc_table(nc: dict[str, Any], width: int = 120) -> Table:
     columns = [Column("NC1", "right"), Column("NC2 μ norms", "right"), Column("NC2 angles", "right"),
                Column("NC3", "right"), Column("NC4", "right"), Column("NC2 w norms", "right", True)]
@@ -160,6 +166,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     if report["metrics"]["nc"] is not None and not report["metrics"]["nc"].get("undetermined"):
         console.print(nc_table(report["metrics"]["nc"], console.width))
     console.print(verdict_table(report["verdict"]))
+    if cost_rows(report["timings"]):
+        console.print(cost_table(report["timings"], console.width))
     for message in report["messages"]:
         console.print(f"[yellow]note:[/yellow] {message}")
 

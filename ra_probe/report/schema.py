@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.6"  # also in report.schema.json; MINOR for added fields, MAJOR for changed ones
+SCHEMA_VERSION = "1.7"  # also in report.schema.json; MINOR for added fields, MAJOR for changed ones
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
 

@@ -31,7 +31,8 @@ SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3
                        "1.3": "dffdcbdb4979b68fecab8b5cc75201a588103cbdf5f46781d9439b60a23938b5",
                        "1.4": "13c11dbb7c831ef7c5b11a8e1f959478ebb88090b6060ebc35d862a3911e3c7f",
                        "1.5": "06c1ccc3f176775c182a83c9f9f9e3208689d6fabc3cf9381d0f2ddef05d911b",
-                       "1.6": "dfe1f29589b0384c06665b3fb8372c2dffdd669aee94598b80efd29555739078"}
+                       "1.6": "dfe1f29589b0384c06665b3fb8372c2dffdd669aee94598b80efd29555739078",
+                       "1.7": "94d36135b742893e398e4670b22e94de9ab5ca6f7a071d5e52377d3a5069f68b"}
 
 
 @pytest.fixture(scope="module")
