@@ -21,7 +21,7 @@ from ra_probe.pipeline.cache import ResultCache, tensor_digest
 from ra_probe.pipeline.options import names, normalized, refuse_bad
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.run import run
-from ra_probe.pipeline.settings import Progress, Settings
+from ra_probe.pipeline.settings import Note, Progress, Settings
 from ra_probe.report.build import build_report
 from ra_probe.report.files import load_report as _read_report
 from ra_probe.report.files import write_text
@@ -179,7 +179,8 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
 
 class _progress_bar:
     """Progress on stderr, as a Progress callable: a rich bar with the time left on a terminal or in a
-    notebook; elsewhere (CI logs, nohup) a plain line per site measured, with its seconds and products."""
+    notebook; elsewhere (CI logs, nohup) a plain line per site measured, with its seconds and products.
+    A `Note` (the predicted cost) is a line of its own in both."""
 
     def __enter__(self) -> Callable[[str, int, int], None]:
         import sys
@@ -197,13 +198,19 @@ class _progress_bar:
         console = Console(stderr=True)
         if not (console.is_terminal or console.is_jupyter):
             self.bar = None
-            return lambda what, done, total: print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
+            return lambda what, done, total: print(what if isinstance(what, Note) else f"[{done}/{total}] {what}",
+                                                   file=sys.stderr, flush=True)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console, transient=True)
         self.bar.__enter__()
         task = self.bar.add_task("probing", total=None)
-        return lambda what, done, total: self.bar.update(task, description=f"probing {what}", completed=done,
-                                                         total=total)
+
+        def show(what: str, done: int, total: int) -> None:
+            if isinstance(what, Note):  # a line that stays, above the bar
+                self.bar.console.print(what, markup=False, highlight=False)
+            else:
+                self.bar.update(task, description=f"probing {what}", completed=done, total=total)
+        return show
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

@@ -122,3 +122,28 @@ def own_process() -> None:
         return
     for parameter, value in MALLOC_SETTINGS.items():
         mallopt(parameter, value)
+
+
+def memory_in_use(device: torch.device) -> int | None:
+    """Bytes in use now where a probe on `device` keeps its tensors: CUDA's allocated memory there, or
+    this process's resident set (Linux's /proc/self/statm); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """The most bytes ever in use there: `torch.cuda.max_memory_allocated`, or this process's peak
+    resident set (getrusage; kilobytes on Linux, bytes on macOS); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,11 +97,34 @@ def groups_of(sites: list[Site]) -> dict[int, list[Site]]:
     return dict(groups)
 
 
+@dataclass
+class ChunkCost:
+    """What one chunk of samples cost: its wall seconds (capture and measurement), and for the groups
+    served from the cache, the seconds they took when first measured (not spent now)."""
+
+    samples: torch.Tensor  # the chunk's sample indices
+    seconds: float
+    cached_seconds: float = 0.0
+    served: int = 0  # groups served from the cache
+    groups: list[GroupMeasurement] = field(default_factory=list)
+
+
 def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
             progress: Progress | None = None, cache: RunCache | None = None) -> Measured:
     """Spectra, alignment and trajectories of every site, chunk of samples by chunk (each group and
     chunk served from `cache` when it holds it)."""
     out = Measured()
+    for _ in measuring(out, model, sites, samples, settings, progress, cache):
+        pass
+    return out
+
+
+def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
+              progress: Progress | None = None, cache: RunCache | None = None,
+              first_alone: bool = False) -> Iterator[ChunkCost]:
+    """`measure` into `out`, yielding each chunk's cost once it is measured. `first_alone`: the first
+    sample is a chunk of its own, so that what a whole sample costs is known after one sample (the
+    solver's random vectors follow the sample, so its results are those of any chunking)."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     n = len(samples)
     if settings.tokens == "last" and real_tokens(samples.inputs) is None:
@@ -111,6 +134,8 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
     batch_size = out.batch_size = out.peak.samples
     hold = holding(model)
     indices = chunks(samples.inputs, batch_size)
+    if first_alone and len(indices[0]) > 1:
+        indices[:1] = [indices[0][:1], indices[0][1:]]
     total, done = len(sites) * len(indices), 0
 
     def site_done(what: str, seconds: float, products: int, advance: int = 1) -> None:
@@ -120,6 +145,7 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
             progress(f"{what} ({seconds:.1f} s, {products} products)" if products else what, done, total)
     measured_sites = sites
     for number, index in enumerate(indices, 1):
+        tick = time.perf_counter()
         chunk = batch(samples.inputs, index, device, dtype)
         captured = capture(model, chunk, sites)
         if settings.tokens == "last":
@@ -136,13 +162,21 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
             if captured.logits.ndim == 2:  # class scores; per-token outputs differ in length across chunks
                 out.logits.append(captured.logits.double().cpu())
         where = f", chunk {number}/{len(indices)}" if len(indices) > 1 else ""
+        cost = ChunkCost(index, 0.0)
         for group, members in groups_of(measured_sites).items():
             end = done + len(members)
             say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
-            out.groups.append(_measure_group_cached(cache, group, members, captured, settings, index, say, hold))
-            if done < end:  # served from the cache: nothing was measured
+            measurement, served = _measure_group_cached(cache, group, members, captured, settings, index, say, hold)
+            out.groups.append(measurement)
+            cost.groups.append(measurement)
+            if served:  # nothing was measured: what it cost when it was
+                cost.served += 1
+                cost.cached_seconds += sum(t["seconds"] + t["align_seconds"] for t in measurement.timing.values())
+            if done < end:
                 site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)
-    return out
+        del chunk, captured  # a suspended caller (another measurement meanwhile) holds none of the chunk
+        cost.seconds = time.perf_counter() - tick
+        yield cost
 
 
 def at_last_token(sites: list[Site], captured: Captured) -> tuple[list[Site], Captured]:
@@ -219,16 +253,21 @@ SiteDone = Callable[..., None]  # (what was measured, seconds, products): after 
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
                           settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None,
-                          hold: Hold | None = None) -> GroupMeasurement:
+                          hold: Hold | None = None) -> tuple[GroupMeasurement, bool]:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
-    captured values (the group's inputs and outputs: what the model computed, not what it is called)."""
-    if cache is None:
+    captured values (the group's inputs and outputs: what the model computed, not what it is called);
+    and whether it was served."""
+    computed = []
+
+    def compute() -> GroupMeasurement:
+        computed.append(True)
         return measure_group(group, members, captured, settings, sample_ids, on_done, hold)
+    if cache is None:
+        return compute(), False
     records = [captured.sites[s.name] for s in members]  # at the last token: the sentences' tokens too
     values = [sample_ids] + [t for r in records for t in (r.x, r.y, r.ctx.get("tokens")) if t is not None]
-    return cache.get_or_compute([s.name for s in members], values,
-                                lambda: measure_group(group, members, captured, settings, sample_ids, on_done, hold),
-                                GroupMeasurement)
+    measurement = cache.get_or_compute([s.name for s in members], values, compute, GroupMeasurement)
+    return measurement, not computed
 
 
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,

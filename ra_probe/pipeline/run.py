@@ -1,26 +1,30 @@
 """One probe from start to end: model prepared, labels checked, sites discovered, measured chunk by
-chunk, summarized, compared with the same architecture at random init, and judged. Returns plain data;
-the report stage turns it into the report."""
+chunk, summarized, compared with the same architecture at random init, and judged, with its cost
+predicted once the first samples are measured. Returns plain data; the report stage turns it into the
+report."""
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Generator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ra_probe.host import probe_threads, torch_threads
+from ra_probe.host import memory_in_use, peak_memory, probe_threads, torch_threads
 from ra_probe.load.data import check_labels
 from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
-from ra_probe.load.samples import Samples, take
+from ra_probe.load.samples import Samples, first_tensor, real_tokens, take
 from ra_probe.metrics.uncertainty import interval
 from ra_probe.metrics.verdict import HEADLINE, SYNTHETIC_CAVEAT, headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
-from ra_probe.pipeline.measure import Measured, measure
+from ra_probe.pipeline.cost import Calibration, Prediction, bytes_as, peak_bytes, predict, shares
+from ra_probe.pipeline.measure import ChunkCost, Measured, measure, measuring
 from ra_probe.pipeline.prepare import dispatched, prepared
-from ra_probe.pipeline.settings import Progress, Settings
+from ra_probe.pipeline.settings import Note, Progress, Settings
 from ra_probe.pipeline.summarize import NC_VALUES, Summary, collapse, summarize
 from ra_probe.sites.discover import discover, output_classes
 from ra_probe.sites.records import SiteReport
@@ -40,6 +44,9 @@ class Outcome:
     seconds: float
     threads: int  # torch CPU threads it ran with
     null_cost: dict[str, float] = dataclasses.field(default_factory=lambda: {"seconds": 0.0, "products": 0})
+    prediction: Prediction | None = None  # the whole probe's cost, predicted after its first samples
+    peak_bytes: int | None = None  # the peak memory measured on the probe's device
+    peak_measured_as: str = ""  # how, or why it is unknown
 
 
 def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None = None,
@@ -47,17 +54,67 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     """Probe `loaded` on `samples`, and (unless `settings.null` is "none") its architecture at a seeded
     random init on the first of them. With a `cache`, group measurements already stored are reused and
     new ones are stored. torch runs `host.probe_threads(settings.threads)` CPU threads meanwhile. The
-    caller's model and global torch state (RNG, TF32 flags, threads) are left as they were."""
+    caller's model and global torch state (RNG, TF32 flags, threads) are left as they were.
+
+    The model's first sample is measured first, then the null's first sample: from them the whole
+    probe's cost is predicted (`pipeline.cost`), shown through `progress` as a `Note`; then the rest of
+    the null, then the rest of the model's samples (the null is measured whole while the model's
+    measurement waits, so each keeps its own random stream)."""
     started = time.perf_counter()
     threads = probe_threads(settings.threads)
-    with torch_threads(threads):
-        site_report, measured, summary = _probe_module(loaded, samples, settings, progress, cache, check=True)
-        metrics = summary.metrics
-        cost, null_replicates = {"seconds": 0.0, "products": 0}, {}
+    device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    in_use, peak_before, there = memory_in_use(device), peak_memory(device), bytes_as(loaded.module, device, dtype)
+    null_cost, null_replicates = {"seconds": 0.0, "products": 0}, {}
+    with torch_threads(threads), ExitStack() as stages:
+        tick = time.perf_counter()
+        null_loaded, null_metrics = _null_module(loaded, settings)  # from the model as the caller holds it
+        null_built = time.perf_counter() - tick
+        main = stages.enter_context(closing(_stage(loaded, samples, settings, progress, cache, check=True)))
+        site_report, measured, first = next(main)
+        overhead = time.perf_counter() - started - null_built - first.seconds
         if not site_report.sites:
-            metrics["null"] = {"status": "off", "reason": "no residual site to compare with a random init"}
-        else:
-            metrics["null"], cost, null_replicates = _null(loaded, samples, settings, progress, cache)
+            null_loaded, null_metrics = None, {"status": "off", "reason": "no residual site to compare with a random init"}
+        null, null_first, null_measured = None, None, None
+        if null_loaded is not None:
+            tick = time.perf_counter() - null_built
+            n = min(settings.null_samples, len(samples))
+            subset = Samples(take(samples.inputs, slice(n)), None, samples.name)
+            null_settings = dataclasses.replace(settings, samples=n, null="none")
+            say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
+            null = stages.enter_context(closing(_stage(null_loaded, subset, null_settings, say, cache)))
+            _, null_measured, null_first = next(null)
+            null_setup = time.perf_counter() - tick - null_first.seconds
+            null_cost["seconds"] = time.perf_counter() - tick
+        calibration = Calibration(
+            time.perf_counter() - started, overhead, first.seconds + first.cached_seconds,
+            _sizes(samples.inputs, first), shares(first), cached=bool(first.served),
+            peak_bytes=peak_bytes(in_use, max(0, measured.peak.weights - there), measured.peak,
+                                  null_measured.peak if null_measured is not None else None))
+        if null_first is not None:
+            calibration = dataclasses.replace(
+                calibration, null_sample=null_first.seconds + null_first.cached_seconds,
+                null_sizes=_sizes(subset.inputs, null_first), null_shares=shares(null_first),
+                null_setup=null_setup, cached=calibration.cached or bool(null_first.served))
+        prediction = predict(calibration, settings)
+        if progress and (len(calibration.sizes) > 1 or len(calibration.null_sizes) > 1):  # some work is left
+            done = 1 + (null_first is not None)
+            progress(Note(prediction.line()), done, len(calibration.sizes) + len(calibration.null_sizes))
+            hint = prediction.hint()
+            if hint:
+                progress(Note(hint), done, len(calibration.sizes) + len(calibration.null_sizes))
+        if null is not None:
+            tick = time.perf_counter()
+            null_report, null_measured, null_summary = _finish(null)
+            nc_at_init, nc_replicates = _collapse_at_init(null_loaded.module, samples, settings)
+            timings = [null_measured.timing(s.name) for s in null_report.sites]
+            null_cost = {"seconds": null_cost["seconds"] + time.perf_counter() - tick,
+                         "products": sum(t["products"] + t["align_products"] for t in timings)}
+            null_metrics = {"status": "measured", **null_metrics, "samples": n, "sites": len(null_report.sites),
+                            **headline(null_summary.metrics), "nc": nc_at_init}
+            null_replicates = {**null_summary.replicates, **nc_replicates}
+        site_report, measured, summary = _finish(main)
+    metrics = summary.metrics
+    metrics["null"] = null_metrics
     if metrics["null"]["status"] == "measured":
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
         metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
@@ -68,12 +125,17 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         for evidence in verdict.values():
             evidence["caveat"] = SYNTHETIC_CAVEAT
     return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
-                   cost)
+                   null_cost, prediction, *_measured_peak(device, peak_before))
 
 
-def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
-                  cache: ResultCache | None, check: bool = False) -> tuple[SiteReport, Measured, Summary]:
-    """Sites discovered on `loaded`'s module, measured and summarized (`check`: labels checked first)."""
+Stage = Generator[tuple[SiteReport, Measured, ChunkCost], None, tuple[SiteReport, Measured, Summary]]
+
+
+def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
+           cache: ResultCache | None, check: bool = False) -> Stage:
+    """Sites discovered on `loaded`'s module, measured (the first sample a chunk of its own) and
+    summarized (`check`: labels checked first). A generator: it yields the sites, what is measured so far
+    and the cost of each chunk once measured, and returns the sites, the measurements and their summary."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
             prepared(loaded.module, settings) as model:
@@ -82,38 +144,59 @@ def _probe_module(loaded: LoadedModel, samples: Samples, settings: Settings, pro
             check_labels(samples, loaded.num_classes or output_classes(model, samples, device, dtype))
         site_report = discover(model, samples, device, dtype, settings.sites)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
-        measured = measure(model, site_report.sites, samples, settings, progress, run_cache)
+        measured = Measured()
+        for chunk in measuring(measured, model, site_report.sites, samples, settings, progress, run_cache,
+                               first_alone=True):
+            yield site_report, measured, chunk
         summary = summarize(site_report.sites, measured, loaded, settings, samples.labels)
     return site_report, measured, summary
 
 
-def _null(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
-          cache: ResultCache | None) -> tuple[dict[str, Any], dict[str, float], dict]:
-    """The RA headline metrics of the architecture at random init, on the first `null_samples` samples,
-    or why there are none; what measuring them cost (seconds, products); and their bootstrap replicates."""
-    none = {"seconds": 0.0, "products": 0}
+def _finish(stage: Stage) -> tuple[SiteReport, Measured, Summary]:
+    """The rest of a stage, measured; its result."""
+    while True:
+        try:
+            next(stage)
+        except StopIteration as done:
+            return done.value
+
+
+def _null_module(loaded: LoadedModel, settings: Settings) -> tuple[LoadedModel | None, dict[str, Any]]:
+    """The architecture at random init, seeded (seed + 1), to measure on the first `null_samples`
+    samples, and how it was made; or None and why there is none."""
     if settings.null == "none":
-        return {"status": "off", "reason": "--null none: the verdict has no control"}, none, {}
+        return None, {"status": "off", "reason": "--null none: the verdict has no control"}
     if dispatched(loaded.module):
-        return {"status": "unavailable", "reason": "a model split across devices (device_map) is not rebuilt at "
-                                                  "random init: it would need its memory twice"}, none, {}
+        return None, {"status": "unavailable", "reason": "a model split across devices (device_map) is not rebuilt "
+                                                         "at random init: it would need its memory twice"}
     seed = settings.seed + NULL_SEED_OFFSET
     init = random_init(loaded.builder, loaded.module, seed)
     if init.module is None:
-        return {"status": "unavailable", "reason": init.how, "seed": seed}, none, {}
+        return None, {"status": "unavailable", "reason": init.how, "seed": seed}
     freeze(init.module)
-    n = min(settings.null_samples, len(samples))
-    subset = Samples(take(samples.inputs, slice(n)), None, samples.name)
-    null_settings = dataclasses.replace(settings, samples=n, null="none")
-    null_loaded = dataclasses.replace(loaded, module=init.module, name=f"{loaded.name} at random init")
-    tick = time.perf_counter()
-    say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
-    site_report, measured, summary = _probe_module(null_loaded, subset, null_settings, say, cache)
-    nc, nc_replicates = _collapse_at_init(init.module, samples, settings)
-    timings = [measured.timing(s.name) for s in site_report.sites]
-    cost = {"seconds": time.perf_counter() - tick, "products": sum(t["products"] + t["align_products"] for t in timings)}
-    return {"status": "measured", "init": init.how, "seed": seed, "samples": n, "sites": len(site_report.sites),
-            **headline(summary.metrics), "nc": nc}, cost, {**summary.replicates, **nc_replicates}
+    return (dataclasses.replace(loaded, module=init.module, name=f"{loaded.name} at random init"),
+            {"init": init.how, "seed": seed})
+
+
+def _sizes(inputs, first: ChunkCost) -> list[float]:
+    """Each sample's size against the chunk's first sample: its real tokens for text (a product's cost
+    follows them), else 1."""
+    tokens = real_tokens(inputs)
+    if tokens is None:
+        return [1.0] * len(first_tensor(inputs))
+    return (tokens.double() / tokens[first.samples[0]]).tolist()
+
+
+def _measured_peak(device: torch.device, before: int | None) -> tuple[int | None, str]:
+    """The probe's peak memory on its device, measured, and how; or None and why."""
+    after = peak_memory(device)
+    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak resident set (getrusage)"
+    if after is None:
+        return None, "the process's peak memory cannot be read on this platform"
+    if before is not None and after <= before:
+        return None, (f"{how} was {after / 1e9:.2f} GB before the probe and the probe did not exceed it: its own "
+                      "peak was at most that")
+    return after, how
 
 
 def _collapse_at_init(module: torch.nn.Module, samples: Samples, settings: Settings

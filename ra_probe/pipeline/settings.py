@@ -14,6 +14,11 @@ from ra_probe.pipeline.options import DTYPES as DTYPE_NAMES
 from ra_probe.pipeline.options import default, names, normalized, refuse_bad
 
 Progress = Callable[[str, int, int], None]  # (what is being measured, done, total)
+
+
+class Note(str):
+    """A line for the reader, not a step of the work (the probe's predicted cost), as a progress
+    callable receives it: a bar prints it above itself, a log as it is."""
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 

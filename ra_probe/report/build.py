@@ -82,7 +82,9 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
                     "alignment_seconds": sum(s["timing"]["align_seconds"] for s in sites),
                     "products": sum(s["timing"]["products"] + s["timing"]["align_products"] for s in sites),
                     "samples_per_chunk": measured.batch_size,
-                    "null_seconds": outcome.null_cost["seconds"], "null_products": outcome.null_cost["products"]},
+                    "null_seconds": outcome.null_cost["seconds"], "null_products": outcome.null_cost["products"],
+                    "peak_bytes": outcome.peak_bytes, "peak_measured_as": outcome.peak_measured_as,
+                    "prediction": outcome.prediction.as_dict() if outcome.prediction is not None else None},
     })
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ra_probe.report.format import fmt, fmt_ci, null_rows
+from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows
 
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "undetermined": "bold blue",
                 "not_applicable": "dim"}
@@ -122,6 +122,12 @@ def null_table(metrics: dict[str, Any], width: int = 120) -> Table:
                   f"{null['init']}, seed {null['seed']}, {null['samples']} samples" + _level(metrics))
 
 
+def cost_table(timings: dict[str, Any], width: int = 120) -> Table:
+    columns = [Column(""), Column("predicted", "right"), Column("measured", "right"),
+               Column("measured / predicted", "right", True)]
+    return fitted("Cost", columns, cost_rows(timings), width, cost_caption(timings))
+
+
 NC_ROWS = (("NC1", "nc1"), ("NC2 μ norms", "nc2_equinorm_means"), ("NC2 angles", "nc2_equiangular"),
            ("NC3", "nc3"), ("NC4", "nc4"), ("NC2 w norms", "nc2_equinorm_weights"))
 
@@ -187,6 +193,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     if report["metrics"]["nc"] is not None and not report["metrics"]["nc"].get("undetermined"):
         console.print(nc_table(report["metrics"]["nc"], console.width, report["metrics"].get("null", {}).get("nc")))
     console.print(verdict_table(report["verdict"]))
+    if cost_rows(report["timings"]):
+        console.print(cost_table(report["timings"], console.width))
     for message in report["messages"]:
         console.print(f"[yellow]note:[/yellow] {message}")
 

@@ -36,3 +36,29 @@ def null_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return [[HEADLINE_LABELS[section], fmt_ci(metrics[section][name], metrics[section].get(f"{name}_ci")),
              fmt(null[section][name]), fmt_ci(null["ratio"][section], ratio_ci.get(section), unit="×")]
             for section, name in HEADLINE.items()]
+
+
+def cost_rows(timings: dict[str, Any]) -> list[list[str]]:
+    """The probe's wall time and peak memory as text, predicted and measured, with their ratio (the
+    console's table and the HTML's alike); none for a report made before predictions (schema 1.7)."""
+    from ra_probe.pipeline.cost import duration, size
+
+    prediction = timings.get("prediction")
+    if not prediction:
+        return []
+
+    def ratio(actual, predicted) -> str:
+        return "–" if actual is None or not predicted else f"{actual / predicted:.2g}×"
+    bound = "≤ " if prediction["upper_bound"] else ""
+    peak, predicted_peak = timings.get("peak_bytes"), prediction["peak_bytes"]
+    return [["wall time", bound + duration(prediction["seconds"]), duration(timings["total_seconds"], ""),
+             ratio(timings["total_seconds"], prediction["seconds"])],
+            ["peak memory", "–" if predicted_peak is None else "~" + size(predicted_peak),
+             "–" if peak is None else size(peak), ratio(peak, predicted_peak)]]
+
+
+def cost_caption(timings: dict[str, Any]) -> str:
+    """What the prediction rested on, and how the peak was measured."""
+    prediction = timings["prediction"]
+    return (f"predicted after {prediction['after_seconds']:.1f} s: {prediction['basis']}; "
+            f"peak: {timings['peak_measured_as']}")

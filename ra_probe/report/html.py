@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from ra_probe.report import plots
 from ra_probe.report.files import write_text
-from ra_probe.report.format import fmt, fmt_ci, null_rows
+from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -62,7 +62,8 @@ def render_report(report: dict[str, Any]) -> str:
     measured = report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]  # none before 1.4
     return _environment().get_template("report.html.j2").render(
         report=report, ra1=ra1, ra3=ra3, figures=report_figures(report),
-        null_rows=null_rows(report["metrics"]) if measured else [])
+        null_rows=null_rows(report["metrics"]) if measured else [], cost_rows=cost_rows(report["timings"]),
+        cost_caption=cost_caption(report["timings"]) if cost_rows(report["timings"]) else "")
 
 
 def render_comparison(comparison: dict[str, Any]) -> str:

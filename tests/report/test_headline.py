@@ -13,7 +13,7 @@ from ra_probe.gate import LIMITS, GateRules, judge
 from ra_probe.integrations.tracker import scalars
 from ra_probe.pipeline.settings import Settings
 from ra_probe.report.compare import compare
-from ra_probe.report.headline import HEADLINE, headline
+from ra_probe.report.headline import HEADLINE, headline, intervals
 from ra_probe.sweeps.spec import Run
 from ra_probe.sweeps.summary import run_entry, sweep_schema_errors, sweep_summary
 
@@ -54,8 +54,12 @@ def test_gate_compare_sweeps_and_callbacks_read_the_same_names_and_values(name):
                                                             "resources": None, "per_run": None}, 1, 1.0, [])) == []
 
     logged = scalars(ra_probe.Report(report))
-    assert {key: value for key, value in logged.items() if not key.endswith("/verdict")} == {
+    assert {key: value for key, value in logged.items() if not key.endswith(("/verdict", "_low", "_high"))} == {
         f"{HEADLINE[key].family}/{key}": value for key, value in values.items() if value is not None}
+    bounds = {key: [logged[f"{HEADLINE[key].family}/{key}_low"], logged[f"{HEADLINE[key].family}/{key}_high"]]
+              for key in HEADLINE if f"{HEADLINE[key].family}/{key}_low" in logged}
+    assert bounds == {key: ci for key, ci in intervals(report).items() if ci is not None} != {}
+    assert row["intervals"] == intervals(report) and entry["intervals"] == intervals(report)
 
     limits = judge(report, GateRules(limits={option: 0.5 for option in LIMITS})).checks
     assert {check["name"]: check["value"] for check in limits} == {

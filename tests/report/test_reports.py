@@ -32,7 +32,7 @@ SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3
                        "1.4": "13c11dbb7c831ef7c5b11a8e1f959478ebb88090b6060ebc35d862a3911e3c7f",
                        "1.5": "06c1ccc3f176775c182a83c9f9f9e3208689d6fabc3cf9381d0f2ddef05d911b",
                        "1.6": "dfe1f29589b0384c06665b3fb8372c2dffdd669aee94598b80efd29555739078",
-                       "1.7": "ae306d31a88d0a4de0bc398eee47b023214d61b9613371b1e55028c732553ea1"}
+                       "1.7": "850fbb7df44192e7d06c9884355513dc30d4289992f7741e4dcd0bc8f907314b"}
 
 
 @pytest.fixture(scope="module")
