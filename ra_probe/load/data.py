@@ -45,16 +45,41 @@ def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
     generator = torch.Generator().manual_seed(seed)
     if model.modality == "text":
         ids = _tokens(model, n, "max_position_embeddings", generator)
-        return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic")
+        mask = torch.ones_like(ids)
+        return Samples({"input_ids": ids, "attention_mask": mask, **_decoder_inputs(model, ids, mask)}, None,
+                       "synthetic")
     if model.input_shape is None:
         raise UserError(f"synthetic data needs the model's input shape: pass --input-shape for {model.name}")
     x = torch.randn(n, *model.input_shape, generator=generator)
-    if model.modality == "audio":  # features, and the tokens its decoder reads, which it does not derive itself
-        decoder = "decoder_input_ids" in inspect.signature(model.module.forward).parameters
-        return Samples({"input_features": x, **({"decoder_input_ids": _tokens(model, n, "max_target_positions",
-                                                                             generator)} if decoder else {})},
-                       None, "synthetic")
+    if model.modality == "audio":  # log-mel features or a waveform, and the tokens its decoder reads (Whisper's)
+        decoder = _takes_decoder_inputs(model)
+        return Samples({model.module.main_input_name: x,
+                        **({"decoder_input_ids": _tokens(model, n, "max_target_positions", generator)}
+                           if decoder else {})}, None, "synthetic")
     return Samples(x, None, "synthetic")
+
+
+def _takes_decoder_inputs(model: LoadedModel) -> bool:
+    """Whether the model is an encoder–decoder whose forward takes the decoder's tokens."""
+    return bool(getattr(getattr(model.module, "config", None), "is_encoder_decoder", False)) \
+        and "decoder_input_ids" in inspect.signature(model.module.forward).parameters
+
+
+def _decoder_inputs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decoder's tokens of an encoder–decoder text model (none for others): each sample's real tokens
+    shifted right behind the decoder's start token, as BART derives them and as training feeds them, at
+    the positions of the real tokens (so that dropping the padding drops the decoder's too). Given to
+    every encoder–decoder, also to those that would derive them (BART, mBART), so all read the same."""
+    if not _takes_decoder_inputs(model):
+        return {}
+    config = model.module.config
+    start = next((t for t in (getattr(config, key, None) for key in ("decoder_start_token_id", "pad_token_id",
+                                                                     "bos_token_id")) if t is not None), 0)
+    decoder = ids.clone()
+    for row, real in zip(decoder, mask.bool()):
+        tokens = row[real]
+        row[real] = torch.cat([tokens.new_tensor([start]), tokens[:-1]])
+    return {"decoder_input_ids": decoder}
 
 
 def _tokens(model: LoadedModel, n: int, positions: str, generator: torch.Generator) -> torch.Tensor:
@@ -111,8 +136,13 @@ def _text(path: Path, model: LoadedModel, limit: int | None) -> Samples:
     if tokenizer.pad_token is None:  # GPT-2-style tokenizers pad with their end-of-text token
         tokenizer.pad_token = tokenizer.eos_token
     max_length = getattr(model.module.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    encoded = tokenizer(lines[:limit], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return Samples(dict(encoded), None, str(path))
+    if not max_length < 2 ** 31:  # a tokenizer that names no maximum says 1e30 (T5's relative positions have none)
+        max_length = None
+    encoded = dict(tokenizer(lines[:limit], padding=True, truncation=max_length is not None, max_length=max_length,
+                             return_tensors="pt"))
+    if "attention_mask" in encoded:
+        encoded.update(_decoder_inputs(model, encoded["input_ids"], encoded["attention_mask"]))
+    return Samples(encoded, None, str(path))
 
 
 def check_labels(samples: Samples, classes: int | None) -> None:
