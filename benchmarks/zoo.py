@@ -32,6 +32,11 @@ CACHE = Path(tempfile.gettempdir()) / "ra-probe-zoo-sizes.json"
 NOT_RESIDUAL = {"densenet", "rdnet", "inception_v3", "inception_v4", "vgg", "vovnet", "selecsls"}
 TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
+SEQ2SEQ = {"d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2,
+           "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
+# raw-waveform encoders: a small two-layer conv feature encoder (stride 10) in front of the transformer
+WAVE = {"conv_dim": [16, 16], "conv_stride": [5, 2], "conv_kernel": [10, 3], "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 2}
 # transformers architectures with residual blocks: (category, model type, model class, config overrides)
 HF = [
     ("encoder", "bert", "BertModel", {}), ("encoder", "roberta", "RobertaModel", {}),
@@ -50,11 +55,15 @@ HF = [
     ("decoder", "phi", "PhiModel", {}), ("decoder", "falcon", "FalconModel", {}),
     ("decoder", "bloom", "BloomModel", {"n_layer": 2, "n_head": 2}),
     ("decoder", "gptj", "GPTJModel", {"n_embd": 32, "n_layer": 2, "n_head": 2, "rotary_dim": 8}),
+    ("decoder", "cohere", "CohereModel", {"num_key_value_heads": 1}),
     ("encoder-decoder", "bart", "BartModel", {"d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
                                               "encoder_attention_heads": 2, "decoder_attention_heads": 2,
                                               "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}),
     ("encoder-decoder", "t5", "T5EncoderModel", {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2,
                                                   "num_heads": 2}),
+    ("encoder-decoder", "mt5", "MT5Model", {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_heads": 2}),
+    ("encoder-decoder", "pegasus", "PegasusModel", SEQ2SEQ), ("encoder-decoder", "mbart", "MBartModel", SEQ2SEQ),
+    ("encoder-decoder", "marian", "MarianModel", SEQ2SEQ),
     ("vision", "vit", "ViTModel", {"image_size": 32, "patch_size": 8}),
     ("vision", "deit", "DeiTModel", {"image_size": 32, "patch_size": 8}),
     ("vision", "beit", "BeitModel", {"image_size": 32, "patch_size": 8}),
@@ -69,6 +78,9 @@ HF = [
     ("audio", "whisper", "WhisperModel", {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2,
                                           "decoder_layers": 2, "decoder_attention_heads": 2, "decoder_ffn_dim": 64,
                                             "encoder_ffn_dim": 64, "num_mel_bins": 8, "max_source_positions": 16}),
+    ("audio", "wav2vec2", "Wav2Vec2Model", WAVE), ("audio", "hubert", "HubertModel", WAVE),
+    ("audio", "wavlm", "WavLMModel", {**WAVE, "num_buckets": 16, "max_bucket_distance": 32}),
+    ("audio", "data2vec-audio", "Data2VecAudioModel", WAVE),
 ]
 
 

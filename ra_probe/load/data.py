@@ -2,7 +2,6 @@
 Validated here, once, at the door: deeper stages trust the shapes."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.models import LoadedModel
 from ra_probe.load.samples import Samples, take
+from ra_probe.load.text import decoder_inputs, takes_decoder_inputs, tokenized
 
 DATA_FORMS = ("bundled/digits, a .npz file, a .txt file (text models), an image folder, "
               "hf-data/<org>/<name>[:config][@split] (a Hugging Face dataset), or synthetic (a smoke test)")
@@ -78,16 +78,18 @@ def _synthetic(model: LoadedModel, n: int, seed: int) -> Samples:
     generator = torch.Generator().manual_seed(seed)
     if model.modality == "text":
         ids = _tokens(model, n, "max_position_embeddings", generator)
-        return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, "synthetic",
-                       f"{n} sequences of {ids.shape[1]} random token ids")
+        mask = torch.ones_like(ids)
+        return Samples({"input_ids": ids, "attention_mask": mask, **decoder_inputs(model, ids, mask)}, None,
+                       "synthetic", f"{n} sequences of {ids.shape[1]} random token ids")
     if model.input_shape is None:
         raise UserError(f"synthetic data needs the model's input shape: pass --input-shape for {model.name}")
     x = torch.randn(n, *model.input_shape, generator=generator)
-    if model.modality == "audio":  # features, and the tokens its decoder reads, which it does not derive itself
-        decoder = "decoder_input_ids" in inspect.signature(model.module.forward).parameters
-        return Samples({"input_features": x, **({"decoder_input_ids": _tokens(model, n, "max_target_positions",
-                                                                             generator)} if decoder else {})},
-                       None, "synthetic", f"{n} Gaussian log-mel inputs")
+    if model.modality == "audio":  # log-mel features or a waveform, and the tokens its decoder reads (Whisper's)
+        decoder = takes_decoder_inputs(model)
+        return Samples({model.module.main_input_name: x,
+                        **({"decoder_input_ids": _tokens(model, n, "max_target_positions", generator)}
+                           if decoder else {})}, None, "synthetic",
+                       f"{n} Gaussian {'log-mel inputs' if model.module.main_input_name == 'input_features' else 'waveforms'}")
     return Samples(x, None, "synthetic", f"{n} Gaussian inputs of shape {tuple(model.input_shape)}")
 
 
@@ -132,8 +134,6 @@ def _npz(path: Path) -> Samples:
 def _text(path: Path, model: LoadedModel, limit: int | None) -> Samples:
     """One example per non-empty line, through the model's tokenizer, padded to the longest line and
     cut at the model's maximum length (inputs: input_ids, attention_mask...)."""
-    from ra_probe.load.text import tokenized
-
     if model.modality != "text":
         raise UserError(f"data {path} is text, but {model.name} takes {model.modality} inputs")
     if not path.is_file():

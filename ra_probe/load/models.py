@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -26,8 +27,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 @dataclass
 class LoadedModel:
     """A model ready to probe. `input_shape` is per sample (None when unknown); `modality` is
-    "vector", "image", "text" or "audio" (log-mel features); `default_data` names the model's own data (bundled
-    models), used when the user gives none; others get real data of their domain (load/defaults.py)."""
+    "vector", "image", "text" or "audio" (log-mel features or raw waveforms); `default_data` names the model's
+    own data (bundled models), used when the user gives none; others get real data of their domain
+    (load/defaults.py)."""
 
     module: nn.Module
     name: str
@@ -313,8 +315,8 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
         _keep_while_used(placement["offload_folder"], module)
     image_size = getattr(config, "image_size", None)
     channels = getattr(config, "num_channels", 3)
-    if getattr(module, "main_input_name", None) == "input_features":  # a speech model (Whisper)
-        modality, input_shape = "audio", _audio_shape(module, config)
+    if getattr(module, "main_input_name", None) in ("input_features", "input_values"):  # speech (Whisper, wav2vec2)
+        modality, input_shape = "audio", None
     elif image_size is not None:
         size = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
         modality, input_shape = "image", (channels, *size)
@@ -324,6 +326,8 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
         modality, input_shape = "image", (channels, 224, 224)
     num_labels = getattr(config, "num_labels", None) if model_cls is not None and "For" in archs[0] else None
     preprocessor = _hf_preprocessor(repo, modality)
+    if modality == "audio":
+        input_shape = _audio_shape(module, config, preprocessor)
     missing = set(info.get("missing_keys") or ())
     trained = any(name not in missing for name, _ in module.named_parameters())
     return LoadedModel(module, display, "hf", input_shape=input_shape, num_classes=num_labels,
@@ -332,10 +336,23 @@ def _load_hf(repo: str, *, display: str, device_map: str | dict[str, Any] | None
                        preprocessing=_image_preprocessing(preprocessor, modality))
 
 
-def _audio_shape(module: nn.Module, config: Any) -> tuple[int, int] | None:
-    """(mel bins, frames) of the log-mel features a speech encoder takes (Whisper's): as many frames as
-    its positions times the stride of the convolutions in front of them; None when the config does not
-    say."""
+# frames of a raw-waveform encoder's synthetic input: one second of wav2vec2's 20 ms frames
+WAVEFORM_FRAMES = 50
+
+
+def _audio_shape(module: nn.Module, config: Any, extractor: Any) -> tuple[int, ...] | None:
+    """The per-sample shape of a speech model's input; None when the config does not say.
+    Log-mel features (Whisper's): (mel bins, frames), as many frames as its positions times the stride of
+    the convolutions in front of them. A raw waveform (wav2vec2, HuBERT, WavLM...): (samples,), one second
+    at the feature extractor's sampling rate (16 kHz without one), cut to the samples whose convolutional
+    feature encoder gives `WAVEFORM_FRAMES` frames when a second gives more (a small encoder's stride)."""
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if kernels and strides:
+        second = getattr(extractor, "sampling_rate", None) or 16000
+        length = 1  # samples for one frame, then for WAVEFORM_FRAMES: each conv's (L - 1) * stride + kernel
+        for kernel, stride in reversed(list(zip(kernels, strides))):
+            length = (length - 1) * stride + kernel
+        return (min(second, length + (WAVEFORM_FRAMES - 1) * math.prod(strides)),)
     bins, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
     if not (isinstance(bins, int) and isinstance(positions, int)):
         return None
@@ -356,7 +373,8 @@ def _image_preprocessing(preprocessor: Any, modality: str) -> str | None:
 def _hf_preprocessor(repo: str, modality: str) -> Any:
     import transformers
 
-    auto = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
+    auto = {"text": transformers.AutoTokenizer, "audio": transformers.AutoFeatureExtractor}.get(
+        modality, transformers.AutoImageProcessor)
     try:
         return auto.from_pretrained(repo)
     except Exception:  # a model folder without a tokenizer/processor: .npz and synthetic data still work

@@ -2,6 +2,8 @@
 longest, or windows of running text of one length (what a causal language model is measured on)."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -15,8 +17,12 @@ def tokenized(texts: list[str], model: LoadedModel, what: str) -> dict[str, torc
     """`texts` through the model's tokenizer, padded to the longest and cut at the model's maximum length
     (input_ids, attention_mask…). `what` names the data in errors."""
     tokenizer = _tokenizer(model, what)
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=_max_length(model), return_tensors="pt")
-    return dict(encoded)
+    max_length = _max_length(model)
+    encoded = dict(tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
+                             return_tensors="pt"))
+    if "attention_mask" in encoded:
+        encoded.update(decoder_inputs(model, encoded["input_ids"], encoded["attention_mask"]))
+    return encoded
 
 
 def windows(texts: list[str], model: LoadedModel, n: int, seed: int, what: str,
@@ -25,7 +31,7 @@ def windows(texts: list[str], model: LoadedModel, n: int, seed: int, what: str,
     of paragraphs of `texts` drawn under `seed`, one window a paragraph. Headings ("= Title =") and
     paragraphs too short for a window are passed over."""
     tokenizer = _tokenizer(model, what)
-    length = min(length, _max_length(model))
+    length = min(length, _max_length(model) or length)
     ids = []
     for index in np.random.default_rng(seed).permutation(len(texts)):
         text = texts[index].strip()
@@ -53,5 +59,31 @@ def _tokenizer(model: LoadedModel, what: str):
     return tokenizer
 
 
-def _max_length(model: LoadedModel) -> int:
-    return getattr(model.module.config, "max_position_embeddings", None) or model.preprocessor.model_max_length
+def _max_length(model: LoadedModel) -> int | None:
+    """The model's positions, or its tokenizer's maximum; None when neither names one (a tokenizer
+    without a maximum says 1e30: T5's relative positions have none)."""
+    length = getattr(model.module.config, "max_position_embeddings", None) or model.preprocessor.model_max_length
+    return length if length < 2 ** 31 else None
+
+
+def takes_decoder_inputs(model: LoadedModel) -> bool:
+    """Whether the model is an encoder–decoder whose forward takes the decoder's tokens."""
+    return bool(getattr(getattr(model.module, "config", None), "is_encoder_decoder", False)) \
+        and "decoder_input_ids" in inspect.signature(model.module.forward).parameters
+
+
+def decoder_inputs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decoder's tokens of an encoder–decoder text model (none for others): each sample's real tokens
+    shifted right behind the decoder's start token, as BART derives them and as training feeds them, at
+    the positions of the real tokens (so that dropping the padding drops the decoder's too). Given to
+    every encoder–decoder, also to those that would derive them (BART, mBART), so all read the same."""
+    if not takes_decoder_inputs(model):
+        return {}
+    config = model.module.config
+    start = next((t for t in (getattr(config, key, None) for key in ("decoder_start_token_id", "pad_token_id",
+                                                                     "bos_token_id")) if t is not None), 0)
+    decoder = ids.clone()
+    for row, real in zip(decoder, mask.bool()):
+        tokens = row[real]
+        row[real] = torch.cat([tokens.new_tensor([start]), tokens[:-1]])
+    return {"decoder_input_ids": decoder}

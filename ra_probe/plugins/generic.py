@@ -6,9 +6,11 @@ graph of the values computed from the module's main input x, an add `a + b` is a
 both operands depend on x: its immediate dominator d (the last value every path from x to the add
 goes through) is the site input, the operand reached through fewer parametric ops is the skip
 (identity when it is d itself, a projection when it has parameters), the other the branch F, which
-must hold a parametric op. The chain of parameter-free ops (or norms) that follows the add alone is
-the post-op. Branch, skip and post are extracted as fx GraphModules; the branch takes the module's
-other arguments (masks, embeddings) as side inputs from its captured call. The site input and
+must hold a parametric op; a sum of x and several branches written as several adds (`x + a(h) + b(h)`,
+each inner sum read by the next add alone) is one site whose branch is the branches' sum. The chain of
+parameter-free ops (or norms) that follows the add alone is the post-op. Branch, skip and post are
+extracted as fx GraphModules; the branch takes the module's other arguments (masks, embeddings) as
+side inputs from its captured call. The site input and
 output are read where the forward exposes them: the module's input or output, or the input or
 output of a child at the right call when the child is called several times; a value no module
 exposes is recomputed from the module's input."""
@@ -152,19 +154,24 @@ class _Graph:
         prefix, side = self.extract(self.x, node)
         return None if side else Tap(self.path, "input", prefix)
 
-    def extract(self, start: fx.Node, end: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
-        """A GraphModule computing `end` from `start` and the module's side inputs it needs, which it
-        takes as further arguments (returned in order)."""
+    def extract(self, start: fx.Node, end: fx.Node | list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]]:
+        """A GraphModule computing `end` (or the sum of the values `end` lists) from `start` and the
+        module's side inputs it needs, which it takes as further arguments (returned in order)."""
+        ends = end if isinstance(end, list) else [end]
         graph, side = fx.Graph(), []
         env = {start: graph.placeholder("x")}
-        needed = _ancestors(end, stop=start) | {end}  # values before `start` reach `end` only through it
+        # values before `start` reach the ends only through it
+        needed = set(ends).union(*(_ancestors(node, stop=start) for node in ends))
         for node in self.nodes:
             if node is start or node not in needed:
                 continue
             if node.op == "placeholder":
                 side.append(node)
             env[node] = graph.node_copy(node, lambda n: env[n])
-        graph.output(env[end])
+        total = env[ends[0]]
+        for node in ends[1:]:
+            total = graph.call_function(operator.add, (total, env[node]))
+        graph.output(total)
         return fx.GraphModule(self.gm, graph), side
 
 
@@ -234,13 +241,52 @@ def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
         return None  # arithmetic on x (a GELU polynomial...), or two alike branches summed (an average of heads)
     if any(sum(p is d or p in paths[skip_node] for p in n.all_input_nodes) > 1 for n in paths[skip_node]):
         return None  # the "skip" multiplies values of x together (attention scores plus a position bias)
-    branch_gm, side = g.extract(d, branch_node)
     skip, kind = None, "identity"
     if skip_node is not d and not all(isinstance(g.module(n), nn.Identity) for n in paths[skip_node]):
         skip, skip_side = g.extract(d, skip_node)
         if skip_side:
             raise _Rejected("the skip path needs side inputs")
         kind = "projection" if weight[skip_node] else "scaled"
+    return _made(g, module, add, d, [branch_node], paths[branch_node], skip, kind)
+
+
+def _summed(add: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The terms of the sum `add` completes, and the inner adds it takes them from: an operand that is an
+    add only this add reads stands for its terms (`x + a + b` is `(x + a) + b`)."""
+    terms, inner = [], []
+    for operand in add.args:
+        if _is_add(operand) and len(operand.users) == 1:
+            more, deeper = _summed(operand)
+            terms, inner = terms + more, inner + [operand, *deeper]
+        else:
+            terms.append(operand)
+    return terms, inner
+
+
+def _sum_site(g: _Graph, module: nn.Module, add: fx.Node, terms: list[fx.Node]) -> Site | None:
+    """The site of a sum of the skip and several branches written as several adds, `x + a(h) + b(h)`
+    (parallel attention and MLP): one term is the sum's dominator d itself, every other term is computed
+    from d's values through a parametric op. None for any other sum."""
+    d = g.idom(add)
+    branches = [term for term in terms if term is not d]
+    if len(terms) < 3 or len(branches) != len(terms) - 1:
+        return None
+    paths = set()
+    for term in branches:
+        if term not in g.values or term not in g.dom or d not in g.dom[term]:
+            return None
+        between = g.between(d, term)
+        if not any(map(g.parametric, between)):
+            return None
+        paths |= between
+    return _made(g, module, add, d, branches, paths, None, "identity")
+
+
+def _made(g: _Graph, module: nn.Module, add: fx.Node, d: fx.Node, branches: list[fx.Node], paths: set[fx.Node],
+          skip: fx.GraphModule | None, kind: str) -> Site:
+    """The site of `add` with input d, branch the sum of `branches` (computed by the nodes `paths`), and
+    the extracted `skip` (None: identity), read where the forward exposes d and the add's result."""
+    branch_gm, side = g.extract(d, branches)
     end, post_nodes = _post_chain(g, add)
     post = g.extract(add, end)[0] if post_nodes else None
     entry, exit = g.tap(d), g.tap(end)
@@ -248,7 +294,7 @@ def _site(g: _Graph, module: nn.Module, add: fx.Node) -> Site | None:
         raise _Rejected("the site input is an intermediate value computed with side inputs")
     if exit is None:
         raise _Rejected("the add's result is an intermediate value computed with side inputs")
-    largest = max((n for n in g.nodes if n in paths[branch_node] and n.op == "call_module"), default=None,
+    largest = max((n for n in g.nodes if n in paths and n.op == "call_module"), default=None,
                   key=lambda n: sum(p.numel() for p in g.module(n).parameters()))  # ties: the first called
     return Site(name=largest.target if largest is not None else add.name, module_path=g.path,
                 branch=lambda x, ctx, f=branch_gm: f.forward(x, *_side_values(module, side, ctx)),
@@ -298,14 +344,22 @@ def sites_in(path: str, module: nn.Module) -> tuple[list[Site], list[Skipped], d
         return [], [], {}
     g = _Graph(path, gm)
     sites, skipped = [], []
-    for add in [n for n in g.nodes if _is_add(n) and n in g.dom]:
+    inside = set()  # the inner adds of a sum of branches, whose last add makes its site
+    for add in reversed([n for n in g.nodes if _is_add(n) and n in g.dom]):  # a sum's last add first
+        if add in inside:
+            continue
+        terms, inner = _summed(add)
         try:
-            site = _site(g, module, add)
+            site = _sum_site(g, module, add, terms)
+            if site is None:
+                site = _site(g, module, add)
+            else:
+                inside.update(inner)
         except _Rejected as why:
-            skipped.append(Skipped(f"{path or 'model'}:{add.name}", str(why)))
+            skipped.insert(0, Skipped(f"{path or 'model'}:{add.name}", str(why)))
             continue
         if site is not None:
-            sites.append(site)
+            sites.insert(0, site)
     return name_sites(path, sites), skipped, fixed
 
 

@@ -3,7 +3,8 @@ data-dependent Python, decorated transformers layers): the real forward runs onc
 TorchFunctionMode that records which values each operation computed from which (tensor provenance),
 while module hooks say whose own forward is running. An add `a + b` in a module M's own forward is a
 residual site when one operand s is a value the forward exposes (M's input, or a child's input or
-output) and the other depends on s through a parametric operation and on M's input only through s.
+output) and the other depends on s through a parametric operation and on M's input only through s; a
+sum of s and several such branches written as several adds is one site, whose branch is their sum.
 
 The branch F is recomputed by replaying M's real forward on its captured call with s replaced by the
 new input and reading the add's other operand: no graph is extracted, so any Python the forward runs
@@ -48,6 +49,7 @@ class _Value:
     owner: str = ""  # the innermost module whose forward computed it
     op: str = ""
     call: tuple | None = None  # (op, args, kwargs, input) of a parameter-free op on one value, same shape
+    reads: int = 0  # how many operations, in any module, take it
 
 
 @dataclass(eq=False)
@@ -105,6 +107,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         inputs = _tensors((args, kwargs))
         parents = [self.values[id(t)] for t in inputs if id(t) in self.values]
+        for parent in parents:
+            parent.reads += 1
         frame = self.frames[-1] if self.frames else None
         operands = None
         if frame is not None and frame.path in self.targets:
@@ -286,14 +290,59 @@ def _side_skip(key: int | str):
     return skip
 
 
+def _terms(add: _Add, inner: dict[_Value, _Add]) -> list[tuple[_Add, int]]:
+    """The terms of the sum `add` completes, as (add, operand position): an operand that is the result of
+    an `inner` add (one that only this add reads: `x + a + b` is `(x + a) + b`) stands for its terms."""
+    terms = []
+    for position, operand in enumerate(add.operands):
+        terms.extend(_terms(inner[operand], inner) if operand in inner else [(add, position)])
+    return terms
+
+
+def _sum_roles(frame: _Frame, terms: list[tuple[_Add, int]]) -> tuple[_Value, list[tuple[_Add, int]]] | None:
+    """(site input, branch terms) of a sum of a skip and several branches, `x + a(h) + b(h)` (parallel
+    attention and MLP), where the skip is a value the forward exposes and every other term depends on
+    it through a parametric op, and on the block's input only through it; None for any other sum."""
+    values = [add.operands[position] for add, position in terms]
+    for skip in (value for value in values if value in frame.exposed):
+        branches = [term for term, value in zip(terms, values) if value is not skip]
+        if len(branches) == len(terms) - 1 and all(
+                reach and param and not other for reach, param, other in
+                (_flags(skip, value, frame.input) for value in values if value is not skip)):
+            return skip, branches
+    return None
+
+
+def _sums(frame: _Frame) -> dict[_Add, tuple[_Value, list[tuple[_Add, int]]]]:
+    """The sums of a skip and several branches written as several adds, by their last add: (site input,
+    branch terms) (see `_sum_roles`). A last add that is a residual add as it is (`x + (a + b)`) is not
+    one: its branch operand is the sum already."""
+    inner = {add.result: add for add in frame.adds if add.result.reads == 1 and add.result is not frame.output
+             and add.result not in frame.exposed}
+    sums, inside = {}, set()
+    for add in reversed(frame.adds):  # the last add of a sum comes after its inner ones
+        terms = [] if add in inside or _roles(frame, add) is not None else _terms(add, inner)
+        roles = _sum_roles(frame, terms) if len(terms) > 2 else None
+        if roles is not None:
+            sums[add] = roles
+            inside.update(term for term, _ in terms)
+    return sums
+
+
 def sites_of(frame: _Frame) -> tuple[list[Site], list[Skipped]]:
-    """The residual sites of one recorded call, and the residual adds found but not usable."""
+    """The residual sites of one recorded call, and the residual adds found but not usable. A sum of the
+    skip and several branches (`x + a(h) + b(h)`) is one site, whose branch is the branches' sum."""
     sites, skipped = [], []
+    sums = _sums(frame)
+    inner = {term for _, terms in sums.values() for term, _ in terms} - set(sums)
     for add in frame.adds:
-        roles = _roles(frame, add)
-        if roles is None:
+        if add in sums:
+            (entry, terms), side = sums[add], None
+        elif add in inner or (roles := _roles(frame, add)) is None:
             continue
-        entry, branch, side = roles
+        else:
+            entry, branch, side = roles
+            terms = [(add, add.operands.index(branch))]
         exit, post, post_name = _exit(frame, add.result)
         if side is not None and (exit is None or exit.module != frame.path and
                                  frame.outputs.get((exit.module, exit.call)) is not frame.output):
@@ -303,19 +352,19 @@ def sites_of(frame: _Frame) -> tuple[list[Site], list[Skipped]]:
                                    "forward exposes nowhere (no module takes or returns it)"))
             continue
         tap = replace(frame.exposed[entry], rows=exit.rows)
-        sites.append(Site(name=_branch_owner(frame, entry, branch), module_path=frame.path,
-                          branch=replay(frame.module, tap, frame.path, add.index, add.operands.index(branch),
-                                        add.inplace),
+        sites.append(Site(name=_branch_owner(frame, entry, [term.operands[i] for term, i in terms]),
+                          module_path=frame.path,
+                          branch=replay(frame.module, tap, frame.path, [(t.index, i, t.inplace) for t, i in terms]),
                           input_tap=tap, output_tap=exit, post=post, post_name=post_name, ctx_module=frame.path,
                           kind="identity" if side is None else "projection",
                           side_skip=None if side is None else _side_skip(side)))
     return name_sites(frame.path, sites), skipped
 
 
-def _branch_owner(frame: _Frame, skip: _Value, branch: _Value) -> str:
-    """The child of the block that holds most parameters among those computing the branch."""
+def _branch_owner(frame: _Frame, skip: _Value, branches: list[_Value]) -> str:
+    """The child of the block that holds most parameters among those computing the branch (its terms)."""
     prefix = f"{frame.path}." if frame.path else ""
-    owners, pending, seen = set(), [branch], set()
+    owners, pending, seen = set(), list(branches), set()
     while pending:
         node = pending.pop()
         if node in seen or node is skip or node.seq < skip.seq:
@@ -329,19 +378,24 @@ def _branch_owner(frame: _Frame, skip: _Value, branch: _Value) -> str:
 
 
 class _Grab(TorchFunctionMode):
-    """During a replay: the `index`-th add of the block's own forward hands its operand `position`."""
+    """During a replay: the sum of the branch terms, each the operand `position` of the `index`-th add of
+    the block's own forward (`terms`: (index, position, whether that add is in place))."""
 
-    def __init__(self, index: int, position: int, inplace: bool):
+    def __init__(self, terms: list[tuple[int, int, bool]]):
         super().__init__()
-        self.index, self.position, self.inplace = index, position, inplace
-        self.depth, self.adds, self.value = 0, 0, None
+        self.terms = {index: (set(), inplace) for index, _, inplace in terms}
+        for index, position, _ in terms:
+            self.terms[index][0].add(position)
+        self.depth, self.adds, self.value, self.found = 0, 0, None, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth == 0 and _is_add(func, args, kwargs):
-            if self.adds == self.index:
-                operand = args[self.position]
-                self.value = operand.clone() if self.inplace else operand
+            positions, inplace = self.terms.get(self.adds, ((), False))
+            for position in sorted(positions):
+                operand = args[position].clone() if inplace else args[position]  # the add may overwrite it
+                self.value = operand if self.value is None else self.value + operand
+                self.found += 1
             self.adds += 1
         return func(*args, **kwargs)
 
@@ -379,14 +433,15 @@ def _first_key(kwargs: dict) -> str:
     return next(key for key, value in kwargs.items() if isinstance(value, torch.Tensor))
 
 
-def replay(block: nn.Module, entry: Tap, path: str, index: int, position: int, inplace: bool):
+def replay(block: nn.Module, entry: Tap, path: str, terms: list[tuple[int, int, bool]]):
     """F(v, ctx): the block's forward run on its captured call with the value at `entry` replaced by v,
-    returning the branch operand of its `index`-th add."""
+    returning the branch: the operand `position` of its `index`-th add, or the sum of several such terms
+    (`terms`: (index, position, whether that add is in place))."""
     target = block if entry.module == path else block.get_submodule(entry.module[len(path) + 1:] if path
                                                                     else entry.module)
 
     def branch(v: torch.Tensor, ctx: Context) -> torch.Tensor:
-        grab = _Grab(index, position, inplace)
+        grab = _Grab(terms)
         with ExitStack() as stack:
             hook = _substitute(Tap(entry.module, entry.where, call=entry.call if target is not block else 0), v)
             handle = (target.register_forward_pre_hook(hook, with_kwargs=True) if entry.where == "input"
@@ -399,7 +454,7 @@ def replay(block: nn.Module, entry: Tap, path: str, index: int, position: int, i
             with grab:
                 args = ((ctx["input"],) if "input" in ctx else ()) + tuple(ctx.get("args", ()))
                 block(*args, **without_cache(ctx.get("kwargs", {})))
-        if grab.value is None:
+        if grab.found != len(terms):
             raise RuntimeError("the replayed forward took another path: the add was not reached")
         return per_sample(grab.value, len(v))
     return branch
