@@ -33,6 +33,18 @@ class Calibration:
     null_setup: float = 0.0  # seconds the null took before its first sample: its random init, its sites found
     cached: bool = False  # a first sample came from the cache: seconds as first measured, later ones may too
     peak_bytes: int | None = None
+    products: int = 0  # Jacobian products of the model's first sample
+    null_products: int = 0  # and of the null's
+
+    @property
+    def per_sample(self) -> float:
+        """Seconds a sample of the model costs: its first sample's, or fewer at the null's seconds per
+        product. The first sample ran the process's first calls (kernels loaded, programs traced) and the
+        null's first ran after it, on the same architecture, so the null's rate is the one that lasts: on
+        the bundled model the first sample took 0.5 s, the null's 0.1 s for as many products."""
+        if self.products and self.null_products and self.null_sample > 0:
+            return min(self.sample, self.products * self.null_sample / self.null_products)
+        return self.sample
 
 
 def seconds(cal: Calibration, samples: int | None = None, null: bool = True,
@@ -44,10 +56,15 @@ def seconds(cal: Calibration, samples: int | None = None, null: bool = True,
 
     def per_unit(seconds: float, shares: tuple[float, float]) -> float:
         return seconds * (1 - shares[0] * (1 - keep[0]) - shares[1] * (1 - keep[1]))
-    total = cal.overhead + per_unit(cal.sample, cal.shares) * sum(cal.sizes[:n])
+    total = cal.overhead + per_unit(cal.per_sample, cal.shares) * sum(cal.sizes[:n])
     if null and cal.null_sizes:
         total += cal.null_setup + per_unit(cal.null_sample, cal.null_shares) * sum(cal.null_sizes[:n])
     return total
+
+
+def products(chunk: ChunkCost) -> int:
+    """The Jacobian products a chunk took (SVDs and RA2), measured or as first measured."""
+    return sum(int(t["products"] + t.get("align_products", 0)) for g in chunk.groups for t in g.timing.values())
 
 
 def shares(chunk: ChunkCost) -> tuple[float, float]:
@@ -102,6 +119,8 @@ def predict(cal: Calibration, settings: Settings) -> Prediction:
     the solver's cost model, RA2's follow its K), a GPU."""
     total = seconds(cal)
     basis = f"measured 1 sample in {duration(cal.sample, '')}"
+    if cal.per_sample < cal.sample:
+        basis += f" ({duration(cal.per_sample, '')} at the random init's time per product, past the first calls)"
     if cal.null_sizes:
         basis += f", 1 at random init in {duration(cal.null_sample, '')}"
     if cal.cached:

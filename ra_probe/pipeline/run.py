@@ -21,7 +21,7 @@ from ra_probe.load.samples import Samples, first_tensor, real_tokens, take
 from ra_probe.metrics.uncertainty import interval
 from ra_probe.metrics.verdict import HEADLINE, SYNTHETIC_CAVEAT, headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
-from ra_probe.pipeline.cost import Calibration, Prediction, bytes_as, peak_bytes, predict, shares
+from ra_probe.pipeline.cost import Calibration, Prediction, bytes_as, peak_bytes, predict, products, shares
 from ra_probe.pipeline.measure import ChunkCost, Measured, measure, measuring
 from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.settings import Note, Progress, Settings
@@ -87,14 +87,15 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
             null_cost["seconds"] = time.perf_counter() - tick
         calibration = Calibration(
             time.perf_counter() - started, overhead, first.seconds + first.cached_seconds,
-            _sizes(samples.inputs, first), shares(first), cached=bool(first.served),
+            _sizes(samples.inputs, first), shares(first), cached=bool(first.served), products=products(first),
             peak_bytes=peak_bytes(in_use, max(0, measured.peak.weights - there), measured.peak,
                                   null_measured.peak if null_measured is not None else None))
         if null_first is not None:
             calibration = dataclasses.replace(
                 calibration, null_sample=null_first.seconds + null_first.cached_seconds,
                 null_sizes=_sizes(subset.inputs, null_first), null_shares=shares(null_first),
-                null_setup=null_setup, cached=calibration.cached or bool(null_first.served))
+                null_setup=null_setup, cached=calibration.cached or bool(null_first.served),
+                null_products=products(null_first))
         prediction = predict(calibration, settings)
         if progress and (len(calibration.sizes) > 1 or len(calibration.null_sizes) > 1):  # some work is left
             done = 1 + (null_first is not None)

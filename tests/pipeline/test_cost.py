@@ -88,3 +88,17 @@ def test_a_resnet_at_224_px_takes_about_the_time_predicted(cli, tmp_path, monkey
                        f"(2 samples + 2 null; {prediction['basis']})"
     assert lines[1].startswith("to cut it: --null none (÷") and "--device cuda" in lines[1]
     assert err.index("random init: layer1.0, chunk 1/2") < err.index("predicted:") < err.index("layer1.0, chunk 2/2 (")
+
+
+def test_the_first_samples_warm_up_is_not_extrapolated():
+    """The model's first sample pays the process's first calls; the null's first, after it on the same
+    architecture, does not: its seconds per product price the model's samples when they are fewer."""
+    warm = Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0] * 10, null_sample=0.3,
+                       null_sizes=[1.0] * 2, products=100, null_products=150)
+    assert warm.per_sample == pytest.approx(0.2)
+    assert seconds(warm) == pytest.approx(1.0 + 0.2 * 10 + 0.3 * 2)
+    assert "0.2 s at the random init's time per product" in predict(warm, Settings(device="cpu")).basis
+    slower = Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0] * 10, null_sample=3.0,
+                         null_sizes=[1.0] * 2, products=100, null_products=150)
+    assert slower.per_sample == 1.0  # never more than the model's own first sample
+    assert Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0]).per_sample == 1.0  # no null
