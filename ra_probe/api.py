@@ -145,7 +145,7 @@ def _inputs(model: Model, data: Any, settings: Settings | None,
     if settings.device is None and weight is not None:
         settings = dataclasses.replace(settings, device=str(weight.device))
     with torch.random.fork_rng(devices=[]):
-        samples = as_samples(data, loaded, limit=settings.samples, seed=settings.seed)
+        samples = as_samples(data, loaded, limit=settings.sample_limit, seed=settings.seed)
     return loaded, samples, settings
 
 

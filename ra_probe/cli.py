@@ -66,7 +66,7 @@ class ProbeOptions:
     def samples(self, loaded, settings):
         from ra_probe.load.data import load_samples
 
-        return load_samples(self.values["data"], loaded, limit=settings.samples, seed=settings.seed)
+        return load_samples(self.values["data"], loaded, limit=settings.sample_limit, seed=settings.seed)
 
 
 def _parameter(option: Option) -> inspect.Parameter:

@@ -88,7 +88,7 @@ class LiveProbe:
         module = self.network(owner)
         with preserved_rng():
             if self.samples is None:
-                self.samples = as_samples(self.data, as_loaded(module), limit=self.settings.samples,
+                self.samples = as_samples(self.data, as_loaded(module), limit=self.settings.sample_limit,
                                           seed=self.settings.seed)
             report = probe(module, self.samples, self.settings)
         metrics = scalars(report)

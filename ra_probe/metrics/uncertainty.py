@@ -38,10 +38,14 @@ class Resamples:
 
 def resamples(n: int, strata: torch.Tensor | None, count: int, level: float, seed: int) -> Resamples | None:
     """`count` bootstrap resamples of `n` samples under `seed`, within each stratum (`strata` (n,): a class
-    per sample, or None); None for fewer than two samples (one sample says nothing of its spread)."""
+    per sample, or None); None for fewer than two samples (one sample says nothing of its spread). A
+    stratum of one sample would stand for itself in every resample, as if it had no spread: when a
+    class has a single sample, the resamples are drawn from all samples alike."""
     if n < 2:
         return None
     generator = torch.Generator().manual_seed(seed)
+    if strata is not None and bool((torch.unique(strata, return_counts=True)[1] < 2).any()):
+        strata = None
     if strata is None:
         return Resamples(torch.randint(0, n, (count, n), generator=generator), level, False)
     index = torch.empty(count, n, dtype=torch.long)

@@ -29,7 +29,7 @@ from ra_probe.load.offload import FullState
 T = TypeVar("T")
 # Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
 NOT_IN_KEY = frozenset({"samples", "batch_size", "tau", "thresholds", "null", "null_samples", "threads", "confidence",
-                        "resamples"})
+                        "resamples", "max_samples", "budget"})
 
 
 def default_dir() -> Path:

@@ -17,7 +17,7 @@ from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, de
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.offload import resident_bytes
-from ra_probe.load.samples import Samples, batch, chunks, real_tokens
+from ra_probe.load.samples import Samples, batch, chunks, real_tokens, take
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
@@ -121,10 +121,11 @@ def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, setting
 
 def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
               progress: Progress | None = None, cache: RunCache | None = None,
-              first_alone: bool = False) -> Iterator[ChunkCost]:
+              first_alone: bool = False, rounds: list[int] | None = None) -> Iterator[ChunkCost]:
     """`measure` into `out`, yielding each chunk's cost once it is measured. `first_alone`: the first
     sample is a chunk of its own, so that what a whole sample costs is known after one sample (the
-    solver's random vectors follow the sample, so its results are those of any chunking)."""
+    solver's random vectors follow the sample, so its results are those of any chunking). `rounds`:
+    sample counts no chunk straddles (after each, the caller may stop)."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     n = len(samples)
     if settings.tokens == "last" and real_tokens(samples.inputs) is None:
@@ -133,7 +134,9 @@ def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples:
     out.peak = peak_estimate(model, sites, n, settings)
     batch_size = out.batch_size = out.peak.samples
     hold = holding(model)
-    indices = chunks(samples.inputs, batch_size)
+    bounds = [0, *[r for r in rounds or () if 0 < r < n], n]
+    indices = [index + start for start, end in zip(bounds, bounds[1:])
+               for index in chunks(take(samples.inputs, slice(start, end)), batch_size)]
     if first_alone and len(indices[0]) > 1:
         indices[:1] = [indices[0][:1], indices[0][1:]]
     total, done = len(sites) * len(indices), 0

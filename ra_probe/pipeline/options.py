@@ -106,6 +106,26 @@ class WordOrInteger(Constraint):
         return value in self.words or Integer(1).accepts(value)
 
 
+class Duration(Constraint):
+    text = "a duration such as 90s, 10m or 1h (seconds without a unit)"
+
+    def accepts(self, value: Any) -> bool:
+        return Real(0.0).accepts(value) and value > 0
+
+
+def seconds_of(text: Any) -> Any:
+    """"90s", "10m", "1.5h" or a number as seconds; the text itself when it is none of these (the
+    constraint then refuses it)."""
+    if not isinstance(text, str):
+        return text
+    units = {"s": 1, "m": 60, "min": 60, "h": 3600}
+    number, unit = text.strip().rstrip("smhin"), text.strip()[len(text.strip().rstrip("smhin")):]
+    try:
+        return float(number) * units[unit or "s"]
+    except (ValueError, KeyError):
+        return text
+
+
 def word_or_integer(text: str) -> str | int:
     return int(text) if text.strip().isdigit() else text
 
@@ -195,7 +215,13 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "Hugging Face dataset), or synthetic (a smoke test); default: real data of the model's domain "
            "(Imagenette, CIFAR, WikiText-2, SST-2) or its own",
            "data", cli_type=Optional[str]),
-    Option("samples", 64, Integer(1), "at most this many samples", cli_type=int),
+    Option("samples", "auto", WordOrInteger(("auto",)), "auto: measure the Jacobians in rounds of samples (8, 16, "
+           "32…, a seeded class-balanced order) until every RA check of the verdict is decided, at most "
+           "--max-samples or --budget; N: exactly N samples", cli_type=str, from_cli=word_or_integer),
+    Option("max_samples", 64, Integer(1), "--samples auto: at most this many samples (NC takes all of them: a "
+           "forward each)", cli_type=int),
+    Option("budget", None, Duration(), "--samples auto: stop adding rounds after this long, e.g. 90s, 10m, 1h",
+           cli_type=Optional[str], from_cli=seconds_of),
     Option("k", 16, Integer(1), "singular triplets per site and sample", cli_type=int),
     Option("align_k", None, Integer(1), "K of the RA2 alignment (default: k)", cli_type=Optional[int]),
     Option("align_pairs", "auto", WordOrInteger(("auto", "all")), "RA2 pairs of a group: all | N partners per "
@@ -272,8 +298,10 @@ def normalized(name: str, value: Any) -> Any:
         return tuple(value)
     if name == "coupling_k" and isinstance(value, str):
         return parse_shape(value)
-    if name == "align_pairs" and isinstance(value, str):
+    if name in ("align_pairs", "samples") and isinstance(value, str):
         return word_or_integer(value)
+    if name == "budget" and isinstance(value, str):
+        return seconds_of(value)
     if name == "weights" and isinstance(value, Path):
         return str(value)
     return value

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
@@ -58,18 +58,51 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
 
     The model's first sample is measured first, then the null's first sample: from them the whole
     probe's cost is predicted (`pipeline.cost`), shown through `progress` as a `Note`; then the rest of
-    the null, then the rest of the model's samples (the null is measured whole while the model's
-    measurement waits, so each keeps its own random stream)."""
+    the model's samples, then the rest of the null's.
+
+    `settings.samples` "auto": the samples in a seeded, class-balanced order, the Jacobians measured in
+    rounds (8, 16, 32… of them) until every RA check of the verdict is decided (its interval clear of its
+    threshold), at most `max_samples` or `budget` seconds; the null in rounds of 2, 4, 8… until the
+    contrast with it is decided; NC on every sample (a forward each). `metrics.sampling` says how many
+    were measured and why no more."""
     started = time.perf_counter()
     threads = probe_threads(settings.threads)
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     in_use, peak_before, there = memory_in_use(device), peak_memory(device), bytes_as(loaded.module, device, dtype)
     null_cost, null_replicates = {"seconds": 0.0, "products": 0}, {}
-    with torch_threads(threads), ExitStack() as stages:
+    if settings.samples == "auto":
+        samples = balanced(samples, settings.seed)
+    rounds, stopped, null_stopped = rounds_of(settings, len(samples)), {}, {}
+    summary: Summary | None = None
+
+    def over_budget() -> bool:
+        return settings.budget is not None and time.perf_counter() - started > settings.budget
+
+    def model_enough(found: SiteReport, so_far: Measured, count: int) -> str | None:
+        if over_budget():
+            return "budget"
+        metrics = summarize(found.sites, so_far, loaded, settings, samples.labels, collapse_too=False).metrics
+        checks = ra_verdict(metrics, settings.thresholds)["checks"]
+        return None if any(c.get("undetermined") for c in checks) else "decided"
+
+    def null_enough(found: SiteReport, so_far: Measured, count: int) -> str | None:
+        if over_budget():
+            return "budget"
+        at_init = summarize(found.sites, so_far, null_loaded, settings, None, collapse_too=False).replicates
+        top, bottom = summary.replicates.get(("ra2", "mean_score")), at_init.get(("ra2", "mean_score"))
+        if top is None or bottom is None or bool((bottom == 0).any()):
+            return None
+        low, high = interval(top / bottom, settings.confidence) or (None, None)
+        limit = settings.thresholds.min_init_ratio
+        return None if low is None or low < limit <= high else "decided"
+
+    device_rng = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=device_rng), torch_threads(threads), ExitStack() as stages:
         tick = time.perf_counter()
         null_loaded, null_metrics = _null_module(loaded, settings)  # from the model as the caller holds it
         null_built = time.perf_counter() - tick
-        main = stages.enter_context(closing(_stage(loaded, samples, settings, progress, cache, check=True)))
+        main = stages.enter_context(closing(_stage(loaded, samples, settings, progress, cache, check=True,
+                                                   rounds=rounds, enough=model_enough, stopped=stopped)))
         site_report, measured, first = next(main)
         overhead = time.perf_counter() - started - null_built - first.seconds
         if not site_report.sites:
@@ -81,7 +114,9 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
             subset = Samples(take(samples.inputs, slice(n)), None, samples.name)
             null_settings = dataclasses.replace(settings, samples=n, null="none")
             say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
-            null = stages.enter_context(closing(_stage(null_loaded, subset, null_settings, say, cache)))
+            null = stages.enter_context(closing(_stage(null_loaded, subset, null_settings, say, cache,
+                                                       rounds=rounds_of(settings, n, first=2),
+                                                       enough=null_enough, stopped=null_stopped)))
             _, null_measured, null_first = next(null)
             null_setup = time.perf_counter() - tick - null_first.seconds
             null_cost["seconds"] = time.perf_counter() - tick
@@ -97,12 +132,16 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
                 null_setup=null_setup, cached=calibration.cached or bool(null_first.served),
                 null_products=products(null_first))
         prediction = predict(calibration, settings)
+        if rounds is not None:  # the rounds stop once the verdict is decided: the whole is the most it costs
+            prediction.upper_bound = True
+            prediction.basis += "; --samples auto stops once the verdict is decided"
         if progress and (len(calibration.sizes) > 1 or len(calibration.null_sizes) > 1):  # some work is left
             done = 1 + (null_first is not None)
             progress(Note(prediction.line()), done, len(calibration.sizes) + len(calibration.null_sizes))
             hint = prediction.hint()
             if hint:
                 progress(Note(hint), done, len(calibration.sizes) + len(calibration.null_sizes))
+        site_report, measured, summary = _finish(main)
         if null is not None:
             tick = time.perf_counter()
             null_report, null_measured, null_summary = _finish(null)
@@ -110,11 +149,11 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
             timings = [null_measured.timing(s.name) for s in null_report.sites]
             null_cost = {"seconds": null_cost["seconds"] + time.perf_counter() - tick,
                          "products": sum(t["products"] + t["align_products"] for t in timings)}
-            null_metrics = {"status": "measured", **null_metrics, "samples": n, "sites": len(null_report.sites),
-                            **headline(null_summary.metrics), "nc": nc_at_init}
+            null_metrics = {"status": "measured", **null_metrics, "samples": null_stopped.get("measured", n),
+                            "sites": len(null_report.sites), **headline(null_summary.metrics), "nc": nc_at_init}
             null_replicates = {**null_summary.replicates, **nc_replicates}
-        site_report, measured, summary = _finish(main)
     metrics = summary.metrics
+    metrics["sampling"] = _sampling(settings, len(samples), rounds, stopped, null_stopped, null is not None)
     metrics["null"] = null_metrics
     if metrics["null"]["status"] == "measured":
         metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
@@ -132,11 +171,18 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
 Stage = Generator[tuple[SiteReport, Measured, ChunkCost], None, tuple[SiteReport, Measured, Summary]]
 
 
+Enough = Callable[[SiteReport, Measured, int], "str | None"]  # after a round: why to stop, or None
+
+
 def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
-           cache: ResultCache | None, check: bool = False) -> Stage:
+           cache: ResultCache | None, check: bool = False, rounds: list[int] | None = None,
+           enough: Enough | None = None, stopped: dict[str, Any] | None = None) -> Stage:
     """Sites discovered on `loaded`'s module, measured (the first sample a chunk of its own) and
     summarized (`check`: labels checked first). A generator: it yields the sites, what is measured so far
-    and the cost of each chunk once measured, and returns the sites, the measurements and their summary."""
+    and the cost of each chunk once measured, and returns the sites, the measurements and their summary.
+    With `rounds` (sample counts), `enough` is asked after each round whether to stop; the samples not
+    measured then go through one forward each, for NC, and `stopped` records how many were measured and
+    why the rounds ended."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
             prepared(loaded.module, settings) as model:
@@ -145,12 +191,77 @@ def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: 
             check_labels(samples, loaded.num_classes or output_classes(model, samples, device, dtype))
         site_report = discover(model, samples, device, dtype, settings.sites)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
-        measured = Measured()
-        for chunk in measuring(measured, model, site_report.sites, samples, settings, progress, run_cache,
-                               first_alone=True):
+        measured, why = Measured(), None
+        chunks = measuring(measured, model, site_report.sites, samples, settings, progress, run_cache,
+                           first_alone=True, rounds=rounds)
+        for chunk in chunks:
             yield site_report, measured, chunk
-        summary = summarize(site_report.sites, measured, loaded, settings, samples.labels)
+            count = sum(len(order) for order in measured.order)
+            if enough is not None and count in (rounds or ()) and count < len(samples):
+                why = enough(site_report, measured, count)
+                if why:
+                    chunks.close()
+                    break
+        count = sum(len(order) for order in measured.order)
+        features = None
+        if count < len(samples):  # NC takes every sample: a forward each, no Jacobian
+            rest = Samples(take(samples.inputs, slice(count, None)), None, samples.name)
+            features = _joined(measured, measure(model, [], rest, settings), count)
+        if stopped is not None:
+            stopped.update(measured=count, why=why)
+        summary = summarize(site_report.sites, measured, loaded, settings, samples.labels, features)
     return site_report, measured, summary
+
+
+def _sampling(settings: Settings, available: int, rounds: list[int] | None, stopped: dict, null_stopped: dict,
+              null: bool) -> dict[str, Any]:
+    """How many samples the Jacobians were measured on (the model's and the null's), and why no more."""
+    if rounds is None:
+        return {"mode": "fixed", "available": available, "measured": available, "stopped": "fixed"}
+    measured = stopped.get("measured", available)
+    why = stopped.get("why") or ("max_samples" if available >= settings.max_samples else "data")
+    out = {"mode": "auto", "available": available, "measured": measured,
+           "rounds": [r for r in rounds if r <= measured], "stopped": why}
+    if null:
+        null_measured = null_stopped.get("measured")
+        out.update(null_measured=null_measured, null_stopped=null_stopped.get("why") or "null_samples",
+                   null_rounds=[r for r in rounds_of(settings, settings.null_samples, first=2) or ()
+                                if null_measured is not None and r <= null_measured])
+    return out
+
+
+def _joined(measured: Measured, rest: Measured, offset: int) -> Measured:
+    """The classifier features and logits of `measured` followed by those of `rest`, a forward over the
+    samples after the first `offset`."""
+    return Measured(features=measured.features + rest.features, logits=measured.logits + rest.logits,
+                    next_tokens=measured.next_tokens + rest.next_tokens,
+                    order=measured.order + [order + offset for order in rest.order])
+
+
+def rounds_of(settings: Settings, n: int, first: int = 8) -> list[int] | None:
+    """The sample counts after each round of `--samples auto` (8, 16, 32… up to `n`), None for a fixed
+    number of samples."""
+    if settings.samples != "auto":
+        return None
+    out = [first]
+    while out[-1] < n:
+        out.append(out[-1] * 2)
+    return [min(count, n) for count in out]
+
+
+def balanced(samples: Samples, seed: int) -> Samples:
+    """`samples` in a seeded order whose every prefix holds the classes as evenly as it can: each class
+    shuffled, then one of each class in turn (no labels: one shuffle)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(samples)
+    if samples.labels is None:
+        order = torch.randperm(n, generator=generator)
+    else:
+        queues = [members[torch.randperm(len(members), generator=generator)]
+                  for members in (torch.nonzero(samples.labels == c).flatten() for c in samples.labels.unique())]
+        order = torch.tensor([int(q[i]) for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)])
+    return dataclasses.replace(samples, inputs=take(samples.inputs, order),
+                               labels=None if samples.labels is None else samples.labels[order])
 
 
 def _finish(stage: Stage) -> tuple[SiteReport, Measured, Summary]:

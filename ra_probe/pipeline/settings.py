@@ -27,7 +27,9 @@ class Settings:
     k: int = default("k")  # singular triplets per site and sample
     align_k: int | None = default("align_k")  # K of RA2 (default: k)
     align_pairs: str | int = default("align_pairs")  # RA2 pairs: all | partners per site on average | auto
-    samples: int = default("samples")
+    samples: str | int = default("samples")  # auto: rounds until the RA checks are decided | exactly N
+    max_samples: int = default("max_samples")  # auto: at most this many
+    budget: float | None = default("budget")  # auto: seconds after which no round is added
     batch_size: int | None = default("batch_size")  # samples per chunk; None: the most that fit the device's memory
     tol: float = default("tol")
     solver: str = default("solver")  # auto | dense | block
@@ -46,6 +48,11 @@ class Settings:
     coupling_k: tuple[int, ...] = default("coupling_k")  # K values of block coupling (empty: not measured)
     threads: int | None = default("threads")  # torch CPU threads while probing; None: the caller's
     thresholds: Thresholds = field(default_factory=Thresholds)
+
+    @property
+    def sample_limit(self) -> int:
+        """The most samples a probe takes: --max-samples under auto, else --samples."""
+        return self.max_samples if self.samples == "auto" else self.samples
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

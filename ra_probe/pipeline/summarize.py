@@ -41,8 +41,11 @@ class Summary:
 
 
 def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settings: Settings,
-              labels: torch.Tensor | None = None) -> Summary:
-    """Per-site spectra and RA1–RA4 over samples, NC on the classifier features."""
+              labels: torch.Tensor | None = None, features: Measured | None = None,
+              collapse_too: bool = True) -> Summary:
+    """Per-site spectra and RA1–RA4 over samples, NC on the classifier features: those of `features` when
+    given (a forward over more samples than the Jacobians were measured on), else of `measured`;
+    `collapse_too` False leaves NC out (null)."""
     logits = torch.cat(measured.logits) if measured.logits else None
     num_classes = loaded.num_classes or (logits.shape[1] if logits is not None and logits.ndim == 2 else None)
     fully_connected = bool(sites) and all(len(s.in_shape) == 1 for s in sites)
@@ -117,9 +120,12 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         "ra4": {"sites": ra4_sites, "depth": L, "L_times_mean_sigma1": sum(sigma1) if L else None,
                 "zero_sites": [s["site"] for s in ra4_sites if s["sigma1_mean"] == 0.0]},
         "coupling": {"K": list(settings.coupling_k), "tokens": settings.tokens, "groups": coupling_groups},
-        "nc": _neural_collapse(loaded.module, measured, logits, ordered_labels, boot, replicates),
+        "nc": None,
     }
     _attach_intervals(metrics, replicates, boot)
+    if collapse_too:
+        metrics["nc"], nc_replicates = collapse(loaded.module, features or measured, labels, settings)
+        replicates.update(nc_replicates)
     metrics["uncertainty"] = _uncertainty(boot, settings, measured)
     return Summary(per_site, metrics, replicates)
 

@@ -27,7 +27,7 @@ def reference_report(name: str) -> dict[str, Any]:
 
     settings = reference_settings()
     loaded = load_model(f"bundled/{name}")
-    return probe(loaded, load_samples(None, loaded, limit=settings.samples, seed=settings.seed), settings).to_dict()
+    return probe(loaded, load_samples(None, loaded, limit=settings.sample_limit, seed=settings.seed), settings).to_dict()
 
 
 def main(folder: Path = FOLDER) -> None:

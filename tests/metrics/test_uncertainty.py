@@ -35,6 +35,16 @@ def test_resamples_keep_every_class_as_often_as_the_data_does():
         assert torch.equal(strata[row], strata)  # a sample's stand-in comes from its own class
 
 
+def test_a_class_of_one_sample_does_not_freeze_the_resamples():
+    """Eight samples of eight classes: within-class resamples would repeat the data itself (an interval
+    of width zero); they are drawn from all the samples instead."""
+    values = torch.arange(8, dtype=torch.float64)
+    boot = resamples(8, torch.arange(8), 500, 0.95, seed=0)
+    assert not boot.stratified
+    low, high = interval(boot.means(values), 0.95)
+    assert low < 3.5 < high and high - low > 1.0
+
+
 def test_resamples_are_seeded_and_one_sample_has_none():
     assert torch.equal(resamples(5, None, 10, 0.95, 7).index, resamples(5, None, 10, 0.95, 7).index)
     assert not torch.equal(resamples(5, None, 10, 0.95, 7).index, resamples(5, None, 10, 0.95, 8).index)

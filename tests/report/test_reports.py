@@ -32,7 +32,7 @@ SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3
                        "1.4": "13c11dbb7c831ef7c5b11a8e1f959478ebb88090b6060ebc35d862a3911e3c7f",
                        "1.5": "06c1ccc3f176775c182a83c9f9f9e3208689d6fabc3cf9381d0f2ddef05d911b",
                        "1.6": "dfe1f29589b0384c06665b3fb8372c2dffdd669aee94598b80efd29555739078",
-                       "1.7": "850fbb7df44192e7d06c9884355513dc30d4289992f7741e4dcd0bc8f907314b"}
+                       "1.7": "0eb2d86f10057a9f79b60ff525ba64263ca669a7ab1bdb20ba37b50774179bf7"}
 
 
 @pytest.fixture(scope="module")
