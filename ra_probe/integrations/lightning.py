@@ -31,7 +31,7 @@ class ResidualAlignmentCallback(Callback):
     `data`: anything `ra_probe.probe` takes (a held-out (x, y) pair is best); its first `samples` are
     taken once and measured at every probe. `model`: which network to probe, the LightningModule
     itself by default, an attribute path ("net") or a callable(pl_module). Settings are
-    `ra_probe.probe`'s over `DEFAULTS` (samples=32, k=16, align_k=8). The probe runs on the live weights
+    `ra_probe.probe`'s over `DEFAULTS` (samples="auto" up to max_samples=64, k=16, align_k=8). The probe runs on the live weights
     and leaves training exactly as it was: the trained weights are those of a run without it."""
 
     def __init__(self, data: Any, every_n_epochs: int | None = 1, every_n_steps: int | None = None,

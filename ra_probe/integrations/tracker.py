@@ -22,7 +22,7 @@ from ra_probe.report.headline import HEADLINE, headline, intervals
 # 128 and 8 blocks, one CPU thread): k = 16 still determines RA3 ranks up to 15 classes, and RA2 aligns the
 # top 8 singular vectors.
 # No random-init control: the first probe, before training starts, is the network's own init.
-DEFAULTS: dict[str, Any] = {"samples": 32, "k": 16, "align_k": 8, "null": "none"}
+DEFAULTS: dict[str, Any] = {"samples": "auto", "max_samples": 64, "k": 16, "align_k": 8, "null": "none"}
 STATUS = {"absent": 0.0, "partial": 0.5, "present": 1.0}  # not_applicable: not logged
 
 Metrics = dict[str, float]
@@ -117,7 +117,7 @@ class Tracker:
     (the names of `scalars`, and `ra/probe_seconds`), appends `{"step": step, **metrics}` to
     `tracker.history`, keeps the Report as `tracker.report`, and calls `log(metrics, step)` when given.
     Training is left exactly as it was (see `LiveProbe`). Settings are `ra_probe.probe`'s, over
-    `DEFAULTS` (samples=32, k=16, align_k=8)."""
+    `DEFAULTS` (samples="auto" up to max_samples=64, k=16, align_k=8)."""
 
     def __init__(self, model: nn.Module, data: Any, log: Callable[[Metrics, int], Any] | None = None,
                  **settings: Any):

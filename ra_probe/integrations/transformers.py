@@ -29,7 +29,7 @@ class ResidualAlignmentCallback(TrainerCallback):
 
     `data`: anything `ra_probe.probe` takes; its first `samples` are taken once and measured at every
     probe. `model`: which network to probe, the Trainer's model by default, an attribute path or a
-    callable(model). Settings are `ra_probe.probe`'s over `DEFAULTS` (samples=32, k=16, align_k=8). The
+    callable(model). Settings are `ra_probe.probe`'s over `DEFAULTS` (samples="auto" up to max_samples=64, k=16, align_k=8). The
     probe runs on the live weights and leaves training exactly as it was."""
 
     def __init__(self, data: Any, trainer: Trainer | None = None, at_evaluate: bool = True,

@@ -37,14 +37,23 @@ class Calibration:
     null_products: int = 0  # and of the null's
 
     @property
+    def rate(self) -> float | None:
+        """The seconds a product lasts: the lower of the two first samples' rates. The first of them ran
+        the process's first calls (kernels loaded, programs traced), the second ran after it on the same
+        architecture: on the bundled model the first took 0.5 s, the second 0.1 s for as many products."""
+        rates = [seconds / count for seconds, count in ((self.sample, self.products),
+                                                         (self.null_sample, self.null_products)) if count]
+        return min(rates) if len(rates) == 2 else None
+
+    @property
     def per_sample(self) -> float:
-        """Seconds a sample of the model costs: its first sample's, or fewer at the null's seconds per
-        product. The first sample ran the process's first calls (kernels loaded, programs traced) and the
-        null's first ran after it, on the same architecture, so the null's rate is the one that lasts: on
-        the bundled model the first sample took 0.5 s, the null's 0.1 s for as many products."""
-        if self.products and self.null_products and self.null_sample > 0:
-            return min(self.sample, self.products * self.null_sample / self.null_products)
-        return self.sample
+        """Seconds a sample of the model costs: its first sample's, or fewer at the lasting `rate`."""
+        return self.sample if self.rate is None else min(self.sample, self.products * self.rate)
+
+    @property
+    def null_per_sample(self) -> float:
+        """Seconds a sample of the null costs, likewise."""
+        return self.null_sample if self.rate is None else min(self.null_sample, self.null_products * self.rate)
 
 
 def seconds(cal: Calibration, samples: int | None = None, null: bool = True,
@@ -58,7 +67,7 @@ def seconds(cal: Calibration, samples: int | None = None, null: bool = True,
         return seconds * (1 - shares[0] * (1 - keep[0]) - shares[1] * (1 - keep[1]))
     total = cal.overhead + per_unit(cal.per_sample, cal.shares) * sum(cal.sizes[:n])
     if null and cal.null_sizes:
-        total += cal.null_setup + per_unit(cal.null_sample, cal.null_shares) * sum(cal.null_sizes[:n])
+        total += cal.null_setup + per_unit(cal.null_per_sample, cal.null_shares) * sum(cal.null_sizes[:n])
     return total
 
 
@@ -120,7 +129,7 @@ def predict(cal: Calibration, settings: Settings) -> Prediction:
     total = seconds(cal)
     basis = f"measured 1 sample in {duration(cal.sample, '')}"
     if cal.per_sample < cal.sample:
-        basis += f" ({duration(cal.per_sample, '')} at the random init's time per product, past the first calls)"
+        basis += f" ({duration(cal.per_sample, '')} at the lasting time per product, past the first calls)"
     if cal.null_sizes:
         basis += f", 1 at random init in {duration(cal.null_sample, '')}"
     if cal.cached:
@@ -141,7 +150,10 @@ def predict(cal: Calibration, settings: Settings) -> Prediction:
     cuts = [(option, factor) for option, factor in cuts if factor >= 1.1]
     if settings.resolved_device().type == "cpu":
         cuts.append(("--device cuda (a GPU is here)" if torch.cuda.is_available() else "a GPU (--device cuda)", None))
-    return Prediction(total, cal.peak_bytes, cal.elapsed, n, len(cal.null_sizes), basis, cal.cached, cuts)
+    if settings.samples == "auto":  # the rounds stop once the verdict is decided: the whole is the most it costs
+        basis += "; --samples auto stops once the verdict is decided"
+    return Prediction(total, cal.peak_bytes, cal.elapsed, n, len(cal.null_sizes), basis,
+                      cal.cached or settings.samples == "auto", cuts)
 
 
 def peak_bytes(start: int | None, copied: int, model: PeakEstimate, null: PeakEstimate | None) -> int | None:

@@ -121,9 +121,10 @@ def seconds_of(text: Any) -> Any:
     units = {"s": 1, "m": 60, "min": 60, "h": 3600}
     number, unit = text.strip().rstrip("smhin"), text.strip()[len(text.strip().rstrip("smhin")):]
     try:
-        return float(number) * units[unit or "s"]
+        seconds = float(number) * units[unit or "s"]
     except (ValueError, KeyError):
         return text
+    return int(seconds) if seconds.is_integer() else seconds  # as a settings file writes the number
 
 
 def word_or_integer(text: str) -> str | int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.cost import Calibration, Prediction, bytes_as, peak_bytes, predict, products, shares
 from ra_probe.pipeline.measure import ChunkCost, Measured, measure, measuring
 from ra_probe.pipeline.prepare import dispatched, prepared
+from ra_probe.pipeline.rounds import Enough, Stopping, balanced, rounds_of, sampling_record
 from ra_probe.pipeline.settings import Note, Progress, Settings
 from ra_probe.pipeline.summarize import NC_VALUES, Summary, collapse, summarize
 from ra_probe.sites.discover import discover, output_classes
@@ -56,15 +57,13 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     new ones are stored. torch runs `host.probe_threads(settings.threads)` CPU threads meanwhile. The
     caller's model and global torch state (RNG, TF32 flags, threads) are left as they were.
 
-    The model's first sample is measured first, then the null's first sample: from them the whole
+    The null's first sample is measured first, then the model's first sample: from them the whole
     probe's cost is predicted (`pipeline.cost`), shown through `progress` as a `Note`; then the rest of
-    the model's samples, then the rest of the null's.
+    the model's samples, then the rest of the null's (each measurement's changes of the global torch
+    state are undone in the reverse order they were made).
 
-    `settings.samples` "auto": the samples in a seeded, class-balanced order, the Jacobians measured in
-    rounds (8, 16, 32… of them) until every RA check of the verdict is decided (its interval clear of its
-    threshold), at most `max_samples` or `budget` seconds; the null in rounds of 2, 4, 8… until the
-    contrast with it is decided; NC on every sample (a forward each). `metrics.sampling` says how many
-    were measured and why no more."""
+    `settings.samples` "auto": the Jacobians measured in rounds until the verdict's checks are decided
+    (`pipeline.rounds`); NC on every sample. `metrics.sampling` says how many were measured and why."""
     started = time.perf_counter()
     threads = probe_threads(settings.threads)
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
@@ -73,53 +72,36 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
     if settings.samples == "auto":
         samples = balanced(samples, settings.seed)
     rounds, stopped, null_stopped = rounds_of(settings, len(samples)), {}, {}
-    summary: Summary | None = None
-
-    def over_budget() -> bool:
-        return settings.budget is not None and time.perf_counter() - started > settings.budget
-
-    def model_enough(found: SiteReport, so_far: Measured, count: int) -> str | None:
-        if over_budget():
-            return "budget"
-        metrics = summarize(found.sites, so_far, loaded, settings, samples.labels, collapse_too=False).metrics
-        checks = ra_verdict(metrics, settings.thresholds)["checks"]
-        return None if any(c.get("undetermined") for c in checks) else "decided"
-
-    def null_enough(found: SiteReport, so_far: Measured, count: int) -> str | None:
-        if over_budget():
-            return "budget"
-        at_init = summarize(found.sites, so_far, null_loaded, settings, None, collapse_too=False).replicates
-        top, bottom = summary.replicates.get(("ra2", "mean_score")), at_init.get(("ra2", "mean_score"))
-        if top is None or bottom is None or bool((bottom == 0).any()):
-            return None
-        low, high = interval(top / bottom, settings.confidence) or (None, None)
-        limit = settings.thresholds.min_init_ratio
-        return None if low is None or low < limit <= high else "decided"
-
+    stop = Stopping(loaded, samples.labels, settings, started)
     device_rng = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=device_rng), torch_threads(threads), ExitStack() as stages:
+        if loaded.num_classes is not None:  # bad labels cost nothing: refused before anything is measured
+            check_labels(samples, loaded.num_classes)
         tick = time.perf_counter()
         null_loaded, null_metrics = _null_module(loaded, settings)  # from the model as the caller holds it
-        null_built = time.perf_counter() - tick
-        main = stages.enter_context(closing(_stage(loaded, samples, settings, progress, cache, check=True,
-                                                   rounds=rounds, enough=model_enough, stopped=stopped)))
-        site_report, measured, first = next(main)
-        overhead = time.perf_counter() - started - null_built - first.seconds
-        if not site_report.sites:
-            null_loaded, null_metrics = None, {"status": "off", "reason": "no residual site to compare with a random init"}
+        stop.at_init = null_loaded
         null, null_first, null_measured = None, None, None
         if null_loaded is not None:
-            tick = time.perf_counter() - null_built
+            # the null's stage is entered first so that it is left last: each stage's changes of the global
+            # torch state (TF32, attention kernels, RNG) are undone in the reverse order they were made
             n = min(settings.null_samples, len(samples))
             subset = Samples(take(samples.inputs, slice(n)), None, samples.name)
             null_settings = dataclasses.replace(settings, samples=n, null="none")
             say = (lambda what, done, total: progress(f"random init: {what}", done, total)) if progress else None
             null = stages.enter_context(closing(_stage(null_loaded, subset, null_settings, say, cache,
                                                        rounds=rounds_of(settings, n, first=2),
-                                                       enough=null_enough, stopped=null_stopped)))
+                                                       enough=stop.null, stopped=null_stopped)))
             _, null_measured, null_first = next(null)
             null_setup = time.perf_counter() - tick - null_first.seconds
             null_cost["seconds"] = time.perf_counter() - tick
+        model_started = time.perf_counter()
+        main = stages.enter_context(closing(_stage(loaded, samples, settings, progress, cache, check=True,
+                                                   rounds=rounds, enough=stop.model, stopped=stopped)))
+        site_report, measured, first = next(main)
+        overhead = (model_started - started - null_cost["seconds"]) + time.perf_counter() - model_started \
+            - first.seconds
+        if not site_report.sites:
+            null_metrics = {"status": "off", "reason": "no residual site to compare with a random init"}
         calibration = Calibration(
             time.perf_counter() - started, overhead, first.seconds + first.cached_seconds,
             _sizes(samples.inputs, first), shares(first), cached=bool(first.served), products=products(first),
@@ -132,46 +114,64 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
                 null_setup=null_setup, cached=calibration.cached or bool(null_first.served),
                 null_products=products(null_first))
         prediction = predict(calibration, settings)
-        if rounds is not None:  # the rounds stop once the verdict is decided: the whole is the most it costs
-            prediction.upper_bound = True
-            prediction.basis += "; --samples auto stops once the verdict is decided"
-        if progress and (len(calibration.sizes) > 1 or len(calibration.null_sizes) > 1):  # some work is left
-            done = 1 + (null_first is not None)
-            progress(Note(prediction.line()), done, len(calibration.sizes) + len(calibration.null_sizes))
-            hint = prediction.hint()
-            if hint:
-                progress(Note(hint), done, len(calibration.sizes) + len(calibration.null_sizes))
+        _announce(prediction, calibration, progress)
         site_report, measured, summary = _finish(main)
+        stop.measured = summary
+        if null is not None and not site_report.sites:
+            null = None
         if null is not None:
-            tick = time.perf_counter()
-            null_report, null_measured, null_summary = _finish(null)
-            nc_at_init, nc_replicates = _collapse_at_init(null_loaded.module, samples, settings)
-            timings = [null_measured.timing(s.name) for s in null_report.sites]
-            null_cost = {"seconds": null_cost["seconds"] + time.perf_counter() - tick,
-                         "products": sum(t["products"] + t["align_products"] for t in timings)}
-            null_metrics = {"status": "measured", **null_metrics, "samples": null_stopped.get("measured", n),
-                            "sites": len(null_report.sites), **headline(null_summary.metrics), "nc": nc_at_init}
-            null_replicates = {**null_summary.replicates, **nc_replicates}
+            null_metrics, null_replicates = _finish_null(null, null_loaded, null_metrics, samples, settings,
+                                                         null_cost, null_stopped.get("measured", n))
     metrics = summary.metrics
-    metrics["sampling"] = _sampling(settings, len(samples), rounds, stopped, null_stopped, null is not None)
+    metrics["sampling"] = sampling_record(settings, len(samples), rounds, stopped, null_stopped, null is not None)
     metrics["null"] = null_metrics
-    if metrics["null"]["status"] == "measured":
-        metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
-        metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
-        _collapse_ratio(metrics, summary.replicates, null_replicates, settings.confidence)
-    verdict = {"ra": ra_verdict(metrics, settings.thresholds, len(site_report.skipped)),
-               "nc": nc_verdict(metrics["nc"], settings.thresholds, metrics["null"])}
-    if samples.synthetic:
-        for evidence in verdict.values():
-            evidence["caveat"] = SYNTHETIC_CAVEAT
+    verdict = _verdict(metrics, summary, null_replicates, settings, len(site_report.skipped), samples.synthetic)
     return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
                    null_cost, prediction, *_measured_peak(device, peak_before))
 
 
+def _announce(prediction: Prediction, calibration: Calibration, progress: Progress | None) -> None:
+    """The prediction, and how to cut a long probe, through `progress` (when some work is left)."""
+    total = len(calibration.sizes) + len(calibration.null_sizes)
+    if progress and total > 1 + bool(calibration.null_sizes):
+        done = 1 + bool(calibration.null_sizes)
+        progress(Note(prediction.line()), done, total)
+        hint = prediction.hint()
+        if hint:
+            progress(Note(hint), done, total)
+
+
+def _finish_null(null: Stage, at_init: LoadedModel, null_metrics: dict[str, Any], samples: Samples,
+                 settings: Settings, cost: dict[str, float], measured_samples: int) -> tuple[dict[str, Any], dict]:
+    """The rest of the null, measured, and its NC on every sample: its metrics and their replicates
+    (`cost` gains the seconds and products it took)."""
+    tick = time.perf_counter()
+    null_report, null_measured, null_summary = _finish(null)
+    nc_at_init, nc_replicates = _collapse_at_init(at_init.module, samples, settings)
+    timings = [null_measured.timing(s.name) for s in null_report.sites]
+    cost.update(seconds=cost["seconds"] + time.perf_counter() - tick,
+                products=sum(t["products"] + t["align_products"] for t in timings))
+    return ({"status": "measured", **null_metrics, "samples": measured_samples, "sites": len(null_report.sites),
+             **headline(null_summary.metrics), "nc": nc_at_init}, {**null_summary.replicates, **nc_replicates})
+
+
+def _verdict(metrics: dict[str, Any], summary: Summary, null_replicates: dict, settings: Settings, skipped: int,
+             synthetic: bool) -> dict[str, Any]:
+    """The RA and NC verdicts, with the contrasts with the null (its ratios and their intervals put in
+    `metrics["null"]`); a verdict on synthetic samples says it is a smoke test."""
+    if metrics["null"]["status"] == "measured":
+        metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
+        metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
+        _collapse_ratio(metrics, summary.replicates, null_replicates, settings.confidence)
+    verdict = {"ra": ra_verdict(metrics, settings.thresholds, skipped),
+               "nc": nc_verdict(metrics["nc"], settings.thresholds, metrics["null"])}
+    if synthetic:
+        for evidence in verdict.values():
+            evidence["caveat"] = SYNTHETIC_CAVEAT
+    return verdict
+
+
 Stage = Generator[tuple[SiteReport, Measured, ChunkCost], None, tuple[SiteReport, Measured, Summary]]
-
-
-Enough = Callable[[SiteReport, Measured, int], "str | None"]  # after a round: why to stop, or None
 
 
 def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Progress | None,
@@ -213,55 +213,12 @@ def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: 
     return site_report, measured, summary
 
 
-def _sampling(settings: Settings, available: int, rounds: list[int] | None, stopped: dict, null_stopped: dict,
-              null: bool) -> dict[str, Any]:
-    """How many samples the Jacobians were measured on (the model's and the null's), and why no more."""
-    if rounds is None:
-        return {"mode": "fixed", "available": available, "measured": available, "stopped": "fixed"}
-    measured = stopped.get("measured", available)
-    why = stopped.get("why") or ("max_samples" if available >= settings.max_samples else "data")
-    out = {"mode": "auto", "available": available, "measured": measured,
-           "rounds": [r for r in rounds if r <= measured], "stopped": why}
-    if null:
-        null_measured = null_stopped.get("measured")
-        out.update(null_measured=null_measured, null_stopped=null_stopped.get("why") or "null_samples",
-                   null_rounds=[r for r in rounds_of(settings, settings.null_samples, first=2) or ()
-                                if null_measured is not None and r <= null_measured])
-    return out
-
-
 def _joined(measured: Measured, rest: Measured, offset: int) -> Measured:
     """The classifier features and logits of `measured` followed by those of `rest`, a forward over the
     samples after the first `offset`."""
     return Measured(features=measured.features + rest.features, logits=measured.logits + rest.logits,
                     next_tokens=measured.next_tokens + rest.next_tokens,
                     order=measured.order + [order + offset for order in rest.order])
-
-
-def rounds_of(settings: Settings, n: int, first: int = 8) -> list[int] | None:
-    """The sample counts after each round of `--samples auto` (8, 16, 32… up to `n`), None for a fixed
-    number of samples."""
-    if settings.samples != "auto":
-        return None
-    out = [first]
-    while out[-1] < n:
-        out.append(out[-1] * 2)
-    return [min(count, n) for count in out]
-
-
-def balanced(samples: Samples, seed: int) -> Samples:
-    """`samples` in a seeded order whose every prefix holds the classes as evenly as it can: each class
-    shuffled, then one of each class in turn (no labels: one shuffle)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(samples)
-    if samples.labels is None:
-        order = torch.randperm(n, generator=generator)
-    else:
-        queues = [members[torch.randperm(len(members), generator=generator)]
-                  for members in (torch.nonzero(samples.labels == c).flatten() for c in samples.labels.unique())]
-        order = torch.tensor([int(q[i]) for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)])
-    return dataclasses.replace(samples, inputs=take(samples.inputs, order),
-                               labels=None if samples.labels is None else samples.labels[order])
 
 
 def _finish(stage: Stage) -> tuple[SiteReport, Measured, Summary]:

@@ -75,32 +75,12 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     for group, members in groups_of(sites).items():
         if len(members) < 2:
             continue
-        chunks = measured.trajectories(group)
-        stats = {k: torch.cat([t[k] for t in chunks]) for k in chunks[0]}
-        entry = {"group": group, "sites": [s.name for s in members],
-                 "undefined_samples": int(stats["linearity"].isnan().sum())}
-        for key, values in stats.items():
-            entry[key], entry[f"{key}_std"] = _mean_std(values)
-        linearity = None if boot is None else boot.means(stats["linearity"].double())
-        entry["linearity_ci"] = None if linearity is None else interval(linearity, boot.level)
-        group_linearity.append(linearity)
-        entry["projection"] = measured.projection(group)
+        entry, linearity = _trajectories(group, members, measured, boot)
         ra1_groups.append(entry)
-        names = [s.name for s in members]
-        alignment = {(i, j): torch.cat(values) for i in names for j in names if i != j
-                     for values in [measured.site_values("alignment", (i, j))] if values}
-        matrix = _pair_matrix(names, alignment, diagonal=1.0)
-        undefined = torch.stack(list(alignment.values())).isnan().any(dim=0)
-        count = sum(len(t) for t in measured.site_values("S", names[0]))
-        heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
-                    for i, j in ra_metrics.heatmap_pairs(names)}
-        entry = {"group": group, "sites": names, "score": ra_metrics.pair_mean(matrix), "matrix": matrix,
-                 "pairs_measured": len(alignment), "pairs": len(names) * (len(names) - 1),
-                 "heatmaps": heatmaps, "undefined_samples": int(undefined.sum())}
-        entry.update(_alignment_intervals(names, alignment, matrix, boot, group_scores))
-        ra2_groups.append(entry)
+        group_linearity.append(linearity)
+        ra2_groups.append(_alignment(group, members, measured, boot, group_scores))
         if settings.coupling_k:
-            coupling_groups.append(_coupling(group, names, measured, settings.coupling_k))
+            coupling_groups.append(_coupling(group, [s.name for s in members], measured, settings.coupling_k))
 
     judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
     sigma1 = [s["sigma1_mean"] for s in ra4_sites]
@@ -128,6 +108,40 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         replicates.update(nc_replicates)
     metrics["uncertainty"] = _uncertainty(boot, settings, measured)
     return Summary(per_site, metrics, replicates)
+
+
+def _trajectories(group: int, members: list[Site], measured: Measured, boot: Resamples | None
+                  ) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A group's RA1 entry (each trajectory statistic's mean and std over samples, linearity's interval)
+    and its linearity on each resample."""
+    chunks = measured.trajectories(group)
+    stats = {k: torch.cat([t[k] for t in chunks]) for k in chunks[0]}
+    entry = {"group": group, "sites": [s.name for s in members],
+             "undefined_samples": int(stats["linearity"].isnan().sum())}
+    for key, values in stats.items():
+        entry[key], entry[f"{key}_std"] = _mean_std(values)
+    linearity = None if boot is None else boot.means(stats["linearity"].double())
+    entry["linearity_ci"] = None if linearity is None else interval(linearity, boot.level)
+    entry["projection"] = measured.projection(group)
+    return entry, linearity
+
+
+def _alignment(group: int, members: list[Site], measured: Measured, boot: Resamples | None,
+               group_scores: list) -> dict[str, Any]:
+    """A group's RA2 entry: the a_ij matrix over the pairs measured, the group score, the K×K maps kept,
+    and their intervals (the score's replicates appended to `group_scores`)."""
+    names = [s.name for s in members]
+    alignment = {(i, j): torch.cat(values) for i in names for j in names if i != j
+                 for values in [measured.site_values("alignment", (i, j))] if values}
+    matrix = _pair_matrix(names, alignment, diagonal=1.0)
+    undefined = torch.stack(list(alignment.values())).isnan().any(dim=0)
+    count = sum(len(t) for t in measured.site_values("S", names[0]))
+    heatmaps = {f"{i}|{j}": (sum(measured.site_values("heatmap", (i, j))) / count).tolist()
+                for i, j in ra_metrics.heatmap_pairs(names)}
+    return {"group": group, "sites": names, "score": ra_metrics.pair_mean(matrix), "matrix": matrix,
+            "pairs_measured": len(alignment), "pairs": len(names) * (len(names) - 1),
+            "heatmaps": heatmaps, "undefined_samples": int(undefined.sum()),
+            **_alignment_intervals(names, alignment, matrix, boot, group_scores)}
 
 
 def _coupling(group: int, names: list[str], measured: Measured, ks: tuple[int, ...]) -> dict[str, Any]:

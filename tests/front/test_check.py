@@ -86,21 +86,22 @@ def test_second_identical_run_is_served_from_the_cache(cli, count_measurements, 
     monkeypatch.setenv("RA_PROBE_CACHE", str(tmp_path / "own-cache"))
     args = ("check", "bundled/fc-digits", "--require", "ra", "--samples", "32", "--batch-size", "16")
     assert cli(*args, "--json", "first.json")[0] == 0
-    assert len(count_measurements) == 3  # one group, two chunks, and the random init's one chunk
+    # one group: the model's first sample alone, then chunks of 15 and 16; the random init's first sample, then 7
+    assert len(count_measurements) == 5
     assert cli(*args, "--json", "second.json")[0] == 0
-    assert len(count_measurements) == 3  # nothing measured again
+    assert len(count_measurements) == 5  # nothing measured again
     first, second = (json.loads(Path(p).read_text()) for p in ("first.json", "second.json"))
     assert first["metrics"] == second["metrics"]
     assert not any("from the cache" in m for m in first["messages"])
-    assert any(m.startswith("3 of 3 group measurements served from the cache") for m in second["messages"])
+    assert any(m.startswith("5 of 5 group measurements served from the cache") for m in second["messages"])
     # settings applied after measuring (τ, thresholds) reuse the entries; --no-cache measures anew
     assert cli(*args, "--tau", "0.05", "--json", "third.json")[0] == 0
-    assert len(count_measurements) == 3
+    assert len(count_measurements) == 5
     assert cli(*args, "--no-cache", "--json", "fourth.json")[0] == 0
-    assert len(count_measurements) == 6
+    assert len(count_measurements) == 10
     # a setting that changes measurements misses
     assert cli(*args, "--k", "12", "--json", "fifth.json")[0] == 0
-    assert len(count_measurements) == 9
+    assert len(count_measurements) == 15
 
 
 def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_path):
@@ -124,7 +125,8 @@ def test_ctrl_c_keeps_finished_work_and_writes_no_report(cli, monkeypatch, tmp_p
     calls.clear()
     interrupt[0] = False
     code, out, _ = cli(*args, "--json", "report.json")
-    assert code == 0 and len(calls) == 2  # the first chunk came from the cache; the second, and the random init's
+    # the random init's first sample came from the cache; the model's three chunks and the init's second did not
+    assert code == 0 and len(calls) == 4
 
 
 def test_model_without_classifier_head_has_no_nc(cli):

@@ -26,13 +26,14 @@ STEPS = -(-TRAIN // BATCH)  # optimizer steps per epoch
 PROBED = [STEPS * epoch for epoch in range(EPOCHS + 1)]  # before training, then after each epoch
 LOGGED = {"ra/depth", "ra/alignment", "ra/linearity", "ra/mean_sigma1", "ra/L_times_mean_sigma1", "nc/nc1", "nc/nc2_equinorm_means",
           "nc/nc2_equiangular", "nc/nc3", "nc/nc4", "ra/verdict", "nc/verdict", "ra/probe_seconds"}
+ALWAYS = LOGGED - {"ra/verdict", "nc/verdict"}  # an undetermined verdict (NC at init, near its thresholds) is not logged
 
 
 @pytest.fixture(scope="module")
 def digits():
     torch.set_num_threads(1)
     x, y, x_val, y_val = (torch.from_numpy(a) for a in load_split())
-    return x[:TRAIN], y[:TRAIN], (x_val[:32], y_val[:32])
+    return x[:TRAIN], y[:TRAIN], (x_val[:64], y_val[:64])  # NC needs 5 samples a class on average
 
 
 def network() -> nn.Module:
@@ -117,9 +118,10 @@ def test_tracker_history_and_training_unperturbed(digits):
     assert_same_weights(tracked, plain)
     assert [h["step"] for h in tracker.history] == PROBED
     assert [step for step, _ in logged] == PROBED
-    assert all(LOGGED <= set(h) for h in tracker.history)
+    assert all(ALWAYS <= set(h) for h in tracker.history)
     assert logged[-1][1] == {k: v for k, v in tracker.history[-1].items() if k != "step"}
     assert tracker.report.metrics["ra2"]["mean_score"] == tracker.history[-1]["ra/alignment"]
+    assert "ra/verdict" in tracker.history[-1]  # trained: RA decided (NC, near its thresholds after 4 epochs, is not)
     assert_alignment_grows(tracker.history)
 
 
@@ -196,7 +198,7 @@ def test_lightning_callback(digits, tmp_path):
     with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
         rows = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row["ra/alignment"]]
     assert [int(row["step"]) for row in rows] == PROBED
-    assert all(LOGGED <= set(row) for row in rows)
+    assert all(ALWAYS <= set(row) for row in rows)
     assert_alignment_grows(rows)
     reports = sorted((tmp_path / "probed" / "run" / "version_0" / "ra-probe").glob("*.json"))
     assert [r.name for r in reports] == [f"step-{step:08d}.json" for step in PROBED]
@@ -217,7 +219,7 @@ def test_lightning_probe_keeps_module_dtype(digits):
     assert module.dtype == torch.bfloat16 and module.net.stem.weight.dtype == torch.bfloat16
     trainer.global_step = 8
     ResidualAlignmentCallback(digits[2], model="net").probe(trainer, module)
-    assert [step for step, _ in logged] == [7, 8] and all(LOGGED <= set(metrics) for _, metrics in logged)
+    assert [step for step, _ in logged] == [7, 8] and all(ALWAYS <= set(metrics) for _, metrics in logged)
     assert logged[0][1]["ra/alignment"] == logged[1][1]["ra/alignment"]  # the same network
     trainer.global_rank, trainer.global_step = 1, 9
     ResidualAlignmentCallback(digits[2]).probe(trainer, module)
@@ -267,7 +269,7 @@ def test_transformers_callback(digits, tmp_path):
     assert_same_weights(probed, plain)
     rows = [entry for entry in history if "ra/alignment" in entry]
     assert [row["step"] for row in rows] == PROBED
-    assert all(LOGGED <= set(row) for row in rows)
+    assert all(ALWAYS <= set(row) for row in rows)
     assert_alignment_grows(rows)
     losses = [(e["step"], e.get("loss"), e.get("eval_loss")) for e in history if "loss" in e or "eval_loss" in e]
     assert losses == [(e["step"], e.get("loss"), e.get("eval_loss")) for e in plain_history
@@ -283,4 +285,4 @@ def test_transformers_callback_without_trainer(digits):
     state, control = TrainerState(), TrainerControl()
     callback = ResidualAlignmentCallback(digits[2], model=lambda wrapper: wrapper[0])
     callback.on_train_begin(SimpleNamespace(), state, control, model=nn.Sequential(network()))
-    assert [entry["step"] for entry in state.log_history] == [0] and LOGGED <= set(state.log_history[0])
+    assert [entry["step"] for entry in state.log_history] == [0] and ALWAYS <= set(state.log_history[0])

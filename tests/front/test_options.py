@@ -13,7 +13,18 @@ import torch
 import ra_probe
 from ra_probe.errors import UserError
 from ra_probe.gate import LIMITS
-from ra_probe.pipeline.options import OPTIONS, Integer, Integers, Kind, OneOf, Real, Shape, WordOrInteger
+from ra_probe.pipeline.options import (
+    OPTIONS,
+    Between,
+    Duration,
+    Integer,
+    Integers,
+    Kind,
+    OneOf,
+    Real,
+    Shape,
+    WordOrInteger,
+)
 from ra_probe.pipeline.settings import Settings
 from ra_probe.sweeps.spec import read_spec
 
@@ -32,6 +43,10 @@ def bad_value(constraint):
         return 0
     if isinstance(constraint, (Shape, Integers)):
         return (0, 224)
+    if isinstance(constraint, Between):
+        return constraint.high
+    if isinstance(constraint, Duration):
+        return 0
     if isinstance(constraint, Kind):  # a value of another type
         return "text" if str not in constraint.types else 3
     raise AssertionError(f"no bad value for {constraint!r}: add one here")

@@ -97,8 +97,9 @@ def test_the_first_samples_warm_up_is_not_extrapolated():
                        null_sizes=[1.0] * 2, products=100, null_products=150)
     assert warm.per_sample == pytest.approx(0.2)
     assert seconds(warm) == pytest.approx(1.0 + 0.2 * 10 + 0.3 * 2)
-    assert "0.2 s at the random init's time per product" in predict(warm, Settings(device="cpu")).basis
+    assert "0.2 s at the lasting time per product" in predict(warm, Settings(device="cpu")).basis
     slower = Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0] * 10, null_sample=3.0,
                          null_sizes=[1.0] * 2, products=100, null_products=150)
     assert slower.per_sample == 1.0  # never more than the model's own first sample
+    assert slower.null_per_sample == pytest.approx(1.5)  # the null's first sample paid the first calls
     assert Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0]).per_sample == 1.0  # no null

@@ -8,7 +8,9 @@ import ra_probe
 def test_the_trained_model_has_an_interval_for_every_headline_number(bundled_reports):
     report = bundled_reports["fc-digits"]
     metrics = report["metrics"]
-    assert metrics["uncertainty"]["samples"] == 64 and metrics["uncertainty"]["stratified"]
+    # --samples auto: RA decided after its first round of 8 samples; NC measured on all 64
+    assert metrics["uncertainty"]["samples"] == 8 and metrics["sampling"]["stopped"] == "decided"
+    assert metrics["nc"]["samples"] == 64
     for section, name in (("ra1", "mean_linearity"), ("ra2", "mean_score"), ("ra4", "L_times_mean_sigma1"),
                           ("ra3", "share_rank_le_classes"), ("nc", "nc1"), ("nc", "nc3")):
         low, high = metrics[section][f"{name}_ci"]
@@ -56,3 +58,26 @@ def test_collapse_is_contrasted_with_the_random_init(bundled_reports):
     at_init = ra_probe.probe("bundled/fc-digits", pretrained=False, k=4)
     assert at_init.verdict["nc"] == "absent"
     assert "does not stand out" in at_init["verdict"]["evidence"]["nc"]["reason"]
+
+
+def test_auto_samples_stop_when_decided_and_say_why():
+    """--samples auto: the trained model's RA is decided after the first round of 8 (and its contrast with
+    the init after 2 at init), the same for the same seed; a threshold its interval straddles keeps the
+    rounds going to the cap; a spent budget stops them; NC is measured on every sample taken."""
+    first = ra_probe.probe("bundled/fc-digits", k=4, resamples=200)
+    again = ra_probe.probe("bundled/fc-digits", k=4, resamples=200)
+    sampling = first["metrics"]["sampling"]
+    assert sampling == {"mode": "auto", "available": 64, "measured": 8, "rounds": [8], "stopped": "decided",
+                        "null_measured": 2, "null_stopped": "decided", "null_rounds": [2]}
+    assert again["metrics"]["sampling"] == sampling and again["metrics"]["ra2"] == first["metrics"]["ra2"]
+    assert first["metrics"]["uncertainty"]["samples"] == 8 and first["metrics"]["nc"]["samples"] == 64
+    score = first["metrics"]["ra2"]["mean_score"]  # a threshold on it: its interval straddles it after 8
+    straddled = ra_probe.probe("bundled/fc-digits", k=4, resamples=200, null="none",
+                               min_alignment=round(score, 4))["metrics"]["sampling"]
+    assert straddled["rounds"][:2] == [8, 16] and straddled["stopped"] in ("decided", "max_samples")
+    assert straddled["stopped"] == "decided" or straddled["rounds"] == [8, 16, 32, 64]
+    spent = ra_probe.probe("bundled/fc-digits", k=4, resamples=200, null="none", budget=1e-6,
+                           min_alignment=round(score, 4))
+    assert spent["metrics"]["sampling"]["stopped"] == "budget" and spent["metrics"]["sampling"]["measured"] == 8
+    fixed = ra_probe.probe("bundled/fc-digits", k=4, resamples=200, samples=12, null="none")
+    assert fixed["metrics"]["sampling"] == {"mode": "fixed", "available": 12, "measured": 12, "stopped": "fixed"}

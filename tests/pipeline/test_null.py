@@ -270,12 +270,13 @@ def test_a_log_shows_a_line_per_site_measured(cli):
     code, _, err = cli("bundled/fc-digits", "--samples", "8", "--k", "4", "--null-samples", "2", "--no-cache")
     lines = err.splitlines()  # the first sample of each a chunk of its own, then the predicted cost
     assert code == 0 and len([line for line in lines if line.startswith("[")]) == 4 * (8 + 1)
-    assert re.fullmatch(r"\[1/16\] blocks\.0, chunk 1/2 \(\d+\.\d s, \d+ products\)", lines[0])
-    assert re.fullmatch(r"\[8/16\] group 0 RA2 alignment, chunk 1/2 \(\d+\.\d s, \d+ products\)", lines[8])
-    assert lines[9].startswith("[1/16] random init: blocks.0, chunk 1/2 (")
+    assert re.fullmatch(r"\[1/16\] random init: blocks\.0, chunk 1/2 \(\d+\.\d s, \d+ products\)", lines[0])
+    assert re.fullmatch(r"\[8/16\] random init: group 0 RA2 alignment, chunk 1/2 \(\d+\.\d s, \d+ products\)",
+                        lines[8])
+    assert re.fullmatch(r"\[1/16\] blocks\.0, chunk 1/2 \(\d+\.\d s, \d+ products\)", lines[9])
     assert lines[18].startswith("predicted: ~") and "(8 samples + 2 null; measured 1 sample in " in lines[18]
-    assert lines[19].startswith("[9/16] random init: blocks.0, chunk 2/2 (")
-    assert lines[28].startswith("[9/16] blocks.0, chunk 2/2 (")
+    assert lines[19].startswith("[9/16] blocks.0, chunk 2/2 (")
+    assert lines[28].startswith("[9/16] random init: blocks.0, chunk 2/2 (")
     assert cli("bundled/fc-digits", "--samples", "8", "--k", "4", "-q")[2] == ""
 
 
