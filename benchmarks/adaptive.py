@@ -16,7 +16,7 @@ import time
 import torch
 
 import ra_probe
-from benchmarks.models import trained_like
+from models import trained_like  # beside this script
 
 
 def resnet(decay: float | None, image_size: int):
