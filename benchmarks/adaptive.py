@@ -14,9 +14,9 @@ import argparse
 import time
 
 import torch
+from models import trained_like  # beside this script
 
 import ra_probe
-from models import trained_like  # beside this script
 
 
 def resnet(decay: float | None, image_size: int):
