@@ -121,7 +121,7 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
             null = None
         if null is not None:
             null_metrics, null_replicates = _finish_null(null, null_loaded, null_metrics, samples, settings,
-                                                         null_cost, null_stopped.get("measured", n))
+                                                         null_cost)
     metrics = summary.metrics
     metrics["sampling"] = sampling_record(settings, len(samples), rounds, stopped, null_stopped, null is not None)
     metrics["null"] = null_metrics
@@ -142,11 +142,12 @@ def _announce(prediction: Prediction, calibration: Calibration, progress: Progre
 
 
 def _finish_null(null: Stage, at_init: LoadedModel, null_metrics: dict[str, Any], samples: Samples,
-                 settings: Settings, cost: dict[str, float], measured_samples: int) -> tuple[dict[str, Any], dict]:
+                 settings: Settings, cost: dict[str, float]) -> tuple[dict[str, Any], dict]:
     """The rest of the null, measured, and its NC on every sample: its metrics and their replicates
     (`cost` gains the seconds and products it took)."""
     tick = time.perf_counter()
     null_report, null_measured, null_summary = _finish(null)
+    measured_samples = sum(len(order) for order in null_measured.order)  # the rounds may stop short
     nc_at_init, nc_replicates = _collapse_at_init(at_init.module, samples, settings)
     timings = [null_measured.timing(s.name) for s in null_report.sites]
     cost.update(seconds=cost["seconds"] + time.perf_counter() - tick,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows
+from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows, sampling_line
 
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "undetermined": "bold blue",
                 "not_applicable": "dim"}
@@ -179,6 +179,9 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
                   f"({data['samples']} {data['kind'] + ' ' if data.get('kind') else ''}samples, "
                   f"{report['environment']['device']}, "
                   f"{report['environment']['dtype']})")
+    sampling = report["metrics"].get("sampling")  # from schema 1.7
+    if sampling and sampling["mode"] == "auto":
+        console.print(sampling_line(sampling))
     if data.get("description"):  # reports before 1.7 have none
         console.print(f"data: {data['description']}" + (f": {data['reason']}" if data.get("reason") else ""),
                       style="dim")

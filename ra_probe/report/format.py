@@ -62,3 +62,16 @@ def cost_caption(timings: dict[str, Any]) -> str:
     prediction = timings["prediction"]
     return (f"predicted after {prediction['after_seconds']:.1f} s: {prediction['basis']}; "
             f"peak: {timings['peak_measured_as']}")
+
+
+def sampling_line(sampling: dict[str, Any]) -> str:
+    """How many samples `--samples auto` measured and why no more, in words."""
+    why = {"decided": "every RA check decided", "max_samples": "the cap (--max-samples)", "budget": "the budget spent",
+           "data": "every sample taken"}
+    line = (f"Jacobians of {sampling['measured']} of {sampling['available']} samples (--samples auto: "
+            f"{why.get(sampling['stopped'], sampling['stopped'])} after rounds of {', '.join(map(str, sampling['rounds']))})")
+    if sampling.get("null_measured"):
+        line += (f"; random init: {sampling['null_measured']} ({why.get(sampling['null_stopped'], 'its contrast decided')})"
+                 if sampling.get("null_stopped") != "decided" else
+                 f"; random init: {sampling['null_measured']} (its contrast decided)")
+    return line + "; NC on all of them"

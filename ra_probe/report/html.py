@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from ra_probe.report import plots
 from ra_probe.report.files import write_text
-from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows
+from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows, sampling_line
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -60,10 +60,12 @@ def render_report(report: dict[str, Any]) -> str:
     ra1 = {g["group"]: g for g in report["metrics"]["ra1"]["groups"]}
     ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
     measured = report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]  # none before 1.4
+    sampling = report["metrics"].get("sampling")  # from schema 1.7
     return _environment().get_template("report.html.j2").render(
         report=report, ra1=ra1, ra3=ra3, figures=report_figures(report),
         null_rows=null_rows(report["metrics"]) if measured else [], cost_rows=cost_rows(report["timings"]),
-        cost_caption=cost_caption(report["timings"]) if cost_rows(report["timings"]) else "")
+        cost_caption=cost_caption(report["timings"]) if cost_rows(report["timings"]) else "",
+        sampling=sampling_line(sampling) if sampling and sampling["mode"] == "auto" else "")
 
 
 def render_comparison(comparison: dict[str, Any]) -> str:
