@@ -63,6 +63,8 @@ class Settings:
     def validate(self) -> None:
         """Refuse values no probe can run with, naming the setting (a UserError): each by its option's
         constraint, as the command line refuses it."""
+        for name in names("setting"):  # as the library holds them: "10m" is 600 seconds, "8" 8 samples
+            setattr(self, name, normalized(name, getattr(self, name)))
         refuse_bad({name: getattr(self, name) for name in names("setting")})
         refuse_bad(self.thresholds.as_dict())
         self.coupling_k = coupling_ks(self.coupling_k, self.k)

@@ -125,3 +125,14 @@ def test_a_gate_limit_is_refused_alike_everywhere(name, cli, tmp_path):
     assert cli("check", f"--{name.replace('_', '-')}", "nan") == (2, "", f"error: {message}\n")
     (tmp_path / "ra-probe.toml").write_text(f"{name.replace('_', '-')} = nan\n")
     assert cli("check") == (2, "", f"error: {message}\n")
+
+
+def test_a_budget_reads_as_seconds():
+    def budget(value):
+        settings = Settings(budget=value)
+        settings.validate()
+        return settings.budget
+    assert [budget(value) for value in ("90s", "10m", "1.5h", 42)] == [90, 600, 5400, 42]
+    assert ra_probe.probe("bundled/fc-digits", budget="10m", k=2, null="none")["settings"]["budget"] == 600
+    with pytest.raises(UserError, match="budget must be a duration"):
+        ra_probe.probe("bundled/fc-digits", budget="soon")

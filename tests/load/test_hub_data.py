@@ -21,6 +21,7 @@ from ra_probe.load.classes import cifar, imagenet_1k, rows_by_name
 from ra_probe.load.data import load_samples
 from ra_probe.load.defaults import CIFAR, IMAGENETTE, SST2, WIKITEXT, default_data
 from ra_probe.load.models import load_model
+from ra_probe.load.samples import Samples
 from ra_probe.sweeps.spec import read_spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -281,3 +282,12 @@ def test_sweep_files_and_the_library_take_a_dataset_reference(hub, tmp_path, res
     image_set(hub, "frgfm/imagenette", "320px", "validation", IMAGENETTE_NAMES, per_class=1)
     report = ra_probe.probe(resnet, "hf-data/frgfm/imagenette:320px", samples=10, k=2, null="none")
     assert report["data"]["labelled"] and report["data"]["description"].endswith("10 images in 10 classes")
+
+
+def test_the_report_says_what_the_samples_are_to_the_model():
+    x = torch.zeros(2, 3)
+    assert Samples(x, None, "synthetic").kind == "synthetic"
+    assert Samples(x, None, "bundled/digits").kind == "held-out"  # the bundled models' test split
+    assert Samples(x, None, "hf-data/a/b", source={"split": "validation"}).kind == "held-out"
+    assert Samples(x, None, "hf-data/a/b", source={"split": "train"}).kind == "training"
+    assert Samples(x, None, "images/").kind == "given"
