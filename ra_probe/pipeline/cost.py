@@ -37,23 +37,19 @@ class Calibration:
     null_products: int = 0  # and of the null's
 
     @property
-    def rate(self) -> float | None:
-        """The seconds a product lasts: the lower of the two first samples' rates. The first of them ran
-        the process's first calls (kernels loaded, programs traced), the second ran after it on the same
-        architecture: on the bundled model the first took 0.5 s, the second 0.1 s for as many products."""
-        rates = [seconds / count for seconds, count in ((self.sample, self.products),
-                                                         (self.null_sample, self.null_products)) if count]
-        return min(rates) if len(rates) == 2 else None
-
-    @property
     def per_sample(self) -> float:
-        """Seconds a sample of the model costs: its first sample's, or fewer at the lasting `rate`."""
-        return self.sample if self.rate is None else min(self.sample, self.products * self.rate)
+        """Seconds a sample of the model costs: its first sample's (measured after the null's first, so
+        past the process's first calls)."""
+        return self.sample
 
     @property
     def null_per_sample(self) -> float:
-        """Seconds a sample of the null costs, likewise."""
-        return self.null_sample if self.rate is None else min(self.null_sample, self.null_products * self.rate)
+        """Seconds a sample of the null costs: its first sample's, or fewer at the model's seconds per
+        product. The null's first sample is the probe's first: it paid the process's first calls (kernels
+        loaded, programs traced), which the model's, on the same architecture after it, did not."""
+        if not (self.products and self.null_products):
+            return self.null_sample
+        return min(self.null_sample, self.null_products * self.sample / self.products)
 
 
 def seconds(cal: Calibration, samples: int | None = None, null: bool = True,
@@ -128,10 +124,11 @@ def predict(cal: Calibration, settings: Settings) -> Prediction:
     the solver's cost model, RA2's follow its K), a GPU."""
     total = seconds(cal)
     basis = f"measured 1 sample in {duration(cal.sample, '')}"
-    if cal.per_sample < cal.sample:
-        basis += f" ({duration(cal.per_sample, '')} at the lasting time per product, past the first calls)"
+
     if cal.null_sizes:
         basis += f", 1 at random init in {duration(cal.null_sample, '')}"
+        if cal.null_per_sample < cal.null_sample:
+            basis += f" ({duration(cal.null_per_sample, '')} at the model's time per product, past the first calls)"
     if cal.cached:
         basis += " as first measured: it came from the cache, and later samples may too"
     cuts: list[tuple[str, float | None]] = []

@@ -91,15 +91,15 @@ def test_a_resnet_at_224_px_takes_about_the_time_predicted(cli, tmp_path, monkey
 
 
 def test_the_first_samples_warm_up_is_not_extrapolated():
-    """The model's first sample pays the process's first calls; the null's first, after it on the same
-    architecture, does not: its seconds per product price the model's samples when they are fewer."""
-    warm = Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0] * 10, null_sample=0.3,
+    """The null's first sample is the probe's first and pays the process's first calls; the model's, on
+    the same architecture after it, does not: its seconds per product price the null's samples when they
+    are fewer."""
+    warm = Calibration(elapsed=2.0, overhead=1.0, sample=0.2, sizes=[1.0] * 10, null_sample=1.0,
                        null_sizes=[1.0] * 2, products=100, null_products=150)
-    assert warm.per_sample == pytest.approx(0.2)
+    assert warm.per_sample == 0.2 and warm.null_per_sample == pytest.approx(0.3)
     assert seconds(warm) == pytest.approx(1.0 + 0.2 * 10 + 0.3 * 2)
-    assert "0.2 s at the lasting time per product" in predict(warm, Settings(device="cpu")).basis
-    slower = Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0] * 10, null_sample=3.0,
+    assert "0.3 s at the model's time per product" in predict(warm, Settings(device="cpu")).basis
+    slower = Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0] * 10, null_sample=0.5,
                          null_sizes=[1.0] * 2, products=100, null_products=150)
-    assert slower.per_sample == 1.0  # never more than the model's own first sample
-    assert slower.null_per_sample == pytest.approx(1.5)  # the null's first sample paid the first calls
-    assert Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0]).per_sample == 1.0  # no null
+    assert slower.null_per_sample == 0.5  # never more than the null's own first sample
+    assert Calibration(elapsed=2.0, overhead=1.0, sample=1.0, sizes=[1.0]).null_per_sample == 0.0  # no null
