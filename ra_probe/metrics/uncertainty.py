@@ -66,6 +66,14 @@ def interval(replicates: torch.Tensor, level: float) -> list | None:
     return bounds.tolist()
 
 
+def ratio_interval(top: torch.Tensor | None, bottom: torch.Tensor | None, level: float) -> list | None:
+    """The interval of a ratio from the replicates of its numerator and denominator (each of its own
+    resamples, paired in order); None without both, or when a denominator replicate is zero."""
+    if top is None or bottom is None or bool((bottom == 0).any()):
+        return None
+    return interval(top / bottom, level)
+
+
 def samples_to_decide(value: float, bounds: list[float], threshold: float, samples: int) -> int | None:
     """About how many samples would put an interval like `bounds` around `value` clear of `threshold`, its
     width shrinking as 1/√N; None when the value sits on the threshold."""

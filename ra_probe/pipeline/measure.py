@@ -60,6 +60,11 @@ class Measured:
     finite_outputs: bool = True
     peak: PeakEstimate | None = None  # the memory the probe was estimated to need
 
+    @property
+    def samples(self) -> int:
+        """How many samples were measured."""
+        return sum(len(order) for order in self.order)
+
     def sample_order(self) -> torch.Tensor:
         """Sample indices in the order of the concatenated per-sample results."""
         return torch.cat(self.order)

@@ -119,7 +119,9 @@ def seconds_of(text: Any) -> Any:
     if not isinstance(text, str):
         return text
     units = {"s": 1, "m": 60, "min": 60, "h": 3600}
-    number, unit = text.strip().rstrip("smhin"), text.strip()[len(text.strip().rstrip("smhin")):]
+    stripped = text.strip()
+    number = stripped.rstrip("smhin")
+    unit = stripped[len(number):]
     try:
         seconds = float(number) * units[unit or "s"]
     except (ValueError, KeyError):

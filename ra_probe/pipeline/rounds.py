@@ -13,7 +13,7 @@ import torch
 
 from ra_probe.load.models import LoadedModel
 from ra_probe.load.samples import Samples, take
-from ra_probe.metrics.uncertainty import interval
+from ra_probe.metrics.uncertainty import ratio_interval
 from ra_probe.metrics.verdict import ra_verdict
 from ra_probe.pipeline.measure import Measured
 from ra_probe.pipeline.settings import Settings
@@ -75,10 +75,8 @@ class Stopping:
         if self.spent():
             return "budget"
         at_init = summarize(found.sites, so_far, self.at_init, self.settings, None, collapse_too=False).replicates
-        top, bottom = self.measured.replicates.get(("ra2", "mean_score")), at_init.get(("ra2", "mean_score"))
-        if top is None or bottom is None or bool((bottom == 0).any()):
-            return None
-        low, high = interval(top / bottom, self.settings.confidence) or (None, None)
+        low, high = ratio_interval(self.measured.replicates.get(("ra2", "mean_score")),
+                                   at_init.get(("ra2", "mean_score")), self.settings.confidence) or (None, None)
         limit = self.settings.thresholds.min_init_ratio
         return None if low is None or low < limit <= high else "decided"
 

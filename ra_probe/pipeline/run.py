@@ -18,7 +18,7 @@ from ra_probe.load.data import check_labels
 from ra_probe.load.models import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples, first_tensor, real_tokens, take
-from ra_probe.metrics.uncertainty import interval
+from ra_probe.metrics.uncertainty import ratio_interval
 from ra_probe.metrics.verdict import HEADLINE, SYNTHETIC_CAVEAT, headline, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.cost import Calibration, Prediction, bytes_as, peak_bytes, predict, products, shares
@@ -147,7 +147,7 @@ def _finish_null(null: Stage, at_init: LoadedModel, null_metrics: dict[str, Any]
     (`cost` gains the seconds and products it took)."""
     tick = time.perf_counter()
     null_report, null_measured, null_summary = _finish(null)
-    measured_samples = sum(len(order) for order in null_measured.order)  # the rounds may stop short
+    measured_samples = null_measured.samples  # the rounds may stop short
     nc_at_init, nc_replicates = _collapse_at_init(at_init.module, samples, settings)
     timings = [null_measured.timing(s.name) for s in null_report.sites]
     cost.update(seconds=cost["seconds"] + time.perf_counter() - tick,
@@ -197,13 +197,13 @@ def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: 
                            first_alone=True, rounds=rounds)
         for chunk in chunks:
             yield site_report, measured, chunk
-            count = sum(len(order) for order in measured.order)
+            count = measured.samples
             if enough is not None and count in (rounds or ()) and count < len(samples):
                 why = enough(site_report, measured, count)
                 if why:
                     chunks.close()
                     break
-        count = sum(len(order) for order in measured.order)
+        count = measured.samples
         features = None
         if count < len(samples):  # NC takes every sample: a forward each, no Jacobian
             rest = Samples(take(samples.inputs, slice(count, None)), None, samples.name)
@@ -290,17 +290,11 @@ def _collapse_ratio(metrics: dict[str, Any], model: dict, at_init: dict, level: 
     if nc is None or nc["nc1"] is None or not null.get("nc") or not null["nc"]["nc1"]:
         return
     null["ratio"]["nc1"] = nc["nc1"] / null["nc"]["nc1"]
-    top, bottom = model.get(("nc", "nc1")), at_init.get(("nc", "nc1"))
-    null["ratio_ci"]["nc1"] = None if top is None or bottom is None or bool((bottom == 0).any()) \
-        else interval(top / bottom, level)
+    null["ratio_ci"]["nc1"] = ratio_interval(model.get(("nc", "nc1")), at_init.get(("nc", "nc1")), level)
 
 
 def _ratio_intervals(model: dict, at_init: dict, level: float) -> dict[str, list[float] | None]:
     """The interval of each RA headline metric's ratio to its value at random init: the two measured on
     samples of their own, so a resample of each is drawn independently and the ratios taken pairwise."""
-    out = {}
-    for section, name in HEADLINE.items():
-        top, bottom = model.get((section, name)), at_init.get((section, name))
-        out[section] = None if top is None or bottom is None or bool((bottom == 0).any()) \
-            else interval(top / bottom, level)
-    return out
+    return {section: ratio_interval(model.get((section, name)), at_init.get((section, name)), level)
+            for section, name in HEADLINE.items()}

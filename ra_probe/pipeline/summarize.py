@@ -247,7 +247,7 @@ def _resamples(measured: Measured, logits: torch.Tensor | None, labels: torch.Te
                settings: Settings) -> Resamples | None:
     """The probe's bootstrap resamples, within each class: of the labels, else of the model's predictions
     (a model without a classifier head: unstratified)."""
-    n = sum(len(t) for t in measured.order)
+    n = measured.samples
     if not n:
         return None
     strata = labels if labels is not None else (logits.argmax(dim=1) if logits is not None and logits.ndim == 2
@@ -309,7 +309,7 @@ def _attach_intervals(metrics: dict[str, Any], replicates: dict[tuple[str, str],
 
 def _uncertainty(boot: Resamples | None, settings: Settings, measured: Measured) -> dict[str, Any]:
     """How the intervals were made, recorded in the report."""
-    samples = sum(len(t) for t in measured.order)
+    samples = measured.samples
     if boot is None:
         return {"level": settings.confidence, "resamples": settings.resamples, "samples": samples,
                 "stratified": False, "method": uncertainty.METHOD,
