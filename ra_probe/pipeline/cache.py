@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from ra_probe import __version__
 from ra_probe.files import atomic_write
 from ra_probe.load.offload import FullState
+from ra_probe.version import __version__
 
 T = TypeVar("T")
 # Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
@@ -43,14 +43,10 @@ def default_dir() -> Path:
 def code_digest() -> str:
     """sha256 of the source of ra-probe and its built-in adapters: entries measured by other code
     (an upgrade, or an edit during development) are never served."""
-    import ra_probe
-    import ra_probe.plugins
-
+    root = Path(__file__).resolve().parents[1]  # the package's folder (its adapters in plugins/ included)
     digest = hashlib.sha256()
-    for package in (ra_probe, ra_probe.plugins):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from ra_probe import __version__
 from ra_probe.load.models import LoadedModel
 from ra_probe.load.samples import Samples, real_tokens
 from ra_probe.metrics.verdict import no_sites_message
@@ -16,6 +15,7 @@ from ra_probe.pipeline.cache import tensor_digest
 from ra_probe.pipeline.run import Outcome
 from ra_probe.pipeline.settings import Settings
 from ra_probe.report.schema import SCHEMA_VERSION
+from ra_probe.version import __version__
 
 
 def environment(settings: Settings, threads: int) -> dict[str, Any]:

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ra_probe import __version__
 from ra_probe.metrics.ra import depth_fit
 from ra_probe.report.headline import headline, intervals
 from ra_probe.report.schema import schema_errors
 from ra_probe.sweeps.spec import Run
+from ra_probe.version import __version__
 
 SCHEMA_VERSION = "2.1"  # also in sweep.schema.json; MINOR for added fields, MAJOR for changed ones
 SCHEMA_PATH = Path(__file__).with_name("sweep.schema.json")

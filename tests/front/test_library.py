@@ -1,8 +1,7 @@
-"""The library as a notebook uses it: the README's example run as written, and a package whose
-modules import only down the flow, with no circle."""
+"""The library as a notebook uses it: the README's example run as written, a model's own adapter, the
+console, the report files and the frame."""
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -113,78 +112,6 @@ def test_runtime_adapter_claims_a_model_first():
         assert report["model"]["adapter"] == "nothing" and report.sites == []
     finally:
         _RUNTIME.clear()
-
-
-def imports_of(path: Path, package: Path) -> set[str]:
-    """The ra_probe modules a file names in its imports, type-only ones included."""
-    module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(module.split(".")[:len(module.split(".")) - node.level + path.name.startswith("__init__")]
-                                + ([base] if base else []))
-            names |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return {n for n in names if n.startswith("ra_probe.")}
-
-
-def test_the_package_has_no_import_circle():
-    package = ROOT / "ra_probe"
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in package.rglob("*.py")}
-
-    def resolve(name: str) -> str | None:
-        while name and name not in modules:
-            name = name.rpartition(".")[0]
-        return name if name and name != "ra_probe" else None
-
-    edges = {m: {r for r in map(resolve, imports_of(p, package)) if r and r != m and not m.startswith(r + ".")}
-             for m, p in modules.items()}
-    # depth-first search for a back edge
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in edges[node]:
-            assert state.get(nxt) != 1, f"import circle: {' -> '.join(path + [node, nxt])}"
-            if nxt not in state:
-                visit(nxt, path + [node])
-        state[node] = 2
-
-    for module in modules:
-        if module not in state:
-            visit(module, [])
-
-
-# the package's parts in the order data flows through them: each may import only from itself and those before it
-STAGES = ("errors", "files", "host", "config", "load", "sites", "plugins", "engine", "metrics", "pipeline", "report",
-          "gate", "api", "integrations", "sweeps", "cli", "scripts")
-
-
-def test_nothing_imports_upward():
-    package = ROOT / "ra_probe"
-    upward = []
-    for path in package.rglob("*.py"):
-        part = path.relative_to(package).parts[0].removesuffix(".py")
-        if part == "__init__":  # the package's front re-exports the library
-            continue
-        for name in imports_of(path, package):
-            target = name.split(".")[1]
-            if target in STAGES and STAGES.index(target) > STAGES.index(part):
-                upward.append(f"{path.relative_to(ROOT)} imports {name}")
-    assert upward == []
-    assert {p.name.removesuffix(".py") for p in package.iterdir() if p.name not in ("__init__.py", "__pycache__")
-            and (p.suffix == ".py" or p.is_dir())} == set(STAGES)
-
-
-def test_no_function_is_longer_than_80_lines():
-    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path in (ROOT / "ra_probe").rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
-    assert long == []
 
 
 def test_render_writes_the_html_of_a_json_report(cli, tmp_path):
