@@ -12,9 +12,9 @@ import ra_probe
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def readme_example() -> str:
+def readme_example(heading: str = "## From Python") -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## From Python"):]
+    section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -45,6 +45,20 @@ def test_the_readme_example_runs_as_written_and_leaves_torch_as_it_was(tmp_path,
     # the model is as the caller left it: training mode, gradients on
     model = scope["model"]
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_the_readme_adapter_example_finds_and_verifies_its_sites(monkeypatch, capsys):
+    """The README's "write an adapter" example, run as written: its adapter claims the model's two
+    blocks, and both are verified against the real forward."""
+    from ra_probe.sites import registry
+
+    monkeypatch.setattr(registry, "_RUNTIME", [])  # the adapter it registers leaves with the test
+    scope: dict = {}
+    exec(compile(readme_example("## Write an adapter"), "README.md", "exec"), scope)
+    found = scope["found"]
+    assert [(s.name, s.adapter) for s in found.sites] == [("1", "gated"), ("2", "gated")] and not found.skipped
+    assert all(s.verify_error is not None and s.verify_error < 1e-5 for s in found.sites)
+    assert "('1', 'gated'" in capsys.readouterr().out
 
 
 def test_a_vit_with_fused_attention_is_probed_as_it_is():
