@@ -15,6 +15,20 @@ torch.set_num_threads(1)
 TINY = Path(__file__).parent / "tiny_models.py"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread():
+    """numpy's and scipy's BLAS on one thread too (torch's is set above): their idle threads spin, and on
+    a machine whose two cores were shared a 400 × 400 SVD took 2.4 s on two threads, 0.28 s on one; the
+    metrics, options and solver tests ran in 36 s instead of 70 s."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not installed: the libraries' own defaults
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def bundled_reports() -> dict[str, dict]:
     """The three bundled models probed once for the whole session, with the reference reports' settings."""
