@@ -7,9 +7,10 @@
 """
 from ra_probe.api import Report, check, load_report, probe, register_adapter
 from ra_probe.integrations.tracker import Tracker
+from ra_probe.load.sources import LoadingOptions, Source, register_source
 from ra_probe.pipeline.settings import Settings
 from ra_probe.sweeps import sweep
 from ra_probe.version import __version__
 
-__all__ = ["Report", "Settings", "Tracker", "check", "load_report", "probe", "register_adapter", "sweep",
-           "__version__"]
+__all__ = ["LoadingOptions", "Report", "Settings", "Source", "Tracker", "check", "load_report", "probe",
+           "register_adapter", "register_source", "sweep", "__version__"]

@@ -15,7 +15,7 @@ from torch import nn
 from ra_probe.errors import UserError
 from ra_probe.gate import GateResult, GateRules, check_baseline_data, check_rules, judge, read_baseline
 from ra_probe.load.inputs import Model, as_loaded, as_samples
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
 from ra_probe.pipeline.options import names, normalized, refuse_bad
@@ -154,7 +154,8 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     """Probe `model` on `data` and return its Report.
 
     `model`: an `nn.Module` (probed as it is, never copied, and left as it was), or a reference as the
-    CLI takes it ("timm/resnet50", "hf/org/name", a folder, "file.py:fn", "bundled/fc-digits"), with
+    CLI takes it ("timm/resnet50", "hf/org/name", a folder, "file.py:fn", "bundled/fc-digits", or a spec of a
+    source added with `register_source` or installed through the `ra_probe.sources` entry points), with
     `pretrained`, `weights`, `arch`, `input_shape` and `device_map` (a Hugging Face model split across
     devices: "auto", "balanced" or a {module: device} map) as loading options; a module is probed on its
     own device unless `device` says otherwise. `data`: a tensor (N, …), an

@@ -34,7 +34,8 @@ err = Console(stderr=True)
 
 
 ModelArg = typer.Argument(..., help="bundled/<name>, timm/<name>, hf/<org>/<name>, a folder, a checkpoint "
-                                    "(with --arch), or a factory file.py:fn / package.module:fn")
+                                    "(with --arch), a factory file.py:fn / package.module:fn, or a spec of a "
+                                    "source installed through the ra_probe.sources entry points")
 Force = typer.Option(False, "--force", help="overwrite an existing report file")
 
 # The options of every command that probes a model (probe, check, sites, sweep), made from the one

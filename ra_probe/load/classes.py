@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

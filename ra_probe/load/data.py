@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples, take
 from ra_probe.load.text import decoder_inputs, takes_decoder_inputs, tokenized
 

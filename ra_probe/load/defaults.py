@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ra_probe.load.classes import cifar, imagenet_1k
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 
 
 @dataclass(frozen=True)

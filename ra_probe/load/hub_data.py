@@ -15,7 +15,8 @@ import torch
 
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.classes import rows_by_name
-from ra_probe.load.models import LoadedModel, hub_offline_if_unreachable
+from ra_probe.load.loaded import LoadedModel
+from ra_probe.load.offline import hub_offline_if_unreachable
 from ra_probe.load.samples import Samples
 
 PREFIX = "hf-data/"

@@ -12,7 +12,7 @@ import torch
 
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.classes import rows_by_name
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples
 
 

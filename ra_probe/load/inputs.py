@@ -12,7 +12,9 @@ from torch import nn
 
 from ra_probe.errors import UserError
 from ra_probe.load.data import load_samples
-from ra_probe.load.models import LoadedModel, load_model, module_loaded
+from ra_probe.load.loaded import LoadedModel
+from ra_probe.load.models import load_model
+from ra_probe.load.preprocessing import module_loaded
 from ra_probe.load.samples import Samples, first_tensor, take
 
 Model = nn.Module | str | LoadedModel

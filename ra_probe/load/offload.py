@@ -7,13 +7,56 @@ its hooks stop streaming; after, they stand on meta again: one block's weights a
 from __future__ import annotations
 
 import gc
+import json
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ra_probe.errors import UserError, first_line
+
+
+def parsed_device_map(value: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A device map as `from_pretrained` takes it: a strategy name, or a {module: device} map (given as
+    a dict or as JSON text); accelerate must be installed."""
+    from importlib.util import find_spec
+
+    if find_spec("accelerate") is None:
+        raise UserError("device_map needs accelerate: pip install 'ra-probe[big]'")
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise UserError(f"device_map is not a JSON map of module to device: {first_line(exc)}") from None
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and isinstance(v, (str, int, torch.device)) for k, v in value.items()):
+            raise UserError("device_map must map module names to devices (\"cpu\", 0, \"cuda:1\"…)")
+        return value
+    if value not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise UserError(f"device_map must be auto, balanced, balanced_low_0, sequential or a JSON map, got {value!r}")
+    return value
+
+
+def offload_folder() -> str:
+    """A new temporary folder for the weights accelerate writes when it offloads to disk ones it cannot
+    read from the model's own safetensors files (other formats, converted weights); under $TMPDIR."""
+    return tempfile.mkdtemp(prefix="ra-probe-offload-")
+
+
+def keep_while_used(folder: str, module: nn.Module) -> None:
+    """`folder` removed at once when nothing was written to it, else when `module` is collected (or
+    at exit): its hooks read offloaded weights from it."""
+    if not any(Path(folder).iterdir()):
+        Path(folder).rmdir()
+    else:
+        weakref.finalize(module, shutil.rmtree, folder, ignore_errors=True)
 
 
 def _hooks(module: nn.Module) -> tuple[Any, ...]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ra_probe.errors import UserError
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 
 WINDOW = 32  # tokens of a window of running text: a sentence or two, as long as a short example
 

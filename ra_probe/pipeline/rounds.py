@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples, take
 from ra_probe.metrics.uncertainty import ratio_interval
 from ra_probe.metrics.verdict import ra_verdict

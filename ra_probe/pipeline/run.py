@@ -15,7 +15,7 @@ import torch
 
 from ra_probe.host import memory_in_use, peak_memory, probe_threads, torch_threads
 from ra_probe.load.data import check_labels
-from ra_probe.load.models import LoadedModel, freeze
+from ra_probe.load.loaded import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples, first_tensor, real_tokens, take
 from ra_probe.metrics.uncertainty import ratio_interval

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.metrics import uncertainty

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ra_probe.load.models import LoadedModel
+from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples, real_tokens
 from ra_probe.metrics.verdict import no_sites_message
 from ra_probe.pipeline.cache import tensor_digest

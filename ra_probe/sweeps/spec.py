@@ -14,7 +14,8 @@ from typing import Any
 
 from ra_probe.api import LOADING_OPTIONS, settings_from
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.models import CHECKPOINT_SUFFIXES, sha256_of
+from ra_probe.load.sources.registry import find_source
+from ra_probe.load.weights import CHECKPOINT_SUFFIXES, sha256_of
 from ra_probe.pipeline.options import OPTIONS as PROBE_OPTIONS
 from ra_probe.pipeline.options import normalized, refuse_bad
 from ra_probe.pipeline.settings import Settings
@@ -197,14 +198,12 @@ def _distinct_names(runs: list[Run]) -> list[Run]:
 
 def _check_files(run: Run, where: str) -> None:
     """Every local file or folder the run names must be there; references must have a known form."""
-    model = run.model
-    if not model.startswith(("bundled/", "timm/", "hf/")) and not Path(model).is_dir():
-        if model.endswith(CHECKPOINT_SUFFIXES):
-            if "arch" not in run.loading:
-                raise UserError(f"{where}: checkpoint {model} needs arch = \"…\" to say which architecture it holds")
-        elif ":" not in model:
-            raise UserError(f"{where}: unknown model {model!r}: expected bundled/<name>, timm/<name>, hf/<org>/<name>, "
-                            "a folder, a checkpoint file with arch, or a factory file.py:fn")
+    try:
+        source = find_source(run.model)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if source.name == "checkpoint" and "arch" not in run.loading:
+        raise UserError(f"{where}: checkpoint {run.model} needs arch = \"…\" to say which architecture it holds")
     for what, path in run.files().items():
         if not Path(path).exists():
             raise UserError(f"{where}: {what} file not found: {path}")

@@ -28,7 +28,8 @@ from ra_probe.engine.krylov import flushing_denormals
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.engine.solvers import choose_method
 from ra_probe.load.data import Samples
-from ra_probe.load.models import LoadedModel, load_model
+from ra_probe.load.loaded import LoadedModel
+from ra_probe.load.models import load_model
 from ra_probe.pipeline.measure import measure
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.sites.discover import discover

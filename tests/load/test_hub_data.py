@@ -230,7 +230,7 @@ def test_the_domain_of_a_model_is_told_carefully(tmp_path):
 def _timm(num_classes: int):
     import timm
 
-    from ra_probe.load.models import module_loaded
+    from ra_probe.load.preprocessing import module_loaded
 
     return module_loaded(timm.create_model("resnet18", num_classes=num_classes), "resnet18", "module")
 

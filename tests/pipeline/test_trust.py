@@ -15,7 +15,8 @@ from ra_probe import Settings, probe
 from ra_probe.errors import UserError
 from ra_probe.load.bundled.fcresnet import FCResNet
 from ra_probe.load.data import Samples, load_samples
-from ra_probe.load.models import LoadedModel, load_model
+from ra_probe.load.loaded import LoadedModel
+from ra_probe.load.models import load_model
 from ra_probe.metrics.ra import median_rank, rank_summary
 
 

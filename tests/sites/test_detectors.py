@@ -334,7 +334,7 @@ class CustomFunctionNet(torch.nn.Module):
 
 def test_a_branch_with_a_custom_function_torch_func_cannot_differentiate_is_measured_by_autograd():
     from ra_probe import Settings, probe
-    from ra_probe.load.models import LoadedModel
+    from ra_probe.load.loaded import LoadedModel
 
     torch.manual_seed(0)
     model = CustomFunctionNet().eval().requires_grad_(False)
