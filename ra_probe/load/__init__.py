@@ -1,8 +1,15 @@
 """The load stage: what the user names or passes, turned into a module and samples.
 
-models.py   model references (bundled/, timm/, hf/, a folder, a checkpoint with its architecture, a
-            factory) into an eval-mode module with what is known of it (`LoadedModel`)
-offload.py  weights accelerate offloads (device_map "disk"): made resident one block at a time
+models.py   model specs into an eval-mode module with what is known of it, through the sources
+sources/    one module per source (bundled/, timm/, hf/, a folder, a checkpoint with its architecture, a
+            factory) and registry.py: `Source`, `LoadingOptions`, `register_source`, installed sources
+loaded.py   `LoadedModel`: a module ready to probe and what is known of its inputs
+weights.py  state dicts from safetensors or torch files, loaded strictly
+preprocessing.py  a model's data config, image processor or tokenizer; a bare module's input shape
+audio_shape.py    a speech model's per-sample input shape
+offline.py  the Hub out of reach: offline at once, and one line when something is not cached
+offload.py  offloading, all of it: device maps, weights accelerate offloads made resident one block at
+            a time, where a block computes, the state dict of an offloaded model
 reinit.py   the same architecture at a seeded random init: the null model a probe is contrasted with
 inputs.py   what the library takes (a module, a reference, tensors, an (x, y) pair, a dict, a DataLoader)
             into a loaded model and samples

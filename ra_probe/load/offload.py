@@ -1,9 +1,12 @@
-"""Models whose weights accelerate offloads (`device_map` with "disk", or "cpu" beside a GPU): such a
-weight stands on the `meta` device and lives in its module's hook's `weights_map` (CPU memory or files);
-the hook streams it onto the execution device for each forward and back to meta after it. torch.func
-cannot transform that streaming (the hook reads storage pointers of tensors that have none under a
-transform), so while a block's Jacobian products run its weights are made resident (`resident`) and
-its hooks stop streaming; after, they stand on meta again: one block's weights at a time."""
+"""Offloading, all of it: models placed across devices with a `device_map` and whose weights accelerate
+offloads ("disk", or "cpu" beside a GPU). Such a weight stands on the `meta` device and lives in its
+module's hook's `weights_map` (CPU memory or files); the hook streams it onto the execution device for
+each forward and back to meta after it. torch.func cannot transform that streaming (the hook reads
+storage pointers of tensors that have none under a transform), so while a site's Jacobian products run
+its block's weights are made resident and its hooks stop streaming; after, they stand on meta again:
+one block's weights at a time. `offloading(model)` answers what a probe asks of a model (whether it is
+offloaded, a site's block resident, the largest such block, the bytes on its devices, its whole state
+dict); `block_device` says where a block computes. accelerate is imported only for a model it offloaded."""
 from __future__ import annotations
 
 import gc
@@ -12,10 +15,10 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -78,6 +81,11 @@ def streaming_hooks(module: nn.Module) -> list[tuple[nn.Module, Any]]:
 def offloaded(model: nn.Module) -> bool:
     """Whether some of `model`'s weights are offloaded (on meta, streamed in by accelerate's hooks)."""
     return bool(streaming_hooks(model))
+
+
+def dispatched(model: nn.Module) -> bool:
+    """Whether accelerate dispatched `model` across devices (its forward moves activations between them)."""
+    return hasattr(model, "_hf_hook")
 
 
 def execution_device(module: nn.Module) -> torch.device | None:
@@ -173,3 +181,77 @@ class FullState(Mapping):
 
     def __len__(self) -> int:
         return len(self.state)
+
+
+class Placed(Protocol):
+    """What offloading needs of a site: its name, its block's path and the module whose side inputs it
+    takes (the sites' records have these)."""
+
+    name: str
+    module_path: str
+    ctx_module: str | None
+
+
+def block_paths(site: Placed) -> list[str]:
+    """The modules a site's branch computes with: its block, and the module whose side inputs it takes."""
+    return [path for path in dict.fromkeys((site.module_path, site.ctx_module)) if path is not None]
+
+
+def block_device(module: nn.Module) -> torch.device | None:
+    """Where a block computes: the device of its parameters (None for a block without any), or for a
+    block whose weights are offloaded (on meta), the device accelerate's hooks stream them to."""
+    first = next(module.parameters(), None)
+    if first is not None and first.device.type == "meta":
+        return execution_device(module) or first.device
+    return None if first is None else first.device
+
+
+class Offloading:
+    """A model's offloaded weights as a probe meets them; for a model without any, each answer is the
+    plain one (nothing to make resident, its state dict as it is)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.offloaded = offloaded(model)  # some weights stand on meta, streamed in by accelerate's hooks
+
+    def resident(self, site: Placed) -> AbstractContextManager:
+        """Within: the offloaded weights of `site`'s block resident on its device (nothing to do when the
+        model has none)."""
+        return self._resident_site(site) if self.offloaded else nullcontext()
+
+    @contextmanager
+    def _resident_site(self, site: Placed) -> Iterator[None]:
+        """A branch that computes with offloaded weights outside its block has them streamed under
+        torch.func, which cannot be: one line says so."""
+        with resident(self.model, block_paths(site)):
+            try:
+                yield
+            except RuntimeError as exc:
+                if "doesn't have storage" not in str(exc):
+                    raise
+                raise UserError(f"site {site.name}: its branch computes with offloaded weights outside its block "
+                                f"{site.module_path}; place those on a device in device_map") from None
+
+    def largest_block(self, sites: list[Placed], itemsize: int) -> int:
+        """Bytes of the most offloaded weights any site makes resident at once, at `itemsize`."""
+        if not self.offloaded:
+            return 0
+        return max((streamed_bytes(self.model, block_paths(site), itemsize) for site in sites), default=0)
+
+    def device_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers that stand on a device (not offloaded)."""
+        return resident_bytes(self.model)
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        """The model's whole state dict, an offloaded tensor read from its hook when it is looked up."""
+        return FullState(self.model)
+
+
+def offloading(model: nn.Module) -> Offloading:
+    """What a probe needs to know of `model`'s offloaded weights (see `Offloading`)."""
+    return Offloading(model)
+
+
+def held(hold: Offloading | None, site: Placed) -> AbstractContextManager:
+    """Within: `site`'s offloaded weights resident, where `hold` says how (nothing to do without)."""
+    return nullcontext() if hold is None else hold.resident(site)

@@ -4,7 +4,6 @@ options.py    every probe option once (name, default, valid values, help, comman
 settings.py   `Settings`, the options of one probe, validated from that table
 prepare.py    the model made ready in place for the probe's duration (device, dtype, eval), restored after
 measure.py    each group of sites measured chunk by chunk: capture, the engine's SVDs, RA2 products
-residency.py  a site's offloaded weights resident on its device while its products run
 summarize.py  per-site spectra, RA1–RA4 and NC from what was measured
 cache.py      measured groups kept on disk, keyed by everything they depend on
 run.py        one probe from start to end (and its null model), as an `Outcome`"""

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from ra_probe.files import atomic_write
-from ra_probe.load.offload import FullState
+from ra_probe.load.offload import offloading
 from ra_probe.version import __version__
 
 T = TypeVar("T")
@@ -107,7 +107,7 @@ class ResultCache:
         kept["device"] = settings.resolved_device().type
         identity = {"version": __version__, "code": code_digest(), "libraries": library_versions(),
                     "adapter": adapter, "adapter_code": adapter_digest(adapter), "model": name,
-                    "class": type(module).__qualname__, "weights": tensor_digest(FullState(module)),
+                    "class": type(module).__qualname__, "weights": tensor_digest(offloading(module).state_dict()),
                     "settings": kept}
         return RunCache(self, hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest())
 

@@ -16,12 +16,11 @@ import torch
 from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator, wide_calls
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.errors import UserError, first_line
-from ra_probe.load.offload import resident_bytes
+from ra_probe.load.offload import Offloading, held, offloading
 from ra_probe.load.samples import Samples, batch, chunks, real_tokens, take
 from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
-from ra_probe.pipeline.residency import Hold, held, holding, largest_block
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.sites.capture import Captured, SiteRecord, capture
 from ra_probe.sites.records import Site
@@ -138,7 +137,7 @@ def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples:
                         f"{samples.name!r} is not")
     out.peak = peak_estimate(model, sites, n, settings)
     batch_size = out.batch_size = out.peak.samples
-    hold = holding(model)
+    hold = offloading(model)
     bounds = [0, *[r for r in rounds or () if 0 < r < n], n]
     indices = [index + start for start, end in zip(bounds, bounds[1:])
                for index in chunks(take(samples.inputs, slice(start, end)), batch_size)]
@@ -233,9 +232,10 @@ def peak_estimate(model: torch.nn.Module, sites: list[Site], samples: int, setti
     as the device's free memory allows."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     dims, memory = _site_dims(sites, settings), _memory_settings(settings)
-    block = largest_block(model, sites, dtype.itemsize)
+    offload = offloading(model)
+    block = offload.largest_block(sites, dtype.itemsize)
     batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=block, **memory)
-    return PeakEstimate(resident_bytes(model), block, bytes_per_sample(dims, device=device, **memory), batch_size)
+    return PeakEstimate(offload.device_bytes(), block, bytes_per_sample(dims, device=device, **memory), batch_size)
 
 
 def _site_dims(sites: list[Site], settings: Settings) -> list[list[tuple[int, int, str]]]:
@@ -261,7 +261,7 @@ SiteDone = Callable[..., None]  # (what was measured, seconds, products): after 
 
 def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
                           settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None,
-                          hold: Hold | None = None) -> tuple[GroupMeasurement, bool]:
+                          hold: Offloading | None = None) -> tuple[GroupMeasurement, bool]:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
     captured values (the group's inputs and outputs: what the model computed, not what it is called);
     and whether it was served."""
@@ -280,7 +280,7 @@ def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site
 
 def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
                   sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None,
-                  hold: Hold | None = None) -> GroupMeasurement:
+                  hold: Offloading | None = None) -> GroupMeasurement:
     """Top-k SVD of every site of a group on one chunk of samples (`sample_ids`, their indices in the
     data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
     alignment and RA1 trajectories. `hold`: what makes a site's offloaded weights resident while
@@ -343,7 +343,7 @@ def alignment_partners(members: list[Site], settings: Settings) -> dict[str, lis
 
 
 def _measure_alignment(members: list[Site], partners_of: dict[str, list[Site]], svds, ops, settings: Settings,
-                       out: GroupMeasurement, hold: Hold | None = None) -> None:
+                       out: GroupMeasurement, hold: Offloading | None = None) -> None:
     """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for each site i and its partners
     j: J_i applied to the partners' top vectors in one wide block product J_i [V_j …] (a dense site's
     J_i is already formed), then every partner's U_jᵀ in one batched product. K of the largest of RA2

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ra_probe.load.offload import dispatched
 from ra_probe.pipeline.settings import Settings
 
 
@@ -52,11 +53,6 @@ def prepared(model: torch.nn.Module, settings: Settings) -> Iterator[torch.nn.Mo
                 parameter.requires_grad_(flag)
             for module, mode in modes.items():
                 module.training = mode
-
-
-def dispatched(model: torch.nn.Module) -> bool:
-    """Whether accelerate dispatched `model` across devices (its forward moves activations between them)."""
-    return hasattr(model, "_hf_hook")
 
 
 class _ChannelAffine(torch.nn.Module):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ra_probe.load.offload import execution_device
+from ra_probe.load.offload import block_device
 from ra_probe.load.samples import Inputs, first_tensor, run_model
 from ra_probe.sites.records import Context, Site, each_call, main_input, module_at, output_tensor
 
@@ -54,15 +54,6 @@ def logits_of(output: Any) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     return None
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    """Where a block computes: the device of its parameters (None for a block without any), or for a
-    block whose weights are offloaded (on meta), the device accelerate's hooks stream them to."""
-    first = next(module.parameters(), None)
-    if first is not None and first.device.type == "meta":
-        return execution_device(module) or first.device
-    return None if first is None else first.device
 
 
 def _moved(value: Any, device: torch.device | None) -> Any:
@@ -152,7 +143,7 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
         if x is None or y is None:
             continue
         ctx = read(site.ctx_module, "call", span)[1] if site.ctx_module is not None else None
-        device = _device_of(module_at(model, site.module_path))
+        device = block_device(module_at(model, site.module_path))
         x, y = (tap.read(v, batch) if isinstance(v, torch.Tensor) else v for tap, v in ((site.input_tap, x),
                                                                                  (site.output_tap, y)))
         records[site.name] = SiteRecord(*_moved((x, y, ctx or {"args": (), "kwargs": {}}), device), order)

@@ -16,8 +16,8 @@ from tiny_models import hf_config, saved
 from ra_probe import probe
 from ra_probe.errors import UserError
 from ra_probe.load.models import load_model
-from ra_probe.load.offload import offloaded, streaming_hooks
-from ra_probe.pipeline.prepare import dispatched, prepared
+from ra_probe.load.offload import dispatched, offloaded, streaming_hooks
+from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.settings import Settings
 
 accelerate = pytest.importorskip("accelerate")
@@ -136,3 +136,31 @@ def test_device_maps_that_cannot_work_are_one_line_errors(folder, cli):
     assert code == 2 and "device_map must be auto, balanced" in err
     with pytest.raises(UserError, match="device_map must map module names"):
         load_model(folder, device_map={"model.layers.0": ["disk"]})
+
+
+def test_offloading_answers_what_a_probe_asks_of_a_model(folder):
+    """Offloading in one place: whether weights are offloaded, a site's block resident, the largest such
+    block, the bytes on devices, the whole state dict, where a block computes; inert without offloading."""
+    from types import SimpleNamespace
+
+    from ra_probe.load.offload import block_device, offloading
+
+    whole = load_model(folder).module
+    loaded = load_model(folder, device_map=OFFLOADING).module
+    layer = SimpleNamespace(name="model.layers.0", module_path="model.layers.0", ctx_module=None)
+    other = SimpleNamespace(name="model.layers.1", module_path="model.layers.1", ctx_module=None)
+    plain, offload = offloading(whole), offloading(loaded)
+    assert not plain.offloaded and plain.largest_block([layer], 4) == 0
+    assert plain.device_bytes() == sum(t.numel() * t.element_size() for t in (*whole.parameters(), *whole.buffers()))
+    first = {n: p for n, p in loaded.named_parameters() if n.startswith("model.layers.0.")}
+    assert offload.offloaded and all(p.device.type == "meta" for p in first.values())
+    assert offload.largest_block([other, layer], 4) == 4 * sum(p.numel() for p in first.values())
+    assert offload.device_bytes() < plain.device_bytes()
+    assert block_device(loaded.get_submodule("model.layers.0")) == torch.device("cpu")
+    with offload.resident(layer):
+        assert all(p.device.type == "cpu" for n, p in loaded.named_parameters() if n.startswith("model.layers.0."))
+    assert all(p.device.type == "meta" for n, p in loaded.named_parameters() if n.startswith("model.layers.0."))
+    state = offload.state_dict()
+    assert set(state) == set(whole.state_dict())
+    for name in first:
+        torch.testing.assert_close(state[name], whole.state_dict()[name])
