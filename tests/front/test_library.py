@@ -12,8 +12,9 @@ import ra_probe
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def readme_example(heading: str = "## From Python") -> str:
-    text = (ROOT / "README.md").read_text()
+def readme_example(heading: str = "## From Python", page: str = "README.md") -> str:
+    """The first Python block after `heading` in `page` (the README or a page of docs/)."""
+    text = (ROOT / page).read_text()
     section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -59,6 +60,18 @@ def test_the_readme_adapter_example_finds_and_verifies_its_sites(monkeypatch, ca
     assert [(s.name, s.adapter) for s in found.sites] == [("1", "gated"), ("2", "gated")] and not found.skipped
     assert all(s.verify_error is not None and s.verify_error < 1e-5 for s in found.sites)
     assert "('1', 'gated'" in capsys.readouterr().out
+
+
+def test_the_documented_source_example_loads_and_probes_its_models(monkeypatch):
+    """docs/data-and-sources.md's "write a source" example, run as written: the library takes the
+    references of the source it registers."""
+    from ra_probe.load.sources import registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", [])  # the source it registers leaves with the test
+    scope: dict = {}
+    exec(compile(readme_example("### Write a source", "docs/data-and-sources.md"), "docs", "exec"), scope)
+    report = scope["report"]
+    assert report["model"]["name"] == "zoo/depth-3" and [s["name"] for s in report.sites] == ["1", "2", "3"]
 
 
 def test_a_vit_with_fused_attention_is_probed_as_it_is():
