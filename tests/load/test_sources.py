@@ -17,7 +17,6 @@ import ra_probe
 from ra_probe.errors import UserError
 from ra_probe.load.bundled.fcresnet import FCResNet
 from ra_probe.load.models import load_model
-from ra_probe.load.preprocessing import module_loaded
 from ra_probe.load.sources import registry
 from ra_probe.load.sources.registry import find_source
 
@@ -62,10 +61,10 @@ def test_an_unknown_spec_on_the_command_line_is_one_line_exit_2(cli):
     assert "unknown model 'zoo/none-such'" in lines[0] and "factory" in lines[0]
 
 
-def _zoo(spec: str, options: ra_probe.LoadingOptions):
-    """A third-party source's load: a small FCResNet of `spec`'s depth, with a data shape of its own."""
-    depth = int(spec.removeprefix("zoo/depth-"))
-    return module_loaded(torch.nn.Sequential(FCResNet(depth=depth)), spec, "zoo", input_shape=(64,))
+def _zoo(spec: str, options: ra_probe.LoadingOptions) -> torch.nn.Module:
+    """A third-party source's load: a small FCResNet of `spec`'s depth (it takes vectors of its first
+    Linear's width, as a module given to `probe` does)."""
+    return FCResNet(depth=int(spec.removeprefix("zoo/depth-")))
 
 
 ZOO = ra_probe.Source("zoo", "zoo/depth-<n>", lambda spec: spec.startswith("zoo/"), _zoo)
@@ -84,7 +83,7 @@ def test_a_registered_source_is_probed_by_the_library_and_the_cli(registered, cl
 def test_a_registered_source_comes_before_the_built_in_ones(registered):
     registered(ra_probe.Source("mine", "bundled/* of mine", lambda spec: spec.startswith("bundled/"),
                                lambda spec, options: _zoo("zoo/depth-2", options)))
-    assert load_model("bundled/fc-digits").source == "zoo"
+    assert load_model("bundled/fc-digits").source == "mine"
 
 
 def test_the_registry_gives_random_init_weights_and_input_shape_to_every_source(registered, tmp_path):
@@ -95,6 +94,9 @@ def test_the_registry_gives_random_init_weights_and_input_shape_to_every_source(
     given = load_model("zoo/depth-2", weights=str(weights), input_shape=(64,))
     assert given.weights_path == str(weights) and given.pretrained and not given.module.training
     assert all(bool((p == 1).all()) for p in given.module.parameters())
+    fresh, again = load_model("zoo/depth-2", pretrained=False, seed=3), load_model("zoo/depth-2", pretrained=False, seed=3)
+    assert fresh.pretrained is False and fresh.input_shape == (64,)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.module.parameters(), again.module.parameters()))
 
 
 @pytest.fixture
@@ -129,6 +131,15 @@ def test_an_installed_source_is_read_only_when_no_other_source_recognizes_a_spec
     assert report["model"]["name"] == "izoo/two" and len(report.sites) == 2
     with pytest.raises(UserError, match="sources: bundled, .*factory, installed-zoo"):
         find_source("nowhere/at-all")
+
+
+def test_an_installed_source_that_cannot_be_imported_is_one_line(monkeypatch):
+    broken = EntryPoint(name="broken", value="no_such_package_anywhere:SOURCE", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group=None: [broken])
+    with pytest.raises(UserError, match=r"^the installed model source broken \(no_such_package_anywhere:SOURCE\) "
+                                        r"cannot be imported: No module named"):
+        load_model("somewhere/else")
+    assert load_model("bundled/fc-digits").pretrained  # a built-in spec never reads the entry points
 
 
 def test_a_checkpoint_at_no_pretrained_keeps_its_weights(tmp_path):

@@ -11,8 +11,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from ra_probe.errors import UserError
+from torch import nn
+
+from ra_probe.errors import UserError, first_line
 from ra_probe.load.loaded import LoadedModel, at_random_init, freeze
+from ra_probe.load.preprocessing import module_loaded
 from ra_probe.load.weights import load_weights
 
 ENTRY_POINT_GROUP = "ra_probe.sources"
@@ -37,17 +40,18 @@ class LoadingOptions:
 @dataclass(frozen=True)
 class Source:
     """A model source. `recognizes(spec)`: whether the spec is one of its models (cheap: no import of a
-    heavy library, no download); `load(spec, options)`: the model as a `LoadedModel` (its module, name
-    and what is known of its inputs), raising `ra_probe.errors.UserError` for anything the user can fix.
+    heavy library, no download); `load(spec, options)`: the model, an `nn.Module` (what it takes is read
+    from it as for a module given to `probe`) or a `LoadedModel` (its module, name and what is known of
+    its inputs), raising `ra_probe.errors.UserError` for anything the user can fix.
     What `load` need not do: load `options.weights`, freeze the module, set `options.input_shape`, and
-    give random init for `pretrained=False` (a model whose `pretrained` is True is re-initialized from
-    its `builder`, or from the module itself). `forms`: its specs in words, for messages ("timm/<name>");
+    give random init for `pretrained=False` (a module, or a LoadedModel whose `pretrained` is True, is
+    re-initialized from its `builder`, or from the module itself). `forms`: its specs in words, for messages ("timm/<name>");
     `device_map`: whether it places a model across devices itself."""
 
     name: str
     forms: str
     recognizes: Callable[[str], bool]
-    load: Callable[[str, LoadingOptions], LoadedModel]
+    load: Callable[[str, LoadingOptions], LoadedModel | nn.Module]
     device_map: bool = False
 
 
@@ -67,8 +71,19 @@ def register_source(source: Source) -> Source:
 
 
 def installed_sources() -> list[Source]:
-    """The sources installed through the entry-point group (each entry point names a `Source`)."""
-    return [ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    """The sources installed through the entry-point group (each entry point names a `Source`); one
+    that cannot be imported, or is no source, is a one-line UserError naming its entry point."""
+    sources = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            source = ep.load()
+        except Exception as exc:  # a third party's import can fail in any way
+            raise UserError(f"the installed model source {ep.name} ({ep.value}) cannot be imported: "
+                            f"{first_line(exc)}") from None
+        if not all(hasattr(source, attribute) for attribute in ("name", "forms", "recognizes", "load")):
+            raise UserError(f"the installed model source {ep.name} ({ep.value}) is not a ra_probe.Source")
+        sources.append(source)
+    return sources
 
 
 def find_source(spec: str) -> Source:
@@ -95,10 +110,13 @@ def load(spec: str, options: LoadingOptions = LoadingOptions()) -> LoadedModel:
         if options.weights is not None:
             raise UserError("device_map loads the folder's own weights; weights cannot be given with it")
     loaded = source.load(spec, options)
+    module = isinstance(loaded, nn.Module)  # what it was trained on, if at all, is not known
+    if module:
+        loaded = module_loaded(loaded, spec, source.name, options.input_shape)
     if options.weights is not None:
         loaded.weights_sha256 = load_weights(loaded.module, options.weights)
         loaded.weights_path, loaded.pretrained = str(options.weights), True
-    elif not options.pretrained and loaded.pretrained and loaded.weights_path is None:
+    elif not options.pretrained and (module or loaded.pretrained) and loaded.weights_path is None:
         at_random_init(loaded, options.seed)  # a source that gives only trained weights (bundled)
     if options.input_shape is not None:
         loaded.input_shape = tuple(options.input_shape)
