@@ -110,7 +110,8 @@ def main() -> None:
     held = ExitStack()  # kept until the run ends: a dropped one would put the model back at once
     model = held.enter_context(prepared(module, settings))
     samples = Samples(x.cpu(), None, "synthetic")
-    sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
+    found = discover(model, samples, settings.resolved_device(), settings.resolved_dtype())
+    sites = found.sites
     captured = capture(model, x, sites)
     print(f"{args.model} at {args.image_size}px on {device} ({torch.get_num_threads()} threads), "
           f"{args.samples} samples, {len(sites)} sites, k={args.k}, tol={args.tol:g}, float32, TF32 off")
@@ -136,7 +137,7 @@ def main() -> None:
 
     # 2. the whole probe in network forwards per sample
     start = time.perf_counter()
-    measured = measure(model, sites, samples, settings)
+    measured = measure(model, found.groups, samples, settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
     probe_seconds = time.perf_counter() - start

@@ -314,7 +314,8 @@ def probe_split(args, device) -> None:
     model = PREPARED.enter_context(prepared(module, settings))
     x = torch.randn(samples, 3, size, size)
     data = Samples(x, None, "synthetic")
-    sites = discover(model, data, settings.resolved_device(), settings.resolved_dtype()).sites
+    found = discover(model, data, settings.resolved_device(), settings.resolved_dtype())
+    sites = found.sites
     xd = x.to(device, settings.resolved_dtype())
     with torch.no_grad():
         model(xd)
@@ -323,7 +324,7 @@ def probe_split(args, device) -> None:
     def split(label: str) -> None:
         with time_split(device) as clock:
             with stopwatch(device, clock, "total"):
-                measured = measure(model, sites, data, settings)
+                measured = measure(model, found.groups, data, settings)
         timings = [measured.timing(s.name) for s in sites]
         ra2 = sum(t.get("align_seconds", 0.0) for t in timings)
         products = sum(t["products"] for t in timings) / samples

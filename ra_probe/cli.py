@@ -264,7 +264,7 @@ def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     loaded = options.load(model)
     report = find_sites(loaded, options.values["data"], device=options.values["device"], sites=options.values["sites"])
     console = Console()
-    console.print(sites_table([s.describe() for s in report.sites],
+    console.print(sites_table(report.describe(),
                               [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter,
                               console.width))
     if not report.sites:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from ra_probe.metrics import ra as ra_metrics
 from ra_probe.pipeline.cache import RunCache
 from ra_probe.pipeline.settings import Progress, Settings
 from ra_probe.sites.capture import Captured, SiteRecord, capture
-from ra_probe.sites.records import Site
+from ra_probe.sites.records import Group, VerifiedSite
 
 PROJECTED_SAMPLES = 16  # RA1 trajectories kept per group for the report's picture
 
@@ -94,13 +93,6 @@ class Measured:
         return self.site_values("method", site)[0]
 
 
-def groups_of(sites: list[Site]) -> dict[int, list[Site]]:
-    groups: dict[int, list[Site]] = defaultdict(list)
-    for site in sites:
-        groups[site.group].append(site)
-    return dict(groups)
-
-
 @dataclass
 class ChunkCost:
     """What one chunk of samples cost: its wall seconds (capture and measurement), and for the groups
@@ -113,17 +105,17 @@ class ChunkCost:
     groups: list[GroupMeasurement] = field(default_factory=list)
 
 
-def measure(model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
+def measure(model: torch.nn.Module, groups: Sequence[Group], samples: Samples, settings: Settings,
             progress: Progress | None = None, cache: RunCache | None = None) -> Measured:
-    """Spectra, alignment and trajectories of every site, chunk of samples by chunk (each group and
-    chunk served from `cache` when it holds it)."""
+    """Spectra, alignment and trajectories of every site of `groups`, chunk of samples by chunk (each
+    group and chunk served from `cache` when it holds it)."""
     out = Measured()
-    for _ in measuring(out, model, sites, samples, settings, progress, cache):
+    for _ in measuring(out, model, groups, samples, settings, progress, cache):
         pass
     return out
 
 
-def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples: Samples, settings: Settings,
+def measuring(out: Measured, model: torch.nn.Module, groups: Sequence[Group], samples: Samples, settings: Settings,
               progress: Progress | None = None, cache: RunCache | None = None,
               first_alone: bool = False, rounds: list[int] | None = None) -> Iterator[ChunkCost]:
     """`measure` into `out`, yielding each chunk's cost once it is measured. `first_alone`: the first
@@ -135,7 +127,8 @@ def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples:
     if settings.tokens == "last" and real_tokens(samples.inputs) is None:
         raise UserError("--tokens last takes text data (token ids with an attention mask): "
                         f"{samples.name!r} is not")
-    out.peak = peak_estimate(model, sites, n, settings)
+    sites = [site for group in groups for site in group.sites]
+    out.peak = peak_estimate(model, groups, n, settings)
     batch_size = out.batch_size = out.peak.samples
     hold = offloading(model)
     bounds = [0, *[r for r in rounds or () if 0 < r < n], n]
@@ -150,13 +143,12 @@ def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples:
         done += advance
         if progress:
             progress(f"{what} ({seconds:.1f} s, {products} products)" if products else what, done, total)
-    measured_sites = sites
     for number, index in enumerate(indices, 1):
         tick = time.perf_counter()
         chunk = batch(samples.inputs, index, device, dtype)
         captured = capture(model, chunk, sites)
         if settings.tokens == "last":
-            measured_sites, captured = at_last_token(sites, captured)
+            captured = at_last_token(sites, captured)
         out.order.append(index)
         if captured.features is not None and captured.features.ndim == 3:  # a language model's head, per token
             if isinstance(chunk, dict) and "input_ids" in chunk:
@@ -170,28 +162,27 @@ def measuring(out: Measured, model: torch.nn.Module, sites: list[Site], samples:
                 out.logits.append(captured.logits.double().cpu())
         where = f", chunk {number}/{len(indices)}" if len(indices) > 1 else ""
         cost = ChunkCost(index, 0.0)
-        for group, members in groups_of(measured_sites).items():
-            end = done + len(members)
+        for group in groups:
+            end = done + len(group.sites)
             say = lambda what, seconds, products, advance=1: site_done(f"{what}{where}", seconds, products, advance)  # noqa: B023, E731
-            measurement, served = _measure_group_cached(cache, group, members, captured, settings, index, say, hold)
+            measurement, served = _measure_group_cached(cache, group, captured, settings, index, say, hold)
             out.groups.append(measurement)
             cost.groups.append(measurement)
             if served:  # nothing was measured: what it cost when it was
                 cost.served += 1
                 cost.cached_seconds += sum(t["seconds"] + t["align_seconds"] for t in measurement.timing.values())
             if done < end:
-                site_done(f"group {group}{where} from the cache", 0.0, 0, end - done)
+                site_done(f"group {group.index}{where} from the cache", 0.0, 0, end - done)
         del chunk, captured  # a suspended caller (another measurement meanwhile) holds none of the chunk
         cost.seconds = time.perf_counter() - tick
         yield cost
 
 
-def at_last_token(sites: list[Site], captured: Captured) -> tuple[list[Site], Captured]:
-    """The sites measured at the last token of each sentence (a chunk's sentences have no padding, see
-    `load.data.unpadded`, so it is the last position): each site's branch as a function of that
-    token's input alone, F(x)[:, -1] with x's earlier tokens held at their captured values, and its
-    captured values at that token."""
-    records, out = {}, []
+def at_last_token(sites: list[VerifiedSite], captured: Captured) -> Captured:
+    """The sites' captured values at the last token of each sentence (a chunk's sentences have no
+    padding, see `load.data.unpadded`, so it is the last position), with the sentences' tokens, from
+    which `branch_of` recomputes each site's branch as a function of that token's input alone."""
+    records = {}
     for site in sites:
         record = captured.sites[site.name]
         if record.x.ndim < 3 or record.y.shape[:2] != record.x.shape[:2]:
@@ -199,9 +190,14 @@ def at_last_token(sites: list[Site], captured: Captured) -> tuple[list[Site], Ca
                             f"output {tuple(record.y.shape)}); it takes a text model's sites")
         records[site.name] = SiteRecord(record.x[:, -1], record.y[:, -1], {"tokens": record.x, "ctx": record.ctx},
                                         record.order)
-        out.append(dataclasses.replace(site, branch=_last_token_branch(site.branch), in_shape=site.in_shape[1:],
-                                       out_shape=site.out_shape[1:]))
-    return out, dataclasses.replace(captured, sites=records)
+    return dataclasses.replace(captured, sites=records)
+
+
+def branch_of(site: VerifiedSite, settings: Settings):
+    """The function whose Jacobian is measured at `site`: its branch, or at the last token (`tokens`
+    "last"), F(x)[:, -1] as a function of that token's input alone, x's earlier tokens held at their
+    captured values (see `at_last_token`)."""
+    return _last_token_branch(site.branch) if settings.tokens == "last" else site.branch
 
 
 def _last_token_branch(branch):
@@ -227,28 +223,28 @@ class PeakEstimate:
         return self.weights + self.block + self.per_sample * self.samples
 
 
-def peak_estimate(model: torch.nn.Module, sites: list[Site], samples: int, settings: Settings) -> PeakEstimate:
+def peak_estimate(model: torch.nn.Module, groups: Sequence[Group], samples: int, settings: Settings) -> PeakEstimate:
     """The probe's peak memory, with chunks of `settings.batch_size` samples, or as many of `samples`
     as the device's free memory allows."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    dims, memory = _site_dims(sites, settings), _memory_settings(settings)
+    dims, memory = _site_dims(groups, settings), _memory_settings(settings)
     offload = offloading(model)
-    block = offload.largest_block(sites, dtype.itemsize)
+    block = offload.largest_block([site for group in groups for site in group.sites], dtype.itemsize)
     batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=block, **memory)
     return PeakEstimate(offload.device_bytes(), block, bytes_per_sample(dims, device=device, **memory), batch_size)
 
 
-def _site_dims(sites: list[Site], settings: Settings) -> list[list[tuple[int, int, str]]]:
+def _site_dims(groups: Sequence[Group], settings: Settings) -> list[list[tuple[int, int, str]]]:
     """(input dimension, output dimension, solver) of every site, by group, as engine.memory takes them."""
     itemsize = settings.resolved_dtype().itemsize
 
-    def sized(site: Site, partners: list[Site]) -> tuple[int, int, str]:
+    def sized(site: VerifiedSite, partners: list[VerifiedSite]) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
                                    itemsize=itemsize, after=len(partners) * _aligned_k(settings))
 
-    groups = [(members, alignment_partners(members, settings)) for members in groups_of(sites).values()]
-    return [[sized(s, partners[s.name]) for s in members] for members, partners in groups]
+    partnered = [(group.sites, alignment_partners(group.sites, settings)) for group in groups]
+    return [[sized(s, partners[s.name]) for s in members] for members, partners in partnered]
 
 
 def _memory_settings(settings: Settings) -> dict[str, int]:
@@ -259,7 +255,7 @@ def _memory_settings(settings: Settings) -> dict[str, int]:
 SiteDone = Callable[..., None]  # (what was measured, seconds, products): after each site's SVD and each alignment
 
 
-def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site], captured: Captured,
+def _measure_group_cached(cache: RunCache | None, group: Group, captured: Captured,
                           settings: Settings, sample_ids: torch.Tensor, on_done: SiteDone | None = None,
                           hold: Offloading | None = None) -> tuple[GroupMeasurement, bool]:
     """`measure_group`, served from `cache` when it holds a measurement of the same sites on the same
@@ -269,23 +265,24 @@ def _measure_group_cached(cache: RunCache | None, group: int, members: list[Site
 
     def compute() -> GroupMeasurement:
         computed.append(True)
-        return measure_group(group, members, captured, settings, sample_ids, on_done, hold)
+        return measure_group(group, captured, settings, sample_ids, on_done, hold)
     if cache is None:
         return compute(), False
-    records = [captured.sites[s.name] for s in members]  # at the last token: the sentences' tokens too
+    records = [captured.sites[s.name] for s in group.sites]  # at the last token: the sentences' tokens too
     values = [sample_ids] + [t for r in records for t in (r.x, r.y, r.ctx.get("tokens")) if t is not None]
-    measurement = cache.get_or_compute([s.name for s in members], values, compute, GroupMeasurement)
+    measurement = cache.get_or_compute([s.name for s in group.sites], values, compute, GroupMeasurement)
     return measurement, not computed
 
 
-def measure_group(group: int, members: list[Site], captured: Captured, settings: Settings,
+def measure_group(group: Group, captured: Captured, settings: Settings,
                   sample_ids: torch.Tensor | None = None, on_done: SiteDone | None = None,
                   hold: Offloading | None = None) -> GroupMeasurement:
     """Top-k SVD of every site of a group on one chunk of samples (`sample_ids`, their indices in the
     data: the solver's random vectors follow the sample, not its place in the chunk), then RA2
     alignment and RA1 trajectories. `hold`: what makes a site's offloaded weights resident while
     its products run (a model whose weights accelerate offloads)."""
-    out = GroupMeasurement(group)
+    members = group.sites
+    out = GroupMeasurement(group.index)
     svds, ops, partners = {}, {}, alignment_partners(members, settings)
     for site in members:
         record = captured.sites[site.name]
@@ -293,7 +290,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         # at the last token, a tangent runs through every token of the sentence
         tangent_size = record.ctx["tokens"][0].numel() if settings.tokens == "last" else None
         with held(hold, site):
-            jacobian = JacobianOperator(site.branch, record.x, record.ctx, chunk=settings.chunk,
+            jacobian = JacobianOperator(branch_of(site, settings), record.x, record.ctx, chunk=settings.chunk,
                                         tangent_size=tangent_size)
             try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
                 op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
@@ -322,7 +319,7 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
         _measure_alignment(members, partners, svds, ops, settings, out, hold)
         if on_done:
             timings = [out.timing[s.name] for s in members]
-            on_done(f"group {group} RA2 alignment", sum(t["align_seconds"] for t in timings),
+            on_done(f"group {group.index} RA2 alignment", sum(t["align_seconds"] for t in timings),
                     sum(t["align_products"] for t in timings), advance=0)
         first = captured.sites[members[0].name].x
         H = torch.stack([first] + [captured.sites[s.name].y.to(first.device) for s in members], dim=1)
@@ -332,18 +329,18 @@ def measure_group(group: int, members: list[Site], captured: Captured, settings:
     return out
 
 
-def alignment_partners(members: list[Site], settings: Settings) -> dict[str, list[Site]]:
+def alignment_partners(members: Sequence[VerifiedSite], settings: Settings) -> dict[str, list[VerifiedSite]]:
     """Each site's partners j of a group, those whose M_ij RA2 and coupling measure: every other site,
     or in a large group a sample of them (`align_pairs`, see `ra.alignment_pairs`)."""
     partners = ra_metrics.partners_per_site(len(members), settings.align_pairs)
-    out: dict[str, list[Site]] = {site.name: [] for site in members}
+    out: dict[str, list[VerifiedSite]] = {site.name: [] for site in members}
     for a, b in ra_metrics.alignment_pairs(len(members), partners, settings.seed):
         out[members[a].name].append(members[b])
     return out
 
 
-def _measure_alignment(members: list[Site], partners_of: dict[str, list[Site]], svds, ops, settings: Settings,
-                       out: GroupMeasurement, hold: Offloading | None = None) -> None:
+def _measure_alignment(members: Sequence[VerifiedSite], partners_of: dict[str, list[VerifiedSite]], svds, ops,
+                       settings: Settings, out: GroupMeasurement, hold: Offloading | None = None) -> None:
     """RA2 and block coupling within a group from M_ij = U_jᵀ J_i V_j for each site i and its partners
     j: J_i applied to the partners' top vectors in one wide block product J_i [V_j …] (a dense site's
     J_i is already formed), then every partner's U_jᵀ in one batched product. K of the largest of RA2

@@ -67,14 +67,14 @@ class Stopping:
     def model(self, found: SiteReport, so_far: Measured, count: int) -> str | None:
         if self.spent():
             return "budget"
-        metrics = summarize(found.sites, so_far, self.loaded, self.settings, self.labels, collapse_too=False).metrics
+        metrics = summarize(found.groups, so_far, self.loaded, self.settings, self.labels, collapse_too=False).metrics
         checks = ra_verdict(metrics, self.settings.thresholds)["checks"]
         return None if any(c.get("undetermined") for c in checks) else "decided"
 
     def null(self, found: SiteReport, so_far: Measured, count: int) -> str | None:
         if self.spent():
             return "budget"
-        at_init = summarize(found.sites, so_far, self.at_init, self.settings, None, collapse_too=False).replicates
+        at_init = summarize(found.groups, so_far, self.at_init, self.settings, None, collapse_too=False).replicates
         low, high = ratio_interval(self.measured.replicates.get(("ra2", "mean_score")),
                                    at_init.get(("ra2", "mean_score")), self.settings.confidence) or (None, None)
         limit = self.settings.thresholds.min_init_ratio

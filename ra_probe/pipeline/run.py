@@ -193,7 +193,7 @@ def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: 
         site_report = discover(model, samples, device, dtype, settings.sites)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured, why = Measured(), None
-        chunks = measuring(measured, model, site_report.sites, samples, settings, progress, run_cache,
+        chunks = measuring(measured, model, site_report.groups, samples, settings, progress, run_cache,
                            first_alone=True, rounds=rounds)
         for chunk in chunks:
             yield site_report, measured, chunk
@@ -207,10 +207,10 @@ def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: 
         features = None
         if count < len(samples):  # NC takes every sample: a forward each, no Jacobian
             rest = Samples(take(samples.inputs, slice(count, None)), None, samples.name)
-            features = _joined(measured, measure(model, [], rest, settings), count)
+            features = _joined(measured, measure(model, (), rest, settings), count)
         if stopped is not None:
             stopped.update(measured=count, why=why)
-        summary = summarize(site_report.sites, measured, loaded, settings, samples.labels, features)
+        summary = summarize(site_report.groups, measured, loaded, settings, samples.labels, features)
     return site_report, measured, summary
 
 
@@ -277,7 +277,7 @@ def _collapse_at_init(module: torch.nn.Module, samples: Samples, settings: Setti
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
             prepared(module, settings) as model:
         torch.manual_seed(settings.seed)
-        nc, replicates = collapse(module, measure(model, [], samples, settings), samples.labels, settings)
+        nc, replicates = collapse(module, measure(model, (), samples, settings), samples.labels, settings)
     if nc is None or nc["undetermined"]:
         return None, {}
     return {key: nc[key] for key in (*NC_VALUES, "nc1_ci", "classes", "samples")}, replicates

@@ -3,6 +3,7 @@ from what was measured."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +14,10 @@ from ra_probe.metrics import nc as nc_metrics
 from ra_probe.metrics import ra as ra_metrics
 from ra_probe.metrics import uncertainty
 from ra_probe.metrics.uncertainty import Resamples, interval
-from ra_probe.pipeline.measure import Measured, groups_of
+from ra_probe.pipeline.measure import Measured
 from ra_probe.pipeline.settings import Settings
 from ra_probe.sites.capture import find_classifier
-from ra_probe.sites.records import Site
+from ra_probe.sites.records import Group, VerifiedSite
 
 
 def _mean_std(values: torch.Tensor) -> tuple[float, float]:
@@ -40,12 +41,13 @@ class Summary:
     replicates: dict[tuple[str, str], torch.Tensor]
 
 
-def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settings: Settings,
+def summarize(groups: Sequence[Group], measured: Measured, loaded: LoadedModel, settings: Settings,
               labels: torch.Tensor | None = None, features: Measured | None = None,
               collapse_too: bool = True) -> Summary:
     """Per-site spectra and RA1–RA4 over samples, NC on the classifier features: those of `features` when
     given (a forward over more samples than the Jacobians were measured on), else of `measured`;
     `collapse_too` False leaves NC out (null)."""
+    sites = [site for group in groups for site in group.sites]
     logits = torch.cat(measured.logits) if measured.logits else None
     num_classes = loaded.num_classes or (logits.shape[1] if logits is not None and logits.ndim == 2 else None)
     fully_connected = bool(sites) and all(len(s.in_shape) == 1 for s in sites)
@@ -72,15 +74,16 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
         ra4_sites.append({"site": site.name, "depth": len(ra4_sites) + 1, "sigma1_mean": s1_mean, "sigma1_std": s1_std})
 
     ra1_groups, ra2_groups, coupling_groups, group_linearity, group_scores = [], [], [], [], []
-    for group, members in groups_of(sites).items():
+    for group in groups:
+        members = group.sites
         if len(members) < 2:
             continue
-        entry, linearity = _trajectories(group, members, measured, boot)
+        entry, linearity = _trajectories(group.index, members, measured, boot)
         ra1_groups.append(entry)
         group_linearity.append(linearity)
-        ra2_groups.append(_alignment(group, members, measured, boot, group_scores))
+        ra2_groups.append(_alignment(group.index, members, measured, boot, group_scores))
         if settings.coupling_k:
-            coupling_groups.append(_coupling(group, [s.name for s in members], measured, settings.coupling_k))
+            coupling_groups.append(_coupling(group.index, [s.name for s in members], measured, settings.coupling_k))
 
     judged = [s["rank_le_classes"] for s in ra3_sites if s["rank_le_classes"] is not None]
     sigma1 = [s["sigma1_mean"] for s in ra4_sites]
@@ -110,7 +113,7 @@ def summarize(sites: list[Site], measured: Measured, loaded: LoadedModel, settin
     return Summary(per_site, metrics, replicates)
 
 
-def _trajectories(group: int, members: list[Site], measured: Measured, boot: Resamples | None
+def _trajectories(group: int, members: Sequence[VerifiedSite], measured: Measured, boot: Resamples | None
                   ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """A group's RA1 entry (each trajectory statistic's mean and std over samples, linearity's interval)
     and its linearity on each resample."""
@@ -126,7 +129,7 @@ def _trajectories(group: int, members: list[Site], measured: Measured, boot: Res
     return entry, linearity
 
 
-def _alignment(group: int, members: list[Site], measured: Measured, boot: Resamples | None,
+def _alignment(group: int, members: Sequence[VerifiedSite], measured: Measured, boot: Resamples | None,
                group_scores: list) -> dict[str, Any]:
     """A group's RA2 entry: the a_ij matrix over the pairs measured, the group score, the K×K maps kept,
     and their intervals (the score's replicates appended to `group_scores`)."""

@@ -20,12 +20,13 @@ def name_sites(path: str, sites: list[Site]) -> list[Site]:
     """Names of the sites a detector found in one module, each named by its branch's main child: one
     site takes the module's path; several take path.<child>, numbered @1, @2... where branches share
     that child (weights applied several times in one forward)."""
-    uses, seen = Counter(s.name for s in sites), Counter()
+    uses, seen, out = Counter(s.name for s in sites), Counter(), []
     for site in sites:
         seen[site.name] += 1
         suffix = f"@{seen[site.name]}" if uses[site.name] > 1 else ""
-        site.name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name))) + suffix
-    return sites
+        name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name))) + suffix
+        out.append(replace(site, name=name))
+    return out
 
 
 class FamilyAdapter:

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ra_probe.plugins import runtime
 from ra_probe.plugins._blocks import NORMS, name_sites, without_cache
-from ra_probe.sites.records import Site, SiteReport, Skipped, Tap, inside
+from ra_probe.sites.records import Found, Site, Skipped, Tap, inside
 from ra_probe.sites.registry import in_module_order
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -403,7 +403,7 @@ class GenericDetector:
     fallback = True
     any_module = True  # also given the modules a family adapter leaves
 
-    def find(self, model: nn.Module, run=None, exclude=(), within=None) -> SiteReport:
+    def find(self, model: nn.Module, run=None, exclude=(), within=None) -> Found:
         found, untraceable, fixed = {}, {}, {}
         for path, module in model.named_modules():
             if inside(path, exclude) or (within is not None and not inside(path, within)):
@@ -416,21 +416,20 @@ class GenericDetector:
             for path, name in _called_otherwise(model, run, {p: f for p, f in fixed.items() if f}).items():
                 del found[path]
                 untraceable[path] = f"traced by torch.fx only with {name} left at its default, which its call sets"
-        report = SiteReport(self.name, [s for sites, _ in found.values() for s in sites],
-                            [s for _, skipped in found.values() for s in skipped])
+        sites = [s for found_sites, _ in found.values() for s in found_sites]
+        skipped = [s for _, found_skipped in found.values() for s in found_skipped]
         if untraceable and run is not None:
             frames: dict[str, runtime._Frame] = {}
             for frame in runtime.record(model, run, set(untraceable)):
                 frames.setdefault(frame.path, frame)  # a block called again: each_call repeats its sites
             for frame in frames.values():
-                sites, skipped = runtime.sites_of(frame)
-                report.sites.extend(sites)
-                report.skipped.extend(skipped)
+                frame_sites, frame_skipped = runtime.sites_of(frame)
+                sites.extend(frame_sites)
+                skipped.extend(frame_skipped)
         elif untraceable:
-            report.skipped.extend(Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds "
-                                                           f"not looked for ({why})") for path, why in untraceable.items())
-        report.sites = in_module_order(model, report.sites)
-        return report
+            skipped.extend(Skipped(path or "model", f"forward not traceable by torch.fx, its residual adds "
+                                                    f"not looked for ({why})") for path, why in untraceable.items())
+        return Found(self.name, tuple(in_module_order(model, sites)), tuple(skipped))
 
 
 ADAPTER = GenericDetector()

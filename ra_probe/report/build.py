@@ -34,8 +34,7 @@ def build_report(loaded: LoadedModel, samples: Samples, settings: Settings, outc
     metrics = outcome.metrics
     tokens = real_tokens(samples.inputs)
     sites = []
-    for site in site_report.sites:
-        entry = site.describe()
+    for site, entry in zip(site_report.sites, site_report.describe()):
         if settings.tokens == "last":  # measured at one token: the Jacobian's shapes are a token's
             entry.update(input_shape=entry["input_shape"][1:], output_shape=entry["output_shape"][1:])
         entry.update(outcome.sites[site.name])

@@ -3,6 +3,7 @@ inputs ctx and block output y, and for the model the logits and the classifier's
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import count
@@ -13,7 +14,16 @@ from torch import nn
 
 from ra_probe.load.offload import block_device
 from ra_probe.load.samples import Inputs, first_tensor, run_model
-from ra_probe.sites.records import Context, Site, each_call, main_input, module_at, output_tensor
+from ra_probe.sites.records import (
+    Context,
+    Found,
+    SiteCall,
+    VerifiedSite,
+    each_call,
+    main_input,
+    module_at,
+    output_tensor,
+)
 
 
 @dataclass
@@ -76,10 +86,19 @@ def _copy(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
+def _wanted(sites: Found | Sequence[SiteCall | VerifiedSite]) -> tuple[set[tuple[str, str]], set[str]]:
+    """What a capture of `sites` reads: (module, "input" | "output" | "call") pairs, and the sites' blocks."""
+    listed = sites.sites if isinstance(sites, Found) else sites
+    wanted = {(tap.module, tap.where) for s in listed for tap in (s.input_tap, s.output_tap)}
+    wanted |= {(s.ctx_module, "call") for s in listed if s.ctx_module is not None}  # the side inputs
+    return wanted, {s.module_path for s in listed}
+
+
 @torch.no_grad()
-def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: bool = True) -> Captured:
-    """Run `model(inputs)` once and record each site's (x, ctx, y) at every call of its block (see
-    `each_call`: a block called n times gives n records), and how many times each block was called.
+def capture(model: nn.Module, inputs: Inputs, sites: Found | Sequence[SiteCall | VerifiedSite], *,
+            with_head: bool = True) -> Captured:
+    """Run `model(inputs)` once and record each site's (x, ctx, y) under its name at its call: the sites
+    found at every call of their block (`each_call`), or the given sites at theirs; and block calls.
 
     Every hooked call gets a sequence number; a block's call spans the numbers from its start to its
     end, so a tap's `call`-th reading inside that span is the one the site needs, however often the
@@ -88,9 +107,7 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
     reads: dict[tuple[str, str], list[tuple[int, Any]]] = defaultdict(list)  # (path, where) → (tick, value)
     spans: dict[str, list[tuple[int, int]]] = defaultdict(list)  # block path → (start, end) of each call
     open_calls: dict[str, list[int]] = defaultdict(list)
-    wanted = {(tap.module, tap.where) for s in sites for tap in (s.input_tap, s.output_tap)}
-    wanted |= {(s.ctx_module, "call") for s in sites if s.ctx_module is not None}  # the side inputs
-    blocks = {s.module_path for s in sites}
+    wanted, blocks = _wanted(sites)
     head = find_classifier(model) if with_head else None
     features: list[torch.Tensor] = []
 
@@ -135,7 +152,7 @@ def capture(model: nn.Module, inputs: Inputs, sites: list[Site], *, with_head: b
     calls = {path: len(spans[path]) for path in blocks}
     batch = len(first_tensor(inputs))
     records = {}
-    for site in each_call(sites, calls):
+    for site in each_call(sites, calls) if isinstance(sites, Found) else sites:
         if site.call >= calls[site.module_path]:
             continue
         span = spans[site.module_path][site.call]

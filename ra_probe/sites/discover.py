@@ -10,8 +10,8 @@ import torch
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.samples import Samples, batch, chunks, run_model, take
 from ra_probe.sites.capture import Captured, capture, logits_of
-from ra_probe.sites.records import SiteReport
-from ra_probe.sites.registry import at_level, find_sites, hand_over
+from ra_probe.sites.records import Found, SiteReport
+from ra_probe.sites.registry import find_sites, hand_over
 from ra_probe.sites.verify import verify_sites
 
 
@@ -24,18 +24,17 @@ def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dty
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     run = lambda: run_model(model, take(first, slice(0, 1)))  # noqa: E731
     with _fitting(model, first, samples.name):
-        report = find_sites(model, run=run)
-        report.sites = at_level(report.sites, level)
-    verified = verify_sites(report, _captured(model, first, report, samples.name))
-    handed = hand_over(model, report, verified.skipped, run=run)
+        found = find_sites(model, run=run).at_level(level)
+    verified = verify_sites(found, _captured(model, first, found, samples.name))
+    handed = hand_over(model, found, verified.skipped, run=run)
     return verified if handed is None else verify_sites(handed, _captured(model, first, handed, samples.name))
 
 
-def _captured(model: torch.nn.Module, first, report: SiteReport, data: str) -> Captured:
+def _captured(model: torch.nn.Module, first, found: Found, data: str) -> Captured:
     """The sites' tensors on the first batch, once checked against its first sample alone."""
     with _fitting(model, first, data):
-        captured = capture(model, first, report.sites, with_head=False)
-        alone = capture(model, take(first, slice(0, 1)), report.sites, with_head=False)
+        captured = capture(model, first, found, with_head=False)
+        alone = capture(model, take(first, slice(0, 1)), found, with_head=False)
     _check_independent(captured, alone)
     return captured
 

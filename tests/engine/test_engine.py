@@ -357,8 +357,8 @@ def test_jacobian_operator_matches_jacrev_and_is_adjoint():
 def per_sample_spectra(loaded: LoadedModel, samples: Samples, **settings) -> dict[str, torch.Tensor]:
     settings = Settings(dtype="float64", **settings)
     with prepared(loaded.module, settings) as model:
-        sites = discover(model, samples, settings.resolved_device(), settings.resolved_dtype()).sites
-        measured = measure(model, sites, samples, settings)
+        found = discover(model, samples, settings.resolved_device(), settings.resolved_dtype())
+        sites, measured = found.sites, measure(model, found.groups, samples, settings)
     return {s.name: torch.cat(measured.site_values("S", s.name)) for s in sites}
 
 
@@ -486,8 +486,6 @@ def test_a_probe_stays_within_its_memory_estimate():
 
     from tiny_models import ResidualConv
 
-    from ra_probe.pipeline.measure import groups_of
-
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -502,16 +500,18 @@ def test_a_probe_stays_within_its_memory_estimate():
     x = torch.randn(64, 3, 8, 8)
     settings = Settings(k=16, batch_size=64)
     with prepared(Net(), settings) as model:
-        sites = discover(model, Samples(x, None, "synthetic"), settings.resolved_device(), settings.resolved_dtype()).sites
-        measure(model, sites, Samples(x[:2], None, "warm-up"), Settings(k=16, batch_size=2))  # lazy imports, kernels
-        dims = [[(math.prod(s.in_shape), math.prod(s.out_shape), choose_method((64, 2048, 2048), k=16)) for s in group]
-                for group in groups_of(sites).values()]
+        groups = discover(model, Samples(x, None, "synthetic"), settings.resolved_device(),
+                          settings.resolved_dtype()).groups
+        sites = [site for group in groups for site in group.sites]
+        measure(model, groups, Samples(x[:2], None, "warm-up"), Settings(k=16, batch_size=2))  # lazy imports, kernels
+        dims = [[(math.prod(s.in_shape), math.prod(s.out_shape), choose_method((64, 2048, 2048), k=16))
+                 for s in group.sites] for group in groups]
         estimate = 64 * bytes_per_sample(dims, k=16, align_k=16, block=default_block(16), chunk=settings.chunk,
                                          itemsize=4)
         before = _status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # reset the high-water mark to the current resident size
-        measured = measure(model, sites, Samples(x, None, "synthetic"), settings)
+        measured = measure(model, groups, Samples(x, None, "synthetic"), settings)
         peak = _status_bytes("VmHWM") - before
     assert {measured.method(s.name) for s in sites} == {"block"} and len(sites) == 3
     assert 0 < peak <= estimate, (peak, estimate)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from ra_probe.engine import JacobianOperator, dense_svd, krylov_svd
 from ra_probe.load.models import load_model
 from ra_probe.sites.capture import capture
+from ra_probe.sites.records import Found
 from ra_probe.sites.registry import find_sites
 from ra_probe.sites.verify import verify_sites
 
@@ -60,7 +61,7 @@ def test_model_without_skips_reports_no_residual_connections(tmp_path, cli, bund
 def test_every_site_reproduces_its_block_output():
     loaded = load_model("bundled/fc-digits")
     x = torch.randn(5, 64)
-    report = verify_sites(find_sites(loaded.module), capture(loaded.module, x, find_sites(loaded.module).sites))
+    report = verify_sites(find_sites(loaded.module), capture(loaded.module, x, find_sites(loaded.module)))
     assert len(report.sites) == 8 and not report.skipped
     records = capture(loaded.module, x, report.sites).sites
     for site in report.sites:
@@ -76,7 +77,7 @@ def test_timm_resnet18_sites_verified():
     model = timm.create_model("resnet18", pretrained=False, zero_init_last=False).eval()
     report = find_sites(model)
     assert report.adapter == "timm-resnet"
-    verified = verify_sites(report, capture(model, torch.randn(2, 3, 64, 64), report.sites))
+    verified = verify_sites(report, capture(model, torch.randn(2, 3, 64, 64), report))
     assert len(verified.sites) == 8 and not verified.skipped
     assert [s.kind for s in verified.sites].count("projection") == 3
     assert max(s.verify_error for s in verified.sites) < 1e-5
@@ -85,9 +86,10 @@ def test_timm_resnet18_sites_verified():
 def test_exact_and_matrix_free_spectra_agree_in_float64():
     loaded = load_model("bundled/fc-digits")
     model = loaded.module.double()
-    site = find_sites(model).sites[5]
+    found = find_sites(model)
+    site = found.sites[5]
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 64)))
-    record = capture(model, x, [site]).sites[site.name]
+    record = capture(model, x, Found(found.adapter, (site,))).sites[site.name]
     op = JacobianOperator(lambda h: site.branch(h, record.ctx), record.x)
     exact = dense_svd(op, 8)
     iterative = krylov_svd(op, 8, tol=1e-10)

@@ -23,7 +23,7 @@ from ra_probe.sites.verify import verify_sites
 
 def discover(model: nn.Module, x, adapters=None):
     report = find_sites(model, adapters)
-    return verify_sites(report, capture(model, x, report.sites, with_head=False))
+    return verify_sites(report, capture(model, x, report, with_head=False))
 
 
 def timm_model(name: str, **kwargs) -> nn.Module:
@@ -48,7 +48,7 @@ def test_timm_site_counts_verified_against_block_outputs(name, kwargs, size, cou
     torch.manual_seed(0)
     report = discover(timm_model(name, **kwargs), torch.randn(2, 3, size, size))
     assert report.adapter == adapter
-    assert report.skipped == []
+    assert report.skipped == ()
     assert len(report.sites) == count
     assert sum(s.kind == "identity" for s in report.sites) == identity
     assert sum(s.kind == "projection" for s in report.sites) == count - identity
@@ -61,9 +61,9 @@ def test_generic_detector_agrees_with_the_family_adapter(name, kwargs):
     torch.manual_seed(0)
     model, x = timm_model(name, **kwargs), torch.randn(2, 3, 32, 32)
     family, found = discover(model, x), discover(model, x, [generic.ADAPTER])
-    assert found.adapter == "generic" and found.skipped == []
-    assert [(s.name, s.kind, s.post_name, s.group) for s in found.sites] == \
-           [(s.name, s.kind, s.post_name, s.group) for s in family.sites]
+    assert found.adapter == "generic" and found.skipped == ()
+    assert [(s["name"], s["kind"], s["post"], s["group"]) for s in found.describe()] == \
+           [(s["name"], s["kind"], s["post"], s["group"]) for s in family.describe()]
     captured = capture(model, x, family.sites, with_head=False)
     for ours, theirs in zip(found.sites, family.sites):  # the same branch function on the same input
         record = captured.sites[theirs.name]
@@ -102,7 +102,7 @@ def test_generic_detector_finds_the_sites_of_an_unseen_module_with_side_inputs()
     torch.manual_seed(0)
     model, x = GatedNet().eval(), torch.randn(5, 4)
     report = discover(model, x)
-    assert report.adapter == "generic" and report.skipped == []
+    assert report.adapter == "generic" and report.skipped == ()
     assert [s.name for s in report.sites] == [f"blocks.{i}.{b}" for i in range(3) for b in ("mix", "ff")]
     assert [s.post_name for s in report.sites] == [None, "relu"] * 3
     assert all(s.kind == "identity" and s.verify_error < 1e-6 for s in report.sites)
@@ -119,7 +119,7 @@ def test_a_block_called_several_times_is_a_site_per_call_each_with_its_own_input
     torch.manual_seed(0)
     model, x = GatedNet(shared=True).eval(), torch.randn(5, 4)
     report = discover(model, x)
-    assert report.adapter == "generic" and report.skipped == []
+    assert report.adapter == "generic" and report.skipped == ()
     assert [s.name for s in report.sites] == [f"blocks.0.{b}@{i}" for i in (1, 2, 3) for b in ("mix", "ff")]
     assert all(s.verify_error < 1e-6 for s in report.sites)
     records = capture(model, x, report.sites, with_head=False).sites
@@ -136,7 +136,7 @@ def test_generic_detector_finds_residual_adds_written_in_the_models_own_forward(
     torch.manual_seed(0)
     model, x = model_class().eval(), torch.randn(5, 8)
     report = discover(model, x)
-    assert report.adapter == "generic" and report.skipped == []
+    assert report.adapter == "generic" and report.skipped == ()
     assert [s.name for s in report.sites] == names
     assert all(s.kind == "identity" and s.verify_error < 1e-6 for s in report.sites)
     records = capture(model, x, report.sites, with_head=False).sites
@@ -146,7 +146,7 @@ def test_generic_detector_finds_residual_adds_written_in_the_models_own_forward(
 
 def test_a_forward_the_generic_detector_cannot_trace_is_reported_as_skipped():
     report = discover(tiny_models.FlatGuarded().eval(), torch.randn(5, 8))
-    assert report.adapter == "generic" and report.sites == []
+    assert report.adapter == "generic" and report.sites == ()
     assert [s.name for s in report.skipped] == ["model"]
     assert report.skipped[0].reason.startswith("forward not traceable by torch.fx")
 
@@ -174,7 +174,7 @@ def test_a_shared_block_is_a_site_per_call_for_family_adapters_and_the_generic_d
     family = FamilyAdapter("shared", "", lambda m: isinstance(m, tiny_models.SharedBlockNet), sites_of)
     for adapter in (family, generic.ADAPTER):
         report = discover(model, x, [adapter])
-        assert report.skipped == []
+        assert report.skipped == ()
         assert [(s.name, s.kind, s.post_name) for s in report.sites] == \
                [(f"block@{i}", "identity", post) for i in (1, 2, 3)]
         assert all(s.verify_error < 1e-6 for s in report.sites)
@@ -197,7 +197,7 @@ def test_a_model_without_residual_connections_has_no_sites():
     from ra_probe.load.bundled.fcresnet import FCResNet
 
     report = discover(FCResNet(skip=False).eval(), torch.randn(4, 64))
-    assert report.sites == [] and report.skipped == []
+    assert report.sites == () and report.skipped == ()
 
 
 def test_every_builtin_adapter_is_registered_through_entry_points():

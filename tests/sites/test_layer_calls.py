@@ -16,7 +16,7 @@ from ra_probe.sites.verify import verify_sites
 
 def found(model, x):
     report = find_sites(model, run=lambda: model(x[:1]))
-    captured = capture(model, x, report.sites, with_head=False)
+    captured = capture(model, x, report, with_head=False)
     return verify_sites(report, captured), captured
 
 
@@ -106,7 +106,7 @@ def test_a_block_returning_its_output_first_in_a_tuple_built_with_side_inputs_is
     model = Layers(MaskedPair).eval()
     report, captured = found(model, torch.randn(3, 4, 6))  # before: "an intermediate value computed with side inputs"
     assert [(s.name, s.output_tap.module, s.output_tap.where) for s in report.sites] == \
-           [(f"layers.{i}", f"layers.{i}", "output") for i in (0, 1)] and report.skipped == []
+           [(f"layers.{i}", f"layers.{i}", "output") for i in (0, 1)] and report.skipped == ()
     assert all(s.verify_error < 1e-6 for s in report.sites)
     check_branch(model, report, captured)
 
@@ -115,7 +115,7 @@ def test_a_forward_traced_with_its_arguments_fixed_is_watched_when_the_model_pas
     torch.manual_seed(0)
     model = Layers(Optional).eval()
     report, captured = found(model, torch.randn(3, 4, 6))  # before: skipped, the branch without the mask
-    assert [s.name for s in report.sites] == ["layers.0", "layers.1"] and report.skipped == []
+    assert [s.name for s in report.sites] == ["layers.0", "layers.1"] and report.skipped == ()
     assert all(s.verify_error < 1e-6 for s in report.sites)
     check_branch(model, report, captured)
     blind = find_sites(model)  # without a forward the graph is all there is: its sites, verified later
@@ -126,7 +126,7 @@ def test_a_cache_among_a_traced_branch_side_inputs_is_left_out_when_it_is_replay
     torch.manual_seed(0)
     model = Layers(CachedLayer).eval()
     report, captured = found(model, torch.randn(3, 4, 6))  # before: keys doubled by the replay, skipped
-    assert [s.name for s in report.sites] == ["layers.0", "layers.1"] and report.skipped == []
+    assert [s.name for s in report.sites] == ["layers.0", "layers.1"] and report.skipped == ()
     assert all(s.verify_error < 1e-6 for s in report.sites)
 
 
@@ -157,4 +157,4 @@ def test_a_tuple_item_read_twice_is_one_value_and_its_add_a_site():
     report, _ = found(model, torch.randn(3, 4, 6))  # before: the FFN's add unseen, two reads of out[0]
     assert [(s.name, s.post_name) for s in report.sites] == \
            [(f"layers.{i}{b}", post) for i in (0, 1) for b, post in ((".attention", None), ("", "layernorm"))]
-    assert report.skipped == [] and all(s.verify_error < 1e-6 for s in report.sites)
+    assert report.skipped == () and all(s.verify_error < 1e-6 for s in report.sites)
