@@ -97,40 +97,15 @@ def test_load_report_refuses_bad_files(tmp_path, fresh):
 
 # --- reference reports ------------------------------------------------------------------------------------
 
-SKIPPED_KEYS = {"timing", "timings", "environment", "projection", "tool"}  # machine- or run-dependent
-HEATMAP_KEYS = {"heatmaps"}  # compared to 1e-3 of their largest entry
-
-
-def _assert_close(fresh, ref, path="", rtol=1e-3, atol=1e-5):
-    if isinstance(ref, dict):
-        assert set(fresh) == set(ref), path
-        for key in ref:
-            if key in HEATMAP_KEYS:  # |U_jᵀ J_i V_j| rows of nearly equal σ's turn with the machine's rounding
-                scale = max(abs(x) for heatmap in ref[key].values() for row in heatmap for x in row)
-                _assert_close(fresh[key], ref[key], f"{path}/{key}", rtol, max(atol, 1e-3 * scale))
-            elif key not in SKIPPED_KEYS:
-                _assert_close(fresh[key], ref[key], f"{path}/{key}", rtol, atol)
-    elif isinstance(ref, list):
-        assert len(fresh) == len(ref), path
-        for i, (a, b) in enumerate(zip(fresh, ref)):
-            _assert_close(a, b, f"{path}/{i}", rtol, atol)
-    elif isinstance(ref, float) and not isinstance(fresh, bool):
-        assert math.isclose(fresh, ref, rel_tol=rtol, abs_tol=atol), f"{path}: {fresh} vs reference {ref}"
-    else:
-        assert fresh == ref, f"{path}: {fresh!r} vs reference {ref!r}"
-
-
 def test_reports_of_bundled_models_name_no_path_of_this_machine(fresh):
     # the committed references must read the same from any checkout
     for name in MODELS:
         assert str(ROOT) not in json.dumps(fresh[name]), name
 
 
-def test_regenerated_numbers_match_the_committed_references(fresh):
-    for name in MODELS:
-        reference = json.loads((REFERENCE / f"{name}.json").read_text())
-        _assert_close(fresh[name], reference, name)
-    # the contrast the references exist to show
+def test_the_references_show_ra_in_the_trained_model_only(fresh):
+    """The contrast the references exist to show. (What a probe of fc-digits reports is checked against
+    numbers computed without ra-probe's code in test_reference_values.py.)"""
     assert [fresh[n]["verdict"]["ra"] for n in MODELS] == ["present", "absent", "not_applicable"]
     assert fresh["fc-digits"]["metrics"]["ra2"]["mean_score"] > 10 * fresh["fc-digits-lowwd"]["metrics"]["ra2"]["mean_score"]
 
