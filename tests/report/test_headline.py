@@ -15,7 +15,7 @@ from ra_probe.pipeline.settings import Settings
 from ra_probe.report.compare import compare
 from ra_probe.report.headline import headline, intervals
 from ra_probe.sweeps.spec import Run
-from ra_probe.sweeps.summary import run_entry
+from ra_probe.sweeps.summary import run_entry, sweep_schema_errors, sweep_summary
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reports" / "fc-digits.json"
 
@@ -83,6 +83,8 @@ def test_compare_sweeps_callbacks_and_the_gate_show_the_values_by_hand():
 
     entry = run_entry(Run("a", "bundled/fc-digits", None, Settings()), "0" * 64, "done", report, None, 1.0)
     assert entry["metrics"] == ONE_SATURATED and entry["intervals"] == INTERVALS
+    executor = {"name": "local", "version": None, "address": None, "resources": None, "per_run": None}
+    assert sweep_schema_errors(sweep_summary("x", [entry], executor, 1, 1.0, [])) == []
 
     logged = scalars(ra_probe.Report(report))
     families = {"nc1": "nc", "nc2_equinorm_means": "nc", "nc2_equiangular": "nc", "nc3": "nc", "nc4": "nc"}
