@@ -4,29 +4,14 @@ a call that forwards a module's captured side inputs, and the Site records of th
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from ra_probe.sites.detect.common import is_cache, without_cache
 from ra_probe.sites.records import Branch, Context, Site, Tap
-
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
-
-
-def name_sites(path: str, sites: list[Site]) -> list[Site]:
-    """Names of the sites a detector found in one module, each named by its branch's main child: one
-    site takes the module's path; several take path.<child>, numbered @1, @2... where branches share
-    that child (weights applied several times in one forward)."""
-    uses, seen, out = Counter(s.name for s in sites), Counter(), []
-    for site in sites:
-        seen[site.name] += 1
-        suffix = f"@{seen[site.name]}" if uses[site.name] > 1 else ""
-        name = (path or "model") if len(sites) == 1 else ".".join(filter(None, (path, site.name))) + suffix
-        out.append(replace(site, name=name))
-    return out
 
 
 class FamilyAdapter:
@@ -58,27 +43,13 @@ def chain(block: nn.Module, names: Iterable[str]) -> Branch:
     return branch
 
 
-# a key/value cache grows at every call: a branch, a pure function of x, is recomputed without it
-CACHE_ARGUMENTS = {"past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position", "cache"}
-
-
-def _is_cache(value) -> bool:
-    """A transformers key/value cache object, whatever the keyword it is passed under."""
-    return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
-
-
-def without_cache(kwargs: dict) -> dict:
-    """Captured keyword arguments without a key/value cache (replayed, it would grow at every call)."""
-    return {key: value for key, value in kwargs.items() if key not in CACHE_ARGUMENTS and not _is_cache(value)}
-
-
 def call_with(module: nn.Module, x: torch.Tensor, ctx: Context):
     """`module(x, *side inputs)`: the call captured in `ctx` with its main input replaced by `x` (a
     captured keyword for the first parameter, as in `attn(hidden_states=h, ...)`, is dropped) and
     without a key/value cache (a replay would append to it, and attend to its stale keys as constants)."""
     first = next(iter(inspect.signature(module.forward).parameters))
     kwargs = {key: value for key, value in without_cache(ctx.get("kwargs", {})).items() if key != first}
-    args = (None if _is_cache(value) else value for value in ctx.get("args", ()))  # GPT-2 passes it by position
+    args = (None if is_cache(value) else value for value in ctx.get("args", ()))  # GPT-2 passes it by position
     return module(x, *args, **kwargs)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ra_probe.plugins._blocks import NORMS, name_sites, without_cache
+from ra_probe.sites.detect.common import NORMS, name_sites, without_cache
 from ra_probe.sites.records import Context, Site, Skipped, Tap, main_input, output_tensor, per_sample
 
 ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
