@@ -171,11 +171,10 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
             outcome = run(loaded, samples, settings, bar, store)
     else:
         outcome = run(loaded, samples, settings, progress or None, store)
-    report = build_report(loaded, samples, settings, outcome)
-    if store is not None and store.hits:  # timings of these entries are those of the run that measured them
-        report["messages"].append(f"{store.hits} of {store.hits + store.misses} group measurements served from "
-                                  f"the cache in {store.folder} (--no-cache measures anew)")
-    return Report(report)
+    # timings of entries served from the cache are those of the run that measured them
+    served = [f"{store.hits} of {store.hits + store.misses} group measurements served from the cache in "
+              f"{store.folder} (--no-cache measures anew)"] if store is not None and store.hits else []
+    return Report(build_report(loaded, samples, settings, outcome, served))
 
 
 class _progress_bar:

@@ -195,6 +195,7 @@ def check(
     summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
     from ra_probe.api import check as run_check
     from ra_probe.gate import summary_line
+    from ra_probe.report.build import with_gate
     from ra_probe.report.console import print_report
     from ra_probe.report.files import file_safe, write_json
 
@@ -214,9 +215,9 @@ def check(
     report = result.report
     if verbose:
         print_report(report, err)
-    report["gate"] = {**result.as_dict(), "rules": {"require": list(wanted), "limits": limits,
-                                                    "baseline": None if baseline is None else str(baseline),
-                                                    "tolerance": tolerance}}
+    report = with_gate(report, {**result.as_dict(), "rules": {"require": list(wanted), "limits": limits,
+                                                              "baseline": None if baseline is None else str(baseline),
+                                                              "tolerance": tolerance}})
     write_json(report, out)
     typer.echo(f"{summary_line(report, result)} [report: {out}]")
     if not result.passed:

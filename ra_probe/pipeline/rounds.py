@@ -7,12 +7,12 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples, take
+from ra_probe.metrics.results import Sampling
 from ra_probe.metrics.uncertainty import ratio_interval
 from ra_probe.metrics.verdict import ra_verdict
 from ra_probe.pipeline.measure import Measured
@@ -67,32 +67,31 @@ class Stopping:
     def model(self, found: SiteReport, so_far: Measured, count: int) -> str | None:
         if self.spent():
             return "budget"
-        metrics = summarize(found.groups, so_far, self.loaded, self.settings, self.labels, collapse_too=False).metrics
-        checks = ra_verdict(metrics, self.settings.thresholds)["checks"]
-        return None if any(c.get("undetermined") for c in checks) else "decided"
+        summary = summarize(found.groups, so_far, self.loaded, self.settings, self.labels, collapse_too=False)
+        checks = ra_verdict(summary.ra, summary.uncertainty.samples, self.settings.thresholds).checks
+        return None if any(c.undetermined for c in checks) else "decided"
 
     def null(self, found: SiteReport, so_far: Measured, count: int) -> str | None:
         if self.spent():
             return "budget"
         at_init = summarize(found.groups, so_far, self.at_init, self.settings, None, collapse_too=False).replicates
-        low, high = ratio_interval(self.measured.replicates.get(("ra2", "mean_score")),
-                                   at_init.get(("ra2", "mean_score")), self.settings.confidence) or (None, None)
+        low, high = ratio_interval(self.measured.replicates.get("ra2"), at_init.get("ra2"),
+                                   self.settings.confidence) or (None, None)
         limit = self.settings.thresholds.min_init_ratio
         return None if low is None or low < limit <= high else "decided"
 
 
 def sampling_record(settings: Settings, available: int, rounds: list[int] | None, stopped: dict, null_stopped: dict,
-              null: bool) -> dict[str, Any]:
+                    null: bool) -> Sampling:
     """How many samples the Jacobians were measured on (the model's and the null's), and why no more."""
     if rounds is None:
-        return {"mode": "fixed", "available": available, "measured": available, "stopped": "fixed"}
+        return Sampling("fixed", available, available)
     measured = stopped.get("measured", available)
     why = stopped.get("why") or ("max_samples" if available >= settings.max_samples else "data")
-    out = {"mode": "auto", "available": available, "measured": measured,
-           "rounds": [r for r in rounds if r <= measured], "stopped": why}
+    out = Sampling("auto", available, measured, [r for r in rounds if r <= measured], why)
     if null:
         null_measured = null_stopped.get("measured")
-        out.update(null_measured=null_measured, null_stopped=null_stopped.get("why") or "null_samples",
-                   null_rounds=[r for r in rounds_of(settings, settings.null_samples, first=2) or ()
-                                if null_measured is not None and r <= null_measured])
+        out = dataclasses.replace(out, null_measured=null_measured, null_stopped=null_stopped.get("why") or "null_samples",
+                                  null_rounds=[r for r in rounds_of(settings, settings.null_samples, first=2) or ()
+                                               if null_measured is not None and r <= null_measured])
     return out

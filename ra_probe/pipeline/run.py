@@ -18,15 +18,16 @@ from ra_probe.load.data import check_labels
 from ra_probe.load.loaded import LoadedModel, freeze
 from ra_probe.load.reinit import random_init
 from ra_probe.load.samples import Samples, first_tensor, real_tokens, take
+from ra_probe.metrics.results import NCResults, NullContrast, Results, Verdicts
 from ra_probe.metrics.uncertainty import ratio_interval
-from ra_probe.metrics.verdict import HEADLINE, SYNTHETIC_CAVEAT, headline, nc_verdict, null_ratios, ra_verdict
+from ra_probe.metrics.verdict import SYNTHETIC_CAVEAT, nc_verdict, null_ratios, ra_verdict
 from ra_probe.pipeline.cache import ResultCache
 from ra_probe.pipeline.cost import Calibration, Prediction, bytes_as, peak_bytes, predict, products, shares
 from ra_probe.pipeline.measure import ChunkCost, Measured, measure, measuring
 from ra_probe.pipeline.prepare import dispatched, prepared
 from ra_probe.pipeline.rounds import Enough, Stopping, balanced, rounds_of, sampling_record
 from ra_probe.pipeline.settings import Note, Progress, Settings
-from ra_probe.pipeline.summarize import NC_VALUES, Summary, collapse, summarize
+from ra_probe.pipeline.summarize import Summary, collapse, summarize
 from ra_probe.sites.discover import discover, output_classes
 from ra_probe.sites.records import SiteReport
 
@@ -35,13 +36,11 @@ NULL_SEED_OFFSET = 1  # the null is drawn under seed + 1: another draw than a --
 
 @dataclass
 class Outcome:
-    """What a probe found: the sites, the measurements, the metrics and the verdicts."""
+    """What a probe found: the sites, the measurements, and what they came to (the results and verdicts)."""
 
     site_report: SiteReport
     measured: Measured
-    sites: dict[str, dict[str, Any]]  # by site name: its spectrum, residual, solver, timing (`Summary.sites`)
-    metrics: dict[str, Any]
-    verdict: dict[str, Any]
+    results: Results
     seconds: float
     threads: int  # torch CPU threads it ran with
     null_cost: dict[str, float] = dataclasses.field(default_factory=lambda: {"seconds": 0.0, "products": 0})
@@ -78,7 +77,7 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         if loaded.num_classes is not None:  # bad labels cost nothing: refused before anything is measured
             check_labels(samples, loaded.num_classes)
         tick = time.perf_counter()
-        null_loaded, null_metrics = _null_module(loaded, settings)  # from the model as the caller holds it
+        null_loaded, null_contrast = _null_module(loaded, settings)  # from the model as the caller holds it
         stop.at_init = null_loaded
         null, null_first, null_measured = None, None, None
         if null_loaded is not None:
@@ -101,7 +100,7 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         overhead = (model_started - started - null_cost["seconds"]) + time.perf_counter() - model_started \
             - first.seconds
         if not site_report.sites:
-            null_metrics = {"status": "off", "reason": "no residual site to compare with a random init"}
+            null_contrast = NullContrast("off", "no residual site to compare with a random init")
         calibration = Calibration(
             time.perf_counter() - started, overhead, first.seconds + first.cached_seconds,
             _sizes(samples.inputs, first), shares(first), cached=bool(first.served), products=products(first),
@@ -120,14 +119,15 @@ def run(loaded: LoadedModel, samples: Samples, settings: Settings, progress: Pro
         if null is not None and not site_report.sites:
             null = None
         if null is not None:
-            null_metrics, null_replicates = _finish_null(null, null_loaded, null_metrics, samples, settings,
-                                                         null_cost)
-    metrics = summary.metrics
-    metrics["sampling"] = sampling_record(settings, len(samples), rounds, stopped, null_stopped, null is not None)
-    metrics["null"] = null_metrics
-    verdict = _verdict(metrics, summary, null_replicates, settings, len(site_report.skipped), samples.synthetic)
-    return Outcome(site_report, measured, summary.sites, metrics, verdict, time.perf_counter() - started, threads,
-                   null_cost, prediction, *_measured_peak(device, peak_before))
+            null_contrast, null_replicates = _finish_null(null, null_loaded, null_contrast, samples, settings,
+                                                          null_cost)
+    null_contrast = _contrast(null_contrast, summary, null_replicates, settings.confidence)
+    results = Results(summary.sites, summary.ra, summary.nc, summary.uncertainty,
+                      sampling_record(settings, len(samples), rounds, stopped, null_stopped, null is not None),
+                      null_contrast, _verdict(summary, null_contrast, settings, len(site_report.skipped),
+                                              samples.synthetic))
+    return Outcome(site_report, measured, results, time.perf_counter() - started, threads, null_cost, prediction,
+                   *_measured_peak(device, peak_before))
 
 
 def _announce(prediction: Prediction, calibration: Calibration, progress: Progress | None) -> None:
@@ -141,35 +141,45 @@ def _announce(prediction: Prediction, calibration: Calibration, progress: Progre
             progress(Note(hint), done, total)
 
 
-def _finish_null(null: Stage, at_init: LoadedModel, null_metrics: dict[str, Any], samples: Samples,
-                 settings: Settings, cost: dict[str, float]) -> tuple[dict[str, Any], dict]:
-    """The rest of the null, measured, and its NC on every sample: its metrics and their replicates
-    (`cost` gains the seconds and products it took)."""
+def _finish_null(null: Stage, at_init: LoadedModel, made: NullContrast, samples: Samples,
+                 settings: Settings, cost: dict[str, float]) -> tuple[NullContrast, dict]:
+    """The rest of the null, measured, and its NC on every sample: what it came to (`made`: how the
+    random init was made) and the replicates of its headline numbers (`cost` gains the seconds and
+    products it took)."""
     tick = time.perf_counter()
     null_report, null_measured, null_summary = _finish(null)
-    measured_samples = null_measured.samples  # the rounds may stop short
     nc_at_init, nc_replicates = _collapse_at_init(at_init.module, samples, settings)
     timings = [null_measured.timing(s.name) for s in null_report.sites]
     cost.update(seconds=cost["seconds"] + time.perf_counter() - tick,
                 products=sum(t["products"] + t["align_products"] for t in timings))
-    return ({"status": "measured", **null_metrics, "samples": measured_samples, "sites": len(null_report.sites),
-             **headline(null_summary.metrics), "nc": nc_at_init}, {**null_summary.replicates, **nc_replicates})
+    measured = dataclasses.replace(made, status="measured", samples=null_measured.samples,  # the rounds may stop short
+                                   sites=len(null_report.sites), at_init=null_summary.ra.headline(), nc=nc_at_init)
+    return measured, {**null_summary.replicates, **nc_replicates}
 
 
-def _verdict(metrics: dict[str, Any], summary: Summary, null_replicates: dict, settings: Settings, skipped: int,
-             synthetic: bool) -> dict[str, Any]:
-    """The RA and NC verdicts, with the contrasts with the null (its ratios and their intervals put in
-    `metrics["null"]`); a verdict on synthetic samples says it is a smoke test."""
-    if metrics["null"]["status"] == "measured":
-        metrics["null"]["ratio"] = null_ratios(metrics, metrics["null"])
-        metrics["null"]["ratio_ci"] = _ratio_intervals(summary.replicates, null_replicates, settings.confidence)
-        _collapse_ratio(metrics, summary.replicates, null_replicates, settings.confidence)
-    verdict = {"ra": ra_verdict(metrics, settings.thresholds, skipped),
-               "nc": nc_verdict(metrics["nc"], settings.thresholds, metrics["null"])}
+def _contrast(null: NullContrast, summary: Summary, at_init: dict, level: float) -> NullContrast:
+    """The null with the model's ratio to it: each RA headline number's and NC1's (on the same samples),
+    with their intervals (the two resampled independently, the ratios taken pairwise)."""
+    if not null.measured:
+        return null
+    model = summary.replicates
+    ratio = null_ratios(summary.ra.headline(), null.at_init)
+    ratio_ci = {section: ratio_interval(model.get(section), at_init.get(section), level) for section in ratio}
+    nc, nc_at_init = summary.nc, null.nc
+    if nc is not None and nc.nc1 is not None and nc_at_init is not None and nc_at_init.nc1:
+        ratio["nc1"] = nc.nc1 / nc_at_init.nc1
+        ratio_ci["nc1"] = ratio_interval(model.get("nc1"), at_init.get("nc1"), level)
+    return dataclasses.replace(null, ratio=ratio, ratio_ci=ratio_ci)
+
+
+def _verdict(summary: Summary, null: NullContrast, settings: Settings, skipped: int, synthetic: bool) -> Verdicts:
+    """The RA and NC verdicts, with the contrasts with the null; a verdict on synthetic samples says it
+    is a smoke test."""
+    ra = ra_verdict(summary.ra, summary.uncertainty.samples, settings.thresholds, null, skipped)
+    nc = nc_verdict(summary.nc, settings.thresholds, null)
     if synthetic:
-        for evidence in verdict.values():
-            evidence["caveat"] = SYNTHETIC_CAVEAT
-    return verdict
+        ra, nc = (dataclasses.replace(v, caveat=SYNTHETIC_CAVEAT) for v in (ra, nc))
+    return Verdicts(ra, nc)
 
 
 Stage = Generator[tuple[SiteReport, Measured, ChunkCost], None, tuple[SiteReport, Measured, Summary]]
@@ -231,21 +241,21 @@ def _finish(stage: Stage) -> tuple[SiteReport, Measured, Summary]:
             return done.value
 
 
-def _null_module(loaded: LoadedModel, settings: Settings) -> tuple[LoadedModel | None, dict[str, Any]]:
+def _null_module(loaded: LoadedModel, settings: Settings) -> tuple[LoadedModel | None, NullContrast]:
     """The architecture at random init, seeded (seed + 1), to measure on the first `null_samples`
     samples, and how it was made; or None and why there is none."""
     if settings.null == "none":
-        return None, {"status": "off", "reason": "--null none: the verdict has no control"}
+        return None, NullContrast("off", "--null none: the verdict has no control")
     if dispatched(loaded.module):
-        return None, {"status": "unavailable", "reason": "a model split across devices (device_map) is not rebuilt "
-                                                         "at random init: it would need its memory twice"}
+        return None, NullContrast("unavailable", "a model split across devices (device_map) is not rebuilt at "
+                                                 "random init: it would need its memory twice")
     seed = settings.seed + NULL_SEED_OFFSET
     init = random_init(loaded.builder, loaded.module, seed)
     if init.module is None:
-        return None, {"status": "unavailable", "reason": init.how, "seed": seed}
+        return None, NullContrast("unavailable", init.how, seed=seed)
     freeze(init.module)
     return (dataclasses.replace(loaded, module=init.module, name=f"{loaded.name} at random init"),
-            {"init": init.how, "seed": seed})
+            NullContrast("made", init=init.how, seed=seed))
 
 
 def _sizes(inputs, first: ChunkCost) -> list[float]:
@@ -270,7 +280,7 @@ def _measured_peak(device: torch.device, before: int | None) -> tuple[int | None
 
 
 def _collapse_at_init(module: torch.nn.Module, samples: Samples, settings: Settings
-                      ) -> tuple[dict[str, Any] | None, dict]:
+                      ) -> tuple[NCResults | None, dict]:
     """NC of the random init on every sample of the probe (a forward each: no Jacobian), and its values
     on the bootstrap resamples; None when it has no classifier head or NC is undetermined."""
     device = settings.resolved_device()
@@ -278,23 +288,6 @@ def _collapse_at_init(module: torch.nn.Module, samples: Samples, settings: Setti
             prepared(module, settings) as model:
         torch.manual_seed(settings.seed)
         nc, replicates = collapse(module, measure(model, (), samples, settings), samples.labels, settings)
-    if nc is None or nc["undetermined"]:
+    if nc is None or nc.undetermined:
         return None, {}
-    return {key: nc[key] for key in (*NC_VALUES, "nc1_ci", "classes", "samples")}, replicates
-
-
-def _collapse_ratio(metrics: dict[str, Any], model: dict, at_init: dict, level: float) -> None:
-    """NC1 over its value at random init on the same samples, with its interval (the two resampled
-    independently), in the null's ratios."""
-    nc, null = metrics["nc"], metrics["null"]
-    if nc is None or nc["nc1"] is None or not null.get("nc") or not null["nc"]["nc1"]:
-        return
-    null["ratio"]["nc1"] = nc["nc1"] / null["nc"]["nc1"]
-    null["ratio_ci"]["nc1"] = ratio_interval(model.get(("nc", "nc1")), at_init.get(("nc", "nc1")), level)
-
-
-def _ratio_intervals(model: dict, at_init: dict, level: float) -> dict[str, list[float] | None]:
-    """The interval of each RA headline metric's ratio to its value at random init: the two measured on
-    samples of their own, so a resample of each is drawn independently and the ratios taken pairwise."""
-    return {section: ratio_interval(model.get((section, name)), at_init.get((section, name)), level)
-            for section, name in HEADLINE.items()}
+    return nc, replicates

@@ -29,7 +29,7 @@ HEADLINE_LABELS = {"ra1": "RA1 linearity", "ra2": "RA2 a_ij", "ra3": "RA3 median
 def null_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """Each RA headline metric as text: its label, the model's value, its value at random init and their
     ratio (the console's table and the HTML's alike)."""
-    from ra_probe.metrics.verdict import HEADLINE
+    from ra_probe.report.build import HEADLINE_FIELDS as HEADLINE
 
     null = metrics["null"]
     ratio_ci = null.get("ratio_ci") or {}  # from schema 1.7

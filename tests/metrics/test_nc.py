@@ -74,13 +74,14 @@ def test_collapse_degrades_with_noise():
 
 
 def test_a_single_class_gives_no_nc_verdict():
+    from ra_probe.metrics.results import NCResults
     from ra_probe.metrics.verdict import Thresholds, nc_verdict
 
     features = torch.randn(6, 4, dtype=torch.float64)
     labels = torch.zeros(6, dtype=torch.long)
     nc = neural_collapse(features, labels, torch.randn(3, 4, dtype=torch.float64), labels)
-    verdict = nc_verdict(nc, Thresholds())
-    assert verdict["status"] == "undetermined" and "at least 2" in verdict["reason"]
+    verdict = nc_verdict(NCResults(**nc, labels_from="data"), Thresholds())
+    assert verdict.status == "undetermined" and "at least 2" in verdict.reason
 
 
 def test_a_subset_of_the_classifier_rows_is_its_own_simplex():

@@ -2,9 +2,12 @@
 verdict checks that are decided only by intervals clear of their thresholds."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from ra_probe.metrics.results import Check, NCResults
 from ra_probe.metrics.uncertainty import interval, resamples, samples_to_decide
 from ra_probe.metrics.verdict import Thresholds, _check, _overall, nc_verdict
 
@@ -58,26 +61,31 @@ def test_an_undefined_resample_leaves_the_interval_unknown():
 
 
 def test_a_check_is_decided_only_by_an_interval_clear_of_its_threshold():
-    assert _check("RA2", 0.7, 0.5, True, "a", [0.6, 0.8], 20)["passed"] is True
-    assert _check("RA2", 0.3, 0.5, True, "a", [0.2, 0.4], 20)["passed"] is False
-    assert _check("NC1", 0.1, 0.5, False, "n", [0.05, 0.2], 20)["passed"] is True
+    assert _check("RA2", 0.7, 0.5, True, "a", [0.6, 0.8], 20).passed is True
+    assert _check("RA2", 0.3, 0.5, True, "a", [0.2, 0.4], 20).passed is False
+    assert _check("NC1", 0.1, 0.5, False, "n", [0.05, 0.2], 20).passed is True
     open_check = _check("RA2", 0.55, 0.5, True, "a", [0.45, 0.65], 20)
-    assert open_check["passed"] is None and "0.5" in open_check["undetermined"]
+    assert open_check.passed is None and "0.5" in open_check.undetermined
     # the half-width 0.1 must shrink below the distance 0.05: four times the samples
-    assert open_check["samples_to_decide"] == 80 == samples_to_decide(0.55, [0.45, 0.65], 0.5, 20)
-    assert _check("RA2", 0.9, 0.5, True, "a", None, 1)["passed"] is None  # one sample decides nothing
+    assert open_check.samples_to_decide == 80 == samples_to_decide(0.55, [0.45, 0.65], 0.5, 20)
+    assert _check("RA2", 0.9, 0.5, True, "a", None, 1).passed is None  # one sample decides nothing
 
 
 def test_the_verdict_is_undetermined_while_an_open_check_could_turn_it():
-    passed, failed, open_ = {"passed": True}, {"passed": False}, {"passed": None, "undetermined": "straddles"}
+    def check(passed, undetermined=None):
+        return Check("RA2", 0.5, None, 0.5, passed, "rule", undetermined)
+
+    passed, failed, open_ = check(True), check(False), check(None, "straddles")
     assert _overall([passed, passed]) == "present"
     assert _overall([passed, open_]) == "undetermined"
     assert _overall([failed, open_]) == "undetermined"
     assert _overall([passed, failed, open_]) == "partial"  # whatever the open check does
     assert _overall([failed, failed]) == "absent"
-    assert _overall([{"passed": None}]) == "not_applicable"
+    assert _overall([check(None)]) == "not_applicable"
 
 
 def test_nc_from_too_few_samples_a_class_is_undetermined_not_collapsed():
-    nc = {"undetermined": "NC needs at least 5 samples a class on average", "classifier_classes": 10}
-    assert nc_verdict(nc, Thresholds())["status"] == "undetermined"
+    values = dict.fromkeys(f.name for f in dataclasses.fields(NCResults))
+    nc = NCResults(**{**values, "undetermined": "NC needs at least 5 samples a class on average",
+                      "classifier_classes": 10})
+    assert nc_verdict(nc, Thresholds()).status == "undetermined"
