@@ -4,6 +4,7 @@ records.py   the `Site` an adapter returns (the adapters' contract), what the ad
              `VerifiedSite`, the `Group`s of sites that chain, a model's `SiteReport`; all frozen
 registry.py  adapters from the entry-point group `ra_probe.adapters` and registered at runtime;
              `find_sites` asks them for a model's sites (the adapters live in `ra_probe.plugins`)
+detect/      the generic detector, the fallback adapter: residual adds in any module's forward
 capture.py   one forward with hooks that records every site's input, branch output and block output
 verify.py    each site's branch recomputed from what was captured and checked against the forward
 discover.py  the three above on the first samples, after checking that samples do not interact

@@ -1,16 +1,16 @@
-"""The torch.fx strategy of the generic detector: each module's own forward is traced with torch.fx,
-its children kept as leaves (and timm's untraceable helpers wrapped), so an add belongs to the
-innermost module that performs it. In the graph of the values computed from the module's main input x, an add `a + b` is a residual site when
-both operands depend on x: its immediate dominator d (the last value every path from x to the add
-goes through) is the site input, the operand reached through fewer parametric ops is the skip
-(identity when it is d itself, a projection when it has parameters), the other the branch F, which
-must hold a parametric op; a sum of x and several branches written as several adds (`x + a(h) + b(h)`,
-each inner sum read by the next add alone) is one site whose branch is the branches' sum. The chain of
-parameter-free ops (or norms) that follows the add alone is the post-op. Branch, skip and post are
-extracted as fx GraphModules; the branch takes the module's other arguments (masks, embeddings) as
-side inputs from its captured call. The site input and output are read where the forward exposes them: the module's input or output, or the input or
-output of a child at the right call when the child is called several times; a value no module
-exposes is recomputed from the module's input."""
+"""The torch.fx strategy of the generic detector: each module's own forward is traced with torch.fx, its
+children kept as leaves (and timm's untraceable helpers wrapped), so an add belongs to the innermost
+module that performs it. In the graph of the values computed from the module's main input x, an add
+`a + b` is a residual site when both operands depend on x: its immediate dominator d (the last value
+every path from x to the add goes through) is the site input, the operand reached through fewer
+parametric ops is the skip (identity when it is d itself, a projection when it has parameters), the
+other the branch F, which must hold a parametric op; a sum of x and several branches written as several
+adds (`x + a(h) + b(h)`, each inner sum read by the next add alone) is one site whose branch is the
+branches' sum. The chain of parameter-free ops (or norms) that follows the add alone is the post-op.
+Branch, skip and post are extracted as fx GraphModules; the branch takes the module's other arguments
+(masks, embeddings) as side inputs from its captured call. The site input and output are read where the
+forward exposes them: the module's input or output, or the input or output of a child at the right call
+when the child is called several times; a value no module exposes is recomputed from the module's input."""
 from __future__ import annotations
 
 import inspect
