@@ -86,7 +86,7 @@ def probe_once(folder: str, offload: bool, args: argparse.Namespace) -> dict:
     estimate = outcome.measured.peak
     return {"load": load_seconds, "probe": outcome.seconds, "svd": sum(t["seconds"] for t in timings),
             "alignment": sum(t["align_seconds"] for t in timings), "base": base, "peak": memory_now("VmHWM"),
-            "estimate": estimate.total, "weights": estimate.weights, "block": estimate.block,
+            "estimate": estimate.total, "weights": estimate.weights, "resident_block": estimate.resident_block,
             "spectra": {name: site["singular_values"] for name, site in outcome.sites.items()}}
 
 

@@ -128,7 +128,7 @@ def main() -> None:
     with torch.no_grad():
         forward = timed(lambda: site.branch(record.x, record.ctx), device)
     print(f"\n[1] products at {site.name} ({n:,} dims), per vector and sample, over one forward of the site:")
-    for width in (1, op.chunk):
+    for width in (1, op.vectors_per_call):
         V = torch.randn(args.samples, n, width, device=device)
         U = torch.randn(args.samples, m, width, device=device)
         jv = timed(lambda: op.matmat(V), device) / width  # noqa: B023
@@ -159,8 +159,8 @@ def main() -> None:
     # 3. speed-up over one vector of one sample at a time, on the same site
     def one_at_a_time():
         for b in range(args.samples):
-            single = JacobianOperator(site.branch, record.x[b:b + 1], record.ctx, chunk=1)
-            krylov_svd(single, args.k, block=2, tol=args.tol)
+            single = JacobianOperator(site.branch, record.x[b:b + 1], record.ctx, vectors_per_call=1)
+            krylov_svd(single, args.k, width=2, tol=args.tol)
 
     def batched_block():
         krylov_svd(JacobianOperator(site.branch, record.x, record.ctx), args.k, tol=args.tol)

@@ -2,7 +2,7 @@
 and block coupling, report), the JSON size and the HTML time, in one run.
 
     python benchmarks/llm.py [--layers 30] [--hidden 576] [--samples 4] [--tokens 14] [--k 8]
-                             [--sites block] [--token-positions all] [--coupling-k 8] [--device cpu]
+                             [--site-level block] [--token-positions all] [--coupling-k 8] [--device cpu]
                              [--align-pairs auto] [--against-all]
 
 The model is built from a config at random init (no download): the costs depend on the shapes (layers,
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=14, help="tokens per sentence")
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--sites", default="block", help="block | sublayer")
+    parser.add_argument("--site-level", default="block", help="block | sublayer")
     parser.add_argument("--token-positions", default="all", help="all | last")
     parser.add_argument("--coupling-k", default="8")
     parser.add_argument("--device", default=None)
@@ -49,7 +49,7 @@ def main() -> None:
     lm = model(args.layers, args.hidden)
     ids = torch.randint(1, 2048, (args.samples, args.tokens), generator=torch.Generator().manual_seed(0))
     settings = Settings(k=args.k, samples=args.samples, batch_size=args.samples, device=args.device, null="none",
-                        sites=args.sites, tokens=args.token_positions, coupling_k=args.coupling_k,
+                        site_level=args.site_level, tokens=args.token_positions, coupling_k=args.coupling_k,
                         align_pairs=int(args.align_pairs) if args.align_pairs.isdigit() else args.align_pairs)
     started = time.perf_counter()
     report = probe(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, settings)
@@ -64,7 +64,7 @@ def main() -> None:
     html_seconds = time.perf_counter() - tick
     params = sum(p.numel() for p in lm.parameters())
     print(f"llama-style, {args.layers} layers, hidden {args.hidden}, {params / 1e6:.0f}M parameters; "
-          f"{args.samples} sentences of {args.tokens} tokens, k = {args.k}, --sites {args.sites}, "
+          f"{args.samples} sentences of {args.tokens} tokens, k = {args.k}, --site-level {args.site_level}, "
           f"--tokens {args.token_positions}, --coupling-k {args.coupling_k}, {torch.get_num_threads()} threads")
     print(f"sites {len(report['sites'])}, groups {len(report['metrics']['ra2']['groups'])}, "
           f"products {timings['products']}")
@@ -88,7 +88,7 @@ def main() -> None:
     if args.narrow:
         operators.WIDE_ELEMENTS = 0  # every call as narrow as the solver's (--chunk)
         narrow = probe(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, settings)["timings"]
-        print(f"alignment in calls of {settings.chunk} vectors: {narrow['alignment_seconds']:.1f} s against "
+        print(f"alignment in calls of {settings.vectors_per_call} vectors: {narrow['alignment_seconds']:.1f} s against "
               f"{alignment:.1f} s in wide calls (SVDs {narrow['sites_seconds']:.1f} s against {svd:.1f} s)")
 
 

@@ -127,7 +127,7 @@ def scipy_svds(site, record, k: int, tol: float, solver: str, seed: int, lineari
     values, products = [], 0
     for b in range(record.x.shape[0]):
         ctx = batch_rows(record.ctx, slice(b, b + 1), record.x.shape[0])
-        op = JacobianOperator(site.branch, record.x[b:b + 1], ctx, chunk=1, linearize=linearize)
+        op = JacobianOperator(site.branch, record.x[b:b + 1], ctx, vectors_per_call=1, linearize=linearize)
         _, m, n = op.shape
 
         def matvec(v, op=op):
@@ -172,7 +172,7 @@ def compare_site(build, args, device) -> dict:
         forward = min(_time(lambda: site.branch(record.x, record.ctx), device) for _ in range(3)) / batch
     ref_site, ref_record = site_operator(reference_module, x, name, device, torch.float64)
     reference = krylov_svd(JacobianOperator(ref_site.branch, ref_record.x, ref_record.ctx), args.k,
-                           block=2 * args.k, tol=1e-7).S.double().cpu()
+                           width=2 * args.k, tol=1e-7).S.double().cpu()
     sigma1 = reference[:, :1]
     rows = []
 

@@ -18,13 +18,13 @@ from ra_probe.load.inputs import Model, as_loaded, as_samples
 from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples
 from ra_probe.pipeline.cache import ResultCache, tensor_digest
-from ra_probe.pipeline.options import names, normalized, refuse_bad
+from ra_probe.pipeline.options import current_names, default, library_warning, names, normalized, refuse_bad
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.pipeline.run import run
 from ra_probe.pipeline.settings import Note, Progress, Settings
 from ra_probe.report.build import build_report
-from ra_probe.report.files import load_report as _read_report
-from ra_probe.report.files import write_text
+from ra_probe.report.files import read_report_file, write_text
+from ra_probe.report.schema import upgraded
 from ra_probe.sites.discover import discover
 from ra_probe.sites.records import SiteReport
 
@@ -117,10 +117,12 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 def settings_from(options: dict[str, Any], base: Settings | None = None) -> Settings:
     """Settings from keyword options named like the CLI's (`k`, `samples`, `tol`, `device`...), and
-    verdict thresholds by their names (`min_alignment`, `max_nc1`...), each refused as the command
-    line refuses it. Unknown names are a UserError."""
+    verdict thresholds by their names (`ra2_min`, `nc1_max`...), each refused as the command line
+    refuses it. Unknown names are a UserError; former names (`min_alignment`) are taken with a
+    FutureWarning."""
+    options = current_names(options, ("setting", "threshold"), library_warning)
     thresholds = names("threshold")
-    known = names("setting") + thresholds
+    known = names("setting", "threshold")
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: "
@@ -219,7 +221,7 @@ class _progress_bar:
 
 def load_report(path: str | Path) -> Report:
     """A report written by `Report.to_json` or `ra-probe --json`, validated, as a Report."""
-    return Report(_read_report(Path(path)))
+    return Report(read_report_file(Path(path)))
 
 
 def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
@@ -228,33 +230,37 @@ def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
     the reason, without measuring anything."""
     loaded, samples, settings = _inputs(model, "synthetic" if data is None else data, None, {"samples": 4, **options})
     with prepared(loaded.module, settings) as prepared_model:
-        return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype(), settings.sites)
+        return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype(), settings.site_level)
 
 
 def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[str] = (),
-          baseline: str | Path | Mapping | None = None, tolerance: float = 0.05, data: Any = None,
+          baseline: str | Path | Mapping | None = None, tolerance: float = default("tolerance"), data: Any = None,
           settings: Settings | None = None, progress: Progress | bool | None = None, cache: bool | str | Path = False,
           **options: Any) -> GateResult:
     """The CI gate's rules on a report, or on a model probed first (`data` and settings as for `probe`).
     `require`: "ra", "nc" or both; `baseline`: a report (or its path) whose verdicts must not get worse
-    and metrics not move beyond `tolerance`; limits by name: `min_alignment`, `min_linearity`,
-    `max_rank`, `max_nc1`, `max_nc4`. Returns a GateResult: `.passed`, `.checks`, `.failures`, and
-    `.report`, the report judged."""
+    and metrics not move beyond `tolerance`; limits by name: `fail_below_ra1`, `fail_below_ra2`,
+    `fail_above_rank`, `fail_above_nc1`, `fail_above_nc4` (their former names `min_linearity`,
+    `min_alignment`, `max_rank`, `max_nc1`, `max_nc4` are taken with a FutureWarning). Returns a
+    GateResult: `.passed`, `.checks`, `.failures`, and `.report`, the report judged."""
     from ra_probe.gate import LIMITS, given_limits
 
+    options = current_names(options, ("limit",), library_warning)
     limits = given_limits({name: options.pop(name) for name in list(options) if name in LIMITS})
+    refuse_bad({"tolerance": tolerance})
     wanted = (require,) if isinstance(require, str) else tuple(require)
     if not set(wanted) <= {"ra", "nc"}:
         raise UserError(f"require takes ra or nc, got {', '.join(wanted)}")
     if isinstance(report_or_model, Mapping):
         if options or data is not None or settings is not None:
             raise UserError("data and settings apply to a model to probe, not to a finished report")
-        report, made_with = report_or_model, report_or_model["settings"]
+        report = upgraded(dict(report_or_model))
+        made_with = report["settings"]
     else:
         report = None
         loaded, samples, settings = _inputs(report_or_model, data, settings, options)
         made_with = settings.as_dict()
-    base = read_baseline(Path(baseline), made_with) if isinstance(baseline, (str, Path)) else baseline
+    base = read_baseline(Path(baseline), made_with) if isinstance(baseline, (str, Path)) else upgraded(baseline)
     rules = GateRules(require=wanted, limits=limits, tolerance=tolerance, baseline=base)
     check_rules(rules, made_with["k"])
     if report is None:

@@ -7,8 +7,9 @@ import inspect
 import json
 import sys
 import typing
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,9 +39,12 @@ ModelArg = typer.Argument(..., help="bundled/<name>, timm/<name>, hf/<org>/<name
                                     "source installed through the ra_probe.sources entry points")
 Force = typer.Option(False, "--force", help="overwrite an existing report file")
 
-# The options of every command that probes a model (probe, check, sites, sweep), made from the one
+# The flags of every command that probes a model (probe, check, sites, sweep), made from the one
 # table of options: `probe_options` adds them to a command, which receives them as one `ProbeOptions`.
-PROBE_OPTIONS: dict[str, Option] = {option.name: option for option in OPTIONS.values() if option.flag}
+# The gate's limits and tolerance are `check`'s alone.
+PROBE_FLAGS: dict[str, Option] = {option.name: option for option in OPTIONS.values()
+                                  if option.flag and option.role not in ("limit", "gate")}
+GATE_FLAGS: dict[str, Option] = {name: OPTIONS[name] for name in names("limit", "gate")}
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ProbeOptions:
 
     values: dict[str, Any]
     limits: dict[str, float]
+    given: set[str] = field(default_factory=set)  # the options the user gave (not defaults, not a file's)
 
     def settings(self):
         from ra_probe.pipeline.settings import Settings
@@ -80,24 +85,60 @@ def _parameter(option: Option) -> inspect.Parameter:
                              annotation=bool if option.negated else option.cli_type)
 
 
-def probe_options(*wanted: str, limits: bool = False) -> Callable[[Callable], Callable]:
-    """Give a command the probe options `wanted` (all by default), and the gate's limits with `limits`,
-    after its own; it receives them as `options: ProbeOptions`, every value checked."""
+def _former_parameters(option: Option) -> list[inspect.Parameter]:
+    """Hidden parameters for the former flags of an option (`--min-alignment` of `--fail-below-ra2`)."""
+    return [inspect.Parameter(f"former_{old}", inspect.Parameter.KEYWORD_ONLY,
+                              default=typer.Option(None, f"--{old.replace('_', '-')}", hidden=True),
+                              annotation=Optional[option.cli_type]) for old in option.was]
+
+
+def _with_current_flags(added: list[Option], kwargs: dict[str, Any]) -> set[str]:
+    """Move the values of former flags to their current ones, each with one deprecation line on stderr;
+    a former flag given with its current one is refused. Returns the names of the options given (on
+    the command line, by the environment or by a former flag)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - older Typer on plain click
+        from click import get_current_context
+
+    context = get_current_context()
+    given = {option.name for option in added
+             if context.get_parameter_source(option.cli_name).name in ("COMMANDLINE", "ENVIRONMENT")}
+    for option in added:
+        for old in option.was:
+            value = kwargs.pop(f"former_{old}")
+            if value is None:
+                continue
+            former = f"--{old.replace('_', '-')}"
+            if context.get_parameter_source(option.cli_name).name != "DEFAULT":
+                raise UserError(f"{former} and {option.flag} are one option ({former} is its former name): "
+                                f"give only {option.flag}")
+            err.print(f"deprecated: {former} is now {option.flag}", highlight=False, markup=False)
+            kwargs[option.cli_name] = value
+            given.add(option.name)
+    return given
+
+
+def probe_options(*wanted: str, gate: bool = False) -> Callable[[Callable], Callable]:
+    """Give a command the probe flags `wanted` (all by default), and the gate's limits and tolerance
+    with `gate`, after its own; it receives them as `options: ProbeOptions`, every value checked."""
     from ra_probe.gate import LIMITS, given_limits
 
-    added = [PROBE_OPTIONS[name] for name in wanted or PROBE_OPTIONS]
-    added += [limit.option for limit in LIMITS.values()] if limits else []
+    added = [PROBE_FLAGS[name] for name in wanted or PROBE_FLAGS]
+    added += list(GATE_FLAGS.values()) if gate else []
 
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
         parameters = [_parameter(option) for option in added]
+        parameters += [former for option in added for former in _former_parameters(option)]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
+            named = _with_current_flags(added, kwargs)
             given = {option.name: option.library_value(kwargs.pop(option.cli_name)) for option in added}
             values = {name: value for name, value in given.items() if name not in LIMITS}
             refuse_bad(values)
-            return command(**kwargs, options=ProbeOptions(values, given_limits(given)))
+            return command(**kwargs, options=ProbeOptions(values, given_limits(given), named))
 
         del wrapper.__wrapped__  # Typer reads the signature below, not the command's own
         wrapper.__signature__ = inspect.Signature(own + parameters)
@@ -162,11 +203,12 @@ def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
         return None
     by_key = {opt.lstrip("-").replace("-", "_"): param for param in ctx.command.params if param.name != "config"
               for opt in param.opts if not (opt.startswith("-") and not opt.startswith("--"))}
+    shown = {key for key, param in by_key.items() if not getattr(param, "hidden", False)}
     defaults = {}
     for key, value in read_config(path).items():
         param = by_key.get(key)
         if param is None:
-            known = ", ".join(sorted(k.replace("_", "-") for k in by_key))
+            known = ", ".join(sorted(k.replace("_", "-") for k in shown))
             raise UserError(f"{path}: unknown setting {key.replace('_', '-')!r} (known: {known})")
         defaults[param.name] = [value] if param.multiple and isinstance(value, str) else value
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -174,14 +216,12 @@ def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
 
 
 @app.command()
-@probe_options(limits=True)
+@probe_options(gate=True)
 def check(
     model: str = typer.Argument(DEFAULT_MODEL, help="the model to gate, as for probe"),
     require: Optional[list[str]] = typer.Option(None, help="ra | nc: fail unless that verdict is present (repeatable)"),
     baseline: Optional[Path] = typer.Option(None, help="a report JSON: fail if a verdict gets worse or a metric "
                                                         "moves beyond --tolerance"),
-    tolerance: float = typer.Option(0.05, min=0.0, help="allowed move from the baseline: relative for values above "
-                                                        "1, absolute below"),
     config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_apply_config,
                                           help="settings file (default: ./ra-probe.toml, or the tool.ra-probe "
                                                "table of ./pyproject.toml)"),
@@ -200,10 +240,10 @@ def check(
     from ra_probe.report.files import file_safe, write_json
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
-    limits = options.limits
+    limits, tolerance = options.limits, options.values["tolerance"]
     if not wanted and not limits and baseline is None:
         raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
-                        "--min-alignment (or a config file that sets them)")
+                        "--fail-below-ra2 (or a config file that sets them)")
     settings = options.settings()
     loaded = options.load(model)
     out = json_path or Path(DEFAULT_OUT) / f"{file_safe(loaded.name)}.check.json"
@@ -255,7 +295,7 @@ def _refuse_overwrite(paths, force: bool) -> None:
 
 
 @app.command()
-@probe_options("data", "pretrained", "weights", "arch", "input_shape", "device_map", "device", "sites")
+@probe_options("data", "pretrained", "weights", "arch", "input_shape", "device_map", "device", "site_level")
 def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     """List the residual sites found in MODEL (and those skipped, with the reason), without probing."""
     from ra_probe.api import find_sites
@@ -263,7 +303,8 @@ def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     from ra_probe.report.console import sites_table
 
     loaded = options.load(model)
-    report = find_sites(loaded, options.values["data"], device=options.values["device"], sites=options.values["sites"])
+    report = find_sites(loaded, options.values["data"], device=options.values["device"],
+                        site_level=options.values["site_level"])
     console = Console()
     console.print(sites_table(report.describe(),
                               [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter,
@@ -296,14 +337,14 @@ def compare(
     """Reports side by side: verdicts, RA1–RA4, NC; RA4 slope across depths within a model family."""
     from ra_probe.report.compare import compare as compare_reports
     from ra_probe.report.console import print_comparison
-    from ra_probe.report.files import load_report
+    from ra_probe.report.files import read_report_file
     from ra_probe.report.html import render_comparison, write_html
 
     if len(reports) < 2:
         raise UserError("compare needs at least two reports")
     if html_path is not None:
         _refuse_overwrite([html_path], force)
-    comparison = compare_reports([(str(path), load_report(path)) for path in reports])
+    comparison = compare_reports([(str(path), read_report_file(path)) for path in reports])
     console = Console()
     print_comparison(comparison, console)
     if html_path is not None:
@@ -319,19 +360,18 @@ def render(
     force: bool = typer.Option(False, "--force", help="overwrite an existing HTML file"),
 ) -> None:
     """The HTML page of an existing JSON report (pipelines keep the JSON and render later)."""
-    from ra_probe.report.files import load_report
+    from ra_probe.report.files import read_report_file
     from ra_probe.report.html import render_report, write_html
 
     out = html_path or report.with_suffix(".html")
     _refuse_overwrite([out], force)
-    write_html(render_report(load_report(report)), out)
+    write_html(render_report(read_report_file(report)), out)
     Console().print(f"report written to {out}")
 
 
 @app.command()
 @probe_options()
 def sweep(
-    ctx: typer.Context,
     spec: list[str] = typer.Argument(..., help="a sweep file (.toml: common options, then a run table per "
                                                "model), or one or more models"),
     out: Path = typer.Option(..., "--out", help="folder of the runs' JSON reports, sweep.json and sweep.html"),
@@ -352,16 +392,19 @@ def sweep(
     with the same settings are skipped. Exit 0 all done, 1 a run failed, 2 a bad sweep."""
     from ra_probe.sweeps import sweep as run_sweep
 
-    given = [name for name, option in PROBE_OPTIONS.items()
-             if ctx.get_parameter_source(option.cli_name).name in ("COMMANDLINE", "ENVIRONMENT")]
     document = run_sweep(spec[0] if len(spec) == 1 else spec, out, executor=executor, address=address, cpus=cpus,
                          gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, progress=not quiet,
-                         **{name: options.values[name] for name in given})
+                         **{name: options.values[name] for name in options.given})
     counts = document["counts"]
     typer.echo(f"sweep of {len(document['runs'])} runs: {counts['done']} done, {counts['skipped']} skipped, "
                f"{counts['failed']} failed [{out / 'sweep.json'}, {out / 'sweep.html'}]")
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _deprecation_line(message, category, *_args, **_kwargs) -> None:
+    err.print(str(message) if category is FutureWarning else f"{category.__name__}: {message}",
+              highlight=False, markup=False, soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -373,7 +416,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.insert(0, "probe")  # `ra-probe MODEL` is `ra-probe probe MODEL`
     command = typer.main.get_command(app)
     try:
-        code = command.main(args, prog_name="ra-probe", standalone_mode=False)
+        with warnings.catch_warnings():  # the library's deprecations as one line each, like the CLI's own
+            warnings.showwarning = _deprecation_line
+            code = command.main(args, prog_name="ra-probe", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(code) is returned, not raised, in this mode
             if code == 130:  # typer's code for KeyboardInterrupt
                 err.print("interrupted", markup=False)

@@ -1,6 +1,6 @@
 """Gate configuration: a repository pins its `ra-probe check` settings once, in
 `ra-probe.toml` or in the `[tool.ra-probe]` table of `pyproject.toml`. Keys are the command's option
-names (`min-alignment = 0.6`, `require = ["ra"]`, `baseline = "reports/base.json"`); options given on
+names (`fail-below-ra2 = 0.6`, `require = ["ra"]`, `baseline = "reports/base.json"`); options given on
 the command line win over the file."""
 from __future__ import annotations
 

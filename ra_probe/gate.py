@@ -6,62 +6,34 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ra_probe.errors import UserError, first_line
-from ra_probe.pipeline.options import Option, Real
+from ra_probe.pipeline.options import OPTIONS, baseline_settings, default, names, refuse_bad
 from ra_probe.report.headline import HEADLINE, headline
+from ra_probe.report.schema import upgraded
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "undetermined": 1, "partial": 2, "present": 3}
-# Settings that must agree between a run and its baseline for metrics to be comparable.
-COMPARABLE_SETTINGS = ("k", "align_k", "tau", "samples", "dtype", "tol", "solver", "tokens")
-BEFORE_SETTING = {"tokens": "all"}  # what a report made before the setting existed measured
-
-
-@dataclass(frozen=True)
-class Limit:
-    """A metric limit of the gate: the option that sets it (`--min-alignment`, `min_alignment=`, the key
-    of ra-probe.toml), the metric it bounds, and whether it is a lower bound."""
-
-    option: Option
-    metric: str
-    lower: bool
-
-
-def _limit(name: str, metric: str, lower: bool, what: str) -> Limit:
-    help = f"fail if {what} is {'lower' if lower else 'higher'}"
-    return Limit(Option(name, None, Real(), help, "limit", cli_type=Optional[float]), metric, lower)
-
-
-LIMITS: dict[str, Limit] = {limit.option.name: limit for limit in (
-    _limit("min_alignment", "alignment", True, "the RA2 mean alignment a_ij"),
-    _limit("min_linearity", "linearity", True, "the RA1 mean linearity"),
-    _limit("max_rank", "median_rank", False, "the median over sites of the RA3 rank"),
-    _limit("max_nc1", "nc1", False, "NC1"),
-    _limit("max_nc4", "nc4", False, "NC4"),
-)}
+LIMITS = names("limit")  # fail_below_ra2, fail_above_nc1…: each an option of the table, with the metric it bounds
 
 
 def given_limits(values: dict[str, Any]) -> dict[str, float]:
     """The limits among `values` that are set (not None), each refused as the command line refuses it."""
     limits = {name: value for name, value in values.items() if name in LIMITS and value is not None}
-    for name, value in limits.items():
-        line = LIMITS[name].option.refusal(value)
-        if line is not None:
-            raise UserError(line)
+    refuse_bad(limits)
     return limits
 
 
 @dataclass
 class GateRules:
-    """`require`: verdicts that must be "present" ("ra", "nc"); `limits`: LIMITS name → value;
+    """`require`: verdicts that must be "present" ("ra", "nc"); `limits`: limit name → value;
     `baseline`: a report dict; `tolerance`: |run − baseline| ≤ tolerance · max(|baseline|, 1), i.e.
     relative for values above 1 and absolute below (scores, shares and NC metrics)."""
 
     require: tuple[str, ...] = ()
     limits: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, Any] | None = None
-    tolerance: float = 0.05
+    tolerance: float = default("tolerance")
 
 
 @dataclass
@@ -81,9 +53,9 @@ class GateResult:
 def check_rules(rules: GateRules, k: int) -> None:
     """Refuse rules that could never fail: ranks are counted among the top k values, so a rank limit
     of k or more passes whatever the model."""
-    limit = rules.limits.get("max_rank")
+    limit = rules.limits.get("fail_above_rank")
     if limit is not None and limit >= k:
-        raise UserError(f"--max-rank {limit:g} can never fail with --k {k} (ranks are counted among the top k "
+        raise UserError(f"--fail-above-rank {limit:g} can never fail with --k {k} (ranks are counted among the top k "
                         f"singular values): raise --k above {limit:g}")
 
 
@@ -100,7 +72,7 @@ def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
                        "detail": f"{what.upper()} {status}" if status == "present" else
                        f"{what.upper()} {status}, required present ({', '.join(w for w in why if w)})"})
     for option, limit in rules.limits.items():
-        metric, lower = LIMITS[option].metric, LIMITS[option].lower
+        metric, lower = OPTIONS[option].metric, OPTIONS[option].lower
         label, value = HEADLINE[metric].label, HEADLINE[metric].value(report)
         passed = value is not None and (value >= limit if lower else value <= limit)
         sign = ("≥" if passed else "<") if lower else ("≤" if passed else ">")
@@ -183,13 +155,13 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"baseline not found: {path}")
     try:
-        report = json.loads(path.read_text())
+        report = upgraded(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"cannot read baseline {path}: {first_line(exc)}") from None
     try:
         verdicts = [report["verdict"][what] for what in ("ra", "nc")]
         values = list(headline(report).values())
-        baseline_settings = dict(report["settings"])
+        made_with = dict(report["settings"])
         valid = all(v in VERDICT_ORDER for v in verdicts) and all(
             isinstance(s["name"], str) for s in report["sites"] + report["skipped"]) and all(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
@@ -197,9 +169,10 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         valid = False
     if not valid:
         raise UserError(f"baseline {path} is not an ra-probe report (no verdicts or metrics)")
-    baseline_settings, settings = {**BEFORE_SETTING, **baseline_settings}, {**BEFORE_SETTING, **settings}
-    differ = [f"{k} {baseline_settings.get(k)} vs {settings.get(k)}" for k in COMPARABLE_SETTINGS
-              if baseline_settings.get(k) != settings.get(k)]
+    compared = baseline_settings()  # the table's `must_match_baseline`
+    before = {name: OPTIONS[name].before for name in compared if OPTIONS[name].before is not None}
+    made_with, settings = {**before, **made_with}, {**before, **settings}
+    differ = [f"{k} {made_with.get(k)} vs {settings.get(k)}" for k in compared if made_with.get(k) != settings.get(k)]
     if differ:
         raise UserError(f"baseline {path} was measured with other settings ({', '.join(differ)}): "
                         "run with the baseline's settings or make a new baseline")

@@ -19,14 +19,14 @@ from ra_probe.engine.operators import BatchedOperator
 # vector and each product call wider, but takes more products to reach a tolerance. Measured on a
 # CPU, top 10 at tol 1e-3, s per sample (products) for blocks 2 / 4 / 8: resnet18 layer1 1.74 (782) /
 # 1.09 (584) / 1.35 (832); vit_tiny MLP 0.47 (104) / 0.37 (140) / 0.43 (192).
-DEFAULT_BLOCK = 4
-MIN_BLOCK = 2  # a single vector cannot tell a repeated value from a simple one
+DEFAULT_WIDTH = 4
+MIN_WIDTH = 2  # a single vector cannot tell a repeated value from a simple one
 
 
-def default_block(k: int) -> int:
+def default_width(k: int) -> int:
     """Start width of the block Krylov solver for top-`k` triplets (it grows a sample's block when a
     cluster of values shows as many copies as the block has vectors)."""
-    return max(MIN_BLOCK, min(DEFAULT_BLOCK, k + 1))
+    return max(MIN_WIDTH, min(DEFAULT_WIDTH, k + 1))
 
 
 # Columns a solve may visit per sample (restarts included) before it stops unconverged: trained conv
@@ -213,11 +213,11 @@ def _columns(k: int, width: int, m: int, n: int, device: torch.device, max_basis
 
 
 @_flushing_denormals
-def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: float = 1e-3,
+def krylov_svd(op: BatchedOperator, k: int, *, width: int | None = None, tol: float = 1e-3,
                max_basis: int | None = None, max_columns: int | None = None, seed: int = 0,
                sample_ids: torch.Tensor | None = None, reorthogonalize: str = "adaptive") -> SVDResult:
     """Top-k triplets by block Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization,
-    lock-step over the samples (`_block_gkl`), from `block` vectors per sample (at least 2).
+    lock-step over the samples (`_block_gkl`), from `width` vectors per sample (at least 2).
 
     A sample whose settled Ritz values show a cluster with as many values as its block has vectors
     may be missing copies (`cluster_growth`): its solve goes on from its Ritz vectors with a block
@@ -233,7 +233,7 @@ def krylov_svd(op: BatchedOperator, k: int, *, block: int | None = None, tol: fl
     out = _empty_result(op, k)
     products, iterations = 0, 0
     # by block width: samples to solve from a random start, and samples to go on with from their Ritz vectors
-    fresh: dict[int, list[torch.Tensor]] = {max(MIN_BLOCK, block or default_block(k)):
+    fresh: dict[int, list[torch.Tensor]] = {max(MIN_WIDTH, width or default_width(k)):
                                             [torch.arange(batch)]}
     going_on: dict[int, list[_Continuation]] = {}
     while fresh or going_on:

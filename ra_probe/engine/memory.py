@@ -23,12 +23,12 @@ CPU_COLUMNS_PER_K, CPU_MIN_COLUMNS = 5, 48
 COLUMNS_PER_K, MIN_COLUMNS = 32, 96
 
 
-def basis_size(k: int, block: int, dim: int, device: str | torch.device = "cpu") -> int:
+def basis_size(k: int, width: int, dim: int, device: str | torch.device = "cpu") -> int:
     """Krylov basis columns a solve holds at once per side (it restarts when they are full), capped
     by the dimension."""
     if torch.device(device).type == "cpu":
-        return min(dim, max(CPU_COLUMNS_PER_K * k, CPU_MIN_COLUMNS) + 2 * block)
-    return min(dim, max(COLUMNS_PER_K * k, MIN_COLUMNS) + 2 * block)
+        return min(dim, max(CPU_COLUMNS_PER_K * k, CPU_MIN_COLUMNS) + 2 * width)
+    return min(dim, max(COLUMNS_PER_K * k, MIN_COLUMNS) + 2 * width)
 
 
 def kept_columns(k: int, width: int, cols: int) -> int:
@@ -54,7 +54,7 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def solve_elements(n: int, m: int, *, method: str, k: int, block: int, chunk: int,
+def solve_elements(n: int, m: int, *, method: str, k: int, width: int, vectors_per_call: int,
                    device: str | torch.device = "cpu") -> int:
     """Elements one sample's solve of a site with (n, m) = (input, output) dimensions holds at its
     peak: a dense solve J (m × n) with its SVD factors (U, Vᵀ and the LAPACK workspace: about two
@@ -62,12 +62,12 @@ def solve_elements(n: int, m: int, *, method: str, k: int, block: int, chunk: in
     and a restart's rotated vectors) and one call's products."""
     if method == "dense":
         return m * n + 3 * min(m, n) ** 2 + (m + n) * min(m, n)
-    basis = basis_size(k, block, min(n, m), device)
-    workspace = 2 * block + kept_columns(k, block, basis)
-    return (n + m) * (basis + block + workspace + ACTIVATIONS_PER_VECTOR * chunk)
+    basis = basis_size(k, width, min(n, m), device)
+    workspace = 2 * width + kept_columns(k, width, basis)
+    return (n + m) * (basis + width + workspace + ACTIVATIONS_PER_VECTOR * vectors_per_call)
 
 
-def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: int, chunk: int,
+def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, width: int, vectors_per_call: int,
                      itemsize: int, device: str | torch.device = "cpu") -> int:
     """Peak bytes one sample costs in a probe of sites with (n, m, method) = (input dimension, output
     dimension, solver chosen; "block" when left out), listed by group: every site's captured x and
@@ -84,17 +84,17 @@ def bytes_per_sample(groups: list[list[tuple]], *, k: int, align_k: int, block: 
     heaviest_group = max((sum(kept(*site) + (n + m) * k for site in group for n, m, _ in [site])
                           + max(n + m for n, m, _ in group) * 2 * align_k * (len(group) - 1)
                           for group in groups), default=0)
-    heaviest_solve = max((solve_elements(n, m, method=method, k=k, block=block, chunk=chunk, device=device)
+    heaviest_solve = max((solve_elements(n, m, method=method, k=k, width=width, vectors_per_call=vectors_per_call, device=device)
                           for group in groups for n, m, method in group), default=0)
     return itemsize * (captured + heaviest_group + heaviest_solve)
 
 
 def auto_batch_size(groups: list[list[tuple]], samples: int, device: torch.device, *, k: int,
-                    align_k: int, block: int, chunk: int, itemsize: int, free: int | None = None,
+                    align_k: int, width: int, vectors_per_call: int, itemsize: int, free: int | None = None,
                     held: int = 0) -> int:
     """The most samples per chunk (at most `samples`, at least 1) whose estimated peak fits in half of
     the device's free memory less `held` bytes the probe takes besides (offloaded weights made resident)."""
-    per_sample = bytes_per_sample(groups, k=k, align_k=align_k, block=block, chunk=chunk, itemsize=itemsize,
+    per_sample = bytes_per_sample(groups, k=k, align_k=align_k, width=width, vectors_per_call=vectors_per_call, itemsize=itemsize,
                                   device=device)
     budget = SHARE_OF_FREE * max(0, (free_bytes(device) if free is None else free) - held)
     return max(1, min(samples, int(budget // max(per_sample, 1))))

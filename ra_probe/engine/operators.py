@@ -101,16 +101,16 @@ class JacobianOperator(BatchedOperator):
     as f(x), or as f(x, ctx) when side inputs `ctx` are given (a site's branch; they are split with x).
 
     J·V is a forward-mode product (`jvp`) of the whole batch, one vector per sample; Jᵀ·U reuses one
-    saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `chunk` vectors
-    per call (memory: a call holds about `chunk` times the branch's activations of the B samples).
+    saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `vectors_per_call`
+    vectors per call (memory: a call holds about `vectors_per_call` times the branch's activations of the B samples).
     With `linearize` (default: sites of at least `LINEARIZE_MIN_DIM` input dimensions), J·V comes from
     a program of the tangent alone traced on first use (`linearized.linearize`, else torch's), which
     skips the primal recomputation; a branch that cannot be traced or vmapped that way falls back to
     `jvp`, with the same results."""
 
     def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Any = None,
-                 chunk: int = 16, linearize: bool | None = None, tangent_size: int | None = None):
-        self.f, self.x, self.ctx, self.chunk = f, x, ctx, chunk
+                 vectors_per_call: int = 16, linearize: bool | None = None, tangent_size: int | None = None):
+        self.f, self.x, self.ctx, self.vectors_per_call = f, x, ctx, vectors_per_call
         # elements one sample's tangent takes inside f (x's, unless f runs it through more: a function of
         # the last token that runs the whole sentence); sizes the calls of `wide_calls`
         self.tangent_size = tangent_size or x[0].numel()
@@ -196,7 +196,7 @@ class JacobianOperator(BatchedOperator):
         self._vjp_fn = self._lin_fn = self._autograd = None
 
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """Apply a product to the columns of w (B, d, k), `chunk` columns per vmapped call, into `out`
+        """Apply a product to the columns of w (B, d, k), `vectors_per_call` columns per vmapped call, into `out`
         when given; a single column skips vmap (its batching rules cost more than they save for one
         vector). Each chunk of c columns is copied into a buffer (c, B, d) made once per operator:
         under vmap the branch's operations see the c·B vectors as one batch, which they can view
@@ -210,29 +210,29 @@ class JacobianOperator(BatchedOperator):
         return torch.cat(list(results), dim=1).mT if out is None else _columns_into(results, out)
 
     def _per_call(self) -> int:
-        """Vectors per vmapped call: `chunk`, and on the CPU no more than keep a call's tensors within
+        """Vectors per vmapped call: `vectors_per_call`, and on the CPU no more than keep a call's tensors within
         `CPU_CALL_BYTES`. Each call allocates its own temporaries of that size (the branch's operations);
         glibc's malloc takes large ones from the kernel as fresh pages every time (mmap, then a page fault
         per page touched) and reuses smaller ones: on a 224-px convolution site, 8 samples, calls of 4
         vectors spent a fifth of the CPU time in the kernel, calls of 1 under 5 %, at the same user time.
         CUDA's caching allocator reuses its blocks, so there wide calls only save overhead."""
         if self.device.type != "cpu":
-            return self.chunk
+            return self.vectors_per_call
         per_vector = self.shape[0] * max(self.shape[1], self.tangent_size) * self.x.element_size()
-        return max(1, min(self.chunk, CPU_CALL_BYTES // per_vector))
+        return max(1, min(self.vectors_per_call, CPU_CALL_BYTES // per_vector))
 
     def _staging(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (B, c, d) copied into the operator's buffer as (c, B, d)."""
         batch, c, dim = rows.shape
         buffer = self._staged.get(dim)
         if buffer is None or buffer.shape[0] < c:
-            buffer = self._staged[dim] = rows.new_empty(max(c, self.chunk), batch, dim)
+            buffer = self._staged[dim] = rows.new_empty(max(c, self.vectors_per_call), batch, dim)
         return buffer[:c].copy_(rows.transpose(0, 1))
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
         whose side inputs do not slice that way (its output rows change) cannot be split: None."""
-        sub = JacobianOperator(self.f, self.x[rows], batch_rows(self.ctx, rows, self.shape[0]), self.chunk,
+        sub = JacobianOperator(self.f, self.x[rows], batch_rows(self.ctx, rows, self.shape[0]), self.vectors_per_call,
                                self.linearize, self.tangent_size)
         expected = self.out[rows]
         if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
@@ -248,18 +248,18 @@ CPU_CALL_BYTES = 8 << 20  # a CPU call's tangents or outputs: at most this many 
 @contextmanager
 def wide_calls(op: BatchedOperator, vectors: int):
     """Within: a Jacobian operator's calls take up to `vectors` vectors each, as far as `WIDE_ELEMENTS`
-    of tangents allow and never fewer than its `chunk` (sized for the solver's blocks, which the memory
+    of tangents allow and never fewer than its `vectors_per_call` (sized for the solver's blocks, which the memory
     estimate covers): the branch's primal and per-call overhead are paid once for many vectors (forming
     J, applying it to the top vectors of other sites). Other operators are unchanged."""
-    chunk = getattr(op, "chunk", None)
-    if chunk is None:
+    narrow = getattr(op, "vectors_per_call", None)
+    if narrow is None:
         yield
         return
-    op.chunk = max(chunk, min(vectors, WIDE_ELEMENTS // max(1, op.shape[0] * op.tangent_size)))
+    op.vectors_per_call = max(narrow, min(vectors, WIDE_ELEMENTS // max(1, op.shape[0] * op.tangent_size)))
     try:
         yield
     finally:
-        op.chunk = chunk
+        op.vectors_per_call = narrow
 
 
 class AutogradProducts:

@@ -21,15 +21,15 @@ from ra_probe.metrics.uncertainty import samples_to_decide
 
 @dataclass
 class Thresholds:
-    min_alignment: float = 0.5  # RA2: mean group score a_ij
-    min_linearity: float = 0.9  # RA1: mean linearity of groups with ≥ 2 sites
-    rank_share: float = 0.5  # RA3 (fully-connected nets): share of sites with rank ≤ C
-    min_init_ratio: float = 4.0  # RA2 over its value for the same architecture at random init
-    max_nc_init_ratio: float = 0.25  # NC1 over its value for the same architecture at random init
-    max_nc1: float = 0.5
-    max_nc2: float = 0.3  # equinorm of class means and equiangularity
-    max_nc3: float = 0.5
-    max_nc4: float = 0.05
+    ra1_min: float = 0.9  # RA1: mean linearity of groups with ≥ 2 sites
+    ra2_min: float = 0.5  # RA2: mean group score a_ij
+    ra2_min_init_ratio: float = 4.0  # RA2 over its value for the same architecture at random init
+    ra3_min_rank_share: float = 0.5  # RA3 (fully-connected nets): share of sites with rank ≤ C
+    nc1_max: float = 0.5
+    nc1_max_init_ratio: float = 0.25  # NC1 over its value for the same architecture at random init
+    nc2_max: float = 0.3  # equinorm of class means and equiangularity
+    nc3_max: float = 0.5
+    nc4_max: float = 0.05
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -111,20 +111,20 @@ def ra_verdict(ra: RAResults, samples: int | None, t: Thresholds, null: NullCont
     if not ra.ra2.groups and not ra.ra3.sites:
         return Verdict("not_applicable", [], control, no_sites_message(skipped))
     n = samples
-    ra2 = _check("RA2", ra.ra2.mean_score, t.min_alignment, True, "mean alignment score a_ij", ra.ra2.mean_score_ci, n)
+    ra2 = _check("RA2", ra.ra2.mean_score, t.ra2_min, True, "mean alignment score a_ij", ra.ra2.mean_score_ci, n)
     if not ra.ra2.groups:
         ra2 = replace(ra2, reason="no group has two sites: alignment needs a pair of sites")
-    checks = [_check("RA1", ra.ra1.mean_linearity, t.min_linearity, True, "mean trajectory linearity",
+    checks = [_check("RA1", ra.ra1.mean_linearity, t.ra1_min, True, "mean trajectory linearity",
                      ra.ra1.mean_linearity_ci, n), ra2]
     ra3 = ra.ra3
     if ra3.judged or (ra3.fully_connected and ra3.undetermined):
         # sites whose rank is undetermined (it reaches k ≤ C) do not count; none judged: no evidence
         rule = "share of sites with rank ≤ C" + (f" ({'; '.join(ra3.undetermined)})" if ra3.undetermined else "")
-        checks.append(_check("RA3", ra3.share_rank_le_classes, t.rank_share, True, rule,
+        checks.append(_check("RA3", ra3.share_rank_le_classes, t.ra3_min_rank_share, True, rule,
                              ra3.share_rank_le_classes_ci, n))
     if null.measured:
         at_init = null.at_init.ra2
-        contrast = _check("RA2 vs init", null.ratio["ra2"], t.min_init_ratio, True,
+        contrast = _check("RA2 vs init", null.ratio["ra2"], t.ra2_min_init_ratio, True,
                           f"a_ij ÷ its value at random init ({at_init:.3g})" if at_init else "a_ij ÷ its value at random init",
                           null.ratio_ci.get("ra2"), min(n, null.samples) if n else None)
         if contrast.value is None:
@@ -136,7 +136,7 @@ def ra_verdict(ra: RAResults, samples: int | None, t: Thresholds, null: NullCont
     if checks[-1].name == "RA2 vs init" and checks[-1].passed is False:
         return Verdict("absent", checks, control,
                        f"RA2 is {checks[-1].value:.3g}× its value at random init: the alignment does not stand "
-                       f"out from the untrained architecture (needs ≥ {t.min_init_ratio:g}×)")
+                       f"out from the untrained architecture (needs ≥ {t.ra2_min_init_ratio:g}×)")
     return Verdict(_overall(checks), checks, control)
 
 
@@ -157,20 +157,20 @@ def nc_verdict(nc: NCResults | None, t: Thresholds, null: NullContrast = NO_NULL
         return Verdict("undetermined", [], reason=nc.undetermined)
     n = None if nc.interval_note else nc.samples  # next tokens: no interval, decided on the values
     checks = [
-        _check("NC1", nc.nc1, t.max_nc1, False, "Tr(Σ_W Σ_B†)/C", nc.nc1_ci, n),
-        _check("NC2", nc.nc2, t.max_nc2, False, "max(equinorm CV, equiangularity)", nc.nc2_ci, n),
-        _check("NC3", nc.nc3, t.max_nc3, False, "self-duality distance", nc.nc3_ci, n),
-        _check("NC4", nc.nc4, t.max_nc4, False, "mismatch with nearest class mean", nc.nc4_ci, n),
+        _check("NC1", nc.nc1, t.nc1_max, False, "Tr(Σ_W Σ_B†)/C", nc.nc1_ci, n),
+        _check("NC2", nc.nc2, t.nc2_max, False, "max(equinorm CV, equiangularity)", nc.nc2_ci, n),
+        _check("NC3", nc.nc3, t.nc3_max, False, "self-duality distance", nc.nc3_ci, n),
+        _check("NC4", nc.nc4, t.nc4_max, False, "mismatch with nearest class mean", nc.nc4_ci, n),
     ]
     at_init = null.nc if null.measured else None
     if at_init:
-        contrast = _check("NC1 vs init", null.ratio.get("nc1"), t.max_nc_init_ratio, False,
+        contrast = _check("NC1 vs init", null.ratio.get("nc1"), t.nc1_max_init_ratio, False,
                           f"NC1 ÷ its value at random init ({at_init.nc1:.3g})", null.ratio_ci.get("nc1"), n)
         checks.append(contrast)
         if contrast.passed is False:
             return Verdict("absent", checks,
                            reason=f"NC1 is {contrast.value:.3g}× its value at random init: the collapse does not stand "
-                                  f"out from the untrained architecture (needs ≤ {t.max_nc_init_ratio:g}×)")
+                                  f"out from the untrained architecture (needs ≤ {t.nc1_max_init_ratio:g}×)")
     total = nc.classifier_classes
     scope = None
     if nc.classes_dropped or (total and nc.classes < total):

@@ -24,12 +24,10 @@ import torch
 
 from ra_probe.files import atomic_write
 from ra_probe.load.offload import offloading
+from ra_probe.pipeline.options import cache_key_settings
 from ra_probe.version import __version__
 
 T = TypeVar("T")
-# Settings applied after measuring (or captured by the chunk's content): not part of an entry's key.
-NOT_IN_KEY = frozenset({"samples", "batch_size", "tau", "thresholds", "null", "null_samples", "threads", "confidence",
-                        "resamples", "max_samples", "budget"})
 
 
 def default_dir() -> Path:
@@ -103,7 +101,9 @@ class ResultCache:
     def for_run(self, module: torch.nn.Module, name: str, settings, adapter: str = "") -> RunCache:
         """The entries of one run: keyed by tool and library versions, the adapter, the model's identity
         and weights, and the settings."""
-        kept = {k: v for k, v in settings.as_dict().items() if k not in NOT_IN_KEY}
+        # the settings that change what is measured (the table's `in_cache_key`); those applied after
+        # measuring (thresholds, τ, the sample count) or captured by the chunk's content are not part of it
+        kept = {name: value for name, value in settings.as_dict().items() if name in cache_key_settings()}
         kept["device"] = settings.resolved_device().type
         identity = {"version": __version__, "code": code_digest(), "libraries": library_versions(),
                     "adapter": adapter, "adapter_code": adapter_digest(adapter), "model": name,

@@ -140,9 +140,9 @@ def predict(cal: Calibration, settings: Settings) -> Prediction:
         cuts.append(("--null none", total / seconds(cal, null=False)))
     smaller = max(KRYLOV_MIN_K, settings.k // 2)
     if smaller < settings.k and all(c <= smaller for c in settings.coupling_k):
-        aligned = max([settings.align_k or settings.k, *settings.coupling_k])
+        aligned = settings.widest_alignment_k()
         kept = smaller / max(settings.k, KRYLOV_MIN_K)
-        aligned_after = max([settings.align_k or smaller, *settings.coupling_k])
+        aligned_after = settings.widest_alignment_k(smaller)
         cuts.append((f"--k {smaller}", total / seconds(cal, keep=(kept, aligned_after / aligned))))
     cuts = [(option, factor) for option, factor in cuts if factor >= 1.1]
     if settings.resolved_device().type == "cpu":
@@ -160,7 +160,7 @@ def peak_bytes(start: int | None, copied: int, model: PeakEstimate, null: PeakEs
     dtype); or the null's whole estimate beside those copied weights."""
     if start is None:
         return None
-    added = copied + model.block + model.per_sample * model.samples
+    added = copied + model.resident_block + model.per_sample * model.samples
     return start + max(added, copied + null.total if null is not None else 0)
 
 

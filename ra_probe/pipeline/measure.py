@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_block, solve_operator, wide_calls
+from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_width, solve_operator, wide_calls
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.offload import Offloading, held, offloading
@@ -214,13 +214,13 @@ class PeakEstimate:
     sample of a chunk costs."""
 
     weights: int
-    block: int
+    resident_block: int
     per_sample: int
     samples: int  # per chunk
 
     @property
     def total(self) -> int:
-        return self.weights + self.block + self.per_sample * self.samples
+        return self.weights + self.resident_block + self.per_sample * self.samples
 
 
 def peak_estimate(model: torch.nn.Module, groups: Sequence[Group], samples: int, settings: Settings) -> PeakEstimate:
@@ -229,9 +229,9 @@ def peak_estimate(model: torch.nn.Module, groups: Sequence[Group], samples: int,
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     dims, memory = _site_dims(groups, settings), _memory_settings(settings)
     offload = offloading(model)
-    block = offload.largest_block([site for group in groups for site in group.sites], dtype.itemsize)
-    batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=block, **memory)
-    return PeakEstimate(offload.device_bytes(), block, bytes_per_sample(dims, device=device, **memory), batch_size)
+    resident = offload.largest_block([site for group in groups for site in group.sites], dtype.itemsize)
+    batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=resident, **memory)
+    return PeakEstimate(offload.device_bytes(), resident, bytes_per_sample(dims, device=device, **memory), batch_size)
 
 
 def _site_dims(groups: Sequence[Group], settings: Settings) -> list[list[tuple[int, int, str]]]:
@@ -241,14 +241,15 @@ def _site_dims(groups: Sequence[Group], settings: Settings) -> list[list[tuple[i
     def sized(site: VerifiedSite, partners: list[VerifiedSite]) -> tuple[int, int, str]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=itemsize, after=len(partners) * _aligned_k(settings))
+                                   itemsize=itemsize, after=len(partners) * settings.widest_alignment_k())
 
     partnered = [(group.sites, alignment_partners(group.sites, settings)) for group in groups]
     return [[sized(s, partners[s.name]) for s in members] for members, partners in partnered]
 
 
 def _memory_settings(settings: Settings) -> dict[str, int]:
-    return dict(k=settings.k, align_k=_aligned_k(settings), block=default_block(settings.k), chunk=settings.chunk,
+    return dict(k=settings.k, align_k=settings.widest_alignment_k(), width=default_width(settings.k),
+                vectors_per_call=settings.vectors_per_call,
                 itemsize=settings.resolved_dtype().itemsize)
 
 
@@ -290,12 +291,13 @@ def measure_group(group: Group, captured: Captured, settings: Settings,
         # at the last token, a tangent runs through every token of the sentence
         tangent_size = record.ctx["tokens"][0].numel() if settings.tokens == "last" else None
         with held(hold, site):
-            jacobian = JacobianOperator(branch_of(site, settings), record.x, record.ctx, chunk=settings.chunk,
+            jacobian = JacobianOperator(branch_of(site, settings), record.x, record.ctx,
+                                        vectors_per_call=settings.vectors_per_call,
                                         tangent_size=tangent_size)
             try:  # op: J formed once (in wide calls) where the dense solver was chosen, reused by RA2
                 op, result = solve_operator(jacobian, settings.k, method=settings.solver, tol=settings.tol,
                                             dense_limit=settings.dense_limit, seed=settings.seed,
-                                            sample_ids=sample_ids, after=len(partners[site.name]) * _aligned_k(settings))
+                                            sample_ids=sample_ids, after=len(partners[site.name]) * settings.widest_alignment_k())
             except NotImplementedError as exc:  # an operation of the branch without a forward-mode derivative
                 raise UserError(f"site {site.name}: {first_line(exc)}") from None
             # what the products saved of the branch's forward (activations, attention maps: up to GBs a
@@ -346,7 +348,7 @@ def _measure_alignment(members: Sequence[VerifiedSite], partners_of: dict[str, l
     J_i is already formed), then every partner's U_jᵀ in one batched product. K of the largest of RA2
     and coupling; each takes M's leading K×K block. `hold`: as in `measure_group`."""
     available = min(svds[s.name].S.shape[1] for s in members)
-    K = min(settings.align_k or settings.k, available)
+    K = min(settings.alignment_k(), available)
     wide = max([K, *(c for c in settings.coupling_k if c <= available)])
     for site_i in members:
         tick, partners = time.perf_counter(), partners_of[site_i.name]
@@ -366,10 +368,5 @@ def _measure_alignment(members: Sequence[VerifiedSite], partners_of: dict[str, l
             for c in (c for c in settings.coupling_k if c <= available):
                 out.coupling[(*key, c)] = ra_metrics.coupling_score(M[:, :c, :c], S_i[:, :c]).double().cpu()
         out.timing[site_i.name].update(align_seconds=time.perf_counter() - tick, align_products=op.products - before)
-
-
-def _aligned_k(settings: Settings) -> int:
-    """Top vectors of a site that RA2 and coupling apply the other sites' J to: the larger of their K."""
-    return max([settings.align_k or settings.k, *settings.coupling_k])
 
 

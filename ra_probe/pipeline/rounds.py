@@ -77,7 +77,7 @@ class Stopping:
         at_init = summarize(found.groups, so_far, self.at_init, self.settings, None, collapse_too=False).replicates
         low, high = ratio_interval(self.measured.replicates.get("ra2"), at_init.get("ra2"),
                                    self.settings.confidence) or (None, None)
-        limit = self.settings.thresholds.min_init_ratio
+        limit = self.settings.thresholds.ra2_min_init_ratio
         return None if low is None or low < limit <= high else "decided"
 
 

@@ -200,7 +200,7 @@ def _stage(loaded: LoadedModel, samples: Samples, settings: Settings, progress: 
         torch.manual_seed(settings.seed)  # a model that draws random numbers draws the same ones each run
         if check:
             check_labels(samples, loaded.num_classes or output_classes(model, samples, device, dtype))
-        site_report = discover(model, samples, device, dtype, settings.sites)
+        site_report = discover(model, samples, device, dtype, settings.site_level)
         run_cache = cache.for_run(model, loaded.name, settings, site_report.adapter) if cache is not None else None
         measured, why = Measured(), None
         chunks = measuring(measured, model, site_report.groups, samples, settings, progress, run_cache,

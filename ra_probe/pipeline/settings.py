@@ -33,7 +33,7 @@ class Settings:
     batch_size: int | None = default("batch_size")  # samples per chunk; None: the most that fit the device's memory
     tol: float = default("tol")
     solver: str = default("solver")  # auto | dense | block
-    chunk: int = default("chunk")  # vectors per vmapped Jacobian product call
+    vectors_per_call: int = default("vectors_per_call")  # vectors per vmapped Jacobian product call
     dense_limit: int = default("dense_limit")  # largest site dimension whose Jacobian auto may form
     tau: float = default("tau")
     dtype: str = default("dtype")
@@ -44,10 +44,18 @@ class Settings:
     confidence: float = default("confidence")  # level of the bootstrap intervals
     resamples: int = default("resamples")  # bootstrap resamples
     tokens: str = default("tokens")  # all: every real token, its whole Jacobian | last: the last real token's
-    sites: str = default("sites")  # granularity of transformer sites: auto | block | sublayer
+    site_level: str = default("site_level")  # granularity of transformer sites: auto | block | sublayer
     coupling_k: tuple[int, ...] = default("coupling_k")  # K values of block coupling (empty: not measured)
     threads: int | None = default("threads")  # torch CPU threads while probing; None: the caller's
     thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def alignment_k(self, k: int | None = None) -> int:
+        """K of the RA2 alignment: `align_k`, else k (`k`: another k than the settings', for a prediction)."""
+        return self.align_k or (self.k if k is None else k)
+
+    def widest_alignment_k(self, k: int | None = None) -> int:
+        """Top vectors of a site that RA2 and coupling apply the other sites' J to: the larger of their K."""
+        return max([self.alignment_k(k), *self.coupling_k])
 
     @property
     def sample_limit(self) -> int:
@@ -75,7 +83,7 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["device"] = str(self.resolved_device())
-        out["align_k"] = self.align_k or self.k
+        out["align_k"] = self.alignment_k()
         return out
 
 

@@ -122,7 +122,7 @@ def _ra_results(sites: list[VerifiedSite], ra1_groups: list[Trajectories], ra2_g
     sigma1 = [s.sigma1_mean for s in ra4_sites]
     return RAResults(
         RA1(ra1_groups, _mean_or_none([g.linearity for g in ra1_groups]), ci("ra1")),
-        RA2(ra2_groups, _mean_or_none([g.score for g in ra2_groups]), settings.align_k or settings.k, ci("ra2")),
+        RA2(ra2_groups, _mean_or_none([g.score for g in ra2_groups]), settings.alignment_k(), ci("ra2")),
         RA3(ra3_sites, settings.tau, num_classes, fully_connected, fully_connected and bool(judged),
             sorted({s.undetermined for s in ra3_sites if s.undetermined}),
             sum(judged) / len(judged) if judged else None,

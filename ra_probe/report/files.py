@@ -11,7 +11,7 @@ import torch
 
 from ra_probe.errors import UserError
 from ra_probe.files import atomic_write
-from ra_probe.report.schema import SCHEMA_VERSION, schema_errors
+from ra_probe.report.schema import SCHEMA_VERSION, schema_errors, upgraded
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -28,9 +28,13 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
-def load_report(path: Path) -> dict[str, Any]:
-    """A report read back from JSON for `compare` and the HTML report. Reports of this MAJOR schema
-    version are read (older MINOR versions lack only added fields); the current version is validated."""
+READABLE_MAJORS = ("1", SCHEMA_VERSION.split(".")[0])  # 1.x reports are read with their keys renamed
+
+
+def read_report_file(path: Path) -> dict[str, Any]:
+    """A report dict read back from JSON for `compare`, `check` and the HTML report. Reports of this
+    MAJOR schema version are read (older MINOR versions lack only added fields), and of 1.x with the
+    keys 2.0 renamed under their new names (`schema.upgraded`); the current version is validated."""
     try:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -38,14 +42,14 @@ def load_report(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not a JSON report ({exc})") from None
     version = str(report.get("schema_version", "")) if isinstance(report, dict) else ""
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise UserError(f"{path}: not an ra-probe report of schema version {SCHEMA_VERSION.split('.')[0]}.x "
+    if version.split(".")[0] not in READABLE_MAJORS:
+        raise UserError(f"{path}: not an ra-probe report of schema version {' or '.join(READABLE_MAJORS)}.x "
                         f"(schema_version {version or 'missing'})")
     if version == SCHEMA_VERSION:
         errors = schema_errors(report)
         if errors:
             raise UserError(f"{path}: invalid report ({len(errors)} schema errors; first: {errors[0]})")
-    return report
+    return upgraded(report)
 
 
 def file_safe(model: str) -> str:

@@ -224,9 +224,9 @@ def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int],
     return _svg(fig, "sigma1")
 
 
-NC_BARS = (("NC1", "nc1", "max_nc1"), ("NC2 equinorm μ", "nc2_equinorm_means", "max_nc2"),
-           ("NC2 equinorm w", "nc2_equinorm_weights", None), ("NC2 equiangular", "nc2_equiangular", "max_nc2"),
-           ("NC3", "nc3", "max_nc3"), ("NC4", "nc4", "max_nc4"))
+NC_BARS = (("NC1", "nc1", "nc1_max"), ("NC2 equinorm μ", "nc2_equinorm_means", "nc2_max"),
+           ("NC2 equinorm w", "nc2_equinorm_weights", None), ("NC2 equiangular", "nc2_equiangular", "nc2_max"),
+           ("NC3", "nc3", "nc3_max"), ("NC4", "nc4", "nc4_max"))
 
 
 def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
@@ -245,7 +245,7 @@ def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
         ax.annotate("–" if value is None else f"{value:.3g}", (xi, height), xytext=(0, 2),
                     textcoords="offset points", ha="center", fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylim(NO_VALUE_FLOOR / 2, max(heights + [thresholds.get("max_nc1", 1.0)]) * 4)
+    ax.set_ylim(NO_VALUE_FLOOR / 2, max(heights + [thresholds.get("nc1_max", 1.0)]) * 4)
     ax.set_xticks(x, [label for label, _, _ in NC_BARS], rotation=20, ha="right", fontsize=8)
     ax.set(title="Neural Collapse (red: verdict limits; black: confidence intervals)")
     return _svg(fig, "nc")

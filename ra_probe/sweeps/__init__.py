@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ra_probe.errors import UserError
-from ra_probe.report.files import load_report, write_json
+from ra_probe.report.files import read_report_file, write_json
 from ra_probe.sweeps import execute
 from ra_probe.sweeps.execute import RAY_MISSING, Finished
 from ra_probe.sweeps.spec import Run, SweepSpec, read_spec
@@ -96,7 +96,7 @@ def _earlier(plan: SweepSpec, out: Path) -> tuple[dict[str, dict], dict[str, dic
         if earlier and earlier.get("key") == key and earlier.get("status") in ("done", "skipped") \
                 and earlier.get("report"):
             try:
-                report = load_report(out / earlier["report"])
+                report = read_report_file(out / earlier["report"])
             except UserError:  # removed or damaged since: measured again
                 report = None
         if report is None:

@@ -16,8 +16,15 @@ from ra_probe.api import LOADING_OPTIONS, settings_from
 from ra_probe.errors import UserError, first_line
 from ra_probe.load.sources.registry import find_source
 from ra_probe.load.weights import CHECKPOINT_SUFFIXES, sha256_of
-from ra_probe.pipeline.options import OPTIONS as PROBE_OPTIONS
-from ra_probe.pipeline.options import normalized, refuse_bad
+from ra_probe.pipeline.options import (
+    OPTIONS,
+    SWEEP_KEYS,
+    SWEEP_ROLES,
+    current_names,
+    library_warning,
+    normalized,
+    refuse_bad,
+)
 from ra_probe.pipeline.settings import Settings
 from ra_probe.report.files import file_safe
 
@@ -27,8 +34,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 RUN_KEYS = ("model", "name", "step")  # keys of a run that are not probe options
-OPTIONS = tuple(PROBE_OPTIONS)  # every probe option, by the library's name
-NEGATED = {option.cli_name: name for name, option in PROBE_OPTIONS.items() if option.negated}  # no_cache: cache
+FORMER = {old for name in SWEEP_KEYS for old in OPTIONS[name].was}  # former names, taken with a warning
+NEGATED = {OPTIONS[name].cli_name: name for name in SWEEP_KEYS if OPTIONS[name].negated}  # no_cache: cache
 GLOB = re.compile(r"[*?\[]")
 
 
@@ -109,7 +116,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _normalized(table: dict[str, Any], where: str) -> dict[str, Any]:
-    """Keys with `-` as `_`, `no_cache`/`no_pretrained` as their positive options; unknown keys refused."""
+    """Keys with `-` as `_`, `no_cache`/`no_pretrained` as their positive options, former names as the
+    current ones (with a FutureWarning); unknown keys refused."""
     out = {}
     for key, value in table.items():
         name = key.replace("-", "_")
@@ -117,11 +125,12 @@ def _normalized(table: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise UserError(f"{where}: {key} must be true or false, got {value!r}")
             name, value = NEGATED[name], not value
-        if name not in OPTIONS and name not in RUN_KEYS:
-            known = ", ".join(k.replace("_", "-") for k in (*RUN_KEYS, *OPTIONS))
+        if name not in SWEEP_KEYS and name not in RUN_KEYS and name not in FORMER:
+            known = ", ".join(k.replace("_", "-") for k in (*RUN_KEYS, *SWEEP_KEYS))
             raise UserError(f"{where}: unknown key {key!r} (known: {known})")
         out[name] = value
-    return out
+    return current_names(out, SWEEP_ROLES, lambda line: library_warning(f"{line} ({where})"),
+                         spell=lambda name: name.replace("_", "-"))
 
 
 def _runs(table: dict[str, Any], where: str) -> list[Run]:

@@ -19,7 +19,7 @@ from ra_probe.engine import (
     DenseOperator,
     JacobianOperator,
     auto_batch_size,
-    default_block,
+    default_width,
     dense_svd,
     krylov_svd,
     operators,
@@ -36,7 +36,7 @@ from ra_probe.sites.discover import discover
 
 # a basis smaller than the test operators' dimensions, so that they are solved by Krylov steps
 SMALL_BASIS = 64
-SOLVERS = {"block 2": lambda op, k, **kw: krylov_svd(op, k, block=2, max_basis=SMALL_BASIS, **kw),
+SOLVERS = {"block 2": lambda op, k, **kw: krylov_svd(op, k, width=2, max_basis=SMALL_BASIS, **kw),
            "default": lambda op, k, **kw: krylov_svd(op, k, max_basis=SMALL_BASIS, **kw)}
 SPECTRA = {
     "decaying": 0.8 ** torch.arange(150.0),
@@ -89,8 +89,8 @@ def test_bound_is_honest_when_not_converged(block):
     rounding: both reported as unconverged, and the reported residuals still bound the true ones."""
     s = torch.linspace(1.0, 0.5, 150)
     op, matrices, _ = known_operator(s, m=160, n=170)
-    for result in (krylov_svd(op, 8, block=block, tol=1e-6, max_columns=40, max_basis=SMALL_BASIS),
-                   krylov_svd(known_operator(s, m=160, n=170, dtype=torch.float32)[0], 8, block=block, tol=1e-7,
+    for result in (krylov_svd(op, 8, width=block, tol=1e-6, max_columns=40, max_basis=SMALL_BASIS),
+                   krylov_svd(known_operator(s, m=160, n=170, dtype=torch.float32)[0], 8, width=block, tol=1e-7,
                               max_basis=SMALL_BASIS)):
         assert not result.converged.any()
         left, right = true_residuals(matrices, result)
@@ -104,8 +104,8 @@ def test_restarts_keep_the_answer(spectrum, block):
     leading Ritz vectors) reaches the same triplets as the unrestarted solve, with honest bounds."""
     k, tol, s = 10, 1e-4, SPECTRA[spectrum]
     op, matrices, V_true = known_operator(s)
-    full = krylov_svd(op, k, block=block, tol=tol, max_basis=170)
-    small = krylov_svd(op, k, block=block, tol=tol, max_basis=k + 2 * block)
+    full = krylov_svd(op, k, width=block, tol=tol, max_basis=170)
+    small = krylov_svd(op, k, width=block, tol=tol, max_basis=k + 2 * block)
     assert full.converged.all() and small.converged.all()
     assert small.iterations > (k + 2 * block) // block  # it did restart
     assert ((small.S - s[:k].double()).abs() <= tol * s[0]).all()
@@ -128,7 +128,7 @@ def test_gram_schmidt_passes_keep_the_basis_orthogonal(spectrum, passes, monkeyp
     k, tol, s = 10, 1e-4, SPECTRA[spectrum]
     for dtype, tight in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         op, matrices, V_true = known_operator(s, dtype=dtype)
-        result = krylov_svd(op, k, block=4, tol=max(tol, 100 * torch.finfo(dtype).eps), max_basis=k + 8,
+        result = krylov_svd(op, k, width=4, tol=max(tol, 100 * torch.finfo(dtype).eps), max_basis=k + 8,
                             reorthogonalize=reorthogonalize)
         eye = torch.eye(k, dtype=torch.float64)
         for vectors in (result.U.double(), result.V.double()):
@@ -175,7 +175,7 @@ def test_converged_samples_stop_spending_products():
     easy, m_easy, _ = known_operator(torch.tensor([1.0]), batch=2, seed=1)
     hard, m_hard, _ = known_operator(decaying, batch=2, seed=2)
     op = DenseOperator(torch.cat([m_easy, m_hard]))
-    result = krylov_svd(op, 4, block=2, tol=1e-4, max_basis=SMALL_BASIS)
+    result = krylov_svd(op, 4, width=2, tol=1e-4, max_basis=SMALL_BASIS)
     assert result.converged.all()
     assert result.products < 4 * 2 * 2 * result.iterations
     expected = torch.cat([torch.tensor([[1.0, 0, 0, 0]] * 2), decaying[:4].double().expand(2, 4)])
@@ -196,7 +196,7 @@ CLUSTERS = {
     "tight 12": clustered(torch.linspace(1.0, 1.0 - 1e-4, 12)),
 }
 # the width a probe starts from, the narrowest allowed, and a single vector (taken as the narrowest)
-CLUSTER_BLOCKS = sorted({1, 2, default_block(16)})
+CLUSTER_BLOCKS = sorted({1, 2, default_width(16)})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -209,7 +209,7 @@ def test_no_skipped_value_in_a_cluster(spectrum, block, dtype):
     converge; here it converges."""
     k, tol, s = 16, 1e-3, CLUSTERS[spectrum]
     op = known_operator(s, dtype=dtype, m=150, n=160)[0]
-    result = krylov_svd(op, k, block=block, tol=tol, max_basis=SMALL_BASIS)
+    result = krylov_svd(op, k, width=block, tol=tol, max_basis=SMALL_BASIS)
     assert result.converged.all()
     assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all(), result.S[:, :14]
 
@@ -229,14 +229,14 @@ def test_a_wider_block_goes_on_from_the_basis(monkeypatch):
     monkeypatch.setattr(krylov, "_block_gkl", logged)
     s = CLUSTERS["repeated 6"]
     op, matrices, _ = known_operator(s, m=150, n=160)
-    result = krylov_svd(op, 16, block=2, tol=1e-3, max_basis=SMALL_BASIS)
+    result = krylov_svd(op, 16, width=2, tol=1e-3, max_basis=SMALL_BASIS)
     assert result.converged.all() and ((result.S - s[:16].double()).abs() <= 1e-3).all()
     left, right = true_residuals(matrices, result)
     assert (result.res_left >= left).all() and (result.res_right >= right).all()
     assert len(calls) >= 2 and not calls[0][1] and all(started for _, started, _ in calls[1:])
     monkeypatch.setattr(krylov, "_block_gkl", original)
     for width, _, products in calls[1:]:
-        again = krylov_svd(op, 16, block=width, tol=1e-3, max_basis=SMALL_BASIS)
+        again = krylov_svd(op, 16, width=width, tol=1e-3, max_basis=SMALL_BASIS)
         assert products < again.products
 
 
@@ -260,7 +260,7 @@ def test_samples_that_reach_one_width_from_different_widths_go_on_in_groups_of_t
     monkeypatch.setattr(krylov, "cluster_growth", growth)
     s = torch.linspace(1.0, 0.5, 150)  # slow enough that the bases grow past 24 columns
     op, matrices, _ = known_operator(s, m=150, n=160)
-    result = krylov_svd(op, 10, block=2, tol=1e-3, max_basis=SMALL_BASIS)
+    result = krylov_svd(op, 10, width=2, tol=1e-3, max_basis=SMALL_BASIS)
     assert asked == {(2, 2): True, (4, 1): True}
     assert result.converged.all() and ((result.S - s[:10].double()).abs() <= 1e-3).all()
     left, right = true_residuals(matrices, result)
@@ -275,7 +275,7 @@ def test_bounds_are_honest_after_a_breakdown():
     for dtype in (torch.float64, torch.float32):
         for seed in range(3):
             op, matrices, _ = known_operator(s, batch=4, m=120, n=130, seed=seed, dtype=dtype)
-            result = krylov_svd(op, 8, block=2, tol=1e-8, max_basis=SMALL_BASIS)
+            result = krylov_svd(op, 8, width=2, tol=1e-8, max_basis=SMALL_BASIS)
             left, right = true_residuals(matrices, result)
             assert (result.res_left >= left).all() and (result.res_right >= right).all()
 
@@ -308,7 +308,7 @@ def test_bounds_count_the_products_inexact_adjoint_once_per_step_not_as_a_sum():
         _, matrices, _ = known_operator(s, m=300, n=320, seed=seed)
         result = krylov_svd(AdjointToRounding(matrices, 1e-4), 8, tol=1e-3, max_basis=48)
         assert result.converged.all()
-        assert result.iterations > 48 // default_block(8)  # it restarted: errors of several cycles
+        assert result.iterations > 48 // default_width(8)  # it restarted: errors of several cycles
         assert ((result.S - s[:8].double()).abs() <= 1e-3).all()
         left, right = true_residuals(matrices, result)
         assert (result.res_left >= left).all() and (result.res_right >= right).all()
@@ -323,7 +323,7 @@ def test_results_do_not_depend_on_chunking():
     easy = known_operator(torch.tensor([2.0, 1.0]), batch=2, seed=5)[1]
     repeated = known_operator(CLUSTERS["repeated 6"], batch=1, seed=6)[1]
     matrices = torch.cat([decaying[:1], easy[:1], flat[:1], repeated, decaying[1:], easy[1:], flat[1:]])
-    solve = functools.partial(krylov_svd, k=8, block=2, tol=1e-4, max_basis=SMALL_BASIS, seed=7)
+    solve = functools.partial(krylov_svd, k=8, width=2, tol=1e-4, max_basis=SMALL_BASIS, seed=7)
     whole = solve(DenseOperator(matrices))
     parts = [solve(DenseOperator(matrices[rows]), sample_ids=rows) for rows in (torch.arange(4), torch.arange(4, 8))]
     for name in ("S", "res_right", "res_left"):
@@ -344,7 +344,7 @@ with torch.no_grad():
 
 def test_jacobian_operator_matches_jacrev_and_is_adjoint():
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    op = JacobianOperator(CONV, x, chunk=7)
+    op = JacobianOperator(CONV, x, vectors_per_call=7)
     dense = op.dense()
     expected = torch.stack([jacrev(lambda xi: CONV(xi[None])[0])(xi).reshape(100, 100) for xi in x])
     assert torch.allclose(dense, expected, atol=1e-12)
@@ -434,7 +434,7 @@ def test_probe_never_changes_the_model():
 
 def test_auto_batch_size_follows_free_memory():
     groups = [[(802_816, 802_816)] * 3, [(401_408, 401_408)] * 4]
-    args = dict(k=8, align_k=8, block=8, chunk=16, itemsize=4, device=torch.device("cpu"))
+    args = dict(k=8, align_k=8, width=8, vectors_per_call=16, itemsize=4, device=torch.device("cpu"))
     large = auto_batch_size(groups, 64, free=64 * 2**30, **args)
     small = auto_batch_size(groups, 64, free=8 * 2**30, **args)
     assert 1 <= small < large <= 64
@@ -466,7 +466,7 @@ def test_memory_estimate_counts_dense_jacobians():
     matrices = JacobianOperator(branch, x).dense()
     U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
     allocated = sum(t.numel() * t.element_size() for t in (matrices, U, S, Vh)) / x.shape[0]
-    args = dict(k=16, align_k=16, block=4, chunk=16, itemsize=4)
+    args = dict(k=16, align_k=16, width=4, vectors_per_call=16, itemsize=4)
     dense = bytes_per_sample([[(2048, 2048, "dense")]], **args)
     krylov = bytes_per_sample([[(2048, 2048, "block")]], **args)
     assert allocated <= dense <= 4 * allocated
@@ -506,7 +506,8 @@ def test_a_probe_stays_within_its_memory_estimate():
         measure(model, groups, Samples(x[:2], None, "warm-up"), Settings(k=16, batch_size=2))  # lazy imports, kernels
         dims = [[(math.prod(s.in_shape), math.prod(s.out_shape), choose_method((64, 2048, 2048), k=16))
                  for s in group.sites] for group in groups]
-        estimate = 64 * bytes_per_sample(dims, k=16, align_k=16, block=default_block(16), chunk=settings.chunk,
+        estimate = 64 * bytes_per_sample(dims, k=16, align_k=16, width=default_width(16),
+                                         vectors_per_call=settings.vectors_per_call,
                                          itemsize=4)
         before = _status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear:
@@ -522,7 +523,7 @@ def test_memory_estimate_counts_the_linearized_program():
     from ra_probe.engine.memory import SAVED_PER_OPERATOR
     from ra_probe.engine.operators import LINEARIZE_MIN_DIM
 
-    args = dict(k=8, align_k=8, block=4, chunk=16, itemsize=4)
+    args = dict(k=8, align_k=8, width=4, vectors_per_call=16, itemsize=4)
     below, above = LINEARIZE_MIN_DIM - 1, LINEARIZE_MIN_DIM
     two = bytes_per_sample([[(above, above)] * 2], **args) - bytes_per_sample([[(above, above)]], **args)
     two_small = bytes_per_sample([[(below, below)] * 2], **args) - bytes_per_sample([[(below, below)]], **args)
@@ -548,7 +549,7 @@ def test_cli_rejects_an_unknown_solver(capsys):
 def _linearize_pairs(site_ops):
     """J·V and Jᵀ·U of each operator built with `linearize` on and off, float64."""
     for f, x, ctx in site_ops:
-        traced, plain = (JacobianOperator(f, x, ctx, chunk=3, linearize=flag) for flag in (True, False))
+        traced, plain = (JacobianOperator(f, x, ctx, vectors_per_call=3, linearize=flag) for flag in (True, False))
         V = torch.randn(x.shape[0], plain.shape[2], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         yield traced, plain, V
 
@@ -719,7 +720,7 @@ def test_a_solve_allocates_its_blocks_once_not_every_step():
     for columns in (160, 800):
         counter = LargeAllocations(nbytes=2 * 4 * 2000 * 8)  # one block: B samples × w vectors × m
         with counter:
-            result = krylov_svd(ProductsApart(matrices, counter), 8, block=4, tol=0.0, max_basis=SMALL_BASIS,
+            result = krylov_svd(ProductsApart(matrices, counter), 8, width=4, tol=0.0, max_basis=SMALL_BASIS,
                                 max_columns=columns)
         counts[columns] = counter.count
         assert result.iterations == columns // 4 and not result.converged.any()
@@ -756,7 +757,7 @@ def test_a_jacobian_solve_allocates_per_step_only_what_its_products_compute():
     per_step = {}
     for basis in (64, 96):
         def solve(basis=basis, columns=40):
-            return krylov_svd(JacobianOperator(branch, x, linearize=True), 4, block=width, tol=0.0, max_basis=basis,
+            return krylov_svd(JacobianOperator(branch, x, linearize=True), 4, width=width, tol=0.0, max_basis=basis,
                               max_columns=columns)
         runs = [allocated(functools.partial(solve, columns=columns)) for columns in (40, 200)]
         per_step[basis] = (runs[1] - runs[0]) / (200 // width - 40 // width)

@@ -57,10 +57,10 @@ def test_baseline_from_the_same_model_passes_and_a_tighter_one_fails(cli, tmp_pa
 
 
 def test_metric_limits(cli):
-    code, out, _ = cli("check", "bundled/fc-digits", "--min-alignment", "0.6", "--max-rank", "10",
-                       "--min-linearity", "0.99")
+    code, out, _ = cli("check", "bundled/fc-digits", "--fail-below-ra2", "0.6", "--fail-above-rank", "10",
+                       "--fail-below-ra1", "0.99")
     assert code == 0, out
-    code, out, _ = cli("check", "bundled/fc-digits", "--min-alignment", "0.9", "--max-rank", "5")
+    code, out, _ = cli("check", "bundled/fc-digits", "--fail-below-ra2", "0.9", "--fail-above-rank", "5")
     assert code == 1
     assert "RA2 mean alignment a_ij" in out and "< 0.9" in out and "RA3 median site rank" in out and "> 5" in out
 
@@ -73,11 +73,11 @@ def test_config_file_and_pyproject_table_set_the_gate(cli, tmp_path):
     assert code == 0 and out.startswith("PASS bundled/fc-digits:")
 
     Path("ra-probe.toml").unlink()
-    Path("pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.ra-probe]\nmin-alignment = 0.95\n')
+    Path("pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.ra-probe]\nfail-below-ra2 = 0.95\n')
     code, out, _ = cli("check", "bundled/fc-digits")
     assert code == 1 and "< 0.95" in out
 
-    Path("gate.toml").write_text("max-nc4 = 0.5\nmin-alignment = 0.5\n")
+    Path("gate.toml").write_text("fail-above-nc4 = 0.5\nfail-below-ra2 = 0.5\n")
     code, out, _ = cli("check", "bundled/fc-digits", "--config", "gate.toml", "--require", "ra,nc")
     assert code == 0 and "4 checks passed" in out
 

@@ -131,7 +131,7 @@ def config_unknown_key(folder: Path) -> list[str]:
 
 
 def config_wrong_type(folder: Path) -> list[str]:
-    (folder / "ra-probe.toml").write_text('min-alignment = "high"\nrequire = ["ra"]\n')
+    (folder / "ra-probe.toml").write_text('fail-below-ra2 = "high"\nrequire = ["ra"]\n')
     return ["check", "bundled/fc-digits"]
 
 

@@ -40,11 +40,12 @@ def test_required_verdicts():
 
 
 def test_metric_limits_and_missing_metrics():
-    rules = GateRules(limits={"min_alignment": 0.7, "max_rank": 9, "max_nc1": 0.1})
+    rules = GateRules(limits={"fail_below_ra2": 0.7, "fail_above_rank": 9, "fail_above_nc1": 0.1})
     assert judge(report(), rules).passed  # median rank of (12, 9, 9) is 9
     failed = judge(report(alignment=0.6, ranks=(12, 12, 9)), rules).failures
     assert failed == ["RA2 mean alignment a_ij 0.6 < 0.7", "RA3 median site rank 12 > 9"]
-    assert judge(report(nc1=None), GateRules(limits={"max_nc1": 0.1})).failures == ["NC1 not measured (max_nc1 0.1)"]
+    assert judge(report(nc1=None), GateRules(limits={"fail_above_nc1": 0.1})).failures == [
+        "NC1 not measured (fail_above_nc1 0.1)"]
 
 
 def test_baseline_tolerance_is_relative_above_one_and_absolute_below():
@@ -81,7 +82,7 @@ def test_baseline_verdicts_may_improve_but_not_worsen():
 def test_summary_line():
     passed = judge(report(), GateRules(require=("ra",)))
     assert summary_line(report(), passed) == "PASS m: RA present, NC present (1 check passed)"
-    failed = judge(report(), GateRules(limits={"min_linearity": 0.999}))
+    failed = judge(report(), GateRules(limits={"fail_below_ra1": 0.999}))
     assert summary_line(report(), failed) == "FAIL m: RA present, NC present; failed: RA1 mean linearity 0.99 < 0.999"
 
 

@@ -40,13 +40,13 @@ def spectra(report) -> dict[str, list[float]]:
 
 @pytest.mark.parametrize("level, count", [("block", 2), ("sublayer", 4)])
 def test_a_model_split_across_devices_has_the_spectra_of_the_whole_model(folder, level, count):
-    whole = probe(folder, **OPTIONS, sites=level)
+    whole = probe(folder, **OPTIONS, site_level=level)
     loaded = load_model(folder)
     # the hooks accelerate puts on a model split across devices (force_hooks: even where both are the CPU)
     accelerate.dispatch_model(loaded.module, SPLIT, main_device="cpu", force_hooks=True)
     assert dispatched(loaded.module)
     places = {name: p.device for name, p in loaded.module.named_parameters()}
-    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, sites=level)
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, site_level=level)
     assert len(split["sites"]) == count and split["skipped"] == []
     assert split["metrics"]["ra2"]["mean_score"] == pytest.approx(whole["metrics"]["ra2"]["mean_score"], rel=1e-9)
     for name, values in spectra(whole).items():
@@ -79,14 +79,14 @@ def test_device_map_loads_through_from_pretrained(folder, cli):
 @pytest.mark.parametrize("level", ["block", "sublayer"])
 def test_a_model_offloaded_to_disk_has_the_spectra_of_the_whole_model(folder, level, monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the load's offload folder would be
-    whole = probe(folder, **OPTIONS, sites=level)
+    whole = probe(folder, **OPTIONS, site_level=level)
     loaded = load_model(folder, device_map=OFFLOADING)
     assert offloaded(loaded.module) and list(tmp_path.iterdir()) == []  # read from the model's own files
     before = {name: (p, p.device, p.dtype) for name, p in loaded.module.named_parameters()}
     hooks = streaming_hooks(loaded.module)
     assert {name for name, (_, device, _) in before.items() if device.type == "meta"} == \
         {name for name in before if name.startswith("model.layers.0.")}
-    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, sites=level)
+    split = probe(loaded, "synthetic", **{k: v for k, v in OPTIONS.items() if k != "data"}, site_level=level)
     assert split["skipped"] == [] and len(split["sites"]) == len(whole["sites"])
     assert split["metrics"]["ra2"]["mean_score"] == pytest.approx(whole["metrics"]["ra2"]["mean_score"], rel=1e-9)
     for name, values in spectra(whole).items():

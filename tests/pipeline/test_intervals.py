@@ -73,11 +73,11 @@ def test_auto_samples_stop_when_decided_and_say_why():
     assert first["metrics"]["uncertainty"]["samples"] == 8 and first["metrics"]["nc"]["samples"] == 64
     score = first["metrics"]["ra2"]["mean_score"]  # a threshold on it: its interval straddles it after 8
     straddled = ra_probe.probe("bundled/fc-digits", k=4, resamples=200, null="none",
-                               min_alignment=round(score, 4))["metrics"]["sampling"]
+                               ra2_min=round(score, 4))["metrics"]["sampling"]
     assert straddled["rounds"][:2] == [8, 16] and straddled["stopped"] in ("decided", "max_samples")
     assert straddled["stopped"] == "decided" or straddled["rounds"] == [8, 16, 32, 64]
     spent = ra_probe.probe("bundled/fc-digits", k=4, resamples=200, null="none", budget=1e-6,
-                           min_alignment=round(score, 4))
+                           ra2_min=round(score, 4))
     assert spent["metrics"]["sampling"]["stopped"] == "budget" and spent["metrics"]["sampling"]["measured"] == 8
     fixed = ra_probe.probe("bundled/fc-digits", k=4, resamples=200, samples=12, null="none")
     assert fixed["metrics"]["sampling"] == {"mode": "fixed", "available": 12, "measured": 12, "stopped": "fixed"}

@@ -95,7 +95,7 @@ def paper_coupling(Js: list[torch.Tensor], K: int) -> torch.Tensor:
 
 def test_coupling_agrees_with_the_papers_dense_formula_on_a_tiny_llama():
     model, inputs = tiny("llama"), sentences(1)
-    report = probe(model, inputs, k=8, coupling_k=(3, 8), tokens="last", sites="block", dtype="float64",
+    report = probe(model, inputs, k=8, coupling_k=(3, 8), tokens="last", site_level="block", dtype="float64",
                    tol=1e-12, null="none")
     groups = report["metrics"]["coupling"]["groups"]
     assert len(groups) == 1 and groups[0]["sites"] == ["model.layers.0", "model.layers.1", "model.layers.2"]
@@ -113,7 +113,7 @@ def test_coupling_agrees_with_the_papers_dense_formula_on_a_tiny_llama():
 @pytest.mark.parametrize("tokens", ["all", "last"])
 def test_block_sites_measure_the_dense_jacobian_of_the_chosen_tokens(family, tokens):
     model, inputs = tiny(family), sentences(1, length=4)
-    report = probe(model, inputs, k=4, tokens=tokens, sites="block", dtype="float64", tol=1e-12, null="none")
+    report = probe(model, inputs, k=4, tokens=tokens, site_level="block", dtype="float64", tol=1e-12, null="none")
     assert report["settings"]["tokens"] == tokens and report["settings"]["sites"] == "block"
     sites = report["sites"]
     assert len(sites) == 3 and all(s["level"] == "block" for s in sites)
@@ -157,7 +157,7 @@ def test_batched_alignment_equals_one_pair_at_a_time():
     B, d, k, L = 2, 12, 5, 4
     weights = [torch.randn(d, d, dtype=torch.float64) / d ** 0.5 for _ in range(L)]
     xs = torch.randn(B, d, dtype=torch.float64)
-    ops = {f"s{i}": (JacobianOperator(lambda x, W=W: torch.tanh(x @ W), xs, chunk=2) if i % 2 else
+    ops = {f"s{i}": (JacobianOperator(lambda x, W=W: torch.tanh(x @ W), xs, vectors_per_call=2) if i % 2 else
                      DenseOperator(torch.randn(B, d, d, dtype=torch.float64))) for i, W in enumerate(weights)}
     svds = {}
     for name, op in ops.items():
@@ -176,7 +176,7 @@ def test_batched_alignment_equals_one_pair_at_a_time():
             assert torch.allclose(out.heatmap[i, j], M[:, :3, :3].abs().sum(dim=0))
             for K in (2, 5):
                 assert torch.allclose(out.coupling[i, j, K], ra_metrics.coupling_score(M[:, :K, :K], svds[i].S[:, :K]))
-    assert ops["s1"].chunk == 2  # the wide call leaves the solver's chunk as it was
+    assert ops["s1"].vectors_per_call == 2  # the wide call leaves the solver's vectors per call as it was
 
 
 def test_coupling_k_above_k_is_refused():
@@ -220,7 +220,7 @@ def test_an_encoder_with_a_classifier_keeps_its_sentence_level_collapse():
 def test_sublayer_sites_chain_attention_and_mlp_in_one_group():
     """Attention and MLP sites are grouped as the residual stream chains them: attn₀, mlp₀, attn₁...,
     each site's input the previous one's output."""
-    report = probe(tiny("llama"), sentences(2), k=2, sites="sublayer", null="none")
+    report = probe(tiny("llama"), sentences(2), k=2, site_level="sublayer", null="none")
     names = [s["name"] for s in report["sites"]]
     assert names == [f"model.layers.{i}.{part}" for i in range(3) for part in ("attn", "mlp")]
     assert {s["group"] for s in report["sites"]} == {0} and report["metrics"]["ra2"]["groups"][0]["sites"] == names

@@ -70,8 +70,8 @@ def test_saturated_rank_with_k_at_most_classes_never_passes_ra3(name):
     assert ra3_check(report)["passed"] is not True
 
 
-def test_max_rank_at_or_above_k_is_a_usage_error(cli):
-    code, out, err = cli("check", "bundled/fc-digits", "--k", "8", "--max-rank", "8")
+def test_a_rank_limit_at_or_above_k_is_a_usage_error(cli):
+    code, out, err = cli("check", "bundled/fc-digits", "--k", "8", "--fail-above-rank", "8")
     assert code == 2 and "can never fail" in err and out == ""
 
 

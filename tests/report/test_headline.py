@@ -93,10 +93,11 @@ def test_compare_sweeps_callbacks_and_the_gate_show_the_values_by_hand():
         expected |= {f"{families.get(key, 'ra')}/{key}_low": low, f"{families.get(key, 'ra')}/{key}_high": high}
     assert logged == {**expected, "ra/verdict": 1.0, "nc/verdict": 1.0}
 
-    gate = ra_probe.check(report, min_alignment=0.6, min_linearity=0.8, max_rank=8.0, max_nc1=0.1, max_nc4=0.05)
+    gate = ra_probe.check(report, fail_below_ra2=0.6, fail_below_ra1=0.8, fail_above_rank=8.0, fail_above_nc1=0.1,
+                          fail_above_nc4=0.05)
     assert {c["name"]: (c["value"], c["passed"]) for c in gate.checks} == {
-        "min_alignment": (0.625, True), "min_linearity": (0.75, False), "max_rank": (8.0, True),
-        "max_nc1": (0.125, False), "max_nc4": (0.03125, True)}
+        "fail_below_ra2": (0.625, True), "fail_below_ra1": (0.75, False), "fail_above_rank": (8.0, True),
+        "fail_above_nc1": (0.125, False), "fail_above_nc4": (0.03125, True)}
 
 
 @pytest.mark.parametrize("metric, moved, fails", [("mean_score", 0.04, False), ("mean_score", 0.06, True),

@@ -18,7 +18,7 @@ import pytest
 from ra_probe.cli import main
 from ra_probe.errors import UserError
 from ra_probe.report.compare import compare, family_of
-from ra_probe.report.files import load_report
+from ra_probe.report.files import read_report_file
 from ra_probe.report.html import render_comparison, render_report
 from ra_probe.report.schema import SCHEMA_VERSION, schema, schema_errors
 from ra_probe.scripts.reference_reports import FOLDER, MODELS
@@ -32,7 +32,8 @@ SCHEMA_FINGERPRINTS = {"1.2": "df573a095b2e20a6bd648698ff2ea81163ff2da9469559bc3
                        "1.4": "13c11dbb7c831ef7c5b11a8e1f959478ebb88090b6060ebc35d862a3911e3c7f",
                        "1.5": "06c1ccc3f176775c182a83c9f9f9e3208689d6fabc3cf9381d0f2ddef05d911b",
                        "1.6": "dfe1f29589b0384c06665b3fb8372c2dffdd669aee94598b80efd29555739078",
-                       "1.7": "0eb2d86f10057a9f79b60ff525ba64263ca669a7ab1bdb20ba37b50774179bf7"}
+                       "1.7": "0eb2d86f10057a9f79b60ff525ba64263ca669a7ab1bdb20ba37b50774179bf7",
+                       "2.0": "8570a5ddc14d8e6e7234fb769b2e1f0e0aaae44a353581cb2414b04fd46e74a3"}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_load_report_refuses_bad_files(tmp_path, fresh):
     for name, message in (("broken.json", "not a JSON report"), ("other.json", "schema_version 7.0"),
                           ("invalid.json", "verdict/ra"), ("missing.json", "no such report")):
         with pytest.raises(UserError, match=re.escape(message)):
-            load_report(tmp_path / name)
+            read_report_file(tmp_path / name)
 
 
 # --- reference reports ------------------------------------------------------------------------------------
