@@ -7,7 +7,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -134,11 +134,20 @@ def settings_from(options: dict[str, Any], base: Settings | None = None) -> Sett
     return settings
 
 
-def _inputs(model: Model, data: Any, settings: Settings | None,
-            options: dict[str, Any]) -> tuple[LoadedModel, Samples, Settings]:
-    """The loaded model, its samples and the settings, from what `probe`, `check` and `find_sites`
-    take: loading options are split from settings; a module the caller holds is probed where it lives
-    unless `device` says otherwise; a DataLoader's base-seed draw is kept off torch's global RNG."""
+class Inputs(NamedTuple):
+    """What a probe runs on: the loaded model, its samples and the settings."""
+
+    loaded: LoadedModel
+    samples: Samples
+    settings: Settings
+
+
+def load_inputs(model: Model, data: Any = None, settings: Settings | None = None, **options: Any) -> Inputs:
+    """The loaded model, its samples and the settings, from what `probe`, `check`, `find_sites` and the
+    command line take: loading options (`pretrained`, `weights`, `arch`, `input_shape`, `device_map`)
+    are split from settings and every value is checked by the option table before anything is loaded;
+    a module the caller holds is probed where it lives unless `device` says otherwise; a DataLoader's
+    base-seed draw is kept off torch's global RNG."""
     loading = {key: normalized(key, options.pop(key)) for key in LOADING_OPTIONS if key in options}
     settings = settings_from(options, settings)
     refuse_bad(loading)
@@ -148,7 +157,7 @@ def _inputs(model: Model, data: Any, settings: Settings | None,
         settings = dataclasses.replace(settings, device=str(weight.device))
     with torch.random.fork_rng(devices=[]):
         samples = as_samples(data, loaded, limit=settings.sample_limit, seed=settings.seed)
-    return loaded, samples, settings
+    return Inputs(loaded, samples, settings)
 
 
 def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
@@ -166,7 +175,7 @@ def probe(model: Model, data: Any = None, settings: Settings | None = None, *,
     `progress`: True for a progress bar, or a callable (what, done, total). `cache`: True for the
     user's cache folder, or a folder."""
     refuse_bad({"cache": cache})
-    loaded, samples, settings = _inputs(model, data, settings, options)
+    loaded, samples, settings = load_inputs(model, data, settings, **options)
     store = None if cache is False else ResultCache(None if cache is True else cache)
     if progress is True:
         with _progress_bar() as bar:
@@ -228,7 +237,7 @@ def find_sites(model: Model, data: Any = None, **options: Any) -> SiteReport:
     """The residual sites of `model` found and verified on a forward of the first samples of `data`
     (as for `probe`; without, synthetic inputs: a forward needs only their shapes), and those skipped with
     the reason, without measuring anything."""
-    loaded, samples, settings = _inputs(model, "synthetic" if data is None else data, None, {"samples": 4, **options})
+    loaded, samples, settings = load_inputs(model, "synthetic" if data is None else data, **{"samples": 4, **options})
     with prepared(loaded.module, settings) as prepared_model:
         return discover(prepared_model, samples, settings.resolved_device(), settings.resolved_dtype(), settings.site_level)
 
@@ -258,7 +267,7 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
         made_with = report["settings"]
     else:
         report = None
-        loaded, samples, settings = _inputs(report_or_model, data, settings, options)
+        loaded, samples, settings = load_inputs(report_or_model, data, settings, **options)
         made_with = settings.as_dict()
     base = read_baseline(Path(baseline), made_with) if isinstance(baseline, (str, Path)) else upgraded(baseline)
     rules = GateRules(require=wanted, limits=limits, tolerance=tolerance, baseline=base)
@@ -281,4 +290,4 @@ def register_adapter(adapter: Any) -> None:
     register(adapter)
 
 
-__all__ = ["Report", "check", "find_sites", "load_report", "probe", "register_adapter"]
+__all__ = ["Inputs", "Report", "check", "find_sites", "load_inputs", "load_report", "probe", "register_adapter"]

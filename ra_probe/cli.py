@@ -18,7 +18,7 @@ from rich.console import Console
 
 from ra_probe.errors import UserError
 from ra_probe.host import own_process
-from ra_probe.pipeline.options import OPTIONS, Option, default, names, refuse_bad
+from ra_probe.pipeline.options import OPTIONS, Option, names, refuse_bad
 
 try:  # recent Typer releases vendor click
     from typer._click.exceptions import ClickException
@@ -49,30 +49,17 @@ GATE_FLAGS: dict[str, Option] = {name: OPTIONS[name] for name in names("limit", 
 
 @dataclass
 class ProbeOptions:
-    """The probe options of one command line, as the library takes them (`cache`, not `no_cache`),
-    and the gate's limits that are set."""
+    """The options of one command line, as the library takes them (`cache`, not `no_cache`): `values`
+    by name, the gate's `limits` that are set, and the names the user gave."""
 
     values: dict[str, Any]
     limits: dict[str, float]
     given: set[str] = field(default_factory=set)  # the options the user gave (not defaults, not a file's)
 
-    def settings(self):
-        from ra_probe.pipeline.settings import Settings
-
-        settings = Settings(**{name: self.values[name] for name in names("setting") if name in self.values})
-        settings.validate()
-        return settings
-
-    def load(self, model: str):
-        from ra_probe.load.models import load_model
-
-        return load_model(model, **{name: self.values.get(name, default(name)) for name in names("loading")},
-                          seed=self.values.get("seed") or 0)
-
-    def samples(self, loaded, settings):
-        from ra_probe.load.data import load_samples
-
-        return load_samples(self.values["data"], loaded, limit=settings.sample_limit, seed=settings.seed)
+    @property
+    def for_library(self) -> dict[str, Any]:
+        """The settings and loading options, as keywords of `ra_probe.probe`, `check` and `find_sites`."""
+        return {name: value for name, value in self.values.items() if OPTIONS[name].role in ("setting", "loading")}
 
 
 def _parameter(option: Option) -> inspect.Parameter:
@@ -137,7 +124,6 @@ def probe_options(*wanted: str, gate: bool = False) -> Callable[[Callable], Call
             named = _with_current_flags(added, kwargs)
             given = {option.name: option.library_value(kwargs.pop(option.cli_name)) for option in added}
             values = {name: value for name, value in given.items() if name not in LIMITS}
-            refuse_bad(values)
             return command(**kwargs, options=ProbeOptions(values, given_limits(given), named))
 
         del wrapper.__wrapped__  # Typer reads the signature below, not the command's own
@@ -147,13 +133,6 @@ def probe_options(*wanted: str, gate: bool = False) -> Callable[[Callable], Call
                                    **{p.name: p.annotation for p in parameters}}
         return wrapper
     return decorate
-
-
-def _run_probe(loaded, sample_set, settings, *, quiet: bool, no_cache: bool) -> dict:
-    """The library's probe with a progress bar on stderr (none with --quiet) and the result cache."""
-    from ra_probe.api import probe as run_probe
-
-    return run_probe(loaded, sample_set, settings, progress=not quiet, cache=not no_cache).to_dict()
 
 
 @app.command()
@@ -169,16 +148,15 @@ def probe(
     options: ProbeOptions = None,
 ) -> None:
     """Probe MODEL: residual sites, Jacobian spectra, RA1–RA4, NC1–NC4 and the verdict."""
+    from ra_probe.api import probe as run_probe
     from ra_probe.report.console import print_report
     from ra_probe.report.files import write_json
     from ra_probe.report.html import render_report, write_html
 
     paths = _report_paths(model, json_path, html_path, out)
     _refuse_overwrite(paths.values(), force)
-    settings = options.settings()
-    loaded = options.load(model)
-    report = _run_probe(loaded, options.samples(loaded, settings), settings, quiet=quiet,
-                        no_cache=not options.values["cache"])
+    report = run_probe(model, options.values["data"], progress=not quiet, cache=options.values["cache"],
+                       **options.for_library).to_dict()
     console = Console(quiet=quiet)
     print_report(report, console)
     if ".json" in paths:
@@ -234,6 +212,7 @@ def check(
     """CI gate: probe MODEL and judge the report. Exit 0 pass, 1 fail, 2 usage or input error; one
     summary line on stdout; the JSON report of the run (with the gate's checks) is written."""
     from ra_probe.api import check as run_check
+    from ra_probe.api import load_inputs
     from ra_probe.gate import summary_line
     from ra_probe.report.build import with_gate
     from ra_probe.report.console import print_report
@@ -241,16 +220,16 @@ def check(
 
     wanted = tuple(dict.fromkeys(part.strip() for text in require or () for part in text.split(",")))
     limits, tolerance = options.limits, options.values["tolerance"]
+    refuse_bad({"tolerance": tolerance})  # the gate's rules are refused before a model is loaded, as its limits
     if not wanted and not limits and baseline is None:
         raise UserError("check needs a rule: --require ra/nc, --baseline REPORT.json or a limit such as "
                         "--fail-below-ra2 (or a config file that sets them)")
-    settings = options.settings()
-    loaded = options.load(model)
+    loaded, samples, settings = load_inputs(model, options.values["data"], **options.for_library)
     out = json_path or Path(DEFAULT_OUT) / f"{file_safe(loaded.name)}.check.json"
     if out.exists() and not force and not (json_path is None and _is_report(out)):
         raise UserError(f"{out} exists; pass --force to overwrite it")
     result = run_check(loaded, require=wanted, baseline=baseline, tolerance=tolerance,
-                       data=options.samples(loaded, settings), settings=settings, progress=verbose,
+                       data=samples, settings=settings, progress=verbose,
                        cache=options.values["cache"], **limits)
     report = result.report
     if verbose:
@@ -302,9 +281,7 @@ def sites(model: str = ModelArg, options: ProbeOptions = None) -> None:
     from ra_probe.metrics.verdict import no_sites_message
     from ra_probe.report.console import sites_table
 
-    loaded = options.load(model)
-    report = find_sites(loaded, options.values["data"], device=options.values["device"],
-                        site_level=options.values["site_level"])
+    report = find_sites(model, options.values["data"], **options.for_library)
     console = Console()
     console.print(sites_table(report.describe(),
                               [{"name": s.name, "reason": s.reason} for s in report.skipped], report.adapter,
