@@ -16,20 +16,19 @@ from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.models import load_model
 from ra_probe.load.preprocessing import module_loaded
 from ra_probe.load.samples import Samples, first_tensor, take
+from ra_probe.load.sources import LoadingOptions
 
 Model = nn.Module | str | LoadedModel
 
 
 def as_loaded(model: Model, seed: int = 0, **loading: Any) -> LoadedModel:
     """A model reference (what the CLI takes), an `nn.Module` or an already loaded model, loaded (what
-    is initialized at random, under `seed`). `loading`: pretrained, weights, arch, input_shape and
-    device_map, as `load_model` takes them (the caller has checked them)."""
+    is initialized at random, under `seed`). `loading`: fields of `LoadingOptions` (pretrained, weights,
+    arch, input_shape, device_map; the caller has checked them)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str):
-        return load_model(model, pretrained=loading.get("pretrained", True), weights=loading.get("weights"),
-                          arch=loading.get("arch"), input_shape=loading.get("input_shape"),
-                          device_map=loading.get("device_map"), seed=seed)
+        return load_model(model, LoadingOptions(**loading, seed=seed))
     if isinstance(model, nn.Module):
         return module_loaded(model, type(model).__name__, "module", loading.get("input_shape"))
     raise UserError(f"model must be an nn.Module or a model reference string, got {type(model).__name__}")
