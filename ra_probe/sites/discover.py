@@ -16,15 +16,15 @@ from ra_probe.sites.verify import verify_sites
 
 
 def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype,
-             level: str = "auto") -> SiteReport:
+             site_level: str = "auto") -> SiteReport:
     """Sites found by the adapters and verified on a real forward of the first samples, after checking
-    that the model treats samples independently (each sample's Jacobian is its own). `level`: the
+    that the model treats samples independently (each sample's Jacobian is its own). `site_level`: the
     granularity of transformer sites (auto: each family's default, block, sublayer). Blocks whose
     family-adapter sites the forward refuses are looked at again by the generic detector."""
     first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
     run = lambda: run_model(model, take(first, slice(0, 1)))  # noqa: E731
     with _fitting(model, first, samples.name):
-        found = find_sites(model, run=run).at_level(level)
+        found = find_sites(model, run=run).at_level(site_level)
     verified = verify_sites(found, _captured(model, first, found, samples.name))
     handed = hand_over(model, found, verified.skipped, run=run)
     return verified if handed is None else verify_sites(handed, _captured(model, first, handed, samples.name))

@@ -229,3 +229,23 @@ def test_a_1x_report_reads_with_its_keys_renamed(tmp_path, cli):
     assert ra_probe.check(current, baseline=tmp_path / "old.json").passed
     (tmp_path / "new.json").write_text(json.dumps(current))
     assert cli("compare", tmp_path / "old.json", tmp_path / "new.json")[0] == 0
+
+
+# ---- the command line only parses: the library's one loading path ----
+
+@pytest.mark.parametrize("args", [("probe", "bundled/fc-digits", "--quiet"), ("check", "bundled/fc-digits", "--require", "ra"),
+                                  ("sites", "bundled/fc-digits")], ids=lambda args: args[0])
+def test_every_command_loads_through_the_library(args, cli, monkeypatch):
+    import ra_probe.api as api
+
+    calls = []
+    original = api.load_inputs
+
+    def recorded(model, data=None, settings=None, **options):
+        calls.append((model, options))
+        return original(model, data, settings, **options)
+    monkeypatch.setattr(api, "load_inputs", recorded)
+    cheap = ("--samples", "2", "--k", "2", "--null", "none") if args[0] != "sites" else ()
+    code, _, err = cli(*args, *cheap, "--site-level", "auto")
+    assert code in (0, 1), err
+    assert calls[0][0] == "bundled/fc-digits" and calls[0][1]["site_level"] == "auto"
