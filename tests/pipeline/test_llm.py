@@ -114,7 +114,7 @@ def test_coupling_agrees_with_the_papers_dense_formula_on_a_tiny_llama():
 def test_block_sites_measure_the_dense_jacobian_of_the_chosen_tokens(family, tokens):
     model, inputs = tiny(family), sentences(1, length=4)
     report = probe(model, inputs, k=4, tokens=tokens, site_level="block", dtype="float64", tol=1e-12, null="none")
-    assert report["settings"]["tokens"] == tokens and report["settings"]["sites"] == "block"
+    assert report["settings"]["tokens"] == tokens and report["settings"]["site_level"] == "block"
     sites = report["sites"]
     assert len(sites) == 3 and all(s["level"] == "block" for s in sites)
     for site, J in zip(sites, block_jacobians(model, [s["name"] for s in sites], inputs, last=tokens == "last")):
