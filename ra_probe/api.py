@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ from ra_probe.pipeline.settings import Note, Progress, Settings
 from ra_probe.report.build import build_report
 from ra_probe.report.files import read_report_file, write_text
 from ra_probe.report.schema import upgraded
+from ra_probe.report.view import ReportView
 from ra_probe.sites.discover import discover
 from ra_probe.sites.records import SiteReport
 
@@ -32,8 +34,9 @@ LOADING_OPTIONS = names("loading")
 
 
 class Report(Mapping):
-    """A probe's report: read it as the JSON dict it is (`report["metrics"]["ra2"]`), or through
-    `.verdict`, `.sites`, `.metrics`; write it with `.to_json`/`.to_html`; in Jupyter it shows itself."""
+    """A probe's report: read it as the JSON dict it is (`report["metrics"]["ra2"]`), by name through
+    `.view` (typed results: `report.view.ra.ra2.mean_score`), or through `.verdict`, `.sites`, `.metrics`;
+    write it with `.to_json`/`.to_html`; in Jupyter it shows itself."""
 
     def __init__(self, data: dict[str, Any]):
         self._data = data
@@ -48,12 +51,17 @@ class Report(Mapping):
         return len(self._data)
 
     def __repr__(self) -> str:
-        return f"<Report {self._data['model']['name']}: RA {self.verdict['ra']}, NC {self.verdict['nc']}>"
+        return f"<Report {self.view.model_name}: RA {self.verdict['ra']}, NC {self.verdict['nc']}>"
+
+    @functools.cached_property
+    def view(self) -> ReportView:
+        """The report read by name: its typed results (`.ra`, `.nc`, `.null`, `.verdict`…) and parts."""
+        return ReportView(self._data)
 
     @property
     def verdict(self) -> dict[str, str]:
-        """{"ra": status, "nc": status}, each present / partial / absent / not_applicable."""
-        return {"ra": self._data["verdict"]["ra"], "nc": self._data["verdict"]["nc"]}
+        """{"ra": status, "nc": status}, each present / partial / absent / undetermined / not_applicable."""
+        return {"ra": self.view.status("ra"), "nc": self.view.status("nc")}
 
     @property
     def sites(self) -> list[dict[str, Any]]:
@@ -92,21 +100,22 @@ class Report(Mapping):
         from html import escape
 
         return (f'<iframe srcdoc="{escape(self.to_html())}" style="width: 100%; height: 720px; border: 0" '
-                f'title="ra-probe report: {escape(self._data["model"]["name"])}"></iframe>')
+                f'title="ra-probe report: {escape(self.view.model_name)}"></iframe>')
 
     def to_frame(self):
         """One row per site: group, kind, σ₁…σ₃, median rank, max residual, method, seconds (pandas)."""
         import pandas as pd
 
-        ranks = {s["site"]: s for s in self.metrics["ra3"]["sites"]}
+        ranks = {s.site: s for s in self.view.ra.ra3.sites}
         rows = []
         for site in self.sites:
-            values = site["singular_values"] + [None] * 3
+            spectrum = self.view.spectra[site["name"]]
+            values = list(spectrum.singular_values) + [None] * 3
             rows.append({"site": site["name"], "group": site["group"], "kind": site["kind"],
                          "sigma1": values[0], "sigma2": values[1], "sigma3": values[2],
-                         "rank_median": ranks[site["name"]]["rank_median"],
-                         "max_residual": site["max_residual"], "method": site["method"],
-                         "seconds": site["timing"]["seconds"]})
+                         "rank_median": ranks[site["name"]].rank_median,
+                         "max_residual": spectrum.max_residual, "method": spectrum.method,
+                         "seconds": spectrum.timing["seconds"]})
         return pd.DataFrame(rows).set_index("site")
 
 
@@ -264,7 +273,7 @@ def check(report_or_model: Report | Mapping | Model, *, require: str | Iterable[
         if options or data is not None or settings is not None:
             raise UserError("data and settings apply to a model to probe, not to a finished report")
         report = upgraded(dict(report_or_model))
-        made_with = report["settings"]
+        made_with = ReportView(report).settings
     else:
         report = None
         loaded, samples, settings = load_inputs(report_or_model, data, settings, **options)

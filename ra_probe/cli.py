@@ -152,6 +152,7 @@ def probe(
     from ra_probe.report.console import print_report
     from ra_probe.report.files import write_json
     from ra_probe.report.html import render_report, write_html
+    from ra_probe.report.view import view_of
 
     paths = _report_paths(model, json_path, html_path, out)
     _refuse_overwrite(paths.values(), force)
@@ -166,8 +167,9 @@ def probe(
     for path in paths.values():
         console.print(f"report written to {path}")
     # the verdict in one line, last, with or without the tables: what a log or a script reads
-    typer.echo(f"{report['model']['name']}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}"
-               + (" (synthetic inputs: a smoke test, not a diagnosis)" if report["data"]["synthetic"] else ""))
+    view = view_of(report)
+    typer.echo(f"{view.model_name}: RA {view.status('ra')}, NC {view.status('nc')}"
+               + (" (synthetic inputs: a smoke test, not a diagnosis)" if view.synthetic else ""))
 
 
 def _apply_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:

@@ -12,6 +12,7 @@ from ra_probe.errors import UserError, first_line
 from ra_probe.pipeline.options import OPTIONS, baseline_settings, default, names, refuse_bad
 from ra_probe.report.headline import HEADLINE, headline
 from ra_probe.report.schema import upgraded
+from ra_probe.report.view import ReportView, view_of
 
 VERDICT_ORDER = {"not_applicable": 0, "absent": 1, "undetermined": 1, "partial": 2, "present": 3}
 LIMITS = names("limit")  # fail_below_ra2, fail_above_nc1…: each an option of the table, with the metric it bounds
@@ -62,32 +63,32 @@ def check_rules(rules: GateRules, k: int) -> None:
 def judge(report: dict[str, Any], rules: GateRules) -> GateResult:
     """Every rule of `rules` judged on `report`. A metric the report does not have (no residual
     sites, no classifier head) fails a limit on it: a gate never passes on missing evidence."""
-    checks = []
+    checks, view = [], view_of(report)
     for what in rules.require:
-        status = report["verdict"][what]
-        evidence = report["verdict"]["evidence"][what]
-        why = [f"{c['name']} {_fmt(c['value'])}, needs {c['rule']}"
-               for c in evidence["checks"] if c["passed"] is False] or [evidence.get("reason", "")]
+        evidence = getattr(view.verdict, what)
+        status = evidence.status
+        why = [f"{c.name} {_fmt(c.value)}, needs {c.rule}" for c in evidence.checks if c.passed is False] or [
+            evidence.reason or ""]
         checks.append({"name": f"require {what}", "passed": status == "present",
                        "detail": f"{what.upper()} {status}" if status == "present" else
                        f"{what.upper()} {status}, required present ({', '.join(w for w in why if w)})"})
     for option, limit in rules.limits.items():
         metric, lower = OPTIONS[option].metric, OPTIONS[option].lower
-        label, value = HEADLINE[metric].label, HEADLINE[metric].value(report)
+        label, value = HEADLINE[metric].label, HEADLINE[metric].value(view)
         passed = value is not None and (value >= limit if lower else value <= limit)
         sign = ("≥" if passed else "<") if lower else ("≤" if passed else ">")
         checks.append({"name": option, "passed": passed, "value": value, "limit": limit,
                        "detail": f"{label} {_fmt(value)} {sign} {limit:g}" if value is not None
                        else f"{label} not measured ({option} {limit:g})"})
     if rules.baseline is not None:
-        checks += _against_baseline(report, rules.baseline, rules.tolerance)
+        checks += _against_baseline(view, view_of(rules.baseline), rules.tolerance)
     return GateResult(all(c["passed"] for c in checks), checks)
 
 
-def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[dict[str, Any]]:
+def _against_baseline(report: ReportView, baseline: ReportView, tolerance: float) -> list[dict[str, Any]]:
     checks = _sites_against_baseline(report, baseline)
     for what in ("ra", "nc"):
-        before, now = baseline["verdict"][what], report["verdict"][what]
+        before, now = baseline.status(what), report.status(what)
         passed = VERDICT_ORDER[now] >= VERDICT_ORDER[before]
         checks.append({"name": f"baseline {what}", "passed": passed,
                        "detail": f"{what.upper()} {before} → {now}" + ("" if passed else " (worse than baseline)")})
@@ -115,16 +116,15 @@ def _against_baseline(report: dict, baseline: dict, tolerance: float) -> list[di
     return checks
 
 
-def _sites_against_baseline(report: dict, baseline: dict) -> list[dict[str, Any]]:
+def _sites_against_baseline(report: ReportView, baseline: ReportView) -> list[dict[str, Any]]:
     """The baseline's sites must all be measured again: none missing, none newly skipped."""
-    now = {s["name"] for s in report["sites"]}
-    missing = [s["name"] for s in baseline["sites"] if s["name"] not in now]
-    skipped_before = {s["name"] for s in baseline["skipped"]}
-    newly_skipped = [s for s in report["skipped"] if s["name"] not in skipped_before]
+    missing = [name for name in baseline.spectra if name not in report.spectra]
+    skipped_before = {s["name"] for s in baseline.skipped}
+    newly_skipped = [s for s in report.skipped if s["name"] not in skipped_before]
     problems = ([f"{len(missing)} baseline site(s) missing ({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''})"]
                 if missing else [])
     problems += [f"{s['name']} newly skipped ({s['reason']})" for s in newly_skipped[:3]]
-    detail = f"sites: {len(baseline['sites'])} → {len(report['sites'])}"
+    detail = f"sites: {len(baseline.spectra)} → {len(report.spectra)}"
     return [{"name": "baseline sites", "passed": not problems,
              "detail": detail + (f" ({'; '.join(problems)})" if problems else "")}]
 
@@ -159,11 +159,12 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"cannot read baseline {path}: {first_line(exc)}") from None
     try:
-        verdicts = [report["verdict"][what] for what in ("ra", "nc")]
-        values = list(headline(report).values())
-        made_with = dict(report["settings"])
+        view = view_of(report)
+        verdicts = [view.status(what) for what in ("ra", "nc")]
+        values = list(headline(view).values())
+        made_with = dict(view.settings)
         valid = all(v in VERDICT_ORDER for v in verdicts) and all(
-            isinstance(s["name"], str) for s in report["sites"] + report["skipped"]) and all(
+            isinstance(s["name"], str) for s in view.sites + view.skipped) and all(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         valid = False
@@ -181,9 +182,9 @@ def read_baseline(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 def summary_line(report: dict[str, Any], result: GateResult) -> str:
     """One line for a CI log: PASS/FAIL, the model, its verdicts and every failed rule."""
-    head = f"{'PASS' if result.passed else 'FAIL'} {report['model']['name']}: RA {report['verdict']['ra']}, " \
-           f"NC {report['verdict']['nc']}" + (" on synthetic inputs (a smoke test, not a diagnosis)"
-                                              if report.get("data", {}).get("synthetic") else "")
+    view = view_of(report)
+    head = f"{'PASS' if result.passed else 'FAIL'} {view.model_name}: RA {view.status('ra')}, " \
+           f"NC {view.status('nc')}" + (" on synthetic inputs (a smoke test, not a diagnosis)" if view.synthetic else "")
     if result.passed:
         return f"{head} ({len(result.checks)} check{'s' if len(result.checks) != 1 else ''} passed)"
     return f"{head}; failed: {'; '.join(result.failures)}"

@@ -17,6 +17,7 @@ from torch import nn
 from ra_probe.api import Report, probe, settings_from
 from ra_probe.load.inputs import as_loaded, as_samples
 from ra_probe.report.headline import HEADLINE, headline, intervals
+from ra_probe.report.view import view_of
 
 # Cheap enough to run every epoch on small models (about 0.4 s per probe on the bundled FC ResNet, width
 # 128 and 8 blocks, one CPU thread): k = 16 still determines RA3 ranks up to 15 classes, and RA2 aligns the
@@ -37,11 +38,12 @@ def scalars(report: Report) -> Metrics:
     sum, `nc/nc1` … `nc/nc4` — with `<name>_low` and `<name>_high`, the bounds of each one's confidence
     interval, and `ra/verdict` and `nc/verdict` as absent 0, partial 0.5, present 1 (undetermined: not logged).
     A number the probe could not determine (a rank that reaches k, no classifier head) is left out."""
-    values = {f"{HEADLINE[name].family}/{name}": value for name, value in headline(report).items()}
-    for name, bounds in intervals(report).items():  # the confidence interval, as two curves beside the value
+    view = view_of(report)
+    values = {f"{HEADLINE[name].family}/{name}": value for name, value in headline(view).items()}
+    for name, bounds in intervals(view).items():  # the confidence interval, as two curves beside the value
         if bounds is not None:
             values.update({f"{HEADLINE[name].family}/{name}_low": bounds[0], f"{HEADLINE[name].family}/{name}_high": bounds[1]})
-    values.update({"ra/verdict": STATUS.get(report.verdict["ra"]), "nc/verdict": STATUS.get(report.verdict["nc"])})
+    values.update({"ra/verdict": STATUS.get(view.status("ra")), "nc/verdict": STATUS.get(view.status("nc"))})
     return {name: float(value) for name, value in values.items() if value is not None}
 
 

@@ -12,11 +12,12 @@ import torch
 
 from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.samples import Samples, real_tokens
-from ra_probe.metrics.results import NC_VALUES, NullContrast, Results
+from ra_probe.metrics.results import NullContrast, Results
 from ra_probe.metrics.verdict import no_sites_message
 from ra_probe.pipeline.cache import tensor_digest
 from ra_probe.pipeline.run import Outcome
 from ra_probe.pipeline.settings import Settings
+from ra_probe.report.layout import HEADLINE_FIELDS, NULL_NC
 from ra_probe.report.schema import SCHEMA_VERSION
 from ra_probe.version import __version__
 
@@ -95,11 +96,6 @@ def _messages(sites: list[dict[str, Any]], skipped: int, finite_outputs: bool, r
     if results.nc is not None and results.nc.labels_from == "predictions":
         messages.append("the data has no labels: NC metrics use the model's own predictions")
     return messages
-
-
-# where the report keeps each RA headline number: its section's field (also under the null's sections)
-HEADLINE_FIELDS = {"ra1": "mean_linearity", "ra2": "mean_score", "ra3": "median_rank", "ra4": "L_times_mean_sigma1"}
-NULL_NC = (*NC_VALUES, "nc1_ci", "classes", "samples")  # what the report keeps of the null's NC
 
 
 def metrics(results: Results) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ra_probe.metrics.ra import depth_slope
+from ra_probe.metrics.results import Verdict
 from ra_probe.report.headline import HEADLINE, headline, intervals
+from ra_probe.report.view import view_of
 
 
 def family_of(model: str) -> str:
@@ -19,29 +21,27 @@ def family_of(model: str) -> str:
 
 def _labels(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """The model names, with the file name added where two reports are of the same model."""
-    names = [report["model"]["name"] for _, report in reports]
+    names = [view_of(report).model_name for _, report in reports]
     return [f"{name} ({Path(source).name})" if names.count(name) > 1 else name
             for name, (source, _) in zip(names, reports)]
 
 
-def _status(evidence: dict[str, Any]) -> str:
-    reason = evidence.get("reason")
-    return f"{evidence['status']} ({reason})" if reason else evidence["status"]
+def _status(evidence: Verdict) -> str:
+    return f"{evidence.status} ({evidence.reason})" if evidence.reason else evidence.status
 
 
 def summary(report: dict[str, Any], label: str) -> dict[str, Any]:
     """The numbers `compare` shows for one report: its headline numbers, by their names, and more."""
-    metrics, evidence = report["metrics"], report["verdict"]["evidence"]
-    sigma1 = [s["sigma1_mean"] for s in metrics["ra4"]["sites"]]
+    view = view_of(report)
+    sigma1 = [s.sigma1_mean for s in view.ra.ra4.sites]
     return {
-        "label": label, "model": report["model"]["name"], "family": family_of(report["model"]["name"]),
-        "ra": report["verdict"]["ra"], "nc": report["verdict"]["nc"],
-        "ra_status": _status(evidence["ra"]), "nc_status": _status(evidence["nc"]),
-        "samples": report["data"]["samples"], "classes": metrics["ra3"]["classes"],
-        "group_scores": ", ".join(f"{g['group']}: {g['score']:.3f}" for g in metrics["ra2"]["groups"]
-                                  if g["score"] is not None) or None,
+        "label": label, "model": view.model_name, "family": family_of(view.model_name),
+        "ra": view.status("ra"), "nc": view.status("nc"),
+        "ra_status": _status(view.verdict.ra), "nc_status": _status(view.verdict.nc),
+        "samples": view.data["samples"], "classes": view.ra.ra3.classes,
+        "group_scores": ", ".join(f"{g.group}: {g.score:.3f}" for g in view.ra.ra2.groups if g.score is not None) or None,
         "sigma1": sigma1, "sigma1_first": sigma1[0] if sigma1 else None, "sigma1_last": sigma1[-1] if sigma1 else None,
-        **headline(report), "intervals": intervals(report),
+        **headline(view), "intervals": intervals(view),
     }
 
 

@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ra_probe.metrics.results import NCResults, Verdict, Verdicts
 from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows, sampling_line
+from ra_probe.report.headline import label
+from ra_probe.report.view import ReportView, view_of
 
 STATUS_STYLE = {"present": "bold green", "partial": "bold yellow", "absent": "bold red", "undetermined": "bold blue",
                 "not_applicable": "dim"}
@@ -67,59 +70,57 @@ def sites_table(sites: list[dict[str, Any]], skipped: list[dict[str, Any]], adap
     return table
 
 
-def spectra_table(report: dict[str, Any], width: int = 120) -> Table:
-    ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
+def spectra_table(view: ReportView, width: int = 120) -> Table:
+    ra3 = {s.site: s for s in view.ra.ra3.sites}
     columns = [Column("site"), Column("σ₁", "right"), Column("rank", "right"), Column("σ₂", "right", True),
                Column("gap", "right", True), Column("residual", "right", True), Column("method", optional=True),
                Column("σ₃", "right", True), Column("seconds", "right", True)]
     rows = []
-    for s in report["sites"]:
-        sv = s["singular_values"] + [None] * 3
-        r = ra3[s["name"]]
-        rank = f"{r['rank_median']:g}" if r["rank_median"] is not None else f"≥{r['rank_at_least']}"
-        rows.append([s["name"], fmt(sv[0]), rank, fmt(sv[1]), fmt(r["gap_mean"]), fmt(s["max_residual"], 2),
-                     s["method"], fmt(sv[2]), f"{s['timing']['seconds']:.2f}"])
-    classes, k = report["metrics"]["ra3"]["classes"], report["settings"]["k"]
+    for name, spectrum in view.spectra.items():
+        sv = list(spectrum.singular_values) + [None] * 3
+        r = ra3[name]
+        rank = f"{r.rank_median:g}" if r.rank_median is not None else f"≥{r.rank_at_least}"
+        rows.append([name, fmt(sv[0]), rank, fmt(sv[1]), fmt(r.gap_mean), fmt(spectrum.max_residual, 2),
+                     spectrum.method, fmt(sv[2]), f"{spectrum.timing['seconds']:.2f}"])
+    classes, k = view.ra.ra3.classes, view.k
     gap = "σ_C/σ_C+1" + (f" (needs k > C = {classes}: not measured)" if classes and k <= classes else "")
-    caption = (f"rank: median #{{σ > τσ₁}}, τ = {report['metrics']['ra3']['tau']:g}; gap: {gap}; "
+    caption = (f"rank: median #{{σ > τσ₁}}, τ = {view.ra.ra3.tau:g}; gap: {gap}; "
                "residual: largest residual bound")
-    return fitted(f"Residual Jacobian spectra (mean over {report['data']['samples']} samples)", columns, rows,
+    return fitted(f"Residual Jacobian spectra (mean over {view.data['samples']} samples)", columns, rows,
                   width, caption)
 
 
-def ra_table(report: dict[str, Any], width: int = 120) -> Table:
-    metrics = report["metrics"]
-    ra1 = {g["group"]: g for g in metrics["ra1"]["groups"]}
+def ra_table(view: ReportView, width: int = 120) -> Table:
+    ra = view.ra
+    ra1 = {g.group: g for g in ra.ra1.groups}
     columns = [Column("group"), Column("first site"), Column("last site"), Column("sites", "right"),
                Column("RA2 a_ij", "right"), Column("RA1 linearity", "right"), Column("LSS", "right", True),
                Column("step CV", "right", True), Column("step cos", "right", True)]
-    coupling = {g["group"]: g["mean"] for g in metrics.get("coupling", {}).get("groups", [])}  # from schema 1.5
-    ks = [str(K) for K in metrics.get("coupling", {}).get("K", [])]
+    coupling = {g.group: g.mean for g in ra.coupling.groups}
+    ks = [str(K) for K in ra.coupling.K]
     columns += [Column(f"coupling K={K}", "right") for K in ks]
     rows, sampled = [], []
-    for g in metrics["ra2"]["groups"]:
-        t = ra1[g["group"]]
-        names = g["sites"]
-        estimated = g.get("pairs_measured", 0) < g.get("pairs", 0)  # from schema 1.6
-        sampled += [f"group {g['group']}: {g['pairs_measured']} of {g['pairs']}"] if estimated else []
-        rows.append([str(g["group"]), names[0], names[-1], str(len(names)),
-                     ("≈" if estimated else "") + fmt_ci(g["score"], g.get("score_ci")),
-                     fmt_ci(t["linearity"], t.get("linearity_ci")),
-                     fmt(t["lss"]), fmt(t["step_cv"]), fmt(t["step_cos"])]
-                    + [fmt(coupling.get(g["group"], {}).get(K)) for K in ks])
-    ra4 = metrics["ra4"]
-    caption = (f"RA4: L = {ra4['depth']}, L·mean σ₁ = {fmt_ci(ra4['L_times_mean_sigma1'], ra4.get('L_times_mean_sigma1_ci'))}"
-               + _level(metrics))
+    for g in ra.ra2.groups:
+        t = ra1[g.group]
+        estimated = (g.pairs_measured or 0) < (g.pairs or 0)  # from schema 1.6
+        sampled += [f"group {g.group}: {g.pairs_measured} of {g.pairs}"] if estimated else []
+        rows.append([str(g.group), g.sites[0], g.sites[-1], str(len(g.sites)),
+                     ("≈" if estimated else "") + fmt_ci(g.score, g.score_ci), fmt_ci(t.linearity, t.linearity_ci),
+                     fmt(t.lss), fmt(t.step_cv), fmt(t.step_cos)]
+                    + [fmt(coupling.get(g.group, {}).get(K)) for K in ks])
+    ra4 = ra.ra4
+    caption = (f"RA4: L = {ra4.depth}, L·mean σ₁ = {fmt_ci(ra4.L_times_mean_sigma1, ra4.L_times_mean_sigma1_ci)}"
+               + _level(view))
     if sampled:
         caption += f"\n≈ estimated from a sample of the pairs ({'; '.join(sampled)}); --align-pairs all measures every pair"
     return fitted("Residual Alignment by group", columns, rows, width, caption)
 
 
-def null_table(metrics: dict[str, Any], width: int = 120) -> Table:
-    null = metrics["null"]
+def null_table(view: ReportView, width: int = 120) -> Table:
+    null = view.null
     columns = [Column(""), Column("model", "right"), Column("random init", "right"), Column("ratio", "right")]
-    return fitted("Against the same architecture at random init", columns, null_rows(metrics), width,
-                  f"{null['init']}, seed {null['seed']}, {null['samples']} samples" + _level(metrics))
+    return fitted("Against the same architecture at random init", columns, null_rows(view), width,
+                  f"{null.init}, seed {null.seed}, {null.samples} samples" + _level(view))
 
 
 def cost_table(timings: dict[str, Any], width: int = 120) -> Table:
@@ -128,77 +129,83 @@ def cost_table(timings: dict[str, Any], width: int = 120) -> Table:
     return fitted("Cost", columns, cost_rows(timings), width, cost_caption(timings))
 
 
-NC_ROWS = (("NC1", "nc1"), ("NC2 μ norms", "nc2_equinorm_means"), ("NC2 angles", "nc2_equiangular"),
-           ("NC3", "nc3"), ("NC4", "nc4"), ("NC2 w norms", "nc2_equinorm_weights"))
+NC_ROWS = ("nc1", "nc2_equinorm_means", "nc2_equiangular", "nc3", "nc4", "nc2_equinorm_weights")
 
 
-def nc_table(nc: dict[str, Any], width: int = 120, at_init: dict[str, Any] | None = None) -> Table:
+def nc_table(nc: NCResults, width: int = 120, at_init: NCResults | None = None) -> Table:
     """NC1–NC4, one row each: the value, its interval and, when measured, its value at random init."""
     columns = [Column(""), Column("value", "right"), Column("interval", "right")]
     columns += [Column("random init", "right")] if at_init else []
-    rows = [[label, fmt(nc[key]), "–" if not nc.get(f"{key}_ci") else f"{fmt(nc[f'{key}_ci'][0])}–{fmt(nc[f'{key}_ci'][1])}"]
-            + ([fmt(at_init.get(key))] if at_init else []) for label, key in NC_ROWS]
-    return fitted(f"Neural Collapse ({nc['classes']} classes, {nc['samples']} samples, labels from "
-                  f"{nc['labels_from']})", columns, rows, width, nc.get("interval_note"))
+    rows = []
+    for key in NC_ROWS:
+        ci = getattr(nc, f"{key}_ci")
+        rows.append([label(key), fmt(getattr(nc, key)), "–" if not ci else f"{fmt(ci[0])}–{fmt(ci[1])}"]
+                    + ([fmt(getattr(at_init, key))] if at_init else []))
+    return fitted(f"Neural Collapse ({nc.classes} classes, {nc.samples} samples, labels from "
+                  f"{nc.labels_from})", columns, rows, width, nc.interval_note)
 
 
-def _level(metrics: dict[str, Any]) -> str:
+def _level(view: ReportView) -> str:
     """The intervals' caption: their level and how many samples they come from."""
-    uncertainty = metrics.get("uncertainty")  # from schema 1.7
-    if not uncertainty or uncertainty.get("note"):
+    uncertainty = view.uncertainty  # from schema 1.7
+    if not uncertainty or uncertainty.note:
         return ""
-    return f"\nin brackets: {uncertainty['level']:.0%} bootstrap intervals over {uncertainty['samples']} samples"
+    return f"\nin brackets: {uncertainty.level:.0%} bootstrap intervals over {uncertainty.samples} samples"
 
 
-def verdict_table(verdict: dict[str, Any]) -> Table:
+def _evidence_lines(evidence: Verdict) -> list[str]:
+    lines = [f"{'✓' if c.passed else '✗' if c.passed is not None else '?' if c.undetermined else '·'} "
+             f"{c.name}: " + (f"{fmt_ci(c.value, c.ci)} ({c.rule})" if c.value is not None else
+                              f"undetermined ({c.reason or c.rule})")
+             + (f"\n  undetermined: {c.undetermined}" if c.undetermined else "")
+             + (f"; about {c.samples_to_decide} samples would decide it" if c.samples_to_decide else "")
+             for c in evidence.checks]
+    lines += [text for text in (evidence.reason, evidence.scope) if text]
+    if evidence.caveat:
+        lines.append(f"[yellow]caveat:[/yellow] {evidence.caveat}")
+    if evidence.control:
+        lines.append(f"control: {evidence.control}")
+    return lines
+
+
+def verdict_table(verdict: Verdicts) -> Table:
     table = Table(title="Verdict", title_justify="left")
     for column in ("", "status", "evidence"):
         table.add_column(column)
     for key in ("ra", "nc"):
-        evidence = verdict["evidence"][key]
-        lines = [f"{'✓' if c['passed'] else '✗' if c['passed'] is not None else '?' if c.get('undetermined') else '·'} "
-                 f"{c['name']}: " + (f"{fmt_ci(c['value'], c.get('ci'))} ({c['rule']})" if c["value"] is not None else
-                                     f"undetermined ({c.get('reason') or c['rule']})")
-                 + (f"\n  undetermined: {c['undetermined']}" if c.get("undetermined") else "")
-                 + (f"; about {c['samples_to_decide']} samples would decide it" if c.get("samples_to_decide") else "")
-                 for c in evidence["checks"]]
-        lines += [text for text in (evidence.get("reason"), evidence.get("scope")) if text]
-        if evidence.get("caveat"):
-            lines.append(f"[yellow]caveat:[/yellow] {evidence['caveat']}")
-        if evidence.get("control"):
-            lines.append(f"control: {evidence['control']}")
-        status = verdict[key]
-        table.add_row(key.upper(), f"[{STATUS_STYLE[status]}]{status}[/]", "\n".join(lines))
+        evidence = getattr(verdict, key)
+        table.add_row(key.upper(), f"[{STATUS_STYLE[evidence.status]}]{evidence.status}[/]",
+                      "\n".join(_evidence_lines(evidence)))
     return table
 
 
-def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+def print_report(report: dict[str, Any] | ReportView, console: Console | None = None) -> None:
     console = console or Console()
-    data = report["data"]
-    console.print(f"[bold]{report['model']['name']}[/bold] on {data['name']} "
+    view = view_of(report)
+    data = view.data
+    console.print(f"[bold]{view.model_name}[/bold] on {data['name']} "
                   f"({data['samples']} {data['kind'] + ' ' if data.get('kind') else ''}samples, "
-                  f"{report['environment']['device']}, "
-                  f"{report['environment']['dtype']})")
-    sampling = report["metrics"].get("sampling")  # from schema 1.7
-    if sampling and sampling["mode"] == "auto":
-        console.print(sampling_line(sampling))
+                  f"{view.environment['device']}, "
+                  f"{view.environment['dtype']})")
+    if view.auto_sampling:
+        console.print(sampling_line(view.auto_sampling))
     if data.get("description"):  # reports before 1.7 have none
         console.print(f"data: {data['description']}" + (f": {data['reason']}" if data.get("reason") else ""),
                       style="dim")
-    if report["sites"] or report["skipped"]:
-        console.print(sites_table(report["sites"], report["skipped"], report["model"]["adapter"], console.width))
-    if report["sites"]:
-        console.print(spectra_table(report, console.width))
-    if report["metrics"]["ra2"]["groups"]:
-        console.print(ra_table(report, console.width))
-    if report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]:  # reports before 1.4 have none
-        console.print(null_table(report["metrics"], console.width))
-    if report["metrics"]["nc"] is not None and not report["metrics"]["nc"].get("undetermined"):
-        console.print(nc_table(report["metrics"]["nc"], console.width, report["metrics"].get("null", {}).get("nc")))
-    console.print(verdict_table(report["verdict"]))
-    if cost_rows(report["timings"]):
-        console.print(cost_table(report["timings"], console.width))
-    for message in report["messages"]:
+    if view.sites or view.skipped:
+        console.print(sites_table(view.sites, view.skipped, view.model["adapter"], console.width))
+    if view.sites:
+        console.print(spectra_table(view, console.width))
+    if view.ra.ra2.groups:
+        console.print(ra_table(view, console.width))
+    if view.null.measured and view.sites:
+        console.print(null_table(view, console.width))
+    if view.nc_measured:
+        console.print(nc_table(view.nc_measured, console.width, view.null.nc))
+    console.print(verdict_table(view.verdict))
+    if cost_rows(view.timings):
+        console.print(cost_table(view.timings, console.width))
+    for message in view.messages:
         console.print(f"[yellow]note:[/yellow] {message}")
 
 

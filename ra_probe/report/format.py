@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ra_probe.metrics.results import Sampling
+
 
 def fmt(value: Any, digits: int = 3) -> str:
     """None as "–", booleans as yes/no, floats with `digits` significant digits, the rest as str()."""
@@ -23,19 +25,13 @@ def fmt_ci(value: Any, ci: list[float] | None, digits: int = 3, unit: str = "") 
     return f"{text} [{fmt(ci[0], digits)}–{fmt(ci[1], digits)}{unit}]"
 
 
-HEADLINE_LABELS = {"ra1": "RA1 linearity", "ra2": "RA2 a_ij", "ra3": "RA3 median rank", "ra4": "RA4 L·mean σ₁"}
+def null_rows(report: Any) -> list[list[str]]:
+    """Each headline number contrasted with the random init as text: its label, the model's value, its
+    value at random init and their ratio (the console's table and the HTML's alike)."""
+    from ra_probe.report.headline import contrasted
 
-
-def null_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """Each RA headline metric as text: its label, the model's value, its value at random init and their
-    ratio (the console's table and the HTML's alike)."""
-    from ra_probe.report.build import HEADLINE_FIELDS as HEADLINE
-
-    null = metrics["null"]
-    ratio_ci = null.get("ratio_ci") or {}  # from schema 1.7
-    return [[HEADLINE_LABELS[section], fmt_ci(metrics[section][name], metrics[section].get(f"{name}_ci")),
-             fmt(null[section][name]), fmt_ci(null["ratio"][section], ratio_ci.get(section), unit="×")]
-            for section, name in HEADLINE.items()]
+    return [[label, fmt_ci(value, ci), fmt(at_init), fmt_ci(ratio, ratio_ci, unit="×")]
+            for label, value, ci, at_init, ratio, ratio_ci in contrasted(report)]
 
 
 def cost_rows(timings: dict[str, Any]) -> list[list[str]]:
@@ -64,14 +60,14 @@ def cost_caption(timings: dict[str, Any]) -> str:
             f"peak: {timings['peak_measured_as']}")
 
 
-def sampling_line(sampling: dict[str, Any]) -> str:
+def sampling_line(sampling: Sampling) -> str:
     """How many samples `--samples auto` measured and why no more, in words."""
     why = {"decided": "every RA check decided", "max_samples": "the cap (--max-samples)", "budget": "the budget spent",
            "data": "every sample taken"}
-    line = (f"Jacobians of {sampling['measured']} of {sampling['available']} samples (--samples auto: "
-            f"{why.get(sampling['stopped'], sampling['stopped'])} after rounds of {', '.join(map(str, sampling['rounds']))})")
-    if sampling.get("null_measured"):
-        line += (f"; random init: {sampling['null_measured']} ({why.get(sampling['null_stopped'], 'its contrast decided')})"
-                 if sampling.get("null_stopped") != "decided" else
-                 f"; random init: {sampling['null_measured']} (its contrast decided)")
+    line = (f"Jacobians of {sampling.measured} of {sampling.available} samples (--samples auto: "
+            f"{why.get(sampling.stopped, sampling.stopped)} after rounds of {', '.join(map(str, sampling.rounds))})")
+    if sampling.null_measured:
+        line += (f"; random init: {sampling.null_measured} ({why.get(sampling.null_stopped, 'its contrast decided')})"
+                 if sampling.null_stopped != "decided" else
+                 f"; random init: {sampling.null_measured} (its contrast decided)")
     return line + "; NC on all of them"

@@ -9,9 +9,12 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from ra_probe.metrics.results import NC_VALUES
 from ra_probe.report import plots
 from ra_probe.report.files import write_text
 from ra_probe.report.format import cost_caption, cost_rows, fmt, fmt_ci, null_rows, sampling_line
+from ra_probe.report.headline import label
+from ra_probe.report.view import ReportView, view_of
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -28,44 +31,43 @@ def _environment() -> Environment:
     return env
 
 
-def report_figures(report: dict[str, Any]) -> dict[str, Any]:
+def report_figures(view: ReportView) -> dict[str, Any]:
     """Every figure of one report as inline SVG, keyed by where the template puts it."""
-    metrics = report["metrics"]
-    sites = report["sites"]
-    sigma1 = {s["site"]: s["sigma1_mean"] for s in metrics["ra4"]["sites"]}
+    ra = view.ra
+    sigma1 = {s.site: s.sigma1_mean for s in ra.ra4.sites}
     figures: dict[str, Any] = {"spectra": None, "sigma1": None, "nc": None, "alignment": {}, "heatmaps": {},
                                "trajectories": {}, "coupling": {}}
-    if sites:
-        figures["spectra"] = Markup(plots.spectra(sites, metrics["ra3"]["classes"]))
-        sigma1_ci = {s["name"]: [s["singular_values_ci"][0][0], s["singular_values_ci"][1][0]]
-                     for s in sites if s.get("singular_values_ci")}  # from schema 1.7
-        figures["sigma1"] = Markup(plots.sigma1_depth(metrics["ra4"]["sites"], {s["name"]: s["group"] for s in sites},
-                                                      sigma1_ci))
-    for group in metrics["ra2"]["groups"]:
-        figures["alignment"][group["group"]] = Markup(plots.alignment_matrix(group))
-        figures["heatmaps"][group["group"]] = Markup(plots.heatmaps(group, sigma1))
-    for group in metrics.get("coupling", {}).get("groups", []):  # none before schema 1.5
-        figures["coupling"][group["group"]] = {K: Markup(plots.coupling_matrix(group, K))
-                                               for K, matrix in group["matrices"].items() if matrix is not None}
-    for group in metrics["ra1"]["groups"]:
-        if group.get("projection"):
-            figures["trajectories"][group["group"]] = Markup(plots.trajectories(group))
-    if metrics["nc"] is not None and not metrics["nc"].get("undetermined"):
-        figures["nc"] = Markup(plots.nc_bars(metrics["nc"], report["verdict"]["thresholds"]))
+    if view.sites:
+        groups = {s["name"]: s["group"] for s in view.sites}
+        figures["spectra"] = Markup(plots.spectra(view.spectra, groups, ra.ra3.classes))
+        sigma1_ci = {name: [s.singular_values_ci[0][0], s.singular_values_ci[1][0]]
+                     for name, s in view.spectra.items() if s.singular_values_ci}  # from schema 1.7
+        figures["sigma1"] = Markup(plots.sigma1_depth(ra.ra4.sites, groups, sigma1_ci))
+    for group in ra.ra2.groups:
+        figures["alignment"][group.group] = Markup(plots.alignment_matrix(group))
+        figures["heatmaps"][group.group] = Markup(plots.heatmaps(group, sigma1))
+    for group in ra.coupling.groups:
+        figures["coupling"][group.group] = {K: Markup(plots.coupling_matrix(group, K))
+                                            for K, matrix in group.matrices.items() if matrix is not None}
+    for group in ra.ra1.groups:
+        if group.projection:
+            figures["trajectories"][group.group] = Markup(plots.trajectories(group))
+    if view.nc_measured:
+        figures["nc"] = Markup(plots.nc_bars(view.nc_measured, view.thresholds))
     return figures
 
 
-def render_report(report: dict[str, Any]) -> str:
+def render_report(report: dict[str, Any] | ReportView) -> str:
     """The HTML page of one report: verdict and evidence first, then the evidence's figures and tables."""
-    ra1 = {g["group"]: g for g in report["metrics"]["ra1"]["groups"]}
-    ra3 = {s["site"]: s for s in report["metrics"]["ra3"]["sites"]}
-    measured = report["metrics"].get("null", {}).get("status") == "measured" and report["sites"]  # none before 1.4
-    sampling = report["metrics"].get("sampling")  # from schema 1.7
+    view = view_of(report)
+    measured = view.null.measured and view.sites
     return _environment().get_template("report.html.j2").render(
-        report=report, ra1=ra1, ra3=ra3, figures=report_figures(report),
-        null_rows=null_rows(report["metrics"]) if measured else [], cost_rows=cost_rows(report["timings"]),
-        cost_caption=cost_caption(report["timings"]) if cost_rows(report["timings"]) else "",
-        sampling=sampling_line(sampling) if sampling and sampling["mode"] == "auto" else "")
+        report=view.report, view=view, m=view.ra, verdict=view.verdict, null=view.null, nc=view.nc_measured,
+        ra1={g.group: g for g in view.ra.ra1.groups}, ra3={s.site: s for s in view.ra.ra3.sites},
+        figures=report_figures(view), null_rows=null_rows(view) if measured else [],
+        nc_rows=[(label(key), getattr(view.nc, key)) for key in NC_VALUES] if view.nc_measured else [],
+        cost_rows=cost_rows(view.timings), cost_caption=cost_caption(view.timings) if cost_rows(view.timings) else "",
+        sampling=sampling_line(view.auto_sampling) if view.auto_sampling else "")
 
 
 def render_comparison(comparison: dict[str, Any]) -> str:

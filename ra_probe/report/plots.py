@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -14,7 +15,8 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from ra_probe.metrics.ra import spread_sites
-from ra_probe.report.headline import HEADLINE
+from ra_probe.metrics.results import Alignment, Coupling, NCResults, SiteSigma, SiteSpectrum, Trajectories
+from ra_probe.report.headline import label
 
 NO_VALUE_FLOOR = 1e-4  # where a zero or missing value sits on a log axis
 
@@ -63,19 +65,20 @@ def _grid(count: int, columns: int, size: tuple[float, float]) -> tuple[Figure, 
     return fig, axes[:count]
 
 
-def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
-    """Mean singular values σ_k (log scale) of every site against k, one panel per group; C marked when
-    it falls within the k values shown (the axis spans k, never a C of a thousand classes)."""
-    groups: dict[int, list[dict[str, Any]]] = {}
-    for site in sites:
-        groups.setdefault(site["group"], []).append(site)
+def spectra(sites: Mapping[str, SiteSpectrum], group_of: Mapping[str, int], classes: int | None) -> str:
+    """Mean singular values σ_k (log scale) of every site against k, one panel per group (`group_of`, by
+    site name); C marked when it falls within the k values shown (the axis spans k, never a C of a
+    thousand classes)."""
+    groups: dict[int, list[tuple[str, SiteSpectrum]]] = {}
+    for name, site in sites.items():
+        groups.setdefault(group_of[name], []).append((name, site))
     fig, axes = _grid(len(groups), 3, (4.2, 3.2))
     for ax, (group, members) in zip(axes, groups.items()):
         shown = []
         colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(members)))
-        for color, site in zip(colors, members):
-            sv = _positive(site["singular_values"])
-            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=site["name"],
+        for color, (name, site) in zip(colors, members):
+            sv = _positive(site.singular_values)
+            ax.plot(range(1, len(sv) + 1), sv, marker=".", label=name,
                     color=color if len(members) > LEGEND_SITES else None)
             shown.append(sv)
         k = max(len(sv) for sv in shown)
@@ -92,24 +95,24 @@ def spectra(sites: list[dict[str, Any]], classes: int | None) -> str:
         if len(members) <= LEGEND_SITES:
             ax.legend(fontsize=7, ncol=2 if len(members) > 6 else 1)
         else:  # a deep group: colour runs with depth, first (dark) to last (light)
-            ax.text(0.02, 0.02, f"{members[0]['name']} (dark) → {members[-1]['name']} (light)",
+            ax.text(0.02, 0.02, f"{members[0][0]} (dark) → {members[-1][0]} (light)",
                     transform=ax.transAxes, fontsize=7, color="0.3")
     return _svg(fig, "spectra")
 
 
-def alignment_matrix(group: dict[str, Any]) -> str:
+def alignment_matrix(group: Alignment) -> str:
     """RA2 scores a_ij of one group: row i (the Jacobian J_i), column j (the singular pairs of J_j)."""
-    measured, pairs = group.get("pairs_measured", 0), group.get("pairs", 0)  # from schema 1.6
+    measured, pairs = group.pairs_measured or 0, group.pairs or 0  # from schema 1.6
     sample = f" ({measured} of {pairs} pairs measured, blank: not measured)" if measured < pairs else ""
-    return _site_matrix(group["sites"], group["matrix"], f"group {group['group']}: a_ij{sample}",
-                        f"alignment-{group['group']}", vmax=1.0)
+    return _site_matrix(group.sites, group.matrix, f"group {group.group}: a_ij{sample}",
+                        f"alignment-{group.group}", vmax=1.0)
 
 
-def coupling_matrix(group: dict[str, Any], K: str) -> str:
+def coupling_matrix(group: Coupling, K: str) -> str:
     """Block coupling c_ij of one group at one K: row i (the Jacobian J_i), column j (J_j's singular
     pairs); 0 is coupled, the colour scale ends at the group's largest value."""
-    return _site_matrix(group["sites"], group["matrices"][K], f"group {group['group']}: coupling, K = {K}",
-                        f"coupling-{group['group']}-{K}", vmax=None, cmap="viridis_r")
+    return _site_matrix(group.sites, group.matrices[K], f"group {group.group}: coupling, K = {K}",
+                        f"coupling-{group.group}-{K}", vmax=None, cmap="viridis_r")
 
 
 def _site_matrix(names: list[str], values: list[list[float | None]], title: str, gid: str, vmax: float | None,
@@ -136,15 +139,15 @@ def _site_matrix(names: list[str], values: list[list[float | None]], title: str,
     return _svg(fig, gid)
 
 
-def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:
+def heatmaps(group: Alignment, sigma1: dict[str, float | None]) -> str:
     """The K×K maps |U_jᵀ J_i V_j| of one group (of at most `HEATMAP_SITES` sites spread over a deep
     one), row i and column j, each divided by σ₁(J_i) so rows share a scale: a bright diagonal means
     J_j's singular pairs also diagonalize J_i (RA2). One axes, each map an image placed in its cell."""
     from matplotlib.patches import Rectangle
 
-    names = spread_sites(group["sites"])
+    names = spread_sites(group.sites)
     m = len(names)
-    K = len(next(iter(group["heatmaps"].values()), [[0.0]]))
+    K = len(next(iter(group.heatmaps.values()), [[0.0]]))
     step = K + 1  # a map and a gap
     fig = Figure(figsize=(1.6 + 1.1 * m, 1.2 + 1.1 * m), layout="constrained")
     fig.suppressComposite = True  # each map its own SVG image, with its id
@@ -156,10 +159,10 @@ def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:
             if i == j:
                 ax.add_patch(Rectangle((j * step, i * step), K, K, color="0.93"))
                 continue
-            image = ax.imshow(np.array(group["heatmaps"][f"{site_i}|{site_j}"], dtype=float) / scale, norm=norm,
+            image = ax.imshow(np.array(group.heatmaps[f"{site_i}|{site_j}"], dtype=float) / scale, norm=norm,
                               cmap="magma", extent=(j * step, j * step + K, i * step + K, i * step),
                               interpolation="nearest")
-            image.set_gid(f"heatmap-{group['group']}-{i}-{j}")  # the SVG element's id
+            image.set_gid(f"heatmap-{group.group}-{i}-{j}")  # the SVG element's id
     centers = [a * step + K / 2 for a in range(m)]
     ax.set_xlim(-0.5, m * step - 0.5)
     ax.set_ylim(m * step - 0.5, -0.5)
@@ -170,14 +173,14 @@ def heatmaps(group: dict[str, Any], sigma1: dict[str, float | None]) -> str:
     ax.set_frame_on(False)
     if image is not None:
         fig.colorbar(image, ax=ax, shrink=0.6, label="|U_jᵀ J_i V_j| / σ₁(J_i)  (square-root scale)")
-    sampled = "" if m == len(group["sites"]) else f" ({m} of {len(group['sites'])} sites, evenly spread)"
-    ax.set_title(f"group {group['group']}: rows J_i, columns (U_j, V_j){sampled}", fontsize=9)
-    return _svg(fig, f"heatmaps-{group['group']}")
+    sampled = "" if m == len(group.sites) else f" ({m} of {len(group.sites)} sites, evenly spread)"
+    ax.set_title(f"group {group.group}: rows J_i, columns (U_j, V_j){sampled}", fontsize=9)
+    return _svg(fig, f"heatmaps-{group.group}")
 
 
-def trajectories(group: dict[str, Any]) -> str:
+def trajectories(group: Trajectories) -> str:
     """RA1: each sample's h_0 … h_m on the group's top two principal components (circle: h_0)."""
-    projection = group["projection"]
+    projection = group.projection
     points = np.array(projection["points"], dtype=float)
     if points.shape[2] < 2:  # a single component: plot it against the step index
         points = np.concatenate([np.broadcast_to(np.arange(points.shape[1])[None, :, None], points.shape), points], 2)
@@ -188,11 +191,11 @@ def trajectories(group: dict[str, Any]) -> str:
     for color, trajectory in zip(colors, points):
         ax.plot(trajectory[:, 0], trajectory[:, 1], marker=".", markersize=4, linewidth=1, color=color)
         ax.plot(trajectory[0, 0], trajectory[0, 1], marker="o", markersize=6, fillstyle="none", color=color)
-    names = group["sites"]
+    names = group.sites
     ax.set(xlabel=f"PC1 ({100 * (share[0] or 0):.1f}%)", ylabel=f"PC2 ({100 * (share[1] or 0):.1f}%)",
-           title=f"group {group['group']}: {names[0]} → {names[-1]}")
+           title=f"group {group.group}: {names[0]} → {names[-1]}")
     ax.title.set_fontsize(9)
-    return _svg(fig, f"trajectories-{group['group']}")
+    return _svg(fig, f"trajectories-{group.group}")
 
 
 def _error(values: list[float], intervals: list[list[float] | None]) -> np.ndarray | None:
@@ -203,42 +206,41 @@ def _error(values: list[float], intervals: list[list[float] | None]) -> np.ndarr
                      for v, ci in zip(values, intervals)]).T
 
 
-def sigma1_depth(ra4_sites: list[dict[str, Any]], groups: dict[str, int],
+def sigma1_depth(ra4_sites: Sequence[SiteSigma], groups: Mapping[str, int],
                  intervals: dict[str, list[float] | None] | None = None) -> str:
     """RA4 within a model: σ₁ (mean ± std over samples, log scale; black: the mean's confidence interval,
     `intervals` by site) of each site against its depth."""
     fig = Figure(figsize=(min(12.0, max(4.5, 0.32 * len(ra4_sites) + 2)), 3.4), layout="constrained")
     ax = fig.subplots()
-    depth = [s["depth"] for s in ra4_sites]
-    mean = _positive([s["sigma1_mean"] for s in ra4_sites])
-    std = np.array([s["sigma1_std"] or 0.0 for s in ra4_sites], dtype=float)
+    depth = [s.depth for s in ra4_sites]
+    mean = _positive([s.sigma1_mean for s in ra4_sites])
+    std = np.array([s.sigma1_std or 0.0 for s in ra4_sites], dtype=float)
     ax.errorbar(depth, mean, yerr=std, color="0.6", linewidth=1, capsize=2, zorder=1)
-    error = _error(list(mean), [(intervals or {}).get(s["site"]) for s in ra4_sites])
+    error = _error(list(mean), [(intervals or {}).get(s.site) for s in ra4_sites])
     if error is not None:
         ax.errorbar(depth, mean, yerr=error, fmt="none", ecolor="black", linewidth=2, capsize=0, zorder=1.5)
-    ax.scatter(depth, mean, c=[groups.get(s["site"], 0) for s in ra4_sites], cmap="tab10", zorder=2, s=18)
+    ax.scatter(depth, mean, c=[groups.get(s.site, 0) for s in ra4_sites], cmap="tab10", zorder=2, s=18)
     _log_y(ax, mean)
     ticks = _ticks(len(ra4_sites))
-    ax.set_xticks([depth[t] for t in ticks], [ra4_sites[t]["site"] for t in ticks], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks([depth[t] for t in ticks], [ra4_sites[t].site for t in ticks], rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="σ₁", title="σ₁ against depth (colour: group)")
     return _svg(fig, "sigma1")
 
 
-NC_BARS = (("NC1", "nc1", "nc1_max"), ("NC2 equinorm μ", "nc2_equinorm_means", "nc2_max"),
-           ("NC2 equinorm w", "nc2_equinorm_weights", None), ("NC2 equiangular", "nc2_equiangular", "nc2_max"),
-           ("NC3", "nc3", "nc3_max"), ("NC4", "nc4", "nc4_max"))
+NC_BARS = (("nc1", "nc1_max"), ("nc2_equinorm_means", "nc2_max"), ("nc2_equinorm_weights", None),
+           ("nc2_equiangular", "nc2_max"), ("nc3", "nc3_max"), ("nc4", "nc4_max"))  # (NC value, its threshold)
 
 
-def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
+def nc_bars(nc: NCResults, thresholds: Mapping[str, float]) -> str:
     """NC1–NC4 as bars on a log scale (smaller is more collapsed), the verdict's limits as red ticks."""
     fig = Figure(figsize=(5.6, 3.2), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(NC_BARS))
-    values = [nc[key] for _, key, _ in NC_BARS]
+    values = [getattr(nc, key) for key, _ in NC_BARS]
     heights = [max(v, NO_VALUE_FLOOR) if v is not None else NO_VALUE_FLOOR for v in values]
     ax.bar(x, heights, color="#4c72b0", bottom=0,
-           yerr=_error(heights, [nc.get(f"{key}_ci") for _, key, _ in NC_BARS]), capsize=3, ecolor="black")
-    for xi, (_, _, limit) in zip(x, NC_BARS):
+           yerr=_error(heights, [getattr(nc, f"{key}_ci") for key, _ in NC_BARS]), capsize=3, ecolor="black")
+    for xi, (_, limit) in zip(x, NC_BARS):
         if limit in thresholds:
             ax.hlines(thresholds[limit], xi - 0.4, xi + 0.4, colors="#c44e52", linewidth=2)
     for xi, value, height in zip(x, values, heights):
@@ -246,7 +248,7 @@ def nc_bars(nc: dict[str, Any], thresholds: dict[str, float]) -> str:
                     textcoords="offset points", ha="center", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylim(NO_VALUE_FLOOR / 2, max(heights + [thresholds.get("nc1_max", 1.0)]) * 4)
-    ax.set_xticks(x, [label for label, _, _ in NC_BARS], rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(x, [label(key) for key, _ in NC_BARS], rotation=20, ha="right", fontsize=8)
     ax.set(title="Neural Collapse (red: verdict limits; black: confidence intervals)")
     return _svg(fig, "nc")
 
@@ -296,7 +298,7 @@ def metrics_by_step(stepped: list[tuple[int, dict[str, Any]]]) -> str:
     steps = [step for step, _ in stepped]
     fig, axes = _grid(len(STEP_METRICS), 3, (3.4, 2.6))
     for ax, (key, log) in zip(axes, STEP_METRICS):
-        title = HEADLINE[key].label
+        title = label(key)
         values = [row[key] for _, row in stepped]
         shown = _positive(values) if log else np.array([np.nan if v is None else v for v in values], dtype=float)
         ax.plot(steps, shown, marker=".")

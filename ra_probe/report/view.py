@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ra_probe.metrics.results import (
-    Check,
     NCResults,
     NullContrast,
     RAHeadline,
@@ -23,7 +22,7 @@ from ra_probe.metrics.results import (
     Verdict,
     Verdicts,
 )
-from ra_probe.report.build import HEADLINE_FIELDS
+from ra_probe.report.layout import HEADLINE_FIELDS
 
 
 def record(cls: type, data: Mapping[str, Any] | None) -> Any:
@@ -72,8 +71,8 @@ def null_of(data: Mapping[str, Any] | None) -> NullContrast:
 
 
 def verdicts_of(data: Mapping[str, Any]) -> Verdicts:
-    return Verdicts(*(Verdict(**{**evidence, "checks": [Check(**check) for check in evidence["checks"]]})
-                      for evidence in (data["evidence"]["ra"], data["evidence"]["nc"])))
+    """The verdicts of a report's `verdict`: each one's status and its evidence."""
+    return Verdicts(*(record(Verdict, {**data["evidence"][kind], "status": data[kind]}) for kind in ("ra", "nc")))
 
 
 def results_of(report: Mapping[str, Any]) -> Results:
@@ -87,3 +86,88 @@ def results_of(report: Mapping[str, Any]) -> Results:
     return Results(spectra, ra, record(NCResults, metrics["nc"]), record(Uncertainty, metrics.get("uncertainty")),
                    record(Sampling, metrics.get("sampling")), null_of(metrics.get("null")),
                    verdicts_of(report["verdict"]))
+
+
+class ReportView:
+    """A report dict (built here or read from a file) read by name: its typed results (`ra`, `nc`,
+    `null`, `verdict`, `uncertainty`, `sampling`, `spectra`) and its other parts as they are."""
+
+    def __init__(self, report: Mapping[str, Any]):
+        self.report = report
+
+    @functools.cached_property
+    def results(self) -> Results:
+        return results_of(self.report)
+
+    @property
+    def ra(self) -> RAResults:
+        return self.results.ra
+
+    @property
+    def nc(self) -> NCResults | None:
+        return self.results.nc
+
+    @property
+    def nc_measured(self) -> NCResults | None:
+        """NC where it has values (not undetermined), else None."""
+        return None if self.nc is None or self.nc.undetermined else self.nc
+
+    @property
+    def null(self) -> NullContrast:
+        return self.results.null
+
+    @property
+    def verdict(self) -> Verdicts:
+        return self.results.verdict
+
+    def status(self, kind: str) -> str:
+        """The verdict of "ra" or "nc": present, partial, absent, undetermined or not_applicable."""
+        return getattr(self.verdict, kind).status
+
+    @property
+    def uncertainty(self) -> Uncertainty | None:
+        return self.results.uncertainty
+
+    @property
+    def sampling(self) -> Sampling | None:
+        return self.results.sampling
+
+    @property
+    def auto_sampling(self) -> Sampling | None:
+        """How `--samples auto` went, or None for a fixed number of samples."""
+        return self.sampling if self.sampling is not None and self.sampling.mode == "auto" else None
+
+    @property
+    def spectra(self) -> Mapping[str, SiteSpectrum]:
+        return self.results.spectra
+
+    @property
+    def model_name(self) -> str:
+        return self.report["model"]["name"]
+
+    @property
+    def k(self) -> int:
+        return self.report["settings"]["k"]
+
+    @property
+    def thresholds(self) -> Mapping[str, float]:
+        return self.report["verdict"]["thresholds"]
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.report.get("data", {}).get("synthetic"))
+
+    def __getattr__(self, part: str) -> Any:
+        """The report's other parts by their keys: `model`, `data`, `settings`, `environment`, `sites`,
+        `skipped`, `messages`, `timings`, `tool`."""
+        if part in PARTS:
+            return self.report[part]
+        raise AttributeError(part)
+
+
+PARTS = ("model", "data", "settings", "environment", "sites", "skipped", "messages", "timings", "tool", "schema_version")
+
+
+def view_of(report: Mapping[str, Any] | ReportView) -> ReportView:
+    """`report` read by name (a view is returned as it is)."""
+    return report if isinstance(report, ReportView) else ReportView(report)

@@ -35,6 +35,7 @@ def main(folder: Path = FOLDER) -> None:
     from ra_probe.report.compare import compare
     from ra_probe.report.files import write_json
     from ra_probe.report.html import render_comparison, render_report, write_html
+    from ra_probe.report.view import view_of
 
     reports = []
     for name in MODELS:
@@ -42,7 +43,8 @@ def main(folder: Path = FOLDER) -> None:
         write_json(report, folder / f"{name}.json")
         write_html(render_report(report), folder / f"{name}.html")
         reports.append((f"{name}.json", report))
-        print(f"{folder / name}.{{json,html}}: RA {report['verdict']['ra']}, NC {report['verdict']['nc']}")
+        view = view_of(report)
+        print(f"{folder / name}.{{json,html}}: RA {view.status('ra')}, NC {view.status('nc')}")
     write_html(render_comparison(compare(reports)), folder / "compare.html")
 
 

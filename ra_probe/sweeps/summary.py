@@ -10,6 +10,7 @@ from typing import Any
 from ra_probe.metrics.ra import depth_fit
 from ra_probe.report.headline import headline, intervals
 from ra_probe.report.schema import schema_errors
+from ra_probe.report.view import view_of
 from ra_probe.sweeps.spec import Run
 from ra_probe.version import __version__
 
@@ -20,11 +21,13 @@ SCHEMA_PATH = Path(__file__).with_name("sweep.schema.json")
 def run_entry(run: Run, key: str, status: str, report: dict[str, Any] | None, error: str | None,
               seconds: float | None) -> dict[str, Any]:
     """A run's line in sweep.json: what it is, how it went, and its verdicts and headline metrics."""
+    view = None if report is None else view_of(report)
     return {"name": run.name, "model": run.model, "weights": run.loading.get("weights"), "data": run.data,
             "step": run.step, "key": key, "status": status,
             "report": f"{run.name}.json" if report is not None else None, "error": error, "seconds": seconds,
-            "verdict": {"ra": report["verdict"]["ra"], "nc": report["verdict"]["nc"]} if report else None,
-            "metrics": headline(report) if report else None, "intervals": intervals(report) if report else None}
+            "verdict": None if view is None else {"ra": view.status("ra"), "nc": view.status("nc")},
+            "metrics": None if view is None else headline(view),
+            "intervals": None if view is None else intervals(view)}
 
 
 def ra4_across(entries: list[dict[str, Any]]) -> dict[str, Any] | None:

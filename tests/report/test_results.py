@@ -89,6 +89,43 @@ def test_no_module_but_the_builder_writes_into_the_report():
     assert writes == {}
 
 
+def report_reads(source: str) -> list[str]:
+    """Where `source` reads a report dict by a path of string keys: a subscript chain rooted at a name
+    ending in "report", or reaching a section of `metrics` or into a verdict's `evidence`."""
+    tree = ast.parse(source)
+    sections = set(schema()["properties"]["metrics"]["properties"])
+    inner = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.Subscript, ast.Attribute))
+             for n in [node.value] if isinstance(n, (ast.Subscript, ast.Attribute))}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Subscript) or id(node) in inner:
+            continue
+        root, path = _path(node)
+        pairs = list(zip(path, path[1:]))
+        if (root and root.lower().endswith("report") and path or any(a == "metrics" and b in sections for a, b in pairs)
+                or any(a == "evidence" for a, _ in pairs)):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("snippet", ['report["model"]["name"]', 'r["metrics"]["ra2"]["mean_score"]',
+                                     'x["verdict"]["evidence"]["ra"]["checks"]', 'self._data["metrics"]["nc"]'])
+def test_the_reading_criterion_sees_string_paths_into_a_report(snippet):
+    assert report_reads(snippet) != []
+
+
+@pytest.mark.parametrize("snippet", ['entry["metrics"]["depth"]', 'entry["verdict"]["ra"]', 'site["name"]'])
+def test_the_reading_criterion_leaves_sweep_entries_and_records_alone(snippet):
+    assert report_reads(snippet) == []
+
+
+def test_reports_are_read_through_the_view_alone():
+    readers = {PACKAGE / "report" / "view.py", WRITER}
+    reads = {str(path.relative_to(ROOT)): found for path in PACKAGE.rglob("*.py") if path not in readers
+             for found in [report_reads(path.read_text())] if found}
+    assert reads == {}
+
+
 def test_results_are_frozen():
     records = [cls for cls in vars(results).values() if dataclasses.is_dataclass(cls) and cls.__module__ == results.__name__]
     assert len(records) > 20 and all(cls.__dataclass_params__.frozen for cls in records)
