@@ -188,12 +188,14 @@ def test_alignment_needs_a_group_of_two_sites():
 
 
 def test_a_thousand_classes_scale_the_plots_and_advice_to_k(capsys):
+    from ra_probe.metrics.results import SiteSpectrum
     from ra_probe.report.plots import spectra
 
-    sites = [{"name": f"s{i}", "group": 0, "singular_values": [4.0, 2.0, 1.0, 0.5]} for i in range(3)]
-    svg = spectra(sites, classes=1000)
+    sites = {f"s{i}": SiteSpectrum([4.0, 2.0, 1.0, 0.5], [0.0] * 4, None, 0.0, "dense", None, {}) for i in range(3)}
+    groups = dict.fromkeys(sites, 0)
+    svg = spectra(sites, groups, classes=1000)
     assert "C = 1000 &gt; k: not shown" in svg and "C = 1000<" not in svg
-    assert "C = 3<" in spectra(sites, classes=3)  # within the k shown: marked
+    assert "C = 3<" in spectra(sites, groups, classes=3)  # within the k shown: marked
     S = torch.tensor([[4.0, 2.0, 1.0, 0.5]])
     from ra_probe.metrics.ra import rank_summary
 
