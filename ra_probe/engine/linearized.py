@@ -40,12 +40,24 @@ class Unsupported(Exception):
 def linearize(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The program t ↦ J·t for J = ∂f/∂x at x (t shaped like x). Raises `Unsupported` for a trace it
     cannot rewrite, and any error of the tracer."""
+    return specialize(trace(f, x), x)
+
+
+def trace(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> fx.GraphModule:
+    """The forward-mode product t ↦ J·t of f at x as torch traces it (most of `linearize`'s time). Its
+    values are fake tensors: it holds no activations, only x and the weights f reads, so a caller may
+    keep it to build the program again (`specialize`) after dropping the program."""
 
     def tangent_of(t: torch.Tensor) -> torch.Tensor:
         with fwAD.dual_level():
             return fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
 
-    traced = make_fx(tangent_of)(x.new_empty(()).expand_as(x))
+    return make_fx(tangent_of)(x.new_empty(()).expand_as(x))
+
+
+def specialize(traced: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
+    """The program of `trace(f, x)`'s tangent alone: what does not depend on the tangent computed once,
+    checked against the traced product on a random tangent. Raises `Unsupported` as `linearize` does."""
     program = _Specializer(traced).build()
     probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
     expected, got = traced(probe), program(probe)

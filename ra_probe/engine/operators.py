@@ -61,8 +61,9 @@ class BatchedOperator:
     def select(self, rows: torch.Tensor) -> BatchedOperator | None:
         return None
 
-    def release(self) -> None:
-        """Drop what the operator keeps of its function between products (nothing, here)."""
+    def release(self, keep_trace: bool = True) -> None:
+        """Drop what the operator keeps of its function between products (nothing, here); `keep_trace`:
+        whether it may keep what costs little memory to build them again from (`JacobianOperator`)."""
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
         """The matrices themselves, (B, m, n), column block by column block: J·I."""
@@ -124,6 +125,7 @@ class JacobianOperator(BatchedOperator):
         self._vjp_fn = None
         self.linearize = self.shape[2] >= LINEARIZE_MIN_DIM if linearize is None else linearize
         self._lin_fn = None  # the linearized program, traced on first use
+        self._traced = None  # torch's trace of J·t, kept by `release` to build the program from again
         self._autograd: AutogradProducts | None = None  # products for a branch torch.func cannot transform
         # over the vectors of a (k, B, d) block staged in a buffer of the operator (`_blocks`)
         self._jv = vmap(self._jvp_flat, randomness="same")
@@ -172,9 +174,11 @@ class JacobianOperator(BatchedOperator):
         return self._blocks(self._jv, self._jvp_flat, v, out)
 
     def _linearized(self):
-        """The J·v program: ours (what is known computed once), else torch's."""
+        """The J·v program: ours (what is known computed once, from the operator's one trace), else torch's."""
         try:
-            return linearized.linearize(self._fx, self.x)
+            if self._traced is None:
+                self._traced = linearized.trace(self._fx, self.x)
+            return linearized.specialize(self._traced, self.x)
         except linearized.Unsupported:
             return linearize(self._fx, self.x)[1]
 
@@ -189,11 +193,16 @@ class JacobianOperator(BatchedOperator):
                 self._by_autograd(exc)
         return _into(self._autograd.jtu(u), out)
 
-    def release(self) -> None:
-        """Drop the programs traced at the branch's weights (the vjp function, the linearized program,
-        autograd's products), which hold them and what they saved of the forward (activations,
-        attention maps): the next product traces anew."""
+    def release(self, keep_trace: bool = True) -> None:
+        """Drop the programs built at the branch's weights (the vjp function, the linearized program,
+        autograd's products), which hold what they saved of the forward (activations, attention maps):
+        the next product builds them anew. The linearized program is built again from torch's trace of
+        J·t, which holds only fake values, x and the weights (no trace again for the same samples: RA2's
+        products after the solve), unless `keep_trace` is false (weights that are offloaded between
+        uses, which the trace would keep resident)."""
         self._vjp_fn = self._lin_fn = self._autograd = None
+        if not keep_trace:
+            self._traced = None
 
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply a product to the columns of w (B, d, k), `vectors_per_call` columns per vmapped call, into `out`

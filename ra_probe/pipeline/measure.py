@@ -302,8 +302,8 @@ def measure_group(group: Group, captured: Captured, settings: Settings,
                 raise UserError(f"site {site.name}: {first_line(exc)}") from None
             # what the products saved of the branch's forward (activations, attention maps: up to GBs a
             # site at high resolution; an offloaded block's weights) goes while the group's other sites
-            # are solved; RA2's products trace anew
-            op.release()
+            # are solved; RA2's products build the linearized program again from the kept trace
+            op.release(keep_trace=hold is None)
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
@@ -358,7 +358,7 @@ def _measure_alignment(members: Sequence[VerifiedSite], partners_of: dict[str, l
         V = torch.cat([svds[s.name].V[:, :, :wide].to(here) for s in partners], dim=2)
         with held(hold, site_i), wide_calls(op, V.shape[2]):
             JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
-            op.release()
+            op.release(keep_trace=False)
         U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
         Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):

@@ -623,15 +623,37 @@ def test_a_program_that_cannot_be_rewritten_falls_back_to_torchs(monkeypatch):
     numbers."""
     from ra_probe.engine import linearized
 
-    def unsupported(f, x):
+    def unsupported(traced, x):
         raise linearized.Unsupported("a test")
-    monkeypatch.setattr(linearized, "linearize", unsupported)
+    monkeypatch.setattr(linearized, "specialize", unsupported)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     op = JacobianOperator(CONV, x, linearize=True)
     V = torch.randn(2, op.shape[2], 3, dtype=torch.float64)
     expected = JacobianOperator(CONV, x, linearize=False).matmat(V)
     torch.testing.assert_close(op.matmat(V), expected)
     assert op.linearize and op._lin_fn is not None and not isinstance(op._lin_fn, torch.fx.GraphModule)
+
+
+def test_the_linearized_product_is_traced_once_per_operator(monkeypatch):
+    """An operator's J·t is traced once: after `release` (between a site's solve and its RA2 products)
+    the program is built again from the kept trace, with the same numbers; `keep_trace=False` drops it."""
+    from ra_probe.engine import linearized
+
+    traces = []
+    trace = linearized.trace
+    monkeypatch.setattr(linearized, "trace", lambda f, x: traces.append(x) or trace(f, x))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    op = JacobianOperator(CONV, x, linearize=True)
+    V = torch.randn(2, op.shape[2], 3, dtype=torch.float64)
+    first = op.matmat(V)
+    assert isinstance(op._lin_fn, torch.fx.GraphModule) and len(traces) == 1
+    op.release()
+    assert op._lin_fn is None
+    torch.testing.assert_close(op.matmat(V), first, rtol=0, atol=0)
+    assert isinstance(op._lin_fn, torch.fx.GraphModule) and len(traces) == 1
+    op.release(keep_trace=False)
+    torch.testing.assert_close(op.matmat(V), first, rtol=0, atol=0)
+    assert len(traces) == 2
 
 
 def test_linearize_is_chosen_by_size_and_falls_back_to_jvp():
