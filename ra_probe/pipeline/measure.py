@@ -303,7 +303,7 @@ def measure_group(group: Group, captured: Captured, settings: Settings,
             # what the products saved of the branch's forward (activations, attention maps: up to GBs a
             # site at high resolution; an offloaded block's weights) goes while the group's other sites
             # are solved; RA2's products build the linearized program again from the kept trace
-            op.release(keep_trace=hold is None)
+            op.release(keep_trace=hold is None or not hold.offloaded)
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,

@@ -656,6 +656,30 @@ def test_the_linearized_product_is_traced_once_per_operator(monkeypatch):
     assert len(traces) == 2
 
 
+def test_a_probe_traces_each_sites_product_once_per_sample_set(monkeypatch):
+    """Two linearized conv sites (32 × 24 × 24) in one group: RA2's products after the solves build
+    their programs from the solves' traces, so no operator's samples are traced twice."""
+    from tiny_models import ResidualConv
+
+    from ra_probe.engine import linearized
+
+    traced, built = [], []
+    trace, specialize = linearized.trace, linearized.specialize
+    monkeypatch.setattr(linearized, "trace", lambda f, x: traced.append(x) or trace(f, x))
+    monkeypatch.setattr(linearized, "specialize", lambda t, x: built.append(x) or specialize(t, x))
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), ResidualConv(32), ResidualConv(32))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 24, 24)
+    settings = Settings(k=2, tol=1e-2, batch_size=2, solver="block")
+    with prepared(model, settings) as prepared_model:
+        groups = discover(prepared_model, Samples(x, None, "synthetic"), settings.resolved_device(),
+                          settings.resolved_dtype()).groups
+        measure(prepared_model, groups, Samples(x, None, "synthetic"), settings)
+    assert sum(len(group.sites) for group in groups) == 2
+    assert len(built) >= len(traced) + 2  # each site's RA2 program built again without a trace
+    assert len({id(t) for t in traced}) == len(traced)
+
+
 def test_linearize_is_chosen_by_size_and_falls_back_to_jvp():
     from ra_probe.engine.operators import LINEARIZE_MIN_DIM
 
