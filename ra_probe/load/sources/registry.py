@@ -62,12 +62,17 @@ _REGISTERED: list[Source] = []  # added with register_source, in this process
 def register_source(source: Source) -> Source:
     """Add a model source for this process: asked before the built-in ones, so it may claim specs they
     would take. A source of the same name replaces the earlier one. Returns the source."""
-    for attribute in ("name", "forms", "recognizes", "load"):
-        if not hasattr(source, attribute):
-            raise TypeError(f"a source needs name, forms, recognizes(spec) and load(spec, options); {source!r} "
-                            f"has no {attribute}")
+    missing = _missing(source)
+    if missing:
+        raise TypeError(f"a source needs name, forms, recognizes(spec) and load(spec, options); {source!r} "
+                        f"has no {missing}")
     _REGISTERED[:] = [s for s in _REGISTERED if s.name != source.name] + [source]
     return source
+
+
+def _missing(source: Any) -> str | None:
+    """The first attribute a source needs that `source` lacks (None: it has them all)."""
+    return next((name for name in ("name", "forms", "recognizes", "load") if not hasattr(source, name)), None)
 
 
 def installed_sources() -> list[Source]:
@@ -80,7 +85,7 @@ def installed_sources() -> list[Source]:
         except Exception as exc:  # a third party's import can fail in any way
             raise UserError(f"the installed model source {ep.name} ({ep.value}) cannot be imported: "
                             f"{first_line(exc)}") from None
-        if not all(hasattr(source, attribute) for attribute in ("name", "forms", "recognizes", "load")):
+        if _missing(source):
             raise UserError(f"the installed model source {ep.name} ({ep.value}) is not a ra_probe.Source")
         sources.append(source)
     return sources
