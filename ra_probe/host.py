@@ -138,10 +138,17 @@ def memory_in_use(device: torch.device) -> int | None:
 
 def peak_memory(device: torch.device) -> int | None:
     """The most bytes ever in use there: `torch.cuda.max_memory_allocated`, or this process's peak
-    resident set (getrusage; kilobytes on Linux, bytes on macOS); None where it cannot be read."""
+    resident set (Linux's VmHWM, else getrusage); None where it cannot be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
+    try:  # Linux: the high-water mark of this process's own memory, which starts anew at exec
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # elsewhere getrusage: on Linux its maxrss would carry the parent's resident set over fork and exec
         import resource
     except ImportError:  # Windows
         return None

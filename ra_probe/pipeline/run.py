@@ -270,7 +270,7 @@ def _sizes(inputs, first: ChunkCost) -> list[float]:
 def _measured_peak(device: torch.device, before: int | None) -> tuple[int | None, str]:
     """The probe's peak memory on its device, measured, and how; or None and why."""
     after = peak_memory(device)
-    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak resident set (getrusage)"
+    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak resident set"
     if after is None:
         return None, "the process's peak memory cannot be read on this platform"
     if before is not None and after <= before:

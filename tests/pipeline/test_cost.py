@@ -3,11 +3,12 @@ and the hint that cuts a long probe, and the prediction against the time a real 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from ra_probe.pipeline import cost
 from ra_probe.pipeline.cost import Calibration, duration, peak_bytes, predict, seconds, shares, size
 from ra_probe.pipeline.measure import ChunkCost, GroupMeasurement, PeakEstimate
 from ra_probe.pipeline.settings import Settings
@@ -70,14 +71,24 @@ def test_durations_and_sizes_read_at_a_glance():
     assert size(650_000_000) == "650 MB" and size(2_100_000_000) == "2.1 GB"
 
 
-def test_a_resnet_at_224_px_takes_about_the_time_predicted(cli, tmp_path, monkeypatch):
+# every prediction is long, so the hint shows; a process of its own, so the peak measured is the probe's
+LONG_PROBE = """
+import sys
+from ra_probe.pipeline import cost
+cost.LONG_SECONDS = 0.0
+from ra_probe.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_resnet_at_224_px_takes_about_the_time_predicted(tmp_path):
     """Its branches are zero (timm's zero_init_last) and its random init's are not: the null costs ~10× a
     sample of the model, and is measured before it is predicted."""
-    monkeypatch.setattr(cost, "LONG_SECONDS", 0.0)  # every prediction is long: the hint shows
-    code, _, err = cli("timm/resnet10t", "--no-pretrained", "--data", "synthetic", "--samples", "2",
-                       "--null-samples", "2", "--k", "2", "--tol", "1e-2", "--threads", "1", "--no-cache",
-                       "--json", "r.json")
-    assert code == 0, err
+    done = subprocess.run([sys.executable, "-c", LONG_PROBE, "timm/resnet10t", "--no-pretrained", "--data", "synthetic",
+                           "--samples", "2", "--null-samples", "2", "--k", "2", "--tol", "1e-2", "--threads", "1",
+                           "--no-cache", "--json", "r.json"], cwd=tmp_path, capture_output=True, text=True)
+    err = done.stderr
+    assert done.returncode == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     timings, prediction = report["timings"], report["timings"]["prediction"]
     assert schema_errors(report) == []

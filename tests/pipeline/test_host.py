@@ -107,3 +107,14 @@ def test_by_default_a_probe_leaves_out_the_cpus_busy_with_other_work(monkeypatch
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert host.probe_threads(None) == 3
     assert host.probe_threads(4) == 4 and host.probe_threads(8) == 4
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the carried-over peak is Linux's")
+def test_a_fresh_process_measures_its_own_peak_not_its_parents():
+    """A process started by one that holds 1.5 GB: getrusage's maxrss reports the parent's resident set
+    (carried over fork and exec); the probe's peak is the child's own, a few hundred MB."""
+    held = torch.ones(1_500_000_000 // 4)  # touched: resident in this process
+    code = "import torch; from ra_probe.host import peak_memory; print(peak_memory(torch.device('cpu')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del held
+    assert 0 < int(done.stdout) < 1_000_000_000
