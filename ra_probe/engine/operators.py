@@ -240,9 +240,13 @@ class JacobianOperator(BatchedOperator):
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch
-        whose side inputs do not slice that way (its output rows change) cannot be split: None."""
-        sub = JacobianOperator(self.f, self.x[rows], batch_rows(self.ctx, rows, self.shape[0]), self.vectors_per_call,
-                               self.linearize, self.tangent_size)
+        whose side inputs do not slice that way (its output rows change, or it refuses them: WavLM's
+        position bias is batched as samples × heads) cannot be split: None."""
+        try:
+            sub = JacobianOperator(self.f, self.x[rows], batch_rows(self.ctx, rows, self.shape[0]),
+                                   self.vectors_per_call, self.linearize, self.tangent_size)
+        except RuntimeError:
+            return None
         expected = self.out[rows]
         if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
                                                                  atol=1e-5 * expected.abs().max().item()):

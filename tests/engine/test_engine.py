@@ -354,6 +354,18 @@ def test_jacobian_operator_matches_jacrev_and_is_adjoint():
     assert sub is not None and torch.allclose(sub.dense(), dense[[2, 0]], atol=1e-12)
 
 
+
+def test_an_operator_whose_side_input_is_batched_otherwise_is_not_split():
+    """A side input batched as samples × heads (WavLM's position bias, (B·h, d)) does not slice with x:
+    the branch refuses the smaller batch, and the operator says it cannot be split instead of failing."""
+    bias = torch.randn(3 * 2, 5, dtype=torch.float64)
+
+    def branch(x, ctx):
+        return (x.repeat_interleave(2, dim=0) * ctx).reshape(x.shape[0], 2, 5).sum(dim=1)
+    op = JacobianOperator(branch, torch.randn(3, 5, dtype=torch.float64), ctx=bias)
+    assert op.select(torch.tensor([2, 0])) is None
+    assert torch.allclose(op.dense()[1], torch.diag(bias[2] + bias[3]))
+
 def per_sample_spectra(loaded: LoadedModel, samples: Samples, **settings) -> dict[str, torch.Tensor]:
     settings = Settings(dtype="float64", **settings)
     with prepared(loaded.module, settings) as model:
