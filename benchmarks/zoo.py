@@ -3,10 +3,11 @@ family and on tiny configs of transformers architectures with residual blocks, o
 init, each in its own process with a time limit.
 
     python benchmarks/zoo.py [--timm-only | --hf-only] [--family resnet --family vit ...] [--limit N]
-                             [--timeout 180] [--jobs 2] [--json zoo.json]
+                             [--timeout 180] [--jobs 2] [--samples 1] [--json zoo.json]
 
 Per model: the small probe `ra-probe MODEL --data synthetic --samples 1 --k 2 --tol 0.1 --null none` (coverage,
 not precision: a loose tolerance, and no null, which measures the same sites of the same random init again;
+`--samples 3` also solves several samples at once, whose batch the solver narrows as samples converge;
 `ra-probe sites MODEL` when the probe fails, to count what was found), then one row: sites found (verified + skipped),
 verified, skipped with their reasons, probed (exit 0 with every verified site measured), and the
 error line. A model counts as covered when it is probed with at least one site, or when it is
@@ -146,10 +147,10 @@ def run(args: list[str], timeout: float, command: list[str] = CLI) -> tuple[int 
 
 
 def measure(category: str, family: str, ref: str, extra: list[str], timeout: float, folder: Path,
-            threads: list[str]) -> dict:
+            threads: list[str], samples: int = 1) -> dict:
     """One model: the small probe, and `sites` when the probe fails."""
     report = folder / f"{family}.json"
-    code, out, err, seconds = run([ref, *extra, "--data", "synthetic", "--samples", "1", "--k", "2", "--json",
+    code, out, err, seconds = run([ref, *extra, "--data", "synthetic", "--samples", str(samples), "--k", "2", "--json",
                                    str(report), "--html", str(folder / f"{family}.html"), "--force", "--quiet",
                                    "--no-cache", "--tol", "0.1", "--null", "none", *threads], timeout)
     row = {"category": category, "family": family, "model": ref, "seconds": round(seconds, 1), "found": 0,
@@ -208,6 +209,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many models")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model and command")
     parser.add_argument("--jobs", type=int, default=1, help="models measured at once (one thread each when > 1)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per probe")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--sites", help=argparse.SUPPRESS)  # the worker of one `sites` count
     parser.add_argument("--sites-no-pretrained", action="store_true", help=argparse.SUPPRESS)
@@ -237,7 +239,7 @@ def main() -> None:
                     return {"category": category, "family": family, "model": ref[1], "seconds": 0, "found": 0,
                             "verified": 0, "skipped": [], "probed": False, "traceback": False,
                             "error": f"tiny config not built here: {type(exc).__name__}"}
-            row = measure(category, family, ref, extra, args.timeout, folder, threads)
+            row = measure(category, family, ref, extra, args.timeout, folder, threads, args.samples)
             row["model"] = row["model"] if extra else f"{family} (tiny config)"
             return row
 
