@@ -1,6 +1,6 @@
 """ra-probe's solver against its peers, side by side in one run on one device.
 
-    python benchmarks/peers.py [--device cuda] [--samples 4] [--k 10] [--tol 1e-3] [--quick]
+    python benchmarks/peers.py [--device cuda] [--samples 4] [--k 10] [--tol 1e-3] [--widths 2,4] [--quick]
 
 Peers:
   - scipy.sparse.linalg.svds with ARPACK and with PROPACK over a `LinearOperator` that applies J or Jᵀ
@@ -9,13 +9,14 @@ Peers:
     also over ra-probe's own one-vector products, to compare the solvers on equal products;
   - randomized SVD with q power iterations and oversampling (Halko, Martinsson & Tropp), the method of
     the Residual Alignment paper, batched over the samples like ra-probe.
-Sites: a small conv ResNet trained here on scikit-learn's digits, timm resnet18 layer1 at 112 px
-(random init, zero_init_last=False), timm vit_tiny_patch16_224 block 6 MLP, and the FFN of a
-4-layer BERT (hidden 128, random init). Per site and method: products, seconds and branch forwards
-per sample, the largest singular-value error against a float64 reference (relative to σ₁), the
-time over the best scipy peer's as a user writes it (goal: ≤ 0.5 on every site), and over the best
-scipy peer's on the products ra-probe uses. Then the whole probe of a resnet50 at
-224 px (random init, zero_init_last=False) in network forwards per sample, split into products,
+Sites: a small conv ResNet trained here on scikit-learn's digits, timm resnet18 layer1 at 112 px (random
+init, zero_init_last=False), timm vit_tiny_patch16_224 block 6 MLP, and the FFN of a 4-layer BERT (hidden
+128, random init). Per site and method: products, seconds and branch forwards per sample, the largest
+singular-value error against a float64 reference (relative to σ₁), the time over the best scipy peer's as
+a user writes it (goal: ≤ 0.5 on every site), and over the best scipy peer's on the products ra-probe
+uses; with `--widths`, ra-probe's block solver at those block widths too. ra-probe's seconds are split
+into products, orthogonalization, Ritz checks and the rest. Then the whole probe of a resnet50 at 224 px
+(random init, zero_init_last=False) in network forwards per sample, split into products,
 orthogonalization, RA2 alignment and the rest.
 """
 from __future__ import annotations
@@ -182,18 +183,21 @@ def compare_site(build, args, device) -> dict:
                          forwards=seconds / batch / forward, error=error))
 
     solves = []
-    for label_, linearize, passes in (("ra-probe", None, "adaptive"), ("ra-probe before", False, "always")):
+    variants = [("ra-probe", None, "adaptive", None)] + [("ra-probe before", False, "always", None)] * args.before \
+        + [(f"ra-probe width {w}", None, "adaptive", w) for w in args.widths]
+    for label_, linearize, passes, width in variants:
         op = JacobianOperator(site.branch, record.x, record.ctx, linearize=linearize)
         op.matmat(torch.zeros(batch, op.shape[2], 1, device=device))  # warm-up (jvp; linearize traces later)
         op.products = 0
         t = {}
         with logged_solves(device) as solves_, time_split(device) as clock:
             with stopwatch(device, t, "s"):
-                result = solve(op, args.k, tol=args.tol, seed=args.seed, reorthogonalize=passes)
+                if width is None:
+                    result = solve(op, args.k, tol=args.tol, seed=args.seed, reorthogonalize=passes)
+                else:
+                    result = engine_krylov.krylov_svd(op, args.k, width=width, tol=args.tol, seed=args.seed)
         add(f"{label_} ({result.method})", t["s"], result.products, result.S)
         solves.append((label_, t["s"], solves_, clock))
-        if not args.before:
-            break
     large = record.x[0].numel() >= engine_operators.LINEARIZE_MIN_DIM  # where ra-probe's J·v is not jvp's
     for lin in [False, True] if large else [False]:
         for solver in ("arpack", "propack"):
@@ -219,7 +223,7 @@ def compare_site(build, args, device) -> dict:
         print(f"  {r['method']:30s} {r['products']:9.0f} {r['seconds']:9.3f} {r['forwards']:9.0f} "
               f"{r['error']:11.1e} {r['ratio']:11.2f} {r['same']:14.2f}")
     for label_, seconds, solves_, clock in solves:
-        parts = {"products": clock.get("products", 0.0), "orthogonalization": clock.get("orthogonalization", 0.0)}
+        parts = {key: clock.get(key, 0.0) for key in ("products", "orthogonalization", "Ritz checks")}
         parts["rest"] = seconds - sum(parts.values())
         print(f"  {label_}: " + ", ".join(f"{key} {value / batch:.3f} s ({100 * value / seconds:.0f}%)"
                                           for key, value in parts.items())
@@ -262,11 +266,12 @@ def logged_solves(device):
 @contextmanager
 def time_split(device):
     """Seconds inside, by part: Jacobian products inside the Krylov solver ("products"; "other
-    products" outside it: RA2, capture checks), its orthogonalization (Gram–Schmidt and QR)."""
+    products" outside it: RA2, capture checks), its orthogonalization (Gram–Schmidt and QR) and its
+    Ritz checks (the SVD of the projected matrix and the bounds)."""
     clock: dict[str, float] = {}
     state = {"in_solve": False}
     originals = (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_krylov._orthonormal_extension,
-                 engine_krylov.krylov_svd)
+                 engine_krylov.krylov_svd, engine_krylov._BlockGKL.check)
 
     def timed(fn, key_of):
         def wrapper(*a, **kw):
@@ -286,11 +291,12 @@ def time_split(device):
     JacobianOperator.rmatmat = timed(originals[1], product_key)
     engine_krylov._orthonormal_extension = timed(originals[2], lambda: "orthogonalization")
     engine_krylov.krylov_svd = krylov
+    engine_krylov._BlockGKL.check = timed(originals[4], lambda: "Ritz checks")
     try:
         yield clock
     finally:
         (JacobianOperator.matmat, JacobianOperator.rmatmat, engine_krylov._orthonormal_extension,
-         engine_krylov.krylov_svd) = originals
+         engine_krylov.krylov_svd, engine_krylov._BlockGKL.check) = originals
 
 
 def _time(fn, device) -> float:
@@ -367,6 +373,8 @@ def main() -> None:
     parser.add_argument("--sites", default=",".join(f.__name__ for f in SITES),
                         help="comma-separated subset of " + ", ".join(f.__name__ for f in SITES) + ", probe")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2 samples, a small probe")
+    parser.add_argument("--widths", type=lambda text: [int(w) for w in text.split(",") if w], default=[],
+                        help="also time ra-probe's block solver at these block widths (comma-separated)")
     parser.add_argument("--before", action="store_true",
                         help="also time the engine as before (jvp, two full Gram–Schmidt passes) in the same run")
     args = parser.parse_args()
