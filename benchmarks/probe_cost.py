@@ -4,8 +4,8 @@
                                     [--samples 8] [--k 8] [--rounds 1] [--threads N] [--null init]
 
 Each probe runs in a fresh process, the variants alternating, `--rounds` times each: a timm model
-at 224 px (random init, `zero_init_last=False`, trained-like decaying branch spectra as in
-benchmarks/engine.py), `--samples` random images in one chunk, top `--k`, every site, and the
+(a ResNet, an EfficientNet) at 224 px (random init, `zero_init_last=False` where the model takes it,
+trained-like decaying branch spectra as in benchmarks/engine.py), `--samples` random images in one chunk, top `--k`, every site, and the
 null measurement (`--null init`: the architecture at random init on as many samples; none: off).
 Variants:
   before   the earlier commit's `ra_probe` (exported with `git archive` into a temporary folder, first
@@ -51,7 +51,10 @@ def child(args: argparse.Namespace) -> None:
     else:
         torch.set_flush_denormal(True)  # as the earlier command line did
     torch.manual_seed(0)
-    module = timm.create_model(args.model, pretrained=False, zero_init_last=False, exportable=True)
+    try:  # a ResNet's last BatchNorm of a block starts at zero unless told
+        module = timm.create_model(args.model, pretrained=False, zero_init_last=False, exportable=True)
+    except TypeError:  # a model without that option (EfficientNet)
+        module = timm.create_model(args.model, pretrained=False, exportable=True)
     trained_like(module, args.decay)
     x = torch.randn(args.samples, 3, args.image_size, args.image_size)
     options = dict(samples=args.samples, k=args.k, batch_size=args.samples, device="cpu", cache=False, null=args.null)

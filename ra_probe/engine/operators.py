@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.func import jvp, linearize, vjp, vmap
 
-from ra_probe.engine import linearized
+from ra_probe.engine import linearized, memory
 
 # torch's first forward-mode product loads decompositions through torch.jit.script, which warns
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -103,7 +103,8 @@ class JacobianOperator(BatchedOperator):
 
     J·V is a forward-mode product (`jvp`) of the whole batch, one vector per sample; Jᵀ·U reuses one
     saved `vjp` function. Both run under `vmap` over the k vectors of a block, at most `vectors_per_call`
-    vectors per call (memory: a call holds about `vectors_per_call` times the branch's activations of the B samples).
+    vectors per call, fewer where the branch's activations would not fit (`memory.call_width`, from
+    what the branch saves of one sample's forward, measured on first use).
     With `linearize` (default: sites of at least `LINEARIZE_MIN_DIM` input dimensions), J·V comes from
     a program of the tangent alone traced on first use (`linearized.linearize`, else torch's), which
     skips the primal recomputation; a branch that cannot be traced or vmapped that way falls back to
@@ -131,6 +132,8 @@ class JacobianOperator(BatchedOperator):
         self._jv = vmap(self._jvp_flat, randomness="same")
         self._jtu = vmap(self._vjp_flat, randomness="same")
         self._staged: dict[int, torch.Tensor] = {}  # by dimension d: (chunk, B, d), made on first use
+        self._saved: int | None = None  # bytes the branch saves of one sample (`saved_bytes`)
+        self._width: tuple[int, int] | None = None  # (vectors_per_call, vectors per call) as last sized
 
     def _jvp_flat(self, v: torch.Tensor) -> torch.Tensor:
         if self._lin_fn is not None:
@@ -195,47 +198,55 @@ class JacobianOperator(BatchedOperator):
 
     def release(self, keep_trace: bool = True) -> None:
         """Drop the programs built at the branch's weights (the vjp function, the linearized program,
-        autograd's products), which hold what they saved of the forward (activations, attention maps):
-        the next product builds them anew. The linearized program is built again from torch's trace of
-        J·t, which holds only fake values, x and the weights (no trace again for the same samples: RA2's
-        products after the solve), unless `keep_trace` is false (weights that are offloaded between
-        uses, which the trace would keep resident)."""
+        autograd's products), which hold what they saved of the forward (activations, attention maps),
+        and the buffers its calls stage vectors in: the next product builds them anew. The linearized
+        program is built again from torch's trace of J·t, which holds only fake values, x and the weights
+        (no trace again for the same samples: RA2's products after the solve), unless `keep_trace` is
+        false (weights that are offloaded between uses, which the trace would keep resident)."""
         self._vjp_fn = self._lin_fn = self._autograd = None
+        self._staged = {}
         if not keep_trace:
             self._traced = None
 
     def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply a product to the columns of w (B, d, k), `vectors_per_call` columns per vmapped call, into `out`
         when given; a single column skips vmap (its batching rules cost more than they save for one
-        vector). Each chunk of c columns is copied into a buffer (c, B, d) made once per operator:
+        vector). Each chunk of c columns is copied into a buffer (c, B, d) the operator keeps until `release`:
         under vmap the branch's operations see the c·B vectors as one batch, which they can view
         only in that layout; from a solver's row-major basis (B, k, d) every convolution, reshape and
         matmul made a copy of its own at every call."""
         if w.shape[-1] == 1:
             return _into(single(w[..., 0].contiguous()).unsqueeze(-1), out)
         rows, per_call = w.mT, self._per_call()
-        chunks = (self._staging(rows[:, i:i + per_call]) for i in range(0, rows.shape[1], per_call))
+        chunks = (self._staging(rows[:, i:i + per_call], per_call) for i in range(0, rows.shape[1], per_call))
         results = (batched(c).transpose(0, 1) for c in chunks)
         return torch.cat(list(results), dim=1).mT if out is None else _columns_into(results, out)
 
     def _per_call(self) -> int:
-        """Vectors per vmapped call: `vectors_per_call`, and on the CPU no more than keep a call's tensors within
-        `CPU_CALL_BYTES`. Each call allocates its own temporaries of that size (the branch's operations);
-        glibc's malloc takes large ones from the kernel as fresh pages every time (mmap, then a page fault
-        per page touched) and reuses smaller ones: on a 224-px convolution site, 8 samples, calls of 4
-        vectors spent a fifth of the CPU time in the kernel, calls of 1 under 5 %, at the same user time.
-        CUDA's caching allocator reuses its blocks, so there wide calls only save overhead."""
-        if self.device.type != "cpu":
-            return self.vectors_per_call
-        per_vector = self.shape[0] * max(self.shape[1], self.tangent_size) * self.x.element_size()
-        return max(1, min(self.vectors_per_call, CPU_CALL_BYTES // per_vector))
+        """Vectors per vmapped call: `vectors_per_call`, as far as `memory.call_width` allows for the
+        temporaries of the branch's activations."""
+        if self._width is None or self._width[0] != self.vectors_per_call:
+            width = memory.call_width(self.vectors_per_call, self.shape[0], self.saved_bytes(), self.device)
+            self._width = (self.vectors_per_call, width)
+        return self._width[1]
 
-    def _staging(self, rows: torch.Tensor) -> torch.Tensor:
-        """`rows` (B, c, d) copied into the operator's buffer as (c, B, d)."""
+    def saved_bytes(self) -> int:
+        """Bytes the branch's forward saves for one sample (`memory.saved_bytes`), measured on the
+        first sample on first use."""
+        if self._saved is None:
+            ctx = batch_rows(self.ctx, slice(0, 1), self.shape[0])
+            try:
+                self._saved = memory.saved_bytes(self.f if self.ctx is None else (lambda x_: self.f(x_, ctx)), self.x[:1])
+            except RuntimeError:  # side inputs that refuse one sample's rows (see `select`): the batch's share
+                self._saved = memory.saved_bytes(self._fx, self.x) // self.shape[0]
+        return self._saved
+
+    def _staging(self, rows: torch.Tensor, per_call: int) -> torch.Tensor:
+        """`rows` (B, c, d) copied into the operator's buffer of `per_call` vectors as (c, B, d)."""
         batch, c, dim = rows.shape
         buffer = self._staged.get(dim)
         if buffer is None or buffer.shape[0] < c:
-            buffer = self._staged[dim] = rows.new_empty(max(c, self.vectors_per_call), batch, dim)
+            buffer = self._staged[dim] = rows.new_empty(max(c, per_call), batch, dim)
         return buffer[:c].copy_(rows.transpose(0, 1))
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
@@ -247,6 +258,7 @@ class JacobianOperator(BatchedOperator):
                                    self.vectors_per_call, self.linearize, self.tangent_size)
         except RuntimeError:
             return None
+        sub._saved = self._saved
         expected = self.out[rows]
         if sub.out.shape != expected.shape or not torch.allclose(sub.out, expected, rtol=1e-4,
                                                                  atol=1e-5 * expected.abs().max().item()):
@@ -255,7 +267,6 @@ class JacobianOperator(BatchedOperator):
 
 
 WIDE_ELEMENTS = 1 << 22  # a wide call's tangents: at most this many elements (16 MB in float32)
-CPU_CALL_BYTES = 8 << 20  # a CPU call's tangents or outputs: at most this many bytes (see `_per_call`)
 
 
 @contextmanager

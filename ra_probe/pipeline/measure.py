@@ -128,7 +128,7 @@ def measuring(out: Measured, model: torch.nn.Module, groups: Sequence[Group], sa
         raise UserError("--tokens last takes text data (token ids with an attention mask): "
                         f"{samples.name!r} is not")
     sites = [site for group in groups for site in group.sites]
-    out.peak = peak_estimate(model, groups, n, settings)
+    out.peak = peak_estimate(model, groups, samples, settings)
     batch_size = out.batch_size = out.peak.samples
     hold = offloading(model)
     bounds = [0, *[r for r in rounds or () if 0 < r < n], n]
@@ -223,28 +223,46 @@ class PeakEstimate:
         return self.weights + self.resident_block + self.per_sample * self.samples
 
 
-def peak_estimate(model: torch.nn.Module, groups: Sequence[Group], samples: int, settings: Settings) -> PeakEstimate:
+def peak_estimate(model: torch.nn.Module, groups: Sequence[Group], samples: Samples, settings: Settings) -> PeakEstimate:
     """The probe's peak memory, with chunks of `settings.batch_size` samples, or as many of `samples`
-    as the device's free memory allows."""
+    as the device's free memory allows (sized by what each site's branch saves of the first sample)."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    dims, memory = _site_dims(groups, settings), _memory_settings(settings)
+    dims, memory = site_dims(model, groups, samples, settings), _memory_settings(settings)
     offload = offloading(model)
     resident = offload.largest_block([site for group in groups for site in group.sites], dtype.itemsize)
-    batch_size = settings.batch_size or auto_batch_size(dims, samples, device, held=resident, **memory)
+    batch_size = settings.batch_size or auto_batch_size(dims, len(samples), device, held=resident, **memory)
     return PeakEstimate(offload.device_bytes(), resident, bytes_per_sample(dims, device=device, **memory), batch_size)
 
 
-def _site_dims(groups: Sequence[Group], settings: Settings) -> list[list[tuple[int, int, str]]]:
-    """(input dimension, output dimension, solver) of every site, by group, as engine.memory takes them."""
+def site_dims(model: torch.nn.Module, groups: Sequence[Group], samples: Samples,
+              settings: Settings) -> list[list[tuple[int, int, str, int]]]:
+    """(input dimension, output dimension, solver, bytes its branch saves a sample) of every site, by
+    group, as engine.memory takes them; the bytes measured on the first sample of `samples`."""
     itemsize = settings.resolved_dtype().itemsize
+    saved = saved_bytes(model, [site for group in groups for site in group.sites], samples, settings)
 
-    def sized(site: VerifiedSite, partners: list[VerifiedSite]) -> tuple[int, int, str]:
+    def sized(site: VerifiedSite, partners: list[VerifiedSite]) -> tuple[int, int, str, int]:
         n, m = math.prod(site.in_shape), math.prod(site.out_shape)
         return n, m, choose_method((1, m, n), settings.solver, settings.dense_limit, k=settings.k,
-                                   itemsize=itemsize, after=len(partners) * settings.widest_alignment_k())
+                                   itemsize=itemsize, after=len(partners) * settings.widest_alignment_k()), saved[site.name]
 
     partnered = [(group.sites, alignment_partners(group.sites, settings)) for group in groups]
     return [[sized(s, partners[s.name]) for s in members] for members, partners in partnered]
+
+
+def saved_bytes(model: torch.nn.Module, sites: list[VerifiedSite], samples: Samples, settings: Settings) -> dict[str, int]:
+    """Bytes each site's branch saves of its forward on the first sample (`JacobianOperator.saved_bytes`):
+    one forward of the model and two of each branch on that sample."""
+    device, dtype, hold = settings.resolved_device(), settings.resolved_dtype(), offloading(model)
+    captured = capture(model, batch(samples.inputs, torch.arange(1), device, dtype), sites)
+    if settings.tokens == "last":
+        captured = at_last_token(sites, captured)
+    out = {}
+    for site in sites:
+        record = captured.sites[site.name]
+        with held(hold, site):
+            out[site.name] = JacobianOperator(branch_of(site, settings), record.x, record.ctx).saved_bytes()
+    return out
 
 
 def _memory_settings(settings: Settings) -> dict[str, int]:
