@@ -9,12 +9,12 @@ Per model: the small probe `ra-probe MODEL --data synthetic --samples 1 --k 2 --
 not precision: a loose tolerance, and no null, which measures the same sites of the same random init again;
 `--samples 3` also solves several samples at once, whose batch the solver narrows as samples converge;
 `ra-probe sites MODEL` when the probe fails, to count what was found), then one row: sites found (verified + skipped),
-verified, skipped with their reasons, probed (exit 0 with every verified site measured), and the
-error line. A model counts as covered when it is probed with at least one site, or when it is
-reported to have no residual connection and its family is one whose blocks do not add a skip. Any
-output that shows a Python traceback is an error. The summary gives families covered / total per
-category. The smallest model of a timm family is the one with the fewest parameters (counted on the
-meta device, cached in the system's temporary folder)."""
+verified, skipped with their reasons, probed (exit 0 with every verified site measured), the probe's
+peak memory (its report's measured peak resident set), and the error line. A model counts as covered
+when it is probed with at least one site, or when it is reported to have no residual connection and
+its family is one whose blocks do not add a skip. Any output that shows a Python traceback is an error.
+The summary gives families covered / total per category. The smallest model of a timm family is the
+one with the fewest parameters (counted on the meta device, cached in the system's temporary folder)."""
 from __future__ import annotations
 
 import argparse
@@ -161,7 +161,7 @@ def measure(category: str, family: str, ref: str, extra: list[str], timeout: flo
     if code == 0:
         data = json.loads(report.read_text())
         row.update(verified=len(data["sites"]), skipped=[f"{s['name']}: {s['reason']}" for s in data["skipped"]],
-                   probed=True)
+                   probed=True, peak_gb=round((data["timings"]["peak_bytes"] or 0) / 1e9, 2))
     else:
         row["error"] = (err.strip().splitlines() or [f"exit {code}"])[-1][:200]
         code, out, err, _ = run(["--sites", ref, *(["--sites-no-pretrained"] if extra else [])], timeout, SITES)
@@ -246,8 +246,9 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:  # each job is a process of its own
             for r in pool.map(one, jobs):
                 rows.append(r)
+                peak = f", peak {r['peak_gb']:.2f} GB" if r.get("peak_gb") else ""
                 print(f"[{len(rows)}/{len(jobs)}] {r['family']}: {r['verified']} sites, {len(r['skipped'])} skipped, "
-                      f"{'probed' if r['probed'] else r['error']} ({r['seconds']} s)", file=sys.stderr, flush=True)
+                      f"{'probed' if r['probed'] else r['error']} ({r['seconds']} s{peak})", file=sys.stderr, flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
     print_table(rows)
