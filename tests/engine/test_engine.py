@@ -22,7 +22,7 @@ from ra_probe.engine import (
     default_width,
     dense_svd,
     krylov_svd,
-    operators,
+    memory,
 )
 from ra_probe.engine.krylov import flushing_denormals
 from ra_probe.engine.memory import bytes_per_sample
@@ -30,7 +30,7 @@ from ra_probe.engine.solvers import choose_method
 from ra_probe.load.data import Samples
 from ra_probe.load.loaded import LoadedModel
 from ra_probe.load.models import load_model
-from ra_probe.pipeline.measure import measure
+from ra_probe.pipeline.measure import measure, site_dims
 from ra_probe.pipeline.prepare import prepared
 from ra_probe.sites.discover import discover
 
@@ -445,13 +445,13 @@ def test_probe_never_changes_the_model():
 
 
 def test_auto_batch_size_follows_free_memory():
-    groups = [[(802_816, 802_816)] * 3, [(401_408, 401_408)] * 4]
+    groups = [[(802_816, 802_816, "block", 40 << 20)] * 3, [(401_408, 401_408, "block", 20 << 20)] * 4]
     args = dict(k=8, align_k=8, width=8, vectors_per_call=16, itemsize=4, device=torch.device("cpu"))
     large = auto_batch_size(groups, 64, free=64 * 2**30, **args)
     small = auto_batch_size(groups, 64, free=8 * 2**30, **args)
     assert 1 <= small < large <= 64
     assert auto_batch_size(groups, 64, free=1, **args) == 1
-    assert auto_batch_size([[(128, 128)]], 64, free=8 * 2**30, **args) == 64
+    assert auto_batch_size([[(128, 128, "block", 4096)]], 64, free=8 * 2**30, **args) == 64
     # an offloaded model's block of weights made resident takes its share of the free memory first
     assert auto_batch_size(groups, 64, free=16 * 2**30, held=8 * 2**30, **args) == small
 
@@ -479,8 +479,9 @@ def test_memory_estimate_counts_dense_jacobians():
     U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
     allocated = sum(t.numel() * t.element_size() for t in (matrices, U, S, Vh)) / x.shape[0]
     args = dict(k=16, align_k=16, width=4, vectors_per_call=16, itemsize=4)
-    dense = bytes_per_sample([[(2048, 2048, "dense")]], **args)
-    krylov = bytes_per_sample([[(2048, 2048, "block")]], **args)
+    saved = JacobianOperator(branch, x).saved_bytes()
+    dense = bytes_per_sample([[(2048, 2048, "dense", saved)]], **args)
+    krylov = bytes_per_sample([[(2048, 2048, "block", saved)]], **args)
     assert allocated <= dense <= 4 * allocated
     assert krylov < dense / 4
 
@@ -494,8 +495,6 @@ def test_a_probe_stays_within_its_memory_estimate():
     """A conv ResNet whose three sites have 2048 dimensions (32 × 8 × 8), 64 samples in one chunk, k =
     16, RA2 included: the peak of the process' resident memory while measuring (the kernel's high-water
     mark, reset first) stays below the estimate the chunk size is chosen by, and the solves are Krylov."""
-    import math
-
     from tiny_models import ResidualConv
 
     class Net(nn.Module):
@@ -516,8 +515,8 @@ def test_a_probe_stays_within_its_memory_estimate():
                           settings.resolved_dtype()).groups
         sites = [site for group in groups for site in group.sites]
         measure(model, groups, Samples(x[:2], None, "warm-up"), Settings(k=16, batch_size=2))  # lazy imports, kernels
-        dims = [[(math.prod(s.in_shape), math.prod(s.out_shape), choose_method((64, 2048, 2048), k=16))
-                 for s in group.sites] for group in groups]
+        dims = site_dims(model, groups, Samples(x, None, "synthetic"), settings)
+        assert {method for group in dims for _, _, method, _ in group} == {"block"}
         estimate = 64 * bytes_per_sample(dims, k=16, align_k=16, width=default_width(16),
                                          vectors_per_call=settings.vectors_per_call,
                                          itemsize=4)
@@ -528,18 +527,6 @@ def test_a_probe_stays_within_its_memory_estimate():
         peak = _status_bytes("VmHWM") - before
     assert {measured.method(s.name) for s in sites} == {"block"} and len(sites) == 3
     assert 0 < peak <= estimate, (peak, estimate)
-
-
-def test_memory_estimate_counts_the_linearized_program():
-    """A site large enough to be linearized keeps the traced program's primals besides the vjp's."""
-    from ra_probe.engine.memory import SAVED_PER_OPERATOR
-    from ra_probe.engine.operators import LINEARIZE_MIN_DIM
-
-    args = dict(k=8, align_k=8, width=4, vectors_per_call=16, itemsize=4)
-    below, above = LINEARIZE_MIN_DIM - 1, LINEARIZE_MIN_DIM
-    two = bytes_per_sample([[(above, above)] * 2], **args) - bytes_per_sample([[(above, above)]], **args)
-    two_small = bytes_per_sample([[(below, below)] * 2], **args) - bytes_per_sample([[(below, below)]], **args)
-    assert two - two_small >= 4 * 2 * above * SAVED_PER_OPERATOR
 
 
 def test_dense_svd_measures_its_residuals():
@@ -824,22 +811,24 @@ def test_a_jacobian_solve_allocates_per_step_only_what_its_products_compute():
 
 
 def test_cpu_calls_keep_their_tensors_within_a_size_the_allocator_reuses(monkeypatch):
-    """On the CPU a product call takes as few vectors as keep its tensors within `CPU_CALL_BYTES`
-    (glibc maps large temporaries afresh at every call: a fifth of a 224-px probe's CPU time went to
-    the kernel's page faults); the products are the same as in calls of the whole block."""
+    """On the CPU a product call takes as few vectors as keep its temporaries (`TEMPORARIES_PER_SAVED`
+    times what the branch saves of a sample, per vector and sample) within `CPU_CALL_BYTES` (glibc maps
+    large temporaries afresh at every call: a fifth of a 224-px probe's CPU time went to the kernel's
+    page faults); the products are the same as in calls of the whole block."""
     torch.manual_seed(0)
     branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
     branch.requires_grad_(False)
     x, width = torch.randn(2, 8, 12, 12), 4
-    per_vector = x.numel() * 4  # one vector of every sample, float32
+    tangents = x.numel() * 4  # one vector of every sample, float32
     V = torch.randn(2, x[0].numel(), width)
     whole = JacobianOperator(branch, x, linearize=True)
     expected = (whole.matmat(V), whole.rmatmat(V))
+    per_vector = x.shape[0] * memory.TEMPORARIES_PER_SAVED * whole.saved_bytes()
     for cap, vectors in ((per_vector * width, width), (per_vector, 1)):
-        monkeypatch.setattr(operators, "CPU_CALL_BYTES", cap)
+        monkeypatch.setattr(memory, "CPU_CALL_BYTES", cap)
         op = JacobianOperator(branch, x, linearize=True)
         op.matmat(V), op.rmatmat(V)  # traced, buffers made
-        counter, outs = LargeAllocations(nbytes=per_vector * 2), (torch.empty_like(V), torch.empty_like(V))
+        counter, outs = LargeAllocations(nbytes=tangents * 2), (torch.empty_like(V), torch.empty_like(V))
         with counter:  # tensors of two vectors or more
             products = (op.matmat(V, out=outs[0]), op.rmatmat(V, out=outs[1]))
         assert (counter.count > 0) == (vectors > 1), (cap, counter.count)
