@@ -15,7 +15,10 @@ SHARE_OF_FREE = 0.5  # leave room for the allocator, the model and everything el
 # operations' temporaries. Measured peaks of one call: a ViT attention branch at 577 tokens 2.0×
 # (J·v of the linearized program) and 2.2× (Jᵀ·u), an EfficientNet inverted residual 0.8×.
 TEMPORARIES_PER_SAVED = 2
-# A CPU call's temporaries: at most this many bytes (see `vectors_per_call`)
+# What a linearized program keeps as constants (what J·v needs of the primal: softmax outputs, activation
+# derivatives), in the same units: measured 1.8× on a ViT attention branch at 1521 tokens, 1.6× on its MLP.
+LINEARIZED_PER_SAVED = 2
+# A CPU call's temporaries: at most this many bytes (see `call_width`)
 CPU_CALL_BYTES = 8 << 20
 
 # Krylov basis columns per side. On a CPU, Gram–Schmidt against a basis of j columns costs ~j/50
@@ -30,24 +33,22 @@ COLUMNS_PER_K, MIN_COLUMNS = 32, 96
 def saved_bytes(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
     """Bytes that f's forward at x (one sample) saves for backward, each storage once: the activations
     that depend on x (attention maps, an inverted residual's expanded channels), not the weights. A
-    branch's vjp function keeps that much per sample, its linearized program's constants about as
-    much again, and a product allocates `TEMPORARIES_PER_SAVED` times it per vector. A branch whose
-    forward cannot run with gradients counts its input and output."""
-    storages: dict[int, int] = {}
+    branch's vjp function keeps that much per sample, its linearized program's constants
+    `LINEARIZED_PER_SAVED` times it, and a product allocates `TEMPORARIES_PER_SAVED` times it per
+    vector. A branch whose forward cannot run with gradients counts its input and output."""
+    storages: dict[int, torch.Tensor] = {}  # by address, each kept alive (detached) so that none is reused
     leaf = x.detach().requires_grad_()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:  # the graph keeps nothing: a saved output holding its node is a cycle gc misses
         if t.requires_grad and (t is leaf or not t.is_leaf):  # a weight that requires grad is a leaf
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
+            storages[t.untyped_storage().data_ptr()] = t.detach()
     try:
-        with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), saved_tensors_hooks(pack, lambda _: None):
             out = f(leaf)
     except (RuntimeError, NotImplementedError):
         with torch.no_grad():
             return x.nbytes + f(x).nbytes
-    return max(sum(storages.values()), x.nbytes + out.nbytes)
+    return max(sum(t.untyped_storage().nbytes() for t in storages.values()), x.nbytes + out.nbytes)
 
 
 def call_width(limit: int, samples: int, saved: int, device: torch.device) -> int:
@@ -103,7 +104,7 @@ def solve_bytes(n: int, m: int, saved: int, *, method: str, k: int, width: int, 
     (m × n) with its SVD factors (U, Vᵀ and the LAPACK workspace: about two more copies of the smaller
     square); a Krylov solve its bases U, V and its workspace (two blocks a side and a restart's rotated
     vectors)."""
-    products = saved * (2 + TEMPORARIES_PER_SAVED * call_width(vectors_per_call, 1, saved, device))
+    products = saved * (1 + LINEARIZED_PER_SAVED + TEMPORARIES_PER_SAVED * call_width(vectors_per_call, 1, saved, device))
     if method == "dense":
         return products + itemsize * (m * n + 3 * min(m, n) ** 2 + (m + n) * min(m, n))
     basis = basis_size(k, width, min(n, m), device)
