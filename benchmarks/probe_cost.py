@@ -11,7 +11,9 @@ Variants:
   before   the earlier commit's `ra_probe` (exported with `git archive` into a temporary folder, first
            on the child's path), in a process set up as its command line did (subnormals flushed);
   library  this tree's, in a process whose malloc keeps its defaults (the library in a host process);
-  cli      this tree's, in a process set up as its command line and sweep workers do (`host.own_process`).
+  cli      this tree's, in a process set up as its command line and sweep workers do (`host.own_process`);
+  before-library, before-cli   the earlier commit's in the process of library, cli (a commit that has
+           `host.own_process`), to compare the code alone.
 Printed per probe: wall, user and sys seconds, minor page faults and products; then the medians, the
 ratios before / variant, and sys time as a share of CPU time (target: below 10 %). Every variant must
 report the same products and the same singular values to rounding.
@@ -44,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
     import ra_probe
     from ra_probe import probe
 
-    if args.variant == "cli":
+    if args.variant.removeprefix("before-") == "cli":
         from ra_probe.host import own_process
 
         own_process()
@@ -77,7 +79,7 @@ def run_child(variant: str, code: Path, args: argparse.Namespace) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant, "--model", args.model,
             "--image-size", str(args.image_size), "--samples", str(args.samples), "--k", str(args.k),
             "--decay", str(args.decay), "--null", args.null]
-    if args.threads and variant != "before":  # an earlier commit may not know the setting
+    if args.threads and variant != "before":  # a commit older than a before-* variant's may not know the setting
         argv += ["--threads", str(args.threads)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -116,7 +118,8 @@ def main() -> None:
     parser.add_argument("--null", default="init", help="the probe's null measurement: init (its default: the "
                                                         "architecture at random init, as many samples again) or none")
     parser.add_argument("--threads", type=int, default=None, help="threads of the current code's probe")
-    parser.add_argument("--variants", default="before,library,cli", help="which of before, library, cli to run")
+    parser.add_argument("--variants", default="before,library,cli",
+                        help="which of before, library, cli, before-library, before-cli to run, in this order")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="cli", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,7 +130,7 @@ def main() -> None:
         variants = args.variants.split(",")
         before = export(args.before, Path(folder) / "before")
         after = ROOT if args.after is None else export(args.after, Path(folder) / "after")
-        codes = {name: before if name == "before" else after for name in variants}
+        codes = {name: before if name.startswith("before") else after for name in variants}
         print(f"{args.model} at {args.image_size} px, {args.samples} samples in one chunk, k={args.k}, null {args.null}, "
               f"before = {args.before}, after = {args.after or 'this tree'}; {args.rounds} round(s), alternating")
         print(f"{'':8} {'wall s':>8} {'user s':>8} {'sys s':>8} {'sys %':>6} {'faults':>11} {'products':>9}")
