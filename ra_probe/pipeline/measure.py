@@ -15,6 +15,7 @@ import torch
 from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_width, solve_operator, wide_calls
 from ra_probe.engine.memory import bytes_per_sample
 from ra_probe.errors import UserError, first_line
+from ra_probe.host import trim_freed_memory
 from ra_probe.load.offload import Offloading, held, offloading
 from ra_probe.load.samples import Samples, batch, chunks, real_tokens, take
 from ra_probe.metrics import nc as nc_metrics
@@ -322,6 +323,7 @@ def measure_group(group: Group, captured: Captured, settings: Settings,
             # site at high resolution; an offloaded block's weights) goes while the group's other sites
             # are solved; RA2's products build the linearized program again from the kept trace
             op.release(keep_trace=hold is None or not hold.offloaded)
+        trim_freed_memory()
         ops[site.name] = op
         svds[site.name] = result
         out.timing[site.name] = {"seconds": time.perf_counter() - tick, "products": result.products,
@@ -377,6 +379,7 @@ def _measure_alignment(members: Sequence[VerifiedSite], partners_of: dict[str, l
         with held(hold, site_i), wide_calls(op, V.shape[2]):
             JV = op.matmat(V).unflatten(2, (len(partners), wide))  # (B, m, P, K)
             op.release(keep_trace=False)
+        trim_freed_memory()
         U = torch.stack([svds[s.name].U[:, :, :wide].to(here) for s in partners], dim=1)  # (B, P, m, K)
         Ms = torch.einsum("bpmk,bmpl->bpkl", U, JV)  # (B, P, K, K): M_ij of each partner j
         for index, site_j in enumerate(partners):
