@@ -110,9 +110,9 @@ MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PA
 def trim_freed_memory() -> None:
     """Give the memory glibc's malloc holds freed back to the system (malloc_trim: free pages anywhere in
     the heap, not only at its top); nothing elsewhere. Between a probe's sites: each solve frees its
-    activations, but the captured values and results allocated meanwhile pin the heap's holes, and
-    the resident set grew by ~0.3 GB a block of a 2304-token ViT (9 GB at block 12) where the live
-    tensors stayed under 0.3 GB."""
+    activations, but what is allocated meanwhile pins the heap's holes. qwen3_vit_88m at 768 px (2304
+    tokens), one sample: 1.8–2.0 GB resident between the sites of two blocks, 1.0–1.1 GB after a
+    trim, 0.3 GB of live tensors; with all twelve blocks, untrimmed, past 9.5 GB."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     try:
