@@ -234,11 +234,7 @@ class JacobianOperator(BatchedOperator):
         """Bytes the branch's forward saves for one sample (`memory.saved_bytes`), measured on the
         first sample on first use."""
         if self._saved is None:
-            ctx = batch_rows(self.ctx, slice(0, 1), self.shape[0])
-            try:
-                self._saved = memory.saved_bytes(self.f if self.ctx is None else (lambda x_: self.f(x_, ctx)), self.x[:1])
-            except RuntimeError:  # side inputs that refuse one sample's rows (see `select`): the batch's share
-                self._saved = memory.saved_bytes(self._fx, self.x) // self.shape[0]
+            self._saved = branch_saved_bytes(self.f, self.x, self.ctx)
         return self._saved
 
     def _staging(self, rows: torch.Tensor, per_call: int) -> torch.Tensor:
@@ -329,6 +325,17 @@ def _columns_into(parts, out: torch.Tensor) -> torch.Tensor:
         out.mT[:, at:at + part.shape[1]] = part
         at += part.shape[1]
     return out
+
+
+def branch_saved_bytes(f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Any = None) -> int:
+    """What f (called as a `JacobianOperator` calls it) saves of its forward for x's first sample
+    (`memory.saved_bytes`), or for a branch whose side inputs refuse one sample's rows (see `select`),
+    the batch's share."""
+    one = batch_rows(ctx, slice(0, 1), x.shape[0])
+    try:
+        return memory.saved_bytes(f if ctx is None else (lambda x_: f(x_, one)), x[:1])
+    except RuntimeError:
+        return memory.saved_bytes(f if ctx is None else (lambda x_: f(x_, ctx)), x) // x.shape[0]
 
 
 def batch_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:

@@ -14,6 +14,7 @@ import torch
 
 from ra_probe.engine import JacobianOperator, auto_batch_size, choose_method, default_width, solve_operator, wide_calls
 from ra_probe.engine.memory import bytes_per_sample
+from ra_probe.engine.operators import branch_saved_bytes
 from ra_probe.errors import UserError, first_line
 from ra_probe.host import trim_freed_memory
 from ra_probe.load.offload import Offloading, held, offloading
@@ -252,8 +253,8 @@ def site_dims(model: torch.nn.Module, groups: Sequence[Group], samples: Samples,
 
 
 def saved_bytes(model: torch.nn.Module, sites: list[VerifiedSite], samples: Samples, settings: Settings) -> dict[str, int]:
-    """Bytes each site's branch saves of its forward on the first sample (`JacobianOperator.saved_bytes`):
-    one forward of the model and two of each branch on that sample."""
+    """Bytes each site's branch saves of its forward on the first sample (`branch_saved_bytes`): one
+    forward of the model and one of each branch on that sample, whose freed memory goes back after."""
     device, dtype, hold = settings.resolved_device(), settings.resolved_dtype(), offloading(model)
     captured = capture(model, batch(samples.inputs, torch.arange(1), device, dtype), sites)
     if settings.tokens == "last":
@@ -262,7 +263,9 @@ def saved_bytes(model: torch.nn.Module, sites: list[VerifiedSite], samples: Samp
     for site in sites:
         record = captured.sites[site.name]
         with held(hold, site):
-            out[site.name] = JacobianOperator(branch_of(site, settings), record.x, record.ctx).saved_bytes()
+            out[site.name] = branch_saved_bytes(branch_of(site, settings), record.x, record.ctx)
+    del captured
+    trim_freed_memory()
     return out
 
 
