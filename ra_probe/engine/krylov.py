@@ -16,9 +16,12 @@ from ra_probe.engine.dense import SVDResult, dense_svd
 from ra_probe.engine.memory import basis_size, kept_columns
 from ra_probe.engine.operators import BatchedOperator
 
-# vector and each product call wider, but takes more products to reach a tolerance. Measured on a
+# The block width: a wider block pays each step's Gram–Schmidt and Ritz check for more vectors and
+# makes each product call wider, but takes more products to reach a tolerance. Measured on a
 # CPU, top 10 at tol 1e-3, s per sample (products) for blocks 2 / 4 / 8: resnet18 layer1 1.74 (782) /
-# 1.09 (584) / 1.35 (832); vit_tiny MLP 0.47 (104) / 0.37 (140) / 0.43 (192).
+# 1.09 (584) / 1.35 (832). benchmarks/peers.py --widths 2 (time over the best scipy svds, 4 against 2):
+# 4 is faster on three of four sites; the vit_tiny MLP alone is faster at 2 (0.57 against 0.67, 109
+# against 146 products), and no early sign (Ritz values, a first restart) tells such a site apart.
 DEFAULT_WIDTH = 4
 MIN_WIDTH = 2  # a single vector cannot tell a repeated value from a simple one
 
