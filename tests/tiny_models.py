@@ -19,11 +19,11 @@ class ConvNet(nn.Module):
     input_shape = (3, 8, 8)
     num_classes = 4
 
-    def __init__(self):
+    def __init__(self, width: int = 4):
         super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.blocks = nn.Sequential(ResidualConv(4), ResidualConv(4))
-        self.head = nn.Linear(4, 4)
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(ResidualConv(width), ResidualConv(width))
+        self.head = nn.Linear(width, 4)
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))

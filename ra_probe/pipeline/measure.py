@@ -148,9 +148,7 @@ def measuring(out: Measured, model: torch.nn.Module, groups: Sequence[Group], sa
     for number, index in enumerate(indices, 1):
         tick = time.perf_counter()
         chunk = batch(samples.inputs, index, device, dtype)
-        captured = capture(model, chunk, sites)
-        if settings.tokens == "last":
-            captured = at_last_token(sites, captured)
+        captured = captured_sites(model, chunk, sites, settings)
         out.order.append(index)
         if captured.features is not None and captured.features.ndim == 3:  # a language model's head, per token
             if isinstance(chunk, dict) and "input_ids" in chunk:
@@ -178,6 +176,13 @@ def measuring(out: Measured, model: torch.nn.Module, groups: Sequence[Group], sa
         del chunk, captured  # a suspended caller (another measurement meanwhile) holds none of the chunk
         cost.seconds = time.perf_counter() - tick
         yield cost
+
+
+def captured_sites(model: torch.nn.Module, chunk: Any, sites: list[VerifiedSite], settings: Settings) -> Captured:
+    """The sites' inputs, outputs and side inputs on a chunk of model inputs, at the last token with
+    `tokens` "last"."""
+    captured = capture(model, chunk, sites)
+    return at_last_token(sites, captured) if settings.tokens == "last" else captured
 
 
 def at_last_token(sites: list[VerifiedSite], captured: Captured) -> Captured:
@@ -256,9 +261,7 @@ def saved_bytes(model: torch.nn.Module, sites: list[VerifiedSite], samples: Samp
     """Bytes each site's branch saves of its forward on the first sample (`branch_saved_bytes`): one
     forward of the model and one of each branch on that sample, whose freed memory goes back after."""
     device, dtype, hold = settings.resolved_device(), settings.resolved_dtype(), offloading(model)
-    captured = capture(model, batch(samples.inputs, torch.arange(1), device, dtype), sites)
-    if settings.tokens == "last":
-        captured = at_last_token(sites, captured)
+    captured = captured_sites(model, batch(samples.inputs, torch.arange(1), device, dtype), sites, settings)
     out = {}
     for site in sites:
         record = captured.sites[site.name]

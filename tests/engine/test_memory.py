@@ -71,20 +71,10 @@ def test_an_inverted_residual_takes_fewer_vectors_per_call_than_its_tangents_all
 def test_the_sizing_leaves_the_singular_values_as_they_are(monkeypatch):
     """A probe with a budget so small that every chunk holds one sample and every call one vector gives
     the singular values of the probe with the default sizing (all samples in one chunk, wide calls)."""
-    from tiny_models import ResidualConv
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 8, 3, padding=1)
-            self.blocks = nn.Sequential(ResidualConv(8), ResidualConv(8))
-            self.head = nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+    from tiny_models import ConvNet
 
     torch.manual_seed(0)
-    model, x = Net(), torch.randn(4, 3, 8, 8)
+    model, x = ConvNet(width=8), torch.randn(4, 3, 8, 8)
     options = dict(samples=4, k=4, solver="block", cache=False, null="none", device="cpu")
     default = probe(model, x, **options)
     monkeypatch.setattr(memory, "CPU_CALL_BYTES", 1)
