@@ -128,9 +128,6 @@ class JacobianOperator(BatchedOperator):
         self._lin_fn = None  # the linearized program, traced on first use
         self._traced = None  # torch's trace of J·t, kept by `release` to build the program from again
         self._autograd: AutogradProducts | None = None  # products for a branch torch.func cannot transform
-        # over the vectors of a (k, B, d) block staged in a buffer of the operator (`_blocks`)
-        self._jv = vmap(self._jvp_flat, randomness="same")
-        self._jtu = vmap(self._vjp_flat, randomness="same")
         self._staged: dict[int, torch.Tensor] = {}  # by dimension d: (chunk, B, d), made on first use
         self._saved: int | None = None  # bytes the branch saves of one sample (`saved_bytes`)
         self._width: tuple[int, int] | None = None  # (vectors_per_call, vectors per call) as last sized
@@ -171,10 +168,10 @@ class JacobianOperator(BatchedOperator):
                 with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
                     self._lin_fn = self._linearized()
-                return self._blocks(self._jv, self._jvp_flat, v, out)
+                return self._blocks(self._jvp_flat, v, out)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
                 self._lin_fn, self.linearize = None, False
-        return self._blocks(self._jv, self._jvp_flat, v, out)
+        return self._blocks(self._jvp_flat, v, out)
 
     def _linearized(self):
         """The J·v program: ours (what is known computed once, from the operator's one trace), else torch's."""
@@ -191,7 +188,7 @@ class JacobianOperator(BatchedOperator):
             try:
                 if self._vjp_fn is None:  # built once, outside vmap, on first use
                     _, self._vjp_fn = vjp(self._fx, self.x)
-                return self._blocks(self._jtu, self._vjp_flat, u, out)
+                return self._blocks(self._vjp_flat, u, out)
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
         return _into(self._autograd.jtu(u), out)
@@ -208,16 +205,19 @@ class JacobianOperator(BatchedOperator):
         if not keep_trace:
             self._traced = None
 
-    def _blocks(self, batched, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """Apply a product to the columns of w (B, d, k), `vectors_per_call` columns per vmapped call, into `out`
-        when given; a single column skips vmap (its batching rules cost more than they save for one
-        vector). Each chunk of c columns is copied into a buffer (c, B, d) the operator keeps until `release`:
-        under vmap the branch's operations see the c·B vectors as one batch, which they can view
-        only in that layout; from a solver's row-major basis (B, k, d) every convolution, reshape and
-        matmul made a copy of its own at every call."""
+    def _blocks(self, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Apply `single`, a product of one column per sample, to the columns of w (B, d, k), vmapped over
+        `vectors_per_call` columns per call, into `out` when given; a single column skips vmap (its
+        batching rules cost more than they save for one vector). Each chunk of c columns is copied into a
+        buffer (c, B, d) the operator keeps until `release`: under vmap the branch's operations see the
+        c·B vectors as one batch, which they can view only in that layout; from a solver's row-major
+        basis (B, k, d) every convolution, reshape and matmul made a copy of its own at every call."""
         if w.shape[-1] == 1:
             return _into(single(w[..., 0].contiguous()).unsqueeze(-1), out)
         rows, per_call = w.mT, self._per_call()
+        # made per call: held by the operator, vmap's wrapper of its own method would keep it (and the
+        # programs it holds) in a reference cycle past its last use
+        batched = vmap(single, randomness="same")
         chunks = (self._staging(rows[:, i:i + per_call], per_call) for i in range(0, rows.shape[1], per_call))
         results = (batched(c).transpose(0, 1) for c in chunks)
         return torch.cat(list(results), dim=1).mT if out is None else _columns_into(results, out)

@@ -14,6 +14,11 @@ from ra_probe.sites.records import Found, SiteReport
 from ra_probe.sites.registry import find_sites, hand_over
 from ra_probe.sites.verify import verify_sites
 
+# samples the sites are verified on: two show whether samples interact, and at high resolution every
+# sample more holds a whole forward's activations and every site's tensors again (four blocks of
+# gemma4_vit_167m at 768 px: 0.9 GB a sample)
+VERIFY_SAMPLES = 2
+
 
 def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dtype: torch.dtype,
              site_level: str = "auto") -> SiteReport:
@@ -21,7 +26,7 @@ def discover(model: torch.nn.Module, samples: Samples, device: torch.device, dty
     that the model treats samples independently (each sample's Jacobian is its own). `site_level`: the
     granularity of transformer sites (auto: each family's default, block, sublayer). Blocks whose
     family-adapter sites the forward refuses are looked at again by the generic detector."""
-    first = batch(samples.inputs, chunks(samples.inputs, 4)[0], device, dtype)
+    first = batch(samples.inputs, chunks(samples.inputs, VERIFY_SAMPLES)[0], device, dtype)
     run = lambda: run_model(model, take(first, slice(0, 1)))  # noqa: E731
     with _fitting(model, first, samples.name):
         found = find_sites(model, run=run).at_level(site_level)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import weakref
 
 import pytest
 import timm
@@ -653,6 +655,38 @@ def test_the_linearized_product_is_traced_once_per_operator(monkeypatch):
     op.release(keep_trace=False)
     torch.testing.assert_close(op.matmat(V), first, rtol=0, atol=0)
     assert len(traces) == 2
+
+
+def test_released_and_dropped_operators_free_their_programs_without_the_cycle_collector():
+    """What a linearized program holds of the forward (GELU's derivative) goes as soon as its operator
+    releases it, or drops it (a narrowed operator the solver is done with), with Python's cycle collector
+    off: at 2304 tokens an attention's program holds 0.5 GB a sample, and a probe's sites left them behind
+    faster than the collector ran."""
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).double().requires_grad_(False)
+    x = torch.randn(3, 16, 8, dtype=torch.float64)
+    V = torch.randn(3, 128, 2, dtype=torch.float64)
+    theirs = {t.untyped_storage().data_ptr() for t in [x, *mlp.parameters()]}
+
+    def computed(op):  # weak references to the program's constants that are neither x nor a weight
+        return [weakref.ref(b) for b in op._lin_fn.buffers() if b.untyped_storage().data_ptr() not in theirs]
+
+    gc.collect()
+    gc.disable()
+    try:
+        op = JacobianOperator(mlp, x, linearize=True)
+        op.matmat(V)
+        held = computed(op)
+        assert held and all(ref() is not None for ref in held)
+        op.release()
+        assert all(ref() is None for ref in held)
+        sub = op.select(torch.tensor([0, 2]))
+        sub.matmat(V[[0, 2]])
+        held = computed(sub)
+        assert held
+        del sub
+        assert all(ref() is None for ref in held)
+    finally:
+        gc.enable()
 
 
 def test_a_probe_traces_each_sites_product_once_per_sample_set(monkeypatch):

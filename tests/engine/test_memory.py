@@ -81,6 +81,7 @@ def test_the_sizing_leaves_the_singular_values_as_they_are(monkeypatch):
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
     tiny = probe(model, x, **options)
     assert default["timings"]["samples_per_chunk"] == 4 and tiny["timings"]["samples_per_chunk"] == 1
-    for a, b in zip(default.sites, tiny.sites, strict=True):
+    for a, b in zip(default.sites, tiny.sites, strict=True):  # up to float32 rounding: a forward of one
+        # sample may take other kernels than one of four, and the sites' inputs differ in the last bit
         torch.testing.assert_close(torch.tensor(a["singular_values"]), torch.tensor(b["singular_values"]),
-                                   rtol=0, atol=0)
+                                   rtol=1e-6, atol=0)
