@@ -235,8 +235,9 @@ class JacobianOperator(BatchedOperator):
 
     def _blocks(self, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply `single`, a product of one column per sample, to the columns of w (B, d, k), vmapped over
-        `vectors_per_call` columns per call, into `out` when given; a single column skips vmap (its
-        batching rules cost more than they save for one vector). Each chunk of c columns is copied into a
+        `vectors_per_call` columns per call, into `out` when given; a call of a single column skips vmap
+        (its batching rules cost more than they save for one vector: 6-9 % of a call of the ViT MLP's and
+        resnet18's products, whose calls take one vector each). Each chunk of c columns is copied into a
         buffer (c, B, d) the operator keeps until `release`: under vmap the branch's operations see the
         c·B vectors as one batch, which they can view only in that layout; from a solver's row-major
         basis (B, k, d) every convolution, reshape and matmul made a copy of its own at every call."""
@@ -247,7 +248,7 @@ class JacobianOperator(BatchedOperator):
         # programs it holds) in a reference cycle past its last use
         batched = vmap(single, randomness="same")
         chunks = (self._staging(rows[:, i:i + per_call], per_call) for i in range(0, rows.shape[1], per_call))
-        results = (batched(c).transpose(0, 1) for c in chunks)
+        results = (batched(c).transpose(0, 1) if len(c) > 1 else single(c[0]).unsqueeze(1) for c in chunks)
         return torch.cat(list(results), dim=1).mT if out is None else _columns_into(results, out)
 
     def _per_call(self) -> int:
