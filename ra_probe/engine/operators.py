@@ -22,7 +22,10 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 # tangent's operations only, where `jvp` recomputes the primal every call. Measured on a CPU, 4
 # samples × 4 vectors per call: resnet18 layer1 at 112 px (50k dims) jvp 15.8 ms a call,
 # torch.func.linearize 10.8, ours 8.6; vit_tiny MLP (38k) 41.7, 22.4 and 21.5; on the 2k-4k sites
-# (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
+# (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back. They take Jᵀ·U
+# from a program of the cotangent alone too (`linearized.transpose`): 4 samples × 4 vectors, vit_tiny
+# MLP 23.6 ms a call against the vjp's 26.8, resnet18 layer1 4 % less; built in ~70 ms (trace, folding,
+# check), it pays from a few hundred products a sample (a peers.py solve of 146 or 738 breaks even).
 LINEARIZE_MIN_DIM = 16384
 
 # what torch.func says when an operation lacks what its transforms need and torch.autograd has: a custom
