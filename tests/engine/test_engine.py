@@ -715,7 +715,7 @@ def test_the_linearized_product_is_traced_once_per_operator(monkeypatch):
 
 
 def test_released_and_dropped_operators_free_their_programs_without_the_cycle_collector():
-    """What a linearized program holds of the forward (GELU's derivative) goes as soon as its operator
+    """What the linearized programs hold of the forward (GELU's derivative) goes as soon as their operator
     releases it, or drops it (a narrowed operator the solver is done with), with Python's cycle collector
     off: at 2304 tokens an attention's program holds 0.5 GB a sample, and a probe's sites left them behind
     faster than the collector ran."""
@@ -724,20 +724,21 @@ def test_released_and_dropped_operators_free_their_programs_without_the_cycle_co
     V = torch.randn(3, 128, 2, dtype=torch.float64)
     theirs = {t.untyped_storage().data_ptr() for t in [x, *mlp.parameters()]}
 
-    def computed(op):  # weak references to the program's constants that are neither x nor a weight
-        return [weakref.ref(b) for b in op._lin_fn.buffers() if b.untyped_storage().data_ptr() not in theirs]
+    def computed(op):  # weak references to the programs' constants that are neither x nor a weight
+        return [weakref.ref(b) for program in (op._lin_fn, op._lin_t_fn) for b in program.buffers()
+                if b.untyped_storage().data_ptr() not in theirs]
 
     gc.collect()
     gc.disable()
     try:
         op = JacobianOperator(mlp, x, linearize=True)
-        op.matmat(V)
+        op.matmat(V), op.rmatmat(V)
         held = computed(op)
         assert held and all(ref() is not None for ref in held)
         op.release()
         assert all(ref() is None for ref in held)
         sub = op.select(torch.tensor([0, 2]))
-        sub.matmat(V[[0, 2]])
+        sub.matmat(V[[0, 2]]), sub.rmatmat(V[[0, 2]])
         held = computed(sub)
         assert held
         del sub
