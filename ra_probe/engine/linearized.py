@@ -8,11 +8,7 @@ a normalization's statistics computed twice. On a conv block a third of its conv
 transformer MLP a quarter of its time. `linearize` traces the same product and builds the program from
 what is left: everything that does not depend on the tangent is computed once (zeros included, so
 whatever they multiply drops out), an activation's derivative becomes a factor the tangent is
-multiplied by, and identical operations run once.
-
-Jᵀ·u is built the same way (`transpose`): torch's vjp traced with its forward, which folds into
-constants; an activation's backward (`gelu_backward(u, at)`, linear in u) becomes u times a factor
-computed once, where the vjp evaluates the derivative again on every call."""
+multiplied by, and identical operations run once."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import fx
-from torch.func import vjp
 from torch.fx.experimental.proxy_tensor import make_fx
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -60,25 +55,11 @@ def trace(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> fx.Grap
     return make_fx(tangent_of)(x.new_empty(()).expand_as(x))
 
 
-def transpose(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor) -> fx.GraphModule:
-    """The program u ↦ Jᵀ·u for J = ∂f/∂x at x (u shaped like `out`, f's value at x). Raises as
-    `linearize` does."""
-    return specialize(trace_transpose(f, x, out), out)
-
-
-def trace_transpose(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor) -> fx.GraphModule:
-    """The reverse-mode product u ↦ Jᵀ·u of f at x as torch traces it: f's forward, then its backward.
-    Like `trace`'s, it holds x and the weights f reads, not the activations (its forward computes them)."""
-    return make_fx(lambda u: vjp(f, x)[1](u)[0])(out.new_empty(()).expand_as(out))
-
-
-def specialize(traced: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
-    """The program of a traced product (`trace`, `trace_transpose`) of its one input alone: what does not
-    depend on that input computed once, checked against the traced product on a random input shaped
-    like `example`. Raises `Unsupported` as `linearize` does."""
+def specialize(traced: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
+    """The program of `trace(f, x)`'s tangent alone: what does not depend on the tangent computed once,
+    checked against the traced product on a random tangent. Raises `Unsupported` as `linearize` does."""
     program = _Specializer(traced).build()
-    probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0), dtype=example.dtype
-                        ).to(example.device)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
     expected, got = traced(probe), program(probe)
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
         raise Unsupported("the rewritten program disagrees with the traced one")
@@ -106,10 +87,9 @@ _NOT_APPLIED = object()  # what a rule returns when it does not apply
 
 
 class _Specializer(fx.Interpreter):
-    """Walks a traced product once (J·t, or Jᵀ·u with u as its tangent here) and writes the new one: a
-    node that does not depend on the tangent is evaluated (its value is the environment's entry), one
-    that does is rewritten by the first rule of `call_function` that applies (its entry is a
-    `_Dynamic`). `build` returns the program."""
+    """Walks the traced J·t program once and writes the new one: a node that does not depend on the
+    tangent is evaluated (its value is the environment's entry), one that does is rewritten by the
+    first rule of `call_function` that applies (its entry is a `_Dynamic`). `build` returns the program."""
 
     def __init__(self, traced: fx.GraphModule):
         super().__init__(traced, garbage_collect_values=False)

@@ -22,10 +22,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 # tangent's operations only, where `jvp` recomputes the primal every call. Measured on a CPU, 4
 # samples × 4 vectors per call: resnet18 layer1 at 112 px (50k dims) jvp 15.8 ms a call,
 # torch.func.linearize 10.8, ours 8.6; vit_tiny MLP (38k) 41.7, 22.4 and 21.5; on the 2k-4k sites
-# (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back. They take Jᵀ·U
-# from a program of the cotangent alone too (`linearized.transpose`): 4 samples × 4 vectors, vit_tiny
-# MLP 23.6 ms a call against the vjp's 26.8, resnet18 layer1 4 % less; built in ~70 ms (trace, folding,
-# check), it pays from a few hundred products a sample (a peers.py solve of 146 or 738 breaks even).
+# (bert-tiny FFN, a 32 px conv block) a solve's ~30 calls never earn the trace back.
 LINEARIZE_MIN_DIM = 16384
 
 # what torch.func says when an operation lacks what its transforms need and torch.autograd has: a custom
@@ -110,9 +107,8 @@ class JacobianOperator(BatchedOperator):
     what the branch saves of one sample's forward, measured on first use).
     With `linearize` (default: sites of at least `LINEARIZE_MIN_DIM` input dimensions), J·V comes from
     a program of the tangent alone traced on first use (`linearized.linearize`, else torch's), which
-    skips the primal recomputation, and Jᵀ·U from one of the cotangent alone (`linearized.transpose`),
-    which computes activation derivatives once where the vjp evaluates them on every call; a branch
-    that cannot be traced or vmapped that way falls back to `jvp`, or to the vjp, with the same results."""
+    skips the primal recomputation; a branch that cannot be traced or vmapped that way falls back to
+    `jvp`, with the same results."""
 
     def __init__(self, f: Callable[..., torch.Tensor], x: torch.Tensor, ctx: Any = None,
                  vectors_per_call: int = 16, linearize: bool | None = None, tangent_size: int | None = None):
@@ -131,10 +127,6 @@ class JacobianOperator(BatchedOperator):
         self.linearize = self.shape[2] >= LINEARIZE_MIN_DIM if linearize is None else linearize
         self._lin_fn = None  # the linearized program, traced on first use
         self._traced = None  # torch's trace of J·t, kept by `release` to build the program from again
-        # Jᵀ·U from a program of the cotangent alone (`linearized.transpose`) until it fails once
-        self.transpose_program = self.linearize
-        self._lin_t_fn = None  # that program, built on first use
-        self._traced_t = None  # torch's trace of Jᵀ·u, kept as `_traced` is
         self._autograd: AutogradProducts | None = None  # products for a branch torch.func cannot transform
         self._staged: dict[int, torch.Tensor] = {}  # by dimension d: (chunk, B, d), made on first use
         self._saved: int | None = None  # bytes the branch saves of one sample (`saved_bytes`)
@@ -146,8 +138,6 @@ class JacobianOperator(BatchedOperator):
         return jvp(self._fx, (self.x,), (v.reshape(self.x.shape),))[1].reshape(self.shape[0], -1)
 
     def _vjp_flat(self, u: torch.Tensor) -> torch.Tensor:
-        if self._lin_t_fn is not None:
-            return self._lin_t_fn(u.reshape(self.out.shape)).reshape(self.shape[0], -1)
         return self._vjp_fn(u.reshape(self.out.shape))[0].reshape(self.shape[0], -1)
 
     def matmat(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,23 +163,15 @@ class JacobianOperator(BatchedOperator):
         self._autograd = AutogradProducts(self._fx, self.x)
 
     def _forward_products(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        first = self._first_use("linearize", "_lin_fn", self._linearized, self._jvp_flat, v, out)
-        return first if first is not None else self._blocks(self._jvp_flat, v, out)
-
-    def _first_use(self, allowed: str, program: str, build, single, w: torch.Tensor,
-                   out: torch.Tensor | None) -> torch.Tensor | None:
-        """On first use, while attribute `allowed` is true: build a traced program into attribute
-        `program` and return the products of w by it. Any failure of the tracer or of vmap over its
-        program drops it and turns `allowed` off for good: None, the caller takes torch's jvp or vjp."""
-        if getattr(self, allowed) and getattr(self, program) is None:
+        if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
             try:
-                with _quiet_tracer():
-                    setattr(self, program, build())
-                return self._blocks(single, w, out)
+                with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
+                    warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                    self._lin_fn = self._linearized()
+                return self._blocks(self._jvp_flat, v, out)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
-                setattr(self, program, None)
-                setattr(self, allowed, False)
-        return None
+                self._lin_fn, self.linearize = None, False
+        return self._blocks(self._jvp_flat, v, out)
 
     def _linearized(self):
         """The J·v program: ours (what is known computed once, from the operator's one trace), else torch's."""
@@ -204,37 +186,24 @@ class JacobianOperator(BatchedOperator):
         self.products += u.shape[0] * u.shape[-1]
         if self._autograd is None:
             try:
-                return self._reverse_products(u, out)
+                if self._vjp_fn is None:  # built once, outside vmap, on first use
+                    _, self._vjp_fn = vjp(self._fx, self.x)
+                return self._blocks(self._vjp_flat, u, out)
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
         return _into(self._autograd.jtu(u), out)
 
-    def _reverse_products(self, u: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        first = self._first_use("transpose_program", "_lin_t_fn", self._transposed, self._vjp_flat, u, out)
-        if first is not None:
-            return first
-        if self._lin_t_fn is None and self._vjp_fn is None:  # built once, outside vmap, on first use
-            _, self._vjp_fn = vjp(self._fx, self.x)
-        return self._blocks(self._vjp_flat, u, out)
-
-    def _transposed(self):
-        """The Jᵀ·u program, from the operator's one trace of the vjp."""
-        if self._traced_t is None:
-            self._traced_t = linearized.trace_transpose(self._fx, self.x, self.out)
-        return linearized.specialize(self._traced_t, self.out)
-
     def release(self, keep_trace: bool = True) -> None:
-        """Drop the programs built at the branch's weights (the vjp function, the linearized programs,
+        """Drop the programs built at the branch's weights (the vjp function, the linearized program,
         autograd's products), which hold what they saved of the forward (activations, attention maps),
         and the buffers its calls stage vectors in: the next product builds them anew. The linearized
-        programs are built again from torch's traces of J·t and Jᵀ·u, which hold only fake values, x and
-        the weights (no trace again for the same samples: RA2's products after the solve), unless
-        `keep_trace` is false (weights that are offloaded between uses, which the traces would keep
-        resident)."""
-        self._vjp_fn = self._lin_fn = self._lin_t_fn = self._autograd = None
+        program is built again from torch's trace of J·t, which holds only fake values, x and the weights
+        (no trace again for the same samples: RA2's products after the solve), unless `keep_trace` is
+        false (weights that are offloaded between uses, which the trace would keep resident)."""
+        self._vjp_fn = self._lin_fn = self._autograd = None
         self._staged = {}
         if not keep_trace:
-            self._traced = self._traced_t = None
+            self._traced = None
 
     def _blocks(self, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply `single`, a product of one column per sample, to the columns of w (B, d, k), vmapped over
@@ -344,14 +313,6 @@ class AutogradProducts:
     def jtu(self, u: torch.Tensor) -> torch.Tensor:
         """(B, m, k) → (B, n, k)."""
         return self._columns(self.out, self.x, u, self.out.shape)
-
-
-@contextmanager
-def _quiet_tracer():
-    """The tracer's constant folding warns about its own graph."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-        yield
 
 
 def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -556,9 +556,8 @@ def _linearize_pairs(site_ops):
 
 
 def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_site(tmp_path):
-    """The linearize path (large sites) against forward-mode jvp and the vjp: a conv block with
-    BatchNorm and an in-place ReLU, and every site of a BERT whose attention takes a padding mask as a
-    side input."""
+    """The linearize path (large sites) against forward-mode jvp: a conv block with BatchNorm and an
+    in-place ReLU, and every site of a BERT whose attention takes a padding mask as a side input."""
     import transformers as tf
 
     from ra_probe.load.data import load_samples
@@ -587,13 +586,8 @@ def test_linearized_products_agree_with_jvp_on_a_conv_and_a_masked_attention_sit
             torch.testing.assert_close(traced.matmat(V), plain.matmat(V), rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(traced.matmat(V[..., :1]), plain.matmat(V[..., :1]), rtol=1e-10, atol=1e-10)
             assert isinstance(traced._lin_fn, torch.fx.GraphModule)  # our program ran, no fallback
-            U = torch.randn(V.shape[0], plain.shape[1], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-            torch.testing.assert_close(traced.rmatmat(U), plain.rmatmat(U), rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(traced.rmatmat(U[..., :1]), plain.rmatmat(U[..., :1]), rtol=1e-10, atol=1e-10)
-            assert isinstance(traced._lin_t_fn, torch.fx.GraphModule) and traced._vjp_fn is None
             sub = traced.select(torch.tensor([2, 0]))
             torch.testing.assert_close(sub.matmat(V[[2, 0]]), plain.matmat(V)[[2, 0]], rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(sub.rmatmat(U[[2, 0]]), plain.rmatmat(U)[[2, 0]], rtol=1e-10, atol=1e-10)
 
 
 def _calls(program: torch.fx.GraphModule) -> list[str]:
@@ -625,51 +619,6 @@ def test_linearized_programs_do_only_the_work_that_depends_on_the_tangent():
     assert torch.equal(x, before)
 
 
-PRE_NORM_MLP = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).requires_grad_(False).double()
-
-
-def test_the_transposed_program_agrees_with_the_dense_jacobian_and_computes_gelus_derivative_once():
-    """Jᵀ·U of a pre-norm GELU MLP from the program of the cotangent alone: the dense Jacobian's
-    transpose times U, as a block and one vector at a time; GELU's derivative a factor, no vjp built."""
-    from ra_probe.engine.linearized import transpose
-
-    x = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    op = JacobianOperator(PRE_NORM_MLP, x, linearize=True)
-    dense = torch.stack([jacrev(PRE_NORM_MLP)(x[b]).reshape(56, 56) for b in range(3)])
-    U = torch.randn(3, 56, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(op.rmatmat(U), dense.mT @ U, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.rmatmat(U[..., :1]), dense.mT @ U[..., :1], rtol=1e-10, atol=1e-12)
-    assert isinstance(op._lin_t_fn, torch.fx.GraphModule) and op._vjp_fn is None
-    calls = _calls(transpose(PRE_NORM_MLP, x, op.out))
-    assert "gelu_backward" not in calls and calls.count("mm.default") == 2
-
-
-def test_a_transposed_program_that_cannot_be_built_or_disagrees_falls_back_to_the_vjp(monkeypatch):
-    """Jᵀ·U from the vjp, with the same numbers, when the vjp cannot be traced or the rewritten
-    program disagrees with the traced one (then `specialize` refuses it)."""
-    from ra_probe.engine import linearized
-
-    x = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    U = torch.randn(3, 56, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    expected = JacobianOperator(PRE_NORM_MLP, x, linearize=False).rmatmat(U)
-
-    def untraceable(f, x, out):
-        raise RuntimeError("a test")
-    build = linearized._Specializer.build
-
-    def doubled(self):  # a program that computes twice the product
-        program = build(self)
-        return lambda u: 2 * program(u)
-    for patch in (lambda: monkeypatch.setattr(linearized, "trace_transpose", untraceable),
-                  lambda: monkeypatch.setattr(linearized._Specializer, "build", doubled)):
-        with monkeypatch.context():
-            patch()
-            op = JacobianOperator(PRE_NORM_MLP, x, linearize=True)
-            torch.testing.assert_close(op.rmatmat(U), expected, rtol=1e-12, atol=1e-14)
-            assert not op.transpose_program and op._lin_t_fn is None and op._vjp_fn is not None
-            torch.testing.assert_close(op.rmatmat(U), expected, rtol=1e-12, atol=1e-14)
-
-
 def test_a_program_that_cannot_be_rewritten_falls_back_to_torchs(monkeypatch):
     """When the rewrite gives up (`Unsupported`), torch's linearized program gives J·V, with the same
     numbers."""
@@ -687,35 +636,29 @@ def test_a_program_that_cannot_be_rewritten_falls_back_to_torchs(monkeypatch):
 
 
 def test_the_linearized_product_is_traced_once_per_operator(monkeypatch):
-    """An operator's J·t and Jᵀ·u are traced once each: after `release` (between a site's solve and its
-    RA2 products) the programs are built again from the kept traces, with the same numbers;
-    `keep_trace=False` drops them."""
+    """An operator's J·t is traced once: after `release` (between a site's solve and its RA2 products)
+    the program is built again from the kept trace, with the same numbers; `keep_trace=False` drops it."""
     from ra_probe.engine import linearized
 
-    traces, transposed = [], []
-    trace, trace_transpose = linearized.trace, linearized.trace_transpose
+    traces = []
+    trace = linearized.trace
     monkeypatch.setattr(linearized, "trace", lambda f, x: traces.append(x) or trace(f, x))
-    monkeypatch.setattr(linearized, "trace_transpose", lambda f, x, out: transposed.append(x) or trace_transpose(f, x, out))
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     op = JacobianOperator(CONV, x, linearize=True)
     V = torch.randn(2, op.shape[2], 3, dtype=torch.float64)
-    first, first_t = op.matmat(V), op.rmatmat(V)
+    first = op.matmat(V)
     assert isinstance(op._lin_fn, torch.fx.GraphModule) and len(traces) == 1
-    assert isinstance(op._lin_t_fn, torch.fx.GraphModule) and len(transposed) == 1
     op.release()
-    assert op._lin_fn is None and op._lin_t_fn is None
+    assert op._lin_fn is None
     torch.testing.assert_close(op.matmat(V), first, rtol=0, atol=0)
-    torch.testing.assert_close(op.rmatmat(V), first_t, rtol=0, atol=0)
     assert isinstance(op._lin_fn, torch.fx.GraphModule) and len(traces) == 1
-    assert isinstance(op._lin_t_fn, torch.fx.GraphModule) and len(transposed) == 1
     op.release(keep_trace=False)
     torch.testing.assert_close(op.matmat(V), first, rtol=0, atol=0)
-    torch.testing.assert_close(op.rmatmat(V), first_t, rtol=0, atol=0)
-    assert len(traces) == 2 and len(transposed) == 2
+    assert len(traces) == 2
 
 
 def test_released_and_dropped_operators_free_their_programs_without_the_cycle_collector():
-    """What the linearized programs hold of the forward (GELU's derivative) goes as soon as their operator
+    """What a linearized program holds of the forward (GELU's derivative) goes as soon as its operator
     releases it, or drops it (a narrowed operator the solver is done with), with Python's cycle collector
     off: at 2304 tokens an attention's program holds 0.5 GB a sample, and a probe's sites left them behind
     faster than the collector ran."""
@@ -724,21 +667,20 @@ def test_released_and_dropped_operators_free_their_programs_without_the_cycle_co
     V = torch.randn(3, 128, 2, dtype=torch.float64)
     theirs = {t.untyped_storage().data_ptr() for t in [x, *mlp.parameters()]}
 
-    def computed(op):  # weak references to the programs' constants that are neither x nor a weight
-        return [weakref.ref(b) for program in (op._lin_fn, op._lin_t_fn) for b in program.buffers()
-                if b.untyped_storage().data_ptr() not in theirs]
+    def computed(op):  # weak references to the program's constants that are neither x nor a weight
+        return [weakref.ref(b) for b in op._lin_fn.buffers() if b.untyped_storage().data_ptr() not in theirs]
 
     gc.collect()
     gc.disable()
     try:
         op = JacobianOperator(mlp, x, linearize=True)
-        op.matmat(V), op.rmatmat(V)
+        op.matmat(V)
         held = computed(op)
         assert held and all(ref() is not None for ref in held)
         op.release()
         assert all(ref() is None for ref in held)
         sub = op.select(torch.tensor([0, 2]))
-        sub.matmat(V[[0, 2]]), sub.rmatmat(V[[0, 2]])
+        sub.matmat(V[[0, 2]])
         held = computed(sub)
         assert held
         del sub
