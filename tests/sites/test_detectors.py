@@ -4,6 +4,7 @@ by the caller, windowed tensors, and a fixed sample of the model zoo through the
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import pytest
 import timm
@@ -11,6 +12,7 @@ import tiny_models
 import torch
 import transformers as tf
 from conftest import TINY
+from torch import nn
 from torch.func import jacrev
 
 from ra_probe.engine import JacobianOperator
@@ -214,6 +216,31 @@ def test_a_skip_the_caller_passes_in_is_a_projection_site_and_a_functional_relu_
     assert [(s.name, s.kind, s.post_name) for s in report.sites] == [("tree1", "projection", "relu"),
                                                                      ("tree2", "identity", "relu")]
     assert all(s.verify_error < 1e-6 for s in report.sites)
+
+
+def test_the_forward_recorder_holds_none_of_the_forwards_activations():
+    """The runtime detector's record of a forward keeps no tensor the forward made (it kept the input of
+    every elementwise op, which a post-op may replay: at 768 px the whole forward's activations, 0.27 GB
+    an attention block), and still replays the post-op after the add on a new value."""
+    from ra_probe.sites.detect import runtime
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.made = nn.Linear(6, 6), []
+
+        def forward(self, x):
+            h = self.fc(x)
+            self.made.append(weakref.ref(h))  # tanh's input
+            return torch.relu(x + torch.tanh(h))
+
+    block, x = Block().eval(), torch.randn(3, 6)
+    frames = runtime.record(block, lambda: block(x), {""})
+    assert len(frames) == 1 and len(frames[0].adds) == 1
+    assert block.made[0]() is None
+    (site,), _ = runtime.sites_of(frames[0])
+    t = torch.randn(3, 6)
+    assert site.post_name == "relu" and torch.equal(site.post(t), torch.relu(t))
 
 
 def test_windowed_tensors_are_measured_per_sample_and_do_not_count_as_interacting_samples():
