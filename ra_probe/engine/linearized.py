@@ -52,7 +52,7 @@ def trace(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> fx.Grap
         with fwAD.dual_level():
             return fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
 
-    return make_fx(tangent_of)(x.new_empty(()).expand_as(x))
+    return _detached(make_fx(tangent_of)(x.new_empty(()).expand_as(x)))
 
 
 def specialize(traced: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
@@ -64,6 +64,14 @@ def specialize(traced: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
         raise Unsupported("the rewritten program disagrees with the traced one")
     return program
+
+
+def _detached(module: fx.GraphModule) -> fx.GraphModule:
+    """`module` without its graph's reference back to it (its graph is final): the module and its
+    constants (an attention's program holds 0.5 GB a sample at 2304 tokens, a trace x) go as soon as their
+    operator drops them, not when Python's cycle collector next runs, which a probe outran site after site."""
+    module.graph.owning_module = None
+    return module
 
 
 def _is_inplace(node: fx.Node) -> bool:
@@ -110,12 +118,7 @@ class _Specializer(fx.Interpreter):
         self.run(*(None for node in self.module.graph.nodes if node.op == "placeholder"),
                  enable_io_processing=False)
         self.program.eliminate_dead_code()
-        program = fx.GraphModule(self.root, self.program)
-        # the graph is final: without its reference back, the module and its constants (at 2304 tokens an
-        # attention's are 0.5 GB a sample) go as soon as their operator drops them, not when Python's
-        # cycle collector next runs, which a probe outran site after site
-        program.graph.owning_module = None
-        return program
+        return _detached(fx.GraphModule(self.root, self.program))
 
     def run_node(self, n: fx.Node):
         self.node = n  # the rules read the traced node as well as its arguments' values

@@ -679,6 +679,9 @@ def test_released_and_dropped_operators_free_their_programs_without_the_cycle_co
         assert held and all(ref() is not None for ref in held)
         op.release()
         assert all(ref() is None for ref in held)
+        trace = weakref.ref(op._traced)
+        op.release(keep_trace=False)
+        assert trace() is None
         sub = op.select(torch.tensor([0, 2]))
         sub.matmat(V[[0, 2]])
         held = computed(sub)
