@@ -17,24 +17,40 @@ from ra_probe.engine.memory import basis_size, kept_columns
 from ra_probe.engine.operators import BatchedOperator
 
 # The block width: a wider block pays each step's Gram–Schmidt and Ritz check for more vectors and
-# makes each product call wider, but takes more products to reach a tolerance. Measured on a
-# CPU, top 10 at tol 1e-3, s per sample (products) for blocks 2 / 4 / 8: resnet18 layer1 1.74 (782) /
-# 1.09 (584) / 1.35 (832). benchmarks/peers.py --widths 2 (time over the best scipy svds, 4 against 2):
-# 4 is faster on three of four sites; the vit_tiny MLP alone is faster at 2 (0.57 against 0.67, 109
-# against 146 products), and no early sign (Ritz values, a first restart) tells such a site apart.
+# makes each product call wider, but takes more products to reach a tolerance. Where a step's fixed
+# costs (a call's dispatch, the Ritz check) weigh, a wide block amortizes them; where the products
+# dominate (a large site on a CPU), two vectors reach the tolerance in fewer of them.
+# benchmarks/peers.py (one thread, top 10 at tol 1e-3), s per sample (products) at width 4 / 2:
+# a BERT FFN (2,048 dims) 0.084 (312) / 0.107 (260), a trained conv site (4,096) 0.075 (190) /
+# 0.079 (154); a vit_tiny MLP (37,824) 0.34 (146) / 0.28 (109), a random-init resnet18 layer1
+# (50,176) 1.26 (566) / 1.04 (450). No early Ritz value tells a flat spectrum from a decaying one
+# (their first checks spread alike), and with `TIE_PATIENCE` neither needs four: the width follows
+# the site's size and device.
 DEFAULT_WIDTH = 4
+NARROW_WIDTH, NARROW_MIN_DIM = 2, 16384  # on a CPU, sites of at least this many dimensions
 MIN_WIDTH = 2  # a single vector cannot tell a repeated value from a simple one
 
 
-def default_width(k: int) -> int:
-    """Start width of the block Krylov solver for top-`k` triplets (it grows a sample's block when a
-    cluster of values shows as many copies as the block has vectors)."""
-    return max(MIN_WIDTH, min(DEFAULT_WIDTH, k + 1))
+def default_width(k: int, dim: int = 0, device: str | torch.device = "cpu") -> int:
+    """Start width of the block Krylov solver for top-`k` triplets of a site of `dim` = max(m, n)
+    dimensions on `device` (it grows a sample's block when a cluster of values shows as many copies
+    as the block has vectors); without `dim`, the widest start (memory estimates)."""
+    narrow = torch.device(device).type == "cpu" and dim >= NARROW_MIN_DIM
+    return max(MIN_WIDTH, min(NARROW_WIDTH if narrow else DEFAULT_WIDTH, k + 1))
 
 
 # Columns a solve may visit per sample (restarts included) before it stops unconverged: trained conv
 # sites need ~10k-25k at tol 1e-3; beyond 60k the spectrum is too flat for the tolerance.
 MAX_COLUMNS_PER_K = 60
+
+# Restarts' worth of columns a sample goes on at its width while it shows a tie (`cluster_growth`)
+# before it takes a wider block. A tie is either copies of one value, which only a wider block finds,
+# or values the solve has not told apart yet, which more columns at the same width tell apart as the
+# bounds shrink: on a flat spectrum (a random init, neighbours ~1e-3·σ₁ apart) most ties are the
+# latter. A random-init resnet18 layer1, blocks of 2, products a sample with patience 0 / 1 / 2 / 3 /
+# 4 / 6: 735 / 731 / 598 / 474 / 450 / 450 (every sample went on at width 4 without it); blocks of
+# 4: 738 / 566; a BERT FFN's blocks of 2 369 / 260. Copies of a value pay the wait in products.
+TIE_PATIENCE = 4
 
 
 def random_rows(seed: int, ids: torch.Tensor, rows: int, dim: int, dtype: torch.dtype, device: torch.device,
@@ -220,12 +236,14 @@ def krylov_svd(op: BatchedOperator, k: int, *, width: int | None = None, tol: fl
                max_basis: int | None = None, max_columns: int | None = None, seed: int = 0,
                sample_ids: torch.Tensor | None = None, reorthogonalize: str = "adaptive") -> SVDResult:
     """Top-k triplets by block Golub–Kahan–Lanczos bidiagonalization with full re-orthogonalization,
-    lock-step over the samples (`_block_gkl`), from `width` vectors per sample (at least 2).
+    lock-step over the samples (`_block_gkl`), from `width` vectors per sample (at least 2; default:
+    `default_width`).
 
     A sample whose settled Ritz values show a cluster with as many values as its block has vectors
-    may be missing copies (`cluster_growth`): its solve goes on from its Ritz vectors with a block
-    twice the cluster, the new vectors drawn at random, until the clusters it shows are smaller than
-    its block. Every random vector of sample b comes from (seed, sample_ids[b], width, step): a
+    may be missing copies (`cluster_growth`): once the cluster has held for `TIE_PATIENCE` restarts'
+    worth of columns (values not yet told apart come apart meanwhile), its solve goes on from its Ritz
+    vectors with a block twice the cluster, the new vectors drawn at random, until the clusters it
+    shows are smaller than its block. Every random vector of sample b comes from (seed, sample_ids[b], width, step): a
     sample's numbers do not depend on the other samples of the batch (default ids: 0 … B−1).
     `reorthogonalize`: the Gram–Schmidt passes, one of `REORTHOGONALIZE`."""
     if reorthogonalize not in REORTHOGONALIZE:
@@ -236,8 +254,8 @@ def krylov_svd(op: BatchedOperator, k: int, *, width: int | None = None, tol: fl
     out = _empty_result(op, k)
     products, iterations = 0, 0
     # by block width: samples to solve from a random start, and samples to go on with from their Ritz vectors
-    fresh: dict[int, list[torch.Tensor]] = {max(MIN_WIDTH, width or default_width(k)):
-                                            [torch.arange(batch)]}
+    start_width = max(MIN_WIDTH, width or default_width(k, max(m, n), op.device))
+    fresh: dict[int, list[torch.Tensor]] = {start_width: [torch.arange(batch)]}
     going_on: dict[int, list[_Continuation]] = {}
     while fresh or going_on:
         width = min(fresh.keys() | going_on.keys())
@@ -301,9 +319,10 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
     satisfies J v = σ u and Jᵀ u − σ v = V_{i+1} R' p_i (p_i: p's last block), up to rounding,
     bounded by eps·(√(m+n) + basis + columns visited)·σ₁, and up to what a breakdown dropped and
     how far C' is from T's last block row (both measured, added to the bounds). A sample is done when
-    the bound of each of its top-k triplets is ≤ tol·σ₁ (a tol below rounding is never met), when it
-    needs a wider block (`cluster_growth`), or after `max_columns` columns; its triplets are taken at
-    that step, whatever the other samples still do.
+    the bound of each of its top-k triplets is ≤ tol·σ₁ (a tol below rounding is never met) and it
+    shows no tie, when a tie has held for `TIE_PATIENCE` restarts' worth of columns (it needs a wider
+    block: `cluster_growth`), or after `max_columns` columns; its triplets are taken at that step,
+    whatever the other samples still do.
 
     When the `cols` columns are full, the basis is replaced by its leading Ritz vectors
     (`kept_columns`): T becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold
@@ -385,6 +404,8 @@ class _BlockGKL:
         self.T = torch.zeros(batch, cols, cols, dtype=torch.float64)  # the projected matrix, on the CPU
         self.work = _Workspace(batch, width, self.m, self.n, self.keep, self.dtype, self.device)
         self.done = torch.zeros(batch, dtype=torch.bool)  # working samples whose triplets are taken
+        self.tied_since = torch.full((batch,), -1, dtype=torch.long)  # the step a sample first showed a tie
+        self.patience = TIE_PATIENCE * (cols - self.keep) // width  # steps
         self.splittable = True
         self.products, self.step, self.iterations = -op.products, 0, 0
         self.watch = k  # Ritz triplets that must settle: a start's new vectors must also find what they are after
@@ -439,7 +460,10 @@ class _BlockGKL:
                 self.lo = hi
                 continue  # a Ritz check costs an SVD of T: large bases check every few steps
             ritz = self.check(hi)
-            finished = (ritz.converged | (ritz.need > 0) | (self.step >= self.steps_cap)) & ~self.done
+            tied = ritz.need > 0  # a wider block only for a tie that more columns did not resolve
+            self.tied_since = torch.where(tied & (self.tied_since < 0), self.step, self.tied_since)
+            widen = tied & (self.step - self.tied_since >= self.patience)
+            finished = ((ritz.converged & ~tied) | widen | (self.step >= self.steps_cap)) & ~self.done
             if bool(finished.any()):
                 self.take(ritz, finished, hi)
             self.done |= finished
@@ -553,6 +577,7 @@ class _BlockGKL:
         on = active.to(self.device)
         self.scale, self.Rv = self.scale[on], self.Rv[on]
         self.T, self.done = self.T[active], self.done[active]
+        self.tied_since = self.tied_since[active]
         self.drift_left, self.drift_right = self.drift_left[active], self.drift_right[active]
         self.visited, self.steps = self.visited[active], self.steps[active]
         return ritz.at(active)

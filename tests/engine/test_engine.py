@@ -242,6 +242,37 @@ def test_a_wider_block_goes_on_from_the_basis(monkeypatch):
         assert products < again.products
 
 
+def test_distinct_values_closer_than_the_tolerance_are_told_apart_without_a_wider_block(monkeypatch):
+    """Twelve values 3e-4·σ₁ apart, blocks of 2: neighbours first look tied (closer than their bounds),
+    as copies of one value would. Going on at width 2 tells them apart as the bounds shrink; widening
+    at once (no patience) cost more products. Copies still widen (`test_a_wider_block_goes_on_…`)."""
+    from ra_probe.engine import krylov
+
+    s = torch.cat([1 - 3e-4 * torch.arange(12.0), 0.5 * 0.95 ** torch.arange(138.0)])
+    op, matrices, _ = known_operator(s, m=150, n=160)
+    widths, original = [], krylov._block_gkl
+
+    def logged(op, k, width, **kw):
+        widths.append(width)
+        return original(op, k, width, **kw)
+    monkeypatch.setattr(krylov, "_block_gkl", logged)
+    result = krylov_svd(op, 10, width=2, tol=1e-3, max_basis=SMALL_BASIS)
+    assert widths == [2] and result.converged.all() and ((result.S - s[:10].double()).abs() <= 1e-3).all()
+    left, right = true_residuals(matrices, result)
+    assert (result.res_left >= left).all() and (result.res_right >= right).all()
+    monkeypatch.setattr(krylov, "TIE_PATIENCE", 0)
+    at_once = krylov_svd(op, 10, width=2, tol=1e-3, max_basis=SMALL_BASIS)
+    assert max(widths) > 2 and result.products < at_once.products
+
+
+def test_the_start_width_follows_the_sites_size_and_device():
+    # on a CPU a large site's products outweigh a step's fixed costs: two vectors a step reach the
+    # tolerance in fewer of them; small sites and accelerators amortize a step over four
+    assert default_width(16, 50_176, "cpu") == 2 and default_width(16, 4_096, "cpu") == 4
+    assert default_width(16, 50_176, torch.device("cuda")) == 4
+    assert default_width(1, 128) == 2 and default_width(16) == 4  # no dimension: the widest start, for memory
+
+
 def test_samples_that_reach_one_width_from_different_widths_go_on_in_groups_of_their_own(monkeypatch):
     """Two samples of a batch at width 2: one needs 8 at once, the other 4 and then 8. Both go on at
     width 8 from next blocks of 2 and of 4 vectors: they are solved as two groups (they were joined
@@ -260,6 +291,7 @@ def test_samples_that_reach_one_width_from_different_widths_go_on_in_groups_of_t
             return torch.tensor(wanted)
         return need
     monkeypatch.setattr(krylov, "cluster_growth", growth)
+    monkeypatch.setattr(krylov, "TIE_PATIENCE", 0)  # the made-up ties show once: widen at once
     s = torch.linspace(1.0, 0.5, 150)  # slow enough that the bases grow past 24 columns
     op, matrices, _ = known_operator(s, m=150, n=160)
     result = krylov_svd(op, 10, width=2, tol=1e-3, max_basis=SMALL_BASIS)
