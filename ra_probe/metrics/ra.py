@@ -5,6 +5,27 @@ import statistics
 
 import torch
 
+# Elements of float64 one chunk of a Gram matrix's coordinates holds (`_gram`): 32 MB
+GRAM_CHUNK_ELEMENTS = 1 << 22
+
+
+def _gram(points: torch.Tensor, rows) -> torch.Tensor:
+    """Σ over the coordinates of R Rᵀ in float64, (B, r, r), for R = rows(points) (B, r, d') a linear
+    map of points (B, n, d) that acts on each coordinate alone (differences, centering), taken chunk of
+    coordinates by chunk: float64 copies of whole trajectories cost 10× their size in float32 (the 65
+    points of 1.56M coordinates of a 546-px ViT's group: 3.9 GB for 0.4 GB of points)."""
+    points = points.flatten(2)
+    chunk = max(1, GRAM_CHUNK_ELEMENTS // max(1, points.shape[0] * points.shape[1]))
+    gram = None
+    for start in range(0, points.shape[2], chunk):
+        part = rows(points[:, :, start:start + chunk].double())
+        gram = part @ part.mT if gram is None else gram.baddbmm_(part, part.mT)
+    return gram
+
+
+def _centered(points: torch.Tensor) -> torch.Tensor:
+    return points - points.mean(dim=1, keepdim=True)
+
 
 def trajectory_stats(H: torch.Tensor) -> dict[str, torch.Tensor]:
     """RA1 for trajectories H (B, m+1, d): the representations h_0..h_m of each sample across a group.
@@ -14,21 +35,22 @@ def trajectory_stats(H: torch.Tensor) -> dict[str, torch.Tensor]:
     - step_cv: std/mean of the step norms ‖Δ_l‖ (0 = equispaced);
     - step_cos: mean cosine of consecutive steps.
     Each (B,); NaN for a sample whose trajectory does not move (every branch exactly zero): a point
-    is no line, and no evidence either way."""
-    H = H.flatten(2).double()
-    steps = H[:, 1:] - H[:, :-1]
-    norms = steps.norm(dim=2)
-    tiny = torch.finfo(H.dtype).tiny
-    centered = H - H.mean(dim=1, keepdim=True)
-    sv = torch.linalg.svdvals(centered)
-    linearity = sv[:, 0] ** 2 / (sv ** 2).sum(dim=1).clamp_min(tiny)
-    unit = steps / norms.clamp_min(tiny)[..., None]
-    lss = steps.shape[1] / unit.sum(dim=1).norm(dim=1).clamp_min(tiny)
+    is no line, and no evidence either way. All from two (m+1)-sized Gram matrices, of the steps and
+    of the centered points (`_gram`)."""
+    tiny = torch.finfo(torch.float64).tiny
+    steps = _gram(H, lambda points: points[:, 1:] - points[:, :-1])  # ⟨Δ_l, Δ_l'⟩
+    centered = _gram(H, _centered)
+    squares = torch.linalg.eigvalsh(centered)  # σ² of the centered trajectory
+    linearity = squares[:, -1].clamp_min(0.0) / centered.diagonal(dim1=1, dim2=2).sum(dim=1).clamp_min(tiny)
+    norms = steps.diagonal(dim1=1, dim2=2).clamp_min(0.0).sqrt()
+    scale = 1.0 / norms.clamp_min(tiny)
+    units = steps * scale[:, :, None] * scale[:, None, :]  # ⟨Δ_l/‖Δ_l‖, Δ_l'/‖Δ_l'‖⟩
+    lss = norms.shape[1] / units.sum(dim=(1, 2)).clamp_min(0.0).sqrt().clamp_min(tiny)
     step_cv = norms.std(dim=1, unbiased=False) / norms.mean(dim=1).clamp_min(tiny)
-    if steps.shape[1] > 1:
-        step_cos = (unit[:, 1:] * unit[:, :-1]).sum(dim=2).mean(dim=1)
+    if norms.shape[1] > 1:
+        step_cos = units.diagonal(offset=1, dim1=1, dim2=2).mean(dim=1)
     else:
-        step_cos = torch.ones(H.shape[0], dtype=H.dtype, device=H.device)
+        step_cos = torch.ones(H.shape[0], dtype=torch.float64, device=H.device)
     still = (norms == 0).all(dim=1)
     stats = {"linearity": linearity, "lss": lss, "step_cv": step_cv, "step_cos": step_cos}
     return {name: value.masked_fill(still, float("nan")) for name, value in stats.items()}
@@ -40,12 +62,10 @@ def trajectory_projection(H: torch.Tensor, components: int = 2) -> tuple[torch.T
     straight, equispaced trajectories stay so in the picture.
 
     Through the Gram matrix X Xᵀ = W Λ Wᵀ of the centered points X (N, d), the scores are W √Λ (N × N
-    work, never d × d). Signs are fixed so that the trajectories advance, on average, along +PC.
+    work, never d × d; `_gram`). Signs are fixed so that the trajectories advance, on average, along +PC.
     Returns the points (P, m+1, c) and each component's share of the variance (c,)."""
     P, steps = H.shape[:2]
-    X = H.flatten(2).reshape(P * steps, -1)
-    X = X - X.mean(dim=0, keepdim=True)
-    eigenvalues, W = torch.linalg.eigh((X @ X.T).double())
+    eigenvalues, W = torch.linalg.eigh(_gram(H.flatten(2).reshape(1, P * steps, -1), _centered)[0])
     eigenvalues, W = eigenvalues.flip(0).clamp_min(0.0), W.flip(1)
     c = min(components, W.shape[1])
     scores = (W[:, :c] * eigenvalues[:c].sqrt()).reshape(P, steps, c)

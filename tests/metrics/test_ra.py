@@ -66,6 +66,38 @@ def test_right_angle_zigzag_by_hand():
     assert stats["linearity"].item() == pytest.approx(expected, abs=1e-12) and expected < 1
 
 
+def test_trajectories_are_measured_chunk_by_chunk_without_a_float64_copy_of_them(monkeypatch):
+    """A group's trajectories at high resolution are large (65 points of 1.56M coordinates: 0.4 GB in
+    float32): RA1 never makes a float64 copy of them (it took 3.9 GB more), only chunks of coordinates
+    and Gram matrices, and measures the same as the direct formulas (SVD of the centered points, unit
+    steps summed)."""
+    from torch.overrides import TorchFunctionMode
+
+    from ra_probe.metrics import ra
+
+    monkeypatch.setattr(ra, "GRAM_CHUNK_ELEMENTS", 3 * 7 * 100)  # chunks of 100 coordinates
+    H = torch.randn(3, 7, 1000, generator=torch.Generator().manual_seed(0)).cumsum(dim=1)
+    largest = []
+
+    class Float64Sizes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                largest.append(out.numel())
+            return out
+    with Float64Sizes():
+        stats = trajectory_stats(H)
+        trajectory_projection(H)
+    assert max(largest) <= 3 * 7 * 100 < H.numel()
+    D = H.double()
+    steps = D[:, 1:] - D[:, :-1]
+    s = torch.linalg.svdvals(D - D.mean(dim=1, keepdim=True))
+    unit = steps / steps.norm(dim=2, keepdim=True)
+    torch.testing.assert_close(stats["linearity"], s[:, 0] ** 2 / (s ** 2).sum(dim=1))
+    torch.testing.assert_close(stats["lss"], 6 / unit.sum(dim=1).norm(dim=1))
+    torch.testing.assert_close(stats["step_cos"], (unit[:, 1:] * unit[:, :-1]).sum(dim=2).mean(dim=1))
+
+
 def test_alignment_by_hand():
     J_i, S_i = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)), torch.tensor([[3.0, 1.0]], dtype=torch.float64)
     eye = torch.eye(2, dtype=torch.float64)
