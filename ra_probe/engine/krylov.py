@@ -51,6 +51,10 @@ MAX_COLUMNS_PER_K = 60
 # 4 / 6: 735 / 731 / 598 / 474 / 450 / 450 (every sample went on at width 4 without it); blocks of
 # 4: 738 / 566; a BERT FFN's blocks of 2 369 / 260. Copies of a value pay the wait in products.
 TIE_PATIENCE = 4
+# Copies of one value agree far below their bounds (measured: to ~1e-11 of them in float64, ~1e-3 in
+# float32), values not yet told apart about to their gap (0.1–1 of the bounds on the flat resnet18): a
+# cluster whose neighbours agree to this share of their bounds takes a wider block at once.
+COPY_SHARE = 1e-2
 
 
 def random_rows(seed: int, ids: torch.Tensor, rows: int, dim: int, dtype: torch.dtype, device: torch.device,
@@ -161,7 +165,7 @@ def _flushing_denormals(solve):
 
 
 def cluster_growth(S: torch.Tensor, bounds: torch.Tensor, settled: torch.Tensor, k: int, width: int,
-                   tol: float) -> torch.Tensor:
+                   tol: float, share: float = 1.0) -> torch.Tensor:
     """The block width each sample needs, (B,) int64, 0 when its current `width` can be trusted.
 
     A Krylov space grown from blocks of w vectors holds at most w directions of any singular
@@ -175,9 +179,10 @@ def cluster_growth(S: torch.Tensor, bounds: torch.Tensor, settled: torch.Tensor,
 
     Values the solve has told apart are distinct values it found. Judged at the tolerance alone, the
     chains of a flat spectrum (a network at random init: neighbours ~1e-3·σ₁ apart, resolved far
-    below that) widened blocks again and again: 40 % of the time of a random-init resnet18's probe."""
+    below that) widened blocks again and again: 40 % of the time of a random-init resnet18's probe.
+    With `share` < 1, only neighbours closer than that share of their bounds' sum count (`COPY_SHARE`)."""
     top, ok = S[:, :k], settled[:, :k]
-    apart = torch.minimum(bounds[:, :k - 1] + bounds[:, 1:k], tol * top[:, :1])
+    apart = torch.minimum(share * (bounds[:, :k - 1] + bounds[:, 1:k]), tol * top[:, :1])
     tied = (top[:, :-1] - top[:, 1:] <= apart) & ok[:, :-1] & ok[:, 1:]
     need = torch.zeros(S.shape[0], dtype=torch.long)
     for b in tied.any(dim=1).nonzero().flatten().tolist():  # rare: a short loop over k values
@@ -360,7 +365,7 @@ class _Workspace:
 @dataclass
 class _Ritz:
     """A Ritz check: T = P diag(S) Qhᵀ, the bounds `left`, `right` (B, watched) of the leading
-    triplets, which samples converged and the block width each needs (`cluster_growth`)."""
+    triplets, which samples converged, the block width each needs (`cluster_growth`) and whether at once."""
 
     P: torch.Tensor
     S: torch.Tensor
@@ -369,6 +374,7 @@ class _Ritz:
     right: torch.Tensor
     converged: torch.Tensor
     need: torch.Tensor
+    copies: torch.Tensor  # (B,) bool: a cluster that needs `need` looks like copies of one value
 
     def at(self, rows: torch.Tensor) -> _Ritz:
         return _Ritz(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
@@ -462,7 +468,7 @@ class _BlockGKL:
             ritz = self.check(hi)
             tied = ritz.need > 0  # a wider block only for a tie that more columns did not resolve
             self.tied_since = torch.where(tied & (self.tied_since < 0), self.step, self.tied_since)
-            widen = tied & (self.step - self.tied_since >= self.patience)
+            widen = tied & (ritz.copies | (self.step - self.tied_since >= self.patience))
             finished = ((ritz.converged & ~tied) | widen | (self.step >= self.steps_cap)) & ~self.done
             if bool(finished.any()):
                 self.take(ritz, finished, hi)
@@ -530,7 +536,8 @@ class _BlockGKL:
         settled = bounds <= self.tol * sigma1
         converged = settled.all(dim=1) | (sigma1[:, 0] <= 0)
         need = cluster_growth(S, bounds, settled, self.k, self.w, self.tol)
-        return _Ritz(P, S, Qh, left, right, converged, need)
+        copies = cluster_growth(S, bounds, settled, self.k, self.w, self.tol, COPY_SHARE) > 0
+        return _Ritz(P, S, Qh, left, right, converged, need, copies)
 
     def _basis(self, basis: torch.Tensor, at: torch.Tensor, hi: int) -> torch.Tensor:
         """The first `hi` rows of samples `at` (increasing) of a basis: a view when that is all of them."""

@@ -265,6 +265,21 @@ def test_distinct_values_closer_than_the_tolerance_are_told_apart_without_a_wide
     assert max(widths) > 2 and result.products < at_once.products
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_copies_of_a_value_take_a_wider_block_at_once(monkeypatch, dtype):
+    """Copies of one value agree far below their bounds, values not yet told apart do not: a value
+    repeated twice at blocks of 2 widens as soon as its copies agree, at most a few steps after it shows
+    (it waited four restarts first: 4× the products of widening at once)."""
+    from ra_probe.engine import krylov
+
+    s = CLUSTERS["repeated 2"]
+    op = known_operator(s, m=150, n=160, dtype=dtype)[0]
+    result = krylov_svd(op, 16, width=2, tol=1e-3, max_basis=SMALL_BASIS)
+    assert result.converged.all() and ((result.S.double() - s[:16].double()).abs() <= 1e-3).all()
+    monkeypatch.setattr(krylov, "TIE_PATIENCE", 0)
+    assert result.products <= 1.2 * krylov_svd(op, 16, width=2, tol=1e-3, max_basis=SMALL_BASIS).products
+
+
 def test_the_start_width_follows_the_sites_size_and_device():
     # on a CPU a large site's products outweigh a step's fixed costs: two vectors a step reach the
     # tolerance in fewer of them; small sites and accelerators amortize a step over four
@@ -282,9 +297,9 @@ def test_samples_that_reach_one_width_from_different_widths_go_on_in_groups_of_t
     original = krylov.cluster_growth
     asked: dict[tuple[int, int], bool] = {}
 
-    def growth(S, bounds, settled, k, width, tol):
-        need = original(S, bounds, settled, k, width, tol)
-        wanted = {2: [4, 8], 4: [8]}.get(width, [])
+    def growth(S, bounds, settled, k, width, tol, share=1.0):
+        need = original(S, bounds, settled, k, width, tol, share)
+        wanted = {2: [4, 8], 4: [8]}.get(width, []) if share == 1.0 else []
         # asked once the basis holds enough columns that both keep as many Ritz vectors (22)
         if not asked.get((width, len(S))) and len(S) == len(wanted) and S.shape[1] >= 24:
             asked[width, len(S)] = True
