@@ -246,10 +246,11 @@ def krylov_svd(op: BatchedOperator, k: int, *, width: int | None = None, tol: fl
 
     A sample whose settled Ritz values show a cluster with as many values as its block has vectors
     may be missing copies (`cluster_growth`): once the cluster has held for `TIE_PATIENCE` restarts'
-    worth of columns (values not yet told apart come apart meanwhile), its solve goes on from its Ritz
-    vectors with a block twice the cluster, the new vectors drawn at random, until the clusters it
-    shows are smaller than its block. Every random vector of sample b comes from (seed, sample_ids[b], width, step): a
-    sample's numbers do not depend on the other samples of the batch (default ids: 0 … B−1).
+    worth of columns (values not yet told apart come apart meanwhile), or at once where its values
+    agree as copies do (`COPY_SHARE`), its solve goes on from its Ritz vectors with a block twice the
+    cluster, the new vectors drawn at random, until the clusters it shows are smaller than its block.
+    Every random vector of sample b comes from (seed, sample_ids[b], width, step): a sample's numbers
+    do not depend on the other samples of the batch (default ids: 0 … B−1).
     `reorthogonalize`: the Gram–Schmidt passes, one of `REORTHOGONALIZE`."""
     if reorthogonalize not in REORTHOGONALIZE:
         raise ValueError(f"unknown reorthogonalize {reorthogonalize!r}")
@@ -325,8 +326,8 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
     bounded by eps·(√(m+n) + basis + columns visited)·σ₁, and up to what a breakdown dropped and
     how far C' is from T's last block row (both measured, added to the bounds). A sample is done when
     the bound of each of its top-k triplets is ≤ tol·σ₁ (a tol below rounding is never met) and it
-    shows no tie, when a tie has held for `TIE_PATIENCE` restarts' worth of columns (it needs a wider
-    block: `cluster_growth`), or after `max_columns` columns; its triplets are taken at that step,
+    shows no tie, when a tie has held for `TIE_PATIENCE` restarts' worth of columns or looks like
+    copies (it needs a wider block: `cluster_growth`), or after `max_columns` columns; its triplets are taken at that step,
     whatever the other samples still do.
 
     When the `cols` columns are full, the basis is replaced by its leading Ritz vectors
