@@ -327,8 +327,8 @@ def _block_gkl(op: BatchedOperator, k: int, width: int, *, tol: float, cols: int
     how far C' is from T's last block row (both measured, added to the bounds). A sample is done when
     the bound of each of its top-k triplets is ≤ tol·σ₁ (a tol below rounding is never met) and it
     shows no tie, when a tie has held for `TIE_PATIENCE` restarts' worth of columns or looks like
-    copies (it needs a wider block: `cluster_growth`), or after `max_columns` columns; its triplets are taken at that step,
-    whatever the other samples still do.
+    copies (it needs a wider block: `cluster_growth`), or after `max_columns` columns; its triplets
+    are taken at that step, whatever the other samples still do.
 
     When the `cols` columns are full, the basis is replaced by its leading Ritz vectors
     (`kept_columns`): T becomes diag(Σ) and the next block V_{i+1} carries on, so both relations hold
@@ -366,7 +366,8 @@ class _Workspace:
 @dataclass
 class _Ritz:
     """A Ritz check: T = P diag(S) Qhᵀ, the bounds `left`, `right` (B, watched) of the leading
-    triplets, which samples converged, the block width each needs (`cluster_growth`) and whether at once."""
+    triplets, which samples converged, the block width each needs (`cluster_growth`) and whether its
+    cluster looks like copies of one value (then it widens without waiting: `COPY_SHARE`)."""
 
     P: torch.Tensor
     S: torch.Tensor
@@ -375,7 +376,7 @@ class _Ritz:
     right: torch.Tensor
     converged: torch.Tensor
     need: torch.Tensor
-    copies: torch.Tensor  # (B,) bool: a cluster that needs `need` looks like copies of one value
+    copies: torch.Tensor
 
     def at(self, rows: torch.Tensor) -> _Ritz:
         return _Ritz(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
