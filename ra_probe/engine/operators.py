@@ -3,6 +3,7 @@ one per sample, and applies them to a block of k vectors per sample in one call.
 solvers; solvers know nothing of networks."""
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -61,6 +62,11 @@ class BatchedOperator:
     def select(self, rows: torch.Tensor) -> BatchedOperator | None:
         return None
 
+    def select_cost(self) -> float:
+        """What an operator from `select` costs before its first product, in products (of one vector
+        for one sample): nothing, here."""
+        return 0.0
+
     def release(self, keep_trace: bool = True) -> None:
         """Drop what the operator keeps of its function between products (nothing, here); `keep_trace`:
         whether it may keep what costs little memory to build them again from (`JacobianOperator`)."""
@@ -118,8 +124,14 @@ class JacobianOperator(BatchedOperator):
         self.tangent_size = tangent_size or x[0].numel()
         self.products = 0
         self._fx = f if ctx is None else (lambda x_: f(x_, ctx))
+        # seconds spent on getting ready for products (the forward, the vjp function, the linearized
+        # program) and on products, and the products timed: what `select_cost` weighs
+        self._ready_seconds = self._product_seconds = 0.0
+        self._timed_products = 0
+        start = time.perf_counter()
         with torch.no_grad():
             self.out = self._fx(x)
+        self._ready_seconds += time.perf_counter() - start
         out = self.out
         self.shape = (x.shape[0], out[0].numel(), x[0].numel())
         self.dtype, self.device = x.dtype, x.device
@@ -165,9 +177,11 @@ class JacobianOperator(BatchedOperator):
     def _forward_products(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
             try:
+                start = time.perf_counter()
                 with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
                     self._lin_fn = self._linearized()
+                self._ready_seconds += time.perf_counter() - start
                 return self._blocks(self._jvp_flat, v, out)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
                 self._lin_fn, self.linearize = None, False
@@ -187,7 +201,9 @@ class JacobianOperator(BatchedOperator):
         if self._autograd is None:
             try:
                 if self._vjp_fn is None:  # built once, outside vmap, on first use
+                    start = time.perf_counter()
                     _, self._vjp_fn = vjp(self._fx, self.x)
+                    self._ready_seconds += time.perf_counter() - start
                 return self._blocks(self._vjp_flat, u, out)
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
@@ -206,6 +222,14 @@ class JacobianOperator(BatchedOperator):
             self._traced = None
 
     def _blocks(self, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """`_calls`, timed."""
+        start = time.perf_counter()
+        result = self._calls(single, w, out)
+        self._product_seconds += time.perf_counter() - start
+        self._timed_products += w.shape[0] * w.shape[-1]
+        return result
+
+    def _calls(self, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Apply `single`, a product of one column per sample, to the columns of w (B, d, k), vmapped over
         `vectors_per_call` columns per call, into `out` when given; a call of a single column skips vmap
         (its batching rules cost more than they save for one vector: 6-9 % of a call of the ViT MLP's and
@@ -245,6 +269,15 @@ class JacobianOperator(BatchedOperator):
         if buffer is None or buffer.shape[0] < c:
             buffer = self._staged[dim] = rows.new_empty(max(c, per_call), batch, dim)
         return buffer[:c].copy_(rows.transpose(0, 1))
+
+    def select_cost(self) -> float:
+        """What `select` costs before its first product, in products: the forward, the vjp function and
+        the linearized program this operator was built with (a trace of the branch: on a ViT MLP of 4
+        samples as much time as ~60 products), over what its products have cost. Measured on the
+        clock, an accelerator's products without waiting for them: an estimate, for deciding when to split."""
+        if not self._timed_products or not self._product_seconds:
+            return 0.0
+        return self._ready_seconds * self._timed_products / self._product_seconds
 
     def select(self, rows: torch.Tensor) -> JacobianOperator | None:
         """The operator on samples `rows`: x and every ctx tensor batched like x are sliced. A branch

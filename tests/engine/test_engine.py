@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import time
 import weakref
 
 import pytest
@@ -116,16 +117,18 @@ def test_restarts_keep_the_answer(spectrum, block):
     assert (small.res_left >= left).all() and (small.res_right >= right).all()
 
 
-@pytest.mark.parametrize("passes", ["adaptive", "second pass every step", "always"])
+@pytest.mark.parametrize("passes", ["adaptive", "adaptive, the basis in chunks", "second pass every step", "always"])
 @pytest.mark.parametrize("spectrum", SPECTRA)
 def test_gram_schmidt_passes_keep_the_basis_orthogonal(spectrum, passes, monkeypatch):
-    """The local + full pass (a second only when the full one removed much), that second pass forced
-    at every step, and two full passes: orthonormal singular vectors, the same triplets, honest
-    bounds, through many restarts and in float32 too."""
+    """The local + full pass (a second only when the full one removed much), the same over the basis
+    in chunks of a few rows, that second pass forced at every step, and two full passes: orthonormal
+    singular vectors, the same triplets, honest bounds, through many restarts and in float32 too."""
     from ra_probe.engine import krylov
 
     if passes == "second pass every step":
         monkeypatch.setattr(krylov, "KEPT_NORM", 2.0)
+    if passes.endswith("in chunks"):
+        monkeypatch.setattr(krylov, "GS_CHUNK_BYTES", 1)  # chunks of GS_MIN_CHUNK rows
     reorthogonalize = "always" if passes == "always" else "adaptive"
     k, tol, s = 10, 1e-4, SPECTRA[spectrum]
     for dtype, tight in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
@@ -139,6 +142,29 @@ def test_gram_schmidt_passes_keep_the_basis_orthogonal(spectrum, passes, monkeyp
         assert ((result.S.double() - s[:k].double()).abs() <= tol * s[0]).all()
         left, right = true_residuals(matrices, result)
         assert (result.res_left >= left).all() and (result.res_right >= right).all()
+
+
+def test_a_pass_over_the_basis_in_chunks_is_a_gram_schmidt_pass(monkeypatch):
+    """A pass that takes the basis a few rows at a time leaves what one pass over the whole basis
+    leaves, to rounding: Y = C basis + the new Y, the new Y orthogonal to the basis; samples left out
+    by `only` untouched."""
+    from ra_probe.engine import krylov
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(3, 300, 22, dtype=torch.float64, generator=generator))[0].mT
+    Y = torch.randn(3, 2, 300, dtype=torch.float64, generator=generator) + torch.randn(3, 2, 22, generator=generator,
+                                                                                       dtype=torch.float64) @ basis
+    only = torch.tensor([True, False, True])
+    whole, chunked = Y.clone(), Y.clone()
+    C_whole = krylov._project_out(whole, basis, only)
+    monkeypatch.setattr(krylov, "GS_CHUNK_BYTES", 1)
+    C_chunked = krylov._project_out(chunked, basis, only)
+    assert krylov.GS_MIN_CHUNK < basis.shape[1]
+    torch.testing.assert_close(C_chunked, C_whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(C_chunked @ basis + chunked, Y, rtol=0, atol=1e-12)
+    assert (chunked[only] @ basis[only].mT).abs().max() < 1e-12
+    assert torch.equal(chunked[1], Y[1]) and not C_chunked[1].any()
 
 
 def test_solver_restores_the_denormal_mode():
@@ -182,6 +208,42 @@ def test_converged_samples_stop_spending_products():
     assert result.products < 4 * 2 * 2 * result.iterations
     expected = torch.cat([torch.tensor([[1.0, 0, 0, 0]] * 2), decaying[:4].double().expand(2, 4)])
     assert torch.allclose(result.S, expected, atol=1e-4)
+
+
+class CostlyToSplit(DenseOperator):
+    """A dense operator whose `select` costs `cost` products before its first (as a linearized
+    program's trace does); it logs the batch of each operator it selects."""
+
+    def __init__(self, matrices: torch.Tensor, cost: float, selects: list[int]):
+        super().__init__(matrices)
+        self.cost, self.selects = cost, selects
+
+    def select_cost(self):
+        return self.cost
+
+    def select(self, rows):
+        self.selects.append(len(rows))
+        return CostlyToSplit(self.matrices[rows], self.cost, self.selects)
+
+
+def test_finished_samples_leave_once_they_have_cost_what_a_smaller_operator_costs():
+    """Two samples of rank 1 and two of a decaying spectrum: the batch shrinks once the first two have
+    finished, at once when a smaller operator costs nothing to build, after they have cost what it costs
+    (8 products a step at width 2), and never when it costs more than the rest of the solve; the same
+    values each time."""
+    decaying = 0.9 ** torch.arange(150.0)
+    hard = known_operator(decaying, batch=1, seed=2)[1]  # twice: they finish together
+    matrices = torch.cat([known_operator(torch.tensor([1.0]), batch=2, seed=1)[1], hard, hard])
+    expected = torch.cat([torch.tensor([[1.0, 0, 0, 0]] * 2), decaying[:4].double().expand(2, 4)])
+    products, selects = {}, {}
+    for cost in (0, 40, 1e9):
+        selects[cost] = []
+        result = krylov_svd(CostlyToSplit(matrices, cost, selects[cost]), 4, width=2, tol=1e-4, max_basis=SMALL_BASIS)
+        assert result.converged.all() and torch.allclose(result.S, expected, atol=1e-4)
+        products[cost] = result.products
+    assert selects == {0: [2], 40: [2], 1e9: []}
+    assert 40 <= products[40] - products[0] < 40 + 8
+    assert products[1e9] > products[40]
 
 
 
@@ -402,6 +464,31 @@ def test_jacobian_operator_matches_jacrev_and_is_adjoint():
     sub = op.select(torch.tensor([2, 0]))
     assert sub is not None and torch.allclose(sub.dense(), dense[[2, 0]], atol=1e-12)
 
+
+
+def test_a_jacobian_operator_prices_a_split_by_what_building_it_took(monkeypatch):
+    """`select_cost`, in products: nothing before the first product; after, what the forward, the vjp
+    function and the linearized program took over what a product takes. A trace made 0.2 s slower
+    raises it by about 0.2 s of products, as the caller times them."""
+    from ra_probe.engine import linearized
+
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    V, U = torch.randn(2, 100, 2, dtype=torch.float64), torch.randn(2, 100, 2, dtype=torch.float64)
+    JacobianOperator(CONV, x, linearize=True).matmat(V)  # the process's first trace loads what tracing needs
+    trace = linearized.trace
+    costs = {}
+    for delay in (0.0, 0.2):
+        monkeypatch.setattr(linearized, "trace", lambda f, x_, delay=delay: time.sleep(delay) or trace(f, x_))
+        op = JacobianOperator(CONV, x, linearize=True)
+        assert op.select_cost() == 0.0
+        op.matmat(V), op.rmatmat(U)
+        assert op._lin_fn is not None  # the product came from the linearized program
+        start = time.perf_counter()
+        for _ in range(20):
+            op.matmat(V), op.rmatmat(U)
+        per_product = (time.perf_counter() - start) / (20 * 2 * 2 * 2)
+        costs[delay] = op.select_cost() * per_product  # seconds
+    assert costs[0.0] > 0 and 0.1 <= costs[0.2] - costs[0.0] <= 0.4
 
 
 def test_an_operator_whose_side_input_is_batched_otherwise_is_not_split():
