@@ -83,8 +83,8 @@ def _orthonormal_extension(Y: torch.Tensor, basis: torch.Tensor, scale: torch.Te
                            out: torch.Tensor | None = None, reorthogonalize: str = "adaptive"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows Y (B, w, d) = C basis + Rᵀ Q with Q (B, w, d) orthonormal rows orthogonal to the rows of
-    `basis` (B, j, d), C (B, w, j), R (B, w, w) upper triangular: classical Gram–Schmidt (GEMMs on
-    row-major blocks), then a QR of the d × w remainder. Y is overwritten (the passes subtract in
+    `basis` (B, j, d), C (B, w, j), R (B, w, w) upper triangular: block Gram–Schmidt passes (GEMMs on
+    row-major blocks, `_project_out`), then a QR of the d × w remainder. Y is overwritten (the passes subtract in
     place); Q is written into `out` (B, w, d) when given (contiguous), else into a new tensor.
 
     In Golub–Kahan–Lanczos a new block's large part lies along the basis' last block (w rows): a

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import fx
+from torch.fx.experimental import const_fold
 from torch.fx.experimental.proxy_tensor import make_fx
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -63,6 +64,17 @@ def specialize(traced: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
     expected, got = traced(probe), program(probe)
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
         raise Unsupported("the rewritten program disagrees with the traced one")
+    return program
+
+
+def folded(traced: fx.GraphModule) -> fx.GraphModule:
+    """torch's rewrite of `trace(f, x)` (what `torch.func.linearize` builds: the subgraphs that do not
+    depend on the tangent computed once, on first call), for a trace `specialize` gives up on; freed as
+    soon as its operator drops it, as `specialize`'s program is (torch's own held it in reference cycles)."""
+    program = const_fold.split_const_subgraphs(traced)
+    for module in program.modules():
+        if isinstance(module, fx.GraphModule):
+            _detached(module)
     return program
 
 

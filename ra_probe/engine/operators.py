@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.func import jvp, linearize, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from ra_probe.engine import linearized, memory
 
@@ -188,13 +188,13 @@ class JacobianOperator(BatchedOperator):
         return self._blocks(self._jvp_flat, v, out)
 
     def _linearized(self):
-        """The J·v program: ours (what is known computed once, from the operator's one trace), else torch's."""
+        """The J·v program from the operator's one trace: ours (what is known computed once), else torch's."""
+        if self._traced is None:
+            self._traced = linearized.trace(self._fx, self.x)
         try:
-            if self._traced is None:
-                self._traced = linearized.trace(self._fx, self.x)
             return linearized.specialize(self._traced, self.x)
         except linearized.Unsupported:
-            return linearize(self._fx, self.x)[1]
+            return linearized.folded(self._traced)
 
     def rmatmat(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.products += u.shape[0] * u.shape[-1]
