@@ -3,10 +3,10 @@ one per sample, and applies them to a block of k vectors per sample in one call.
 solvers; solvers know nothing of networks."""
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -128,10 +128,10 @@ class JacobianOperator(BatchedOperator):
         # program) and on products, and the products timed: what `select_cost` weighs
         self._ready_seconds = self._product_seconds = 0.0
         self._timed_products = 0
-        start = time.perf_counter()
+        start = perf_counter()
         with torch.no_grad():
             self.out = self._fx(x)
-        self._ready_seconds += time.perf_counter() - start
+        self._ready_seconds += perf_counter() - start
         out = self.out
         self.shape = (x.shape[0], out[0].numel(), x[0].numel())
         self.dtype, self.device = x.dtype, x.device
@@ -177,11 +177,11 @@ class JacobianOperator(BatchedOperator):
     def _forward_products(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
             try:
-                start = time.perf_counter()
+                start = perf_counter()
                 with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
                     self._lin_fn = self._linearized()
-                self._ready_seconds += time.perf_counter() - start
+                self._ready_seconds += perf_counter() - start
                 return self._blocks(self._jvp_flat, v, out)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
                 self._lin_fn, self.linearize = None, False
@@ -201,9 +201,9 @@ class JacobianOperator(BatchedOperator):
         if self._autograd is None:
             try:
                 if self._vjp_fn is None:  # built once, outside vmap, on first use
-                    start = time.perf_counter()
+                    start = perf_counter()
                     _, self._vjp_fn = vjp(self._fx, self.x)
-                    self._ready_seconds += time.perf_counter() - start
+                    self._ready_seconds += perf_counter() - start
                 return self._blocks(self._vjp_flat, u, out)
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
@@ -223,9 +223,9 @@ class JacobianOperator(BatchedOperator):
 
     def _blocks(self, single, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """`_calls`, timed."""
-        start = time.perf_counter()
+        start = perf_counter()
         result = self._calls(single, w, out)
-        self._product_seconds += time.perf_counter() - start
+        self._product_seconds += perf_counter() - start
         self._timed_products += w.shape[0] * w.shape[-1]
         return result
 
