@@ -271,10 +271,10 @@ class JacobianOperator(BatchedOperator):
         return buffer[:c].copy_(rows.transpose(0, 1))
 
     def select_cost(self) -> float:
-        """What `select` costs before its first product, in products: the forward, the vjp function and
-        the linearized program this operator was built with (a trace of the branch: on a ViT MLP of 4
-        samples as much time as ~60 products), over what its products have cost. Measured on the
-        clock, an accelerator's products without waiting for them: an estimate, for deciding when to split."""
+        """What `select` costs before its first product, in products: the time the forward, the vjp
+        function and the linearized program (a trace of the branch) took this operator, over what its
+        products took. On the clock, an accelerator's products without waiting for them: an estimate,
+        for deciding when to split."""
         if not self._timed_products or not self._product_seconds:
             return 0.0
         return self._ready_seconds * self._timed_products / self._product_seconds
