@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -230,11 +231,15 @@ def main() -> None:
         jobs = jobs[:args.limit]
         threads = ["--threads", "1"] if args.jobs > 1 else []
 
+        building = threading.Lock()  # transformers' lazy imports are not thread-safe: two jobs at once
+        # building their models raised AttributeError for a class the other was importing
+
         def one(job: tuple) -> dict:
             category, family, ref, extra = job
             if isinstance(ref, tuple):
                 try:
-                    ref = str(hf_folder(*ref, folder))
+                    with building:
+                        ref = str(hf_folder(*ref, folder))
                 except Exception as exc:  # noqa: BLE001 - a config this script cannot build: say so
                     return {"category": category, "family": family, "model": ref[1], "seconds": 0, "found": 0,
                             "verified": 0, "skipped": [], "probed": False, "traceback": False,
