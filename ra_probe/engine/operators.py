@@ -128,10 +128,8 @@ class JacobianOperator(BatchedOperator):
         # program) and on products, and the products timed: what `select_cost` weighs
         self._ready_seconds = self._product_seconds = 0.0
         self._timed_products = 0
-        start = perf_counter()
-        with torch.no_grad():
+        with self._getting_ready(), torch.no_grad():
             self.out = self._fx(x)
-        self._ready_seconds += perf_counter() - start
         out = self.out
         self.shape = (x.shape[0], out[0].numel(), x[0].numel())
         self.dtype, self.device = x.dtype, x.device
@@ -177,11 +175,9 @@ class JacobianOperator(BatchedOperator):
     def _forward_products(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if self.linearize and self._lin_fn is None:  # first use: trace, try, or fall back to jvp for good
             try:
-                start = perf_counter()
-                with warnings.catch_warnings():  # the tracer's constant folding warns about its own graph
+                with self._getting_ready(), warnings.catch_warnings():  # the tracer's folding warns about its graph
                     warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
                     self._lin_fn = self._linearized()
-                self._ready_seconds += perf_counter() - start
                 return self._blocks(self._jvp_flat, v, out)
             except Exception:  # noqa: BLE001 - any failure of the tracer or of vmap over its program
                 self._lin_fn, self.linearize = None, False
@@ -201,9 +197,8 @@ class JacobianOperator(BatchedOperator):
         if self._autograd is None:
             try:
                 if self._vjp_fn is None:  # built once, outside vmap, on first use
-                    start = perf_counter()
-                    _, self._vjp_fn = vjp(self._fx, self.x)
-                    self._ready_seconds += perf_counter() - start
+                    with self._getting_ready():
+                        _, self._vjp_fn = vjp(self._fx, self.x)
                 return self._blocks(self._vjp_flat, u, out)
             except (RuntimeError, NotImplementedError) as exc:
                 self._by_autograd(exc)
@@ -269,6 +264,13 @@ class JacobianOperator(BatchedOperator):
         if buffer is None or buffer.shape[0] < c:
             buffer = self._staged[dim] = rows.new_empty(max(c, per_call), batch, dim)
         return buffer[:c].copy_(rows.transpose(0, 1))
+
+    @contextmanager
+    def _getting_ready(self):
+        """The time inside, when it ends without an error, counted as getting ready for products."""
+        start = perf_counter()
+        yield
+        self._ready_seconds += perf_counter() - start
 
     def select_cost(self) -> float:
         """What `select` costs before its first product, in products: the time the forward, the vjp
